@@ -1,0 +1,515 @@
+"""The ``nmcli/1`` checkpoint format: the only module that reads or writes it (DESIGN.md section 2).
+
+One ``.safetensors`` file that any safetensors reader can open:
+
+* the model's whole state dict under its own names, with **effective** weights (exact ``+0.0``
+  where pruned), so the plain architecture loads it;
+* ``__nmcli__/mask/<param>``: one bit-packed mask per pruned parameter,
+  ``numpy.packbits(mask.reshape(-1), bitorder="little")`` as a 1-D ``uint8`` tensor (the shape
+  comes from the layer entry);
+* ``__nmcli__/dense/<param>``: optional dense (unmasked) weights, for SR-STE training;
+* ``__metadata__``: ``{"format": "nmcli/1", "nmcli": "<JSON>"}``, the JSON holding the writer's
+  version, the model source, the default pattern, the layer entries, the input spec and an
+  append-only history.
+
+Reading validates everything and reports every problem at once in one :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+
+from nmcli import __version__
+from nmcli.errors import CheckpointError
+from nmcli.io import atomic_output
+from nmcli.patterns import Pattern, group_counts, parse_pattern
+
+FORMAT = "nmcli/1"
+MASK_PREFIX = "__nmcli__/mask/"
+DENSE_PREFIX = "__nmcli__/dense/"
+RESERVED_PREFIX = "__nmcli__/"
+_MAX_PROBLEMS_SHOWN = 8
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """One pruned parameter: its N:M pattern, the axis its groups run along, and its shape."""
+
+    param: str
+    module: str
+    n: int
+    m: int
+    axis: int
+    shape: tuple[int, ...]
+
+    @property
+    def pattern(self) -> Pattern:
+        return Pattern(self.n, self.m)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "param": self.param,
+            "module": self.module,
+            "n": self.n,
+            "m": self.m,
+            "axis": self.axis,
+            "shape": list(self.shape),
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> LayerEntry:
+        return cls(
+            param=str(obj["param"]),
+            module=str(obj.get("module", str(obj["param"]).rsplit(".", 1)[0])),
+            n=int(obj["n"]),
+            m=int(obj["m"]),
+            axis=int(obj["axis"]),
+            shape=tuple(int(d) for d in obj["shape"]),
+        )
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """Where the architecture comes from: the source spec, the sha256 of its file, and ``--arch``.
+
+    ``trusted`` records that the user passed ``--trust`` for a pickled source; it lets later
+    commands unpickle that same file again only while its sha256 still matches.
+    """
+
+    spec: str
+    sha256: str | None = None
+    arch: str | None = None
+    trusted: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spec": self.spec, "sha256": self.sha256, "arch": self.arch, "trusted": self.trusted}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> SourceRef:
+        return cls(
+            spec=str(obj.get("spec", "")),
+            sha256=obj.get("sha256"),
+            arch=obj.get("arch"),
+            trusted=bool(obj.get("trusted", False)),
+        )
+
+
+@dataclass
+class CheckpointMeta:
+    """The ``nmcli`` metadata JSON of a checkpoint."""
+
+    source: SourceRef
+    pattern: Pattern | None = None
+    layers: list[LayerEntry] = field(default_factory=list)
+    input_spec: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    method: str | None = None
+    version: str = __version__
+
+    def layer(self, param: str) -> LayerEntry:
+        for entry in self.layers:
+            if entry.param == param:
+                return entry
+        raise KeyError(param)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "source": self.source.to_json(),
+            "pattern": str(self.pattern) if self.pattern else None,
+            "method": self.method,
+            "layers": [e.to_json() for e in self.layers],
+            "input": self.input_spec,
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> CheckpointMeta:
+        pattern = obj.get("pattern")
+        return cls(
+            source=SourceRef.from_json(obj.get("source") or {}),
+            pattern=parse_pattern(pattern) if pattern else None,
+            layers=[LayerEntry.from_json(e) for e in obj.get("layers", [])],
+            input_spec=obj.get("input"),
+            history=list(obj.get("history", [])),
+            method=obj.get("method"),
+            version=str(obj.get("version", "")),
+        )
+
+
+@dataclass
+class Checkpoint:
+    """An nmcli/1 checkpoint in memory.
+
+    Attributes:
+        tensors: the model's state dict with effective weights.
+        masks: boolean masks (full shape) of the pruned parameters, by parameter name.
+        dense: optional dense weights of pruned parameters, for SR-STE training.
+        meta: source, pattern, layers, input spec and history.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    meta: CheckpointMeta
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def pattern(self) -> Pattern | None:
+        return self.meta.pattern
+
+
+def history_record(
+    command: str, arguments: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """One append-only history entry: command, arguments, nmcli and torch versions, UTC time, metrics."""
+    return {
+        "command": command,
+        "arguments": {k: _jsonable(v) for k, v in arguments.items()},
+        "nmcli": __version__,
+        "torch": torch.__version__,
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "metrics": {k: _jsonable(v) for k, v in (metrics or {}).items()},
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Mask packing
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bit-pack a boolean mask: ``numpy.packbits(mask.reshape(-1), bitorder="little")`` as a uint8 tensor."""
+    flat = mask.detach().to("cpu", torch.bool).reshape(-1).numpy()
+    return torch.from_numpy(np.packbits(flat, bitorder="little"))
+
+
+def unpack_mask(packed: torch.Tensor | np.ndarray, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: a boolean tensor of ``shape``."""
+    array = packed.numpy() if isinstance(packed, torch.Tensor) else packed
+    count = math.prod(shape)
+    bits = np.unpackbits(array.astype(np.uint8, copy=False), count=count, bitorder="little")
+    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
+
+
+def packed_size(shape: Sequence[int]) -> int:
+    """Bytes of a packed mask for a parameter of ``shape``."""
+    return (math.prod(shape) + 7) // 8
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _nonfinite(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+
+
+def _check_layer(
+    entry: LayerEntry,
+    weight: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    dense: torch.Tensor | None,
+    problems: list[str],
+) -> None:
+    where = f"layer {entry.param}"
+    try:
+        entry.pattern  # noqa: B018 - validates n and m
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"{where}: {exc}")
+        return
+    if weight is None:
+        problems.append(f"{where}: no tensor {entry.param} in the file")
+        return
+    if tuple(weight.shape) != entry.shape:
+        problems.append(f"{where}: tensor has shape {tuple(weight.shape)}, layer entry says {entry.shape}")
+        return
+    if not (0 <= entry.axis < len(entry.shape)) or entry.shape[entry.axis] % entry.m:
+        problems.append(f"{where}: axis {entry.axis} of shape {entry.shape} cannot hold groups of {entry.m}")
+        return
+    if dense is not None and tuple(dense.shape) != entry.shape:
+        problems.append(f"{where}: dense weights have shape {tuple(dense.shape)}, expected {entry.shape}")
+    if mask is None:
+        problems.append(f"{where}: mask {MASK_PREFIX}{entry.param} is missing")
+        return
+    if mask.dtype != torch.bool:
+        if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != packed_size(entry.shape):
+            problems.append(
+                f"{where}: packed mask has {mask.dtype} shape {tuple(mask.shape)}, expected uint8 "
+                f"of {packed_size(entry.shape)} bytes"
+            )
+            return
+        mask = unpack_mask(mask, entry.shape)
+    elif tuple(mask.shape) != entry.shape:
+        problems.append(f"{where}: mask has shape {tuple(mask.shape)}, expected {entry.shape}")
+        return
+    kept = group_counts(mask, entry.m, entry.axis)
+    if bool(kept.gt(entry.n).any()):
+        bad = int(kept.gt(entry.n).sum())
+        problems.append(
+            f"{where}: mask keeps more than {entry.n} of {entry.m} in {bad} group(s), breaking {entry.pattern}"
+        )
+    pruned_nonzero = ~mask & (weight.ne(0) | (torch.signbit(weight) if weight.is_floating_point() else False))
+    if bool(pruned_nonzero.any()):
+        problems.append(
+            f"{where}: {int(pruned_nonzero.sum())} effective weight(s) are non-zero (or -0.0) where the mask prunes them"
+        )
+
+
+def validate_checkpoint(
+    tensors: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    dense: Mapping[str, torch.Tensor],
+    meta: CheckpointMeta,
+) -> list[str]:
+    """Every problem of a checkpoint, as human sentences (empty when valid).
+
+    ``masks`` may hold boolean masks or packed uint8 masks.
+    """
+    problems: list[str] = []
+    layer_params = set()
+    for entry in meta.layers:
+        if entry.param in layer_params:
+            problems.append(f"layer {entry.param} is listed twice")
+            continue
+        layer_params.add(entry.param)
+        _check_layer(entry, tensors.get(entry.param), masks.get(entry.param), dense.get(entry.param), problems)
+    for name in sorted(set(masks) - layer_params):
+        problems.append(f"mask {MASK_PREFIX}{name} has no layer entry")
+    for name in sorted(set(dense) - layer_params):
+        problems.append(f"dense weights {DENSE_PREFIX}{name} have no layer entry")
+    for kind, group in (("tensor", tensors), ("dense weights", dense)):
+        for name, value in group.items():
+            if _nonfinite(value):
+                problems.append(f"{kind} {name} holds NaN or infinite values")
+    return problems
+
+
+def _raise_problems(path: str | os.PathLike[str], problems: list[str]) -> None:
+    if not problems:
+        return
+    shown = "; ".join(problems[:_MAX_PROBLEMS_SHOWN])
+    more = f"; and {len(problems) - _MAX_PROBLEMS_SHOWN} more" if len(problems) > _MAX_PROBLEMS_SHOWN else ""
+    raise CheckpointError(f"{path} is not a valid {FORMAT} checkpoint ({len(problems)} problem(s)): {shown}{more}")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies where needed; tensors sharing storage (tied weights) are cloned apart."""
+    out: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        if value.numel():
+            pointer = value.untyped_storage().data_ptr()
+            if pointer in storages:
+                value = value.clone()
+                pointer = value.untyped_storage().data_ptr()
+            storages.add(pointer)
+        out[name] = value
+    return out
+
+
+def save_checkpoint(
+    ckpt: Checkpoint,
+    path: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+) -> Path:
+    """Validate ``ckpt`` and write it to ``path`` atomically.
+
+    Raises:
+        CheckpointError: the checkpoint breaks the format (a bug in the caller, reported clearly).
+        OutputExistsError: ``path`` exists without ``force``, or is one of ``inputs``.
+    """
+    from safetensors.torch import save_file
+
+    for name in ckpt.tensors:
+        if name.startswith(RESERVED_PREFIX):
+            raise CheckpointError(f"state dict key {name!r} uses the reserved prefix {RESERVED_PREFIX}")
+    _raise_problems(path, validate_checkpoint(ckpt.tensors, ckpt.masks, ckpt.dense, ckpt.meta))
+    payload: dict[str, torch.Tensor] = dict(ckpt.tensors)
+    for name, mask in ckpt.masks.items():
+        payload[MASK_PREFIX + name] = mask if mask.dtype == torch.uint8 else pack_mask(mask)
+    for name, value in ckpt.dense.items():
+        payload[DENSE_PREFIX + name] = value
+    metadata = {"format": FORMAT, "nmcli": json.dumps(ckpt.meta.to_json(), separators=(",", ":"))}
+    payload = _unshared(payload)
+    with atomic_output(path, force=force, inputs=inputs) as tmp:
+        save_file(payload, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+class CheckpointReader:
+    """Lazy, memory-mapped access to a safetensors file, nmcli/1 or a plain state dict.
+
+    Reads the header only; tensors are read one at a time, so files larger than memory work.
+    Use as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path} does not exist: check the path")
+        if self.path.is_dir():
+            raise CheckpointError(f"{self.path} is a directory, not a .safetensors file")
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+            self._file = self._handle.__enter__()
+            raw_meta = self._file.metadata() or {}
+            self._keys = list(self._file.keys())
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own SafetensorError and OSError types
+            raise CheckpointError(
+                f"{self.path} is not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
+                "it may be truncated or corrupt; re-create it"
+            ) from exc
+        self.raw_metadata: dict[str, str] = dict(raw_meta)
+        self.meta: CheckpointMeta | None = None
+        fmt = self.raw_metadata.get("format")
+        if "nmcli" in self.raw_metadata or (fmt or "").startswith("nmcli"):
+            if fmt != FORMAT:
+                raise CheckpointError(
+                    f"{self.path} has format {fmt!r}; this nmcli {__version__} reads {FORMAT}: upgrade nmcli"
+                )
+            try:
+                self.meta = CheckpointMeta.from_json(json.loads(self.raw_metadata["nmcli"]))
+            except Exception as exc:  # any malformed JSON or field is the same user problem
+                raise CheckpointError(f"{self.path} has unreadable nmcli metadata ({exc}): re-create it") from exc
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._handle.__exit__(None, None, None)
+
+    @property
+    def is_nmcli(self) -> bool:
+        return self.meta is not None
+
+    @property
+    def state_names(self) -> list[str]:
+        """State-dict keys (masks and dense weights excluded), in file order."""
+        return [k for k in self._keys if not k.startswith(RESERVED_PREFIX)]
+
+    @property
+    def mask_names(self) -> list[str]:
+        return [k[len(MASK_PREFIX) :] for k in self._keys if k.startswith(MASK_PREFIX)]
+
+    @property
+    def dense_names(self) -> list[str]:
+        return [k[len(DENSE_PREFIX) :] for k in self._keys if k.startswith(DENSE_PREFIX)]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(name).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._file.get_tensor(name)
+
+    def packed_mask(self, param: str) -> torch.Tensor:
+        return self._file.get_tensor(MASK_PREFIX + param)
+
+    def mask(self, param: str) -> torch.Tensor:
+        """The boolean mask of ``param`` (needs a layer entry for its shape)."""
+        if self.meta is None:
+            raise CheckpointError(f"{self.path} is a plain state dict: it stores no masks")
+        return unpack_mask(self.packed_mask(param), self.meta.layer(param).shape)
+
+    def dense(self, param: str) -> torch.Tensor:
+        return self._file.get_tensor(DENSE_PREFIX + param)
+
+    def iter_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.state_names:
+            yield name, self.tensor(name)
+
+    def load(self, *, dense: bool = True) -> Checkpoint:
+        """Read and validate the whole nmcli/1 checkpoint.
+
+        Raises:
+            CheckpointError: the file is a plain state dict, or breaks the format (all problems listed).
+        """
+        if self.meta is None:
+            raise CheckpointError(f"{self.path} is a plain state dict, not an {FORMAT} checkpoint")
+        try:
+            tensors = dict(self.iter_state())
+            packed = {name: self.packed_mask(name) for name in self.mask_names}
+            dense_tensors = {name: self.dense(name) for name in self.dense_names}
+        except Exception as exc:
+            raise CheckpointError(f"{self.path} could not be read ({exc}): it may be truncated; re-create it") from exc
+        _raise_problems(self.path, validate_checkpoint(tensors, packed, dense_tensors, self.meta))
+        masks = {e.param: unpack_mask(packed[e.param], e.shape) for e in self.meta.layers}
+        return Checkpoint(tensors=tensors, masks=masks, meta=self.meta, dense=dense_tensors if dense else {})
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, dense: bool = True) -> Checkpoint:
+    """Read and validate an nmcli/1 checkpoint (see :meth:`CheckpointReader.load`)."""
+    with CheckpointReader(path) as reader:
+        return reader.load(dense=dense)
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The state dict of any safetensors file (masks and dense weights of an nmcli/1 file excluded)."""
+    with CheckpointReader(path) as reader:
+        try:
+            return dict(reader.iter_state())
+        except Exception as exc:
+            raise CheckpointError(f"{path} could not be read ({exc}): it may be truncated; re-create it") from exc
+
+
+def read_meta(path: str | os.PathLike[str]) -> CheckpointMeta | None:
+    """The nmcli metadata of a safetensors file, or None for a plain state dict (header only)."""
+    with CheckpointReader(path) as reader:
+        return reader.meta
+
+
+def is_safetensors(path: str | os.PathLike[str]) -> bool:
+    return str(path).endswith(".safetensors")

@@ -1,0 +1,74 @@
+"""nmcli's exception types: each maps to one process exit code (DESIGN.md section 1).
+
+The core raises these; only ``nmcli.cli.app`` turns them into exit codes and red lines.
+Messages say what is wrong and how to fix it, in one line.
+"""
+
+from __future__ import annotations
+
+
+class NmcliError(Exception):
+    """Base class of every error nmcli reports to users."""
+
+    exit_code: int = 4
+
+
+class CheckFailedError(NmcliError):
+    """The command ran and found what the user asked it to detect (exit 1)."""
+
+    exit_code = 1
+
+
+class InputError(NmcliError):
+    """Bad usage or bad input: pattern, path, file contents, options (exit 2)."""
+
+    exit_code = 2
+
+
+class PatternError(InputError):
+    """A malformed or unsupported N:M pattern."""
+
+
+class SourceError(InputError):
+    """A model source that cannot be loaded (missing file, unknown factory, bad --arch)."""
+
+
+class TrustRequiredError(SourceError):
+    """A pickle that would run the file's code when loaded, given without --trust."""
+
+
+class CheckpointError(InputError):
+    """A missing, corrupt or incompatible nmcli/1 checkpoint."""
+
+
+class OutputExistsError(InputError):
+    """An output path that exists (without --force) or that names an input."""
+
+
+class DataError(InputError):
+    """A training data spec that cannot be read or does not fit the model."""
+
+
+class MismatchError(InputError):
+    """Two models that cannot be compared (names, shapes or patterns differ)."""
+
+
+class BackendUnavailableError(NmcliError):
+    """A needed optional package or device is missing (exit 3)."""
+
+    exit_code = 3
+
+
+__all__ = [
+    "BackendUnavailableError",
+    "CheckFailedError",
+    "CheckpointError",
+    "DataError",
+    "InputError",
+    "MismatchError",
+    "NmcliError",
+    "OutputExistsError",
+    "PatternError",
+    "SourceError",
+    "TrustRequiredError",
+]

@@ -1,0 +1,78 @@
+"""Atomic, never-clobbering output files.
+
+Every file nmcli writes goes through :func:`atomic_output`: the content is written to a temporary
+file in the destination folder and moved into place with ``os.replace`` only when complete, so a
+failed command never leaves a partial file. An existing output needs ``force``; an input is never
+an output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from nmcli.errors import OutputExistsError
+
+
+def check_output_path(
+    path: str | os.PathLike[str], *, force: bool, inputs: Iterable[str | os.PathLike[str]] = ()
+) -> Path:
+    """Validate an output path before any work is done.
+
+    Raises:
+        OutputExistsError: the path is one of ``inputs``, or exists and ``force`` is false.
+    """
+    out = Path(path)
+    resolved = out.resolve()
+    for inp in inputs:
+        if Path(inp).resolve() == resolved:
+            raise OutputExistsError(
+                f"output {out} is also an input: nmcli never overwrites an input; choose another -o"
+            )
+    if out.is_dir():
+        raise OutputExistsError(f"output {out} is a directory: give a file path with -o")
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {out} already exists: pass --force to overwrite it, or choose another -o")
+    if not out.parent.exists():
+        raise OutputExistsError(f"output folder {out.parent} does not exist: create it or choose another -o")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(
+    path: str | os.PathLike[str], *, force: bool = False, inputs: Iterable[str | os.PathLike[str]] = ()
+) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it onto ``path`` when the block succeeds.
+
+    The temporary file is removed if the block raises. The final file gets the usual 0644-style
+    permissions (``mkstemp`` creates 0600).
+    """
+    out = check_output_path(path, force=force, inputs=inputs)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, force: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_output(path, force=force) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, force: bool = False) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"), force=force)

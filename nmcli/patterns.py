@@ -1,0 +1,309 @@
+"""N:M patterns: parsing, mask computation, layer eligibility and compliance checks.
+
+This module owns the N:M rules of DESIGN.md section 3. A weight is split into groups of M
+consecutive elements along its input (reduction) axis, and each group keeps its N
+largest-magnitude elements, ties going to the lower index. Everything is vectorized: no Python
+loop ever runs over groups.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nmcli.errors import PatternError
+
+MAX_M = 32
+_PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """An N:M pattern: at most ``n`` non-zeros in every group of ``m`` consecutive weights."""
+
+    n: int
+    m: int
+
+    def __post_init__(self) -> None:
+        if not (0 < self.n < self.m <= MAX_M):
+            raise PatternError(
+                f"pattern {self.n}:{self.m} is not supported: use N:M with 0 < N < M <= {MAX_M}, e.g. 2:4"
+            )
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def slug(self) -> str:
+        """File-name form, e.g. ``2of4``."""
+        return f"{self.n}of{self.m}"
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether NVIDIA sparse tensor cores (Ampere and later) accelerate this pattern."""
+        return self.n == 2 and self.m == 4
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+
+TENSOR_CORE_PATTERN = Pattern(2, 4)
+
+
+def parse_pattern(text: str | Pattern) -> Pattern:
+    """Parse ``"N:M"`` (e.g. ``"2:4"``) into a :class:`Pattern`.
+
+    Raises:
+        PatternError: the text is not of the form N:M with 0 < N < M <= 32.
+    """
+    if isinstance(text, Pattern):
+        return text
+    match = _PATTERN_RE.match(str(text))
+    if not match:
+        raise PatternError(f"malformed pattern {text!r}: write it as N:M, e.g. 2:4 or 1:4")
+    return Pattern(int(match.group(1)), int(match.group(2)))
+
+
+def pattern_note(pattern: Pattern) -> str | None:
+    """A one-line note for patterns that sparse tensor cores do not accelerate, else None."""
+    if pattern.accelerated:
+        return None
+    return (
+        f"{pattern} sparsity is not accelerated by NVIDIA sparse tensor cores (only 2:4 is); "
+        "it reduces parameters but not latency"
+    )
+
+
+def _grouped(tensor: torch.Tensor, m: int, axis: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Move ``axis`` last and split it into groups of ``m``: returns ``[..., G, m]`` and the moved shape."""
+    axis = axis % tensor.dim()
+    if tensor.shape[axis] % m:
+        raise PatternError(
+            f"dimension {axis} of a {tuple(tensor.shape)} tensor has size {tensor.shape[axis]}, not a multiple of M={m}"
+        )
+    moved = tensor.movedim(axis, -1)
+    moved_shape = tuple(moved.shape)
+    return moved.reshape(*moved_shape[:-1], moved_shape[-1] // m, m), moved_shape
+
+
+def nm_mask(weight: torch.Tensor, pattern: Pattern, axis: int) -> torch.Tensor:
+    """Boolean mask keeping the ``n`` largest-magnitude elements of every group of ``m`` along ``axis``.
+
+    Ties go to the lower index (a stable descending sort keeps index order among equals).
+    """
+    if weight.dim() == 0:
+        raise PatternError("cannot compute an N:M mask for a scalar")
+    groups, moved_shape = _grouped(weight.detach().abs(), pattern.m, axis)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros(groups.shape, dtype=torch.bool, device=weight.device)
+    keep.scatter_(-1, order[..., : pattern.n], True)
+    return keep.reshape(moved_shape).movedim(-1, axis % weight.dim()).contiguous()
+
+
+def group_counts(values: torch.Tensor, m: int, axis: int) -> torch.Tensor:
+    """Number of non-zero elements (``-0.0`` counts as non-zero) in every group of ``m`` along ``axis``."""
+    nonzero = values.ne(0)
+    if values.is_floating_point():
+        nonzero = nonzero | torch.signbit(values)
+    groups, _ = _grouped(nonzero, m, axis)
+    return groups.sum(dim=-1, dtype=torch.int32)
+
+
+def is_compliant(values: torch.Tensor, pattern: Pattern, axis: int) -> bool:
+    """True when every group of ``m`` along ``axis`` has at most ``n`` non-zeros (a mask: at most ``n`` kept)."""
+    if values.dim() == 0 or values.shape[axis % values.dim()] % pattern.m:
+        return False
+    return bool(group_counts(values, pattern.m, axis).le(pattern.n).all())
+
+
+def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Effective weight: the kept values, and exact ``+0.0`` (never ``-0.0``) where pruned."""
+    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+# --------------------------------------------------------------------------------------------
+# Eligibility: which layers are prunable, along which axis, and why not.
+
+LINEAR = "linear"
+CONV = "conv"
+HF_CONV1D = "hf_conv1d"
+MHA = "attention"
+
+
+@dataclass(frozen=True)
+class LayerCandidate:
+    """A weight that N:M could apply to, and whether it does under the current pattern and filters."""
+
+    module: str
+    param: str
+    kind: str
+    shape: tuple[int, ...]
+    axis: int
+    eligible: bool
+    reason: str
+
+    @property
+    def input_size(self) -> int:
+        return self.shape[self.axis] if self.shape else 0
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) stores its weight [in, out]; matched by name so that
+    # transformers stays an optional import.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def _module_kind(module: nn.Module) -> str | None:
+    original = getattr(module, "original_name", None)  # TorchScript keeps the Python class name
+    name = original if isinstance(original, str) else type(module).__name__
+    if isinstance(module, nn.Linear) or name in {"Linear", "NonDynamicallyQuantizableLinear"}:
+        return LINEAR
+    if isinstance(module, nn.modules.conv._ConvNd) or name in {"Conv1d", "Conv2d", "Conv3d"}:
+        return CONV
+    if _is_hf_conv1d(module):
+        return HF_CONV1D
+    if isinstance(module, nn.MultiheadAttention) or name == "MultiheadAttention":
+        return MHA
+    return None
+
+
+def _shape_reason(kind: str, shape: Sequence[int], axis: int, groups: int, transposed: bool, pattern: Pattern) -> str:
+    if transposed:
+        return "transposed convolution: its reduction axis is not the stored input axis"
+    if groups != 1:
+        return f"grouped or depthwise convolution (groups={groups})"
+    if len(shape) < 2:
+        return f"{kind} weight of shape {tuple(shape)} has no input dimension"
+    if shape[axis] % pattern.m:
+        return f"input dimension {shape[axis]} is not a multiple of M={pattern.m}"
+    return ""
+
+
+def _candidates_from_modules(model: nn.Module, pattern: Pattern) -> Iterator[tuple[LayerCandidate, str]]:
+    embedding_params = {
+        id(p) for mod in model.modules() if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) for p in mod.parameters()
+    }
+    for module_name, module in model.named_modules():
+        kind = _module_kind(module)
+        if kind is None:
+            continue
+        if kind == MHA:
+            weights = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
+            groups, transposed = 1, False
+        else:
+            weights = ["weight"]
+            groups = int(getattr(module, "groups", 1) or 1)
+            transposed = bool(getattr(module, "transposed", False))
+        for attr in weights:
+            weight = getattr(module, attr, None)
+            if not isinstance(weight, torch.Tensor):
+                continue
+            shape = tuple(weight.shape)
+            axis = 0 if kind == HF_CONV1D else 1
+            reason = _shape_reason(kind, shape, axis, groups, transposed, pattern)
+            if not reason and id(weight) in embedding_params:
+                reason = "weight is tied to an embedding"
+            yield (
+                LayerCandidate(module_name, _join(module_name, attr), kind, shape, axis, not reason, reason),
+                "",
+            )
+
+
+_FX_LINEAR = {"aten.linear.default"}
+_FX_CONV = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.convolution.default"}
+
+
+def _candidates_from_graph(model: torch.fx.GraphModule, pattern: Pattern) -> Iterator[tuple[LayerCandidate, str]]:
+    params = dict(model.named_parameters())
+    for node in model.graph.nodes:
+        if node.op != "call_function" or len(node.args) < 2:
+            continue
+        target = str(node.target)
+        if target not in _FX_LINEAR and target not in _FX_CONV:
+            continue
+        weight_node = node.args[1]
+        if not isinstance(weight_node, torch.fx.Node) or weight_node.op != "get_attr":
+            continue
+        param = str(weight_node.target)
+        if param not in params:
+            continue
+        shape = tuple(params[param].shape)
+        kind = LINEAR if target in _FX_LINEAR else CONV
+        groups, transposed = 1, False
+        if kind == CONV:
+            if target == "aten.convolution.default":
+                transposed = bool(node.args[6]) if len(node.args) > 6 else False
+                groups = int(node.args[8]) if len(node.args) > 8 else 1
+            else:
+                groups = int(node.args[6]) if len(node.args) > 6 else int(node.kwargs.get("groups", 1))
+        reason = _shape_reason(kind, shape, 1, groups, transposed, pattern)
+        module = param.rsplit(".", 1)[0] if "." in param else ""
+        yield LayerCandidate(module, param, kind, shape, 1, not reason, reason), ""
+
+
+def _matches(name: str, globs: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def find_layers(
+    model: nn.Module,
+    pattern: Pattern,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> list[LayerCandidate]:
+    """Every Linear/ConvNd/Conv1D/attention weight in ``model``, with eligibility and a reason for skips.
+
+    ``include``/``exclude`` are globs over module names (``encoder.*.attention.*``); a module matching
+    an ``exclude`` glob, or no ``include`` glob when some are given, is skipped with that reason.
+    Biases, norms and embeddings are never candidates. Works on eager modules, TorchScript modules
+    (by their original class names) and ``torch.export`` graph modules (by their aten calls).
+    """
+    has_modules = any(_module_kind(m) is not None for m in model.modules())
+    if not has_modules and isinstance(model, torch.fx.GraphModule):
+        found = _candidates_from_graph(model, pattern)
+    else:
+        found = _candidates_from_modules(model, pattern)
+    layers: list[LayerCandidate] = []
+    seen: set[str] = set()
+    for cand, _ in found:
+        if cand.param in seen:
+            continue
+        seen.add(cand.param)
+        if cand.eligible and include and not (_matches(cand.module, include) or _matches(cand.param, include)):
+            cand = LayerCandidate(
+                cand.module, cand.param, cand.kind, cand.shape, cand.axis, False, "not matched by --include"
+            )
+        elif cand.eligible and exclude and (_matches(cand.module, exclude) or _matches(cand.param, exclude)):
+            cand = LayerCandidate(
+                cand.module, cand.param, cand.kind, cand.shape, cand.axis, False, "matched by --exclude"
+            )
+        layers.append(cand)
+    return layers
+
+
+# TensorRT's sparse kernels need the reduction dimension (and output channels) in multiples the
+# kernels tile on; small layers are ignored by its sparse tactic selection.
+def tensorrt_usable(shape: Sequence[int], axis: int, compliant_24: bool) -> bool:
+    """Whether TensorRT's 2:4 sparse kernels could take this weight.
+
+    TensorRT applies structured sparsity to Convolution and FullyConnected/MatMul weights that are
+    2:4 along the reduction axis; it skips layers whose channel counts are too small or not aligned.
+    We report the conservative condition: 2:4 compliant, reduction size a multiple of 32 and at
+    least 64, and output size a multiple of 32.
+    """
+    if not compliant_24 or len(shape) < 2:
+        return False
+    k = shape[axis]
+    out_axis = 1 if axis == 0 else 0
+    n_out = shape[out_axis]
+    return k % 32 == 0 and k >= 64 and n_out % 32 == 0

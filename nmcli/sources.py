@@ -1,0 +1,466 @@
+"""Model sources: every form of MODEL, ``--arch`` and ``--teacher`` in DESIGN.md section 1.
+
+| form                         | meaning                                                          |
+|------------------------------|------------------------------------------------------------------|
+| ``file.safetensors``         | an nmcli checkpoint, or a plain state dict (needs ``--arch``)     |
+| ``file.pt`` / ``.pth``       | TorchScript; a state dict (needs ``--arch``); a pickled module    |
+|                              | (only with ``--trust``: unpickling runs the file's code)          |
+| ``file.pt2``                 | a ``torch.export`` ExportedProgram                                |
+| ``hf:ID_OR_DIR``             | a transformers model (class from ``config.architectures``)        |
+| ``torchvision:NAME[:WEIGHTS]`` | ``torchvision.models.get_model(NAME, weights=WEIGHTS)``         |
+| ``timm:NAME``                | ``timm.create_model(NAME)``                                       |
+| ``py:package.module:factory``| ``factory()`` returns the module (``py:path/file.py:factory`` too)|
+
+A checkpoint records its source; :func:`model_from_checkpoint` rebuilds the architecture from it
+(``--arch`` overrides) and loads the checkpoint's tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pickle
+import sys
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nmcli.checkpoint import Checkpoint, CheckpointReader, SourceRef, sha256_file
+from nmcli.errors import BackendUnavailableError, NmcliError, SourceError, TrustRequiredError
+from nmcli.inputs import InputSpec, parse_input_spec
+
+PREFIXES = ("hf:", "torchvision:", "timm:", "py:")
+EXTRAS_HINT = {
+    "transformers": "pip install 'nmcli[hf]'",
+    "torchvision": "pip install 'nmcli[vision]'",
+    "timm": "pip install 'nmcli[vision]'",
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model and where it came from.
+
+    Attributes:
+        model: the module, in eval mode, on the CPU.
+        source: the root source (for a checkpoint: the source it was pruned from).
+        kind: ``checkpoint``, ``state_dict``, ``torchscript``, ``pickle``, ``exported``, ``hf``,
+            ``torchvision``, ``timm`` or ``py``.
+        name: a short name for default output files (``resnet`` -> ``resnet-2of4.safetensors``).
+        path: the local file or folder given, if any (outputs go beside it, never onto it).
+        checkpoint: the nmcli/1 checkpoint when the model was read from one.
+        input_spec: the input spec stored in the checkpoint, or guessed for transformers models.
+    """
+
+    model: nn.Module
+    source: SourceRef
+    kind: str
+    name: str
+    path: Path | None = None
+    checkpoint: Checkpoint | None = None
+    input_spec: InputSpec | None = None
+
+
+def _missing_backend(package: str, spec: str) -> BackendUnavailableError:
+    return BackendUnavailableError(
+        f"{spec} needs the {package} package, which is not installed: {EXTRAS_HINT[package]}"
+    )
+
+
+def _abs_if_local(path_part: str) -> str:
+    return str(Path(path_part).expanduser().resolve()) if Path(path_part).expanduser().exists() else path_part
+
+
+def normalize_spec(spec: str) -> str:
+    """The spec with local paths made absolute, so a checkpoint's source resolves from any folder."""
+    if spec.startswith("hf:"):
+        return "hf:" + _abs_if_local(spec[3:])
+    if spec.startswith("py:"):
+        module, sep, factory = spec[3:].rpartition(":")
+        if module.endswith(".py"):
+            return f"py:{_abs_if_local(module)}{sep}{factory}"
+        return spec
+    if spec.startswith(PREFIXES):
+        return spec
+    return _abs_if_local(spec)
+
+
+def _source_file(spec: str) -> Path | None:
+    """The local file whose sha256 identifies the source, if there is one."""
+    if spec.startswith("hf:"):
+        folder = Path(spec[3:])
+        if folder.is_dir():
+            for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "config.json"):
+                if (folder / name).is_file():
+                    return folder / name
+        return None
+    if spec.startswith("py:"):
+        module = spec[3:].rpartition(":")[0]
+        if module.endswith(".py"):
+            return Path(module)
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            return None
+        return Path(found.origin) if found and found.origin and Path(found.origin).is_file() else None
+    if spec.startswith(PREFIXES):
+        return None
+    path = Path(spec)
+    return path if path.is_file() else None
+
+
+def source_ref(spec: str, arch: str | None = None, trusted: bool = False) -> SourceRef:
+    """A :class:`SourceRef` for ``spec`` with the sha256 of its source file."""
+    spec = normalize_spec(spec)
+    file = _source_file(spec)
+    ref = SourceRef(spec=spec, sha256=sha256_file(file) if file else None, arch=normalize_spec(arch) if arch else None)
+    return replace(ref, trusted=True) if trusted else ref
+
+
+# --------------------------------------------------------------------------------------------
+# Loading each form
+
+
+def _import_factory(spec: str) -> Any:
+    body = spec[3:]
+    module_name, _, factory_name = body.rpartition(":")
+    if not module_name or not factory_name:
+        raise SourceError(f"malformed source {spec!r}: write py:package.module:factory or py:path/to/file.py:factory")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise SourceError(f"{spec}: file {path} does not exist")
+            mod_name = f"nmcli_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+            module = sys.modules.get(mod_name)
+            if module is None:
+                file_spec = importlib.util.spec_from_file_location(mod_name, path)
+                if file_spec is None or file_spec.loader is None:
+                    raise SourceError(f"{spec}: cannot import {path}")
+                module = importlib.util.module_from_spec(file_spec)
+                sys.modules[mod_name] = module
+                file_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except SourceError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise SourceError(
+            f"{spec}: module {exc.name!r} not found: check the name, or install the package that has it"
+        ) from exc
+    except Exception as exc:
+        raise SourceError(f"{spec}: importing {module_name} failed ({type(exc).__name__}: {exc})") from exc
+    factory = getattr(module, factory_name, None)
+    if factory is None or not callable(factory):
+        raise SourceError(f"{spec}: {module_name} has no callable {factory_name!r}: check the factory name")
+    return factory
+
+
+def _from_py(spec: str) -> nn.Module:
+    factory = _import_factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:
+        raise SourceError(f"{spec}: the factory raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise SourceError(f"{spec}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _from_hf(spec: str, pretrained: bool = True) -> nn.Module:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise _missing_backend("transformers", spec) from exc
+    ident = spec[3:]
+    if not ident:
+        raise SourceError("hf: needs a model id or a local directory, e.g. hf:./my-model")
+    try:
+        config = transformers.AutoConfig.from_pretrained(ident)
+        archs = getattr(config, "architectures", None) or []
+        cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
+        if pretrained:
+            model = cls.from_pretrained(ident)
+        else:
+            model = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+    except Exception as exc:
+        hint = (
+            "" if Path(ident).is_dir() else "; offline, give a local directory (hf:./path) saved with save_pretrained"
+        )
+        raise SourceError(
+            f"{spec}: transformers could not load it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}){hint}"
+        ) from exc
+    return model
+
+
+def _from_torchvision(spec: str, pretrained: bool = True) -> nn.Module:
+    try:
+        import torchvision
+    except Exception as exc:  # ImportError, or a torchvision built for another torch
+        raise _missing_backend("torchvision", spec) from exc
+    name, _, weights = spec[len("torchvision:") :].partition(":")
+    try:
+        return torchvision.models.get_model(name, weights=(weights or None) if pretrained else None)
+    except Exception as exc:
+        raise SourceError(
+            f"{spec}: torchvision could not build it ({exc}); list names with torchvision.models.list_models()"
+        ) from exc
+
+
+def _from_timm(spec: str, pretrained: bool = True) -> nn.Module:
+    try:
+        import timm
+    except Exception as exc:
+        raise _missing_backend("timm", spec) from exc
+    try:
+        return timm.create_model(spec[len("timm:") :])
+    except Exception as exc:
+        raise SourceError(f"{spec}: timm could not build it ({exc})") from exc
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def _state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return dict(obj)
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping):
+                found = _state_dict_of(inner)
+                if found is not None:
+                    return found
+    return None
+
+
+def _read_torch_file(path: Path, trust: bool) -> tuple[str, Any]:
+    """Classify a ``.pt``/``.pth`` file: ``("torchscript", module)``, ``("state_dict", dict)`` or ``("pickle", module)``."""
+    if _is_torchscript(path):
+        try:
+            return "torchscript", torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise SourceError(f"{path}: a TorchScript archive that torch.jit.load cannot read ({exc})") from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not zipfile.is_zipfile(path) and "weights_only" not in str(exc) and "global" not in str(exc).lower():
+            raise SourceError(
+                f"{path} is not a readable torch file ({str(exc).splitlines()[0]}): it may be corrupt"
+            ) from exc
+        if not trust:
+            raise TrustRequiredError(
+                f"{path} is a pickled Python object, and unpickling runs the file's code: pass --trust if you "
+                "trust its author, or save a state dict or TorchScript instead"
+            ) from exc
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as exc2:
+            raise SourceError(f"{path}: unpickling failed ({type(exc2).__name__}: {exc2})") from exc2
+        if isinstance(obj, nn.Module):
+            return "pickle", obj
+        state = _state_dict_of(obj)
+        if state is not None:
+            return "state_dict", state
+        raise SourceError(f"{path} holds a {type(obj).__name__}, not an nn.Module or a state dict") from exc
+    except Exception as exc:
+        raise SourceError(
+            f"{path} is not a readable torch file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    state = _state_dict_of(obj)
+    if state is None:
+        raise SourceError(f"{path} holds a {type(obj).__name__}, not a state dict, module or TorchScript archive")
+    return "state_dict", state
+
+
+def build_model(spec: str, *, trust: bool = False, pretrained: bool = True) -> tuple[nn.Module, str]:
+    """Build the model that ``spec`` names, with its own weights: ``(module, kind)``.
+
+    Plain state dicts are not models: they raise :class:`SourceError` asking for ``--arch``.
+    ``pretrained=False`` skips weight downloads where the source allows (hf, torchvision), for
+    when the caller loads weights itself.
+    """
+    if spec.startswith("py:"):
+        return _from_py(spec), "py"
+    if spec.startswith("hf:"):
+        return _from_hf(spec, pretrained), "hf"
+    if spec.startswith("torchvision:"):
+        return _from_torchvision(spec, pretrained), "torchvision"
+    if spec.startswith("timm:"):
+        return _from_timm(spec, pretrained), "timm"
+    path = Path(spec)
+    if not path.exists():
+        raise SourceError(
+            f"{spec} does not exist: give a file (.safetensors, .pt, .pth, .pt2) or hf:, torchvision:, timm:, py: source"
+        )
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            raise SourceError(f"{spec} is a directory: for a transformers model write hf:{spec}")
+        raise SourceError(f"{spec} is a directory, not a model file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        raise SourceError(
+            f"{spec} is a plain state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build)"
+        )
+    if suffix == ".pt2":
+        try:
+            return torch.export.load(str(path)).module(), "exported"
+        except Exception as exc:
+            raise SourceError(f"{spec} is not a readable torch.export program ({type(exc).__name__}: {exc})") from exc
+    if suffix in {".pt", ".pth", ".bin"}:
+        kind, obj = _read_torch_file(path, trust)
+        if kind == "state_dict":
+            raise SourceError(
+                f"{spec} is a state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build)"
+            )
+        return obj, kind
+    raise SourceError(
+        f"{spec}: unknown model file type {suffix!r}: use .safetensors, .pt, .pth or .pt2, or a prefixed source"
+    )
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``model`` strictly, turning a mismatch into a clear :class:`SourceError`."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        if wrong:
+            parts.append(f"shape {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
+        raise SourceError(f"{what} does not fit the architecture ({'; '.join(parts)}): check --arch")
+    with torch.no_grad():
+        for key, value in own.items():
+            value.copy_(state[key].to(value.dtype))
+
+
+def _rebuild(ref: SourceRef, arch: str | None, trust: bool) -> nn.Module:
+    spec = arch or ref.arch or ref.spec
+    trusted = trust or (ref.trusted and ref.sha256 is not None and _sha_matches(spec, ref.sha256))
+    try:
+        model, _ = build_model(spec, trust=trusted, pretrained=False)
+    except NmcliError as exc:
+        raise type(exc)(
+            f"cannot rebuild the architecture from {spec!r} ({exc}); pass --arch SPEC if the source moved"
+        ) from exc
+    return model
+
+
+def _sha_matches(spec: str, sha: str) -> bool:
+    file = _source_file(spec)
+    return file is not None and sha256_file(file) == sha
+
+
+def model_from_checkpoint(
+    ckpt: Checkpoint, *, arch: str | None = None, trust: bool = False, weights: str = "effective"
+) -> nn.Module:
+    """Rebuild the checkpoint's architecture and load its tensors.
+
+    Args:
+        ckpt: the checkpoint.
+        arch: a source spec that overrides the stored source (moved or missing source).
+        trust: allow unpickling a pickled-module source.
+        weights: ``effective`` (the sparse model) or ``dense`` (the stored dense weights where the
+            checkpoint has them, effective elsewhere).
+    """
+    model = _rebuild(ckpt.meta.source, arch, trust)
+    state = dict(ckpt.tensors)
+    if weights == "dense":
+        state.update(ckpt.dense)
+    load_weights(model, state, f"the checkpoint's tensors ({ckpt.meta.source.spec})")
+    return model.eval()
+
+
+def _short_name(spec: str) -> str:
+    if spec.startswith(("torchvision:", "timm:")):
+        return spec.split(":")[1]
+    if spec.startswith("hf:"):
+        return Path(spec[3:].rstrip("/")).name or "model"
+    if spec.startswith("py:"):
+        return spec.rpartition(":")[2]
+    return Path(spec).stem
+
+
+def guess_input_spec(model: nn.Module) -> InputSpec | None:
+    """The default input spec of transformers models (token ids and mask of 1x128), else None."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(model, "main_input_name", None) == "input_ids":
+        return parse_input_spec("input_ids:1x128:int64,attention_mask:1x128:int64")
+    return None
+
+
+def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
+    """Load any MODEL form, with ``--arch`` for plain state dicts (or to override a checkpoint's source).
+
+    Raises:
+        SourceError: missing/corrupt file, unknown factory, state dict without ``--arch`` or not fitting it.
+        TrustRequiredError: a pickled module without ``trust``.
+        CheckpointError: an nmcli checkpoint that fails validation.
+        BackendUnavailableError: the package behind ``hf:``/``torchvision:``/``timm:`` is missing.
+    """
+    path = None if spec.startswith(PREFIXES) else Path(spec)
+    if spec.startswith("hf:") and Path(spec[3:]).exists():
+        path = Path(spec[3:])
+    name = _short_name(spec)
+    if path is not None and path.suffix.lower() == ".safetensors" and path.is_file():
+        with CheckpointReader(path) as reader:
+            if reader.is_nmcli:
+                ckpt = reader.load()
+                model = model_from_checkpoint(ckpt, arch=arch, trust=trust)
+                input_spec = parse_input_spec(ckpt.meta.input_spec) if ckpt.meta.input_spec else guess_input_spec(model)
+                return LoadedModel(model, ckpt.meta.source, "checkpoint", name, path, ckpt, input_spec)
+            state = dict(reader.iter_state())
+        if not arch:
+            raise SourceError(
+                f"{spec} is a plain state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build)"
+            )
+        model, _ = build_model(normalize_spec(arch), trust=trust, pretrained=False)
+        load_weights(model, state, spec)
+        ref = SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path), arch=normalize_spec(arch))
+        return LoadedModel(model.eval(), ref, "state_dict", name, path, None, guess_input_spec(model))
+    if path is not None and path.suffix.lower() in {".pt", ".pth", ".bin"} and path.is_file() and arch:
+        kind, obj = _read_torch_file(path, trust)
+        if kind == "state_dict":
+            model, _ = build_model(normalize_spec(arch), trust=trust, pretrained=False)
+            load_weights(model, obj, spec)
+            ref = SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path), arch=normalize_spec(arch))
+            return LoadedModel(model.eval(), ref, "state_dict", name, path, None, guess_input_spec(model))
+    model, kind = build_model(normalize_spec(spec), trust=trust)
+    ref = source_ref(spec, trusted=trust and kind == "pickle")
+    return LoadedModel(model.eval(), ref, kind, name, path, None, guess_input_spec(model))
+
+
+def default_output_path(spec: str, tag: str, suffix: str = ".safetensors") -> Path:
+    """The default output for ``spec``: beside a local input, else in the current folder.
+
+    ``default_output_path("models/resnet.pt", "2of4")`` is ``models/resnet-2of4.safetensors``.
+    """
+    local = spec[3:] if spec.startswith("hf:") else (None if spec.startswith(PREFIXES) else spec)
+    if local is not None:
+        path = Path(local.rstrip("/"))
+        folder = path.parent
+        stem = path.name if path.is_dir() else path.stem
+    else:
+        folder, stem = Path("."), _short_name(spec).replace("/", "_")
+    return folder / f"{stem}-{tag}{suffix}" if tag else folder / f"{stem}{suffix}"
