@@ -37,6 +37,7 @@ from nmcli.io import atomic_output
 from nmcli.patterns import Pattern, group_counts, parse_pattern
 
 FORMAT = "nmcli/1"
+COMPRESSED_FORMAT = "nmcli/1+compressed"  # nmcli.compressed: 2:4 values + indices, read back as nmcli/1
 MASK_PREFIX = "__nmcli__/mask/"
 DENSE_PREFIX = "__nmcli__/dense/"
 RESERVED_PREFIX = "__nmcli__/"
@@ -400,6 +401,11 @@ class CheckpointReader:
             self._handle = safe_open(str(self.path), framework="pt")
             self._file = self._handle.__enter__()
             raw_meta = self._file.metadata() or {}
+            if raw_meta.get("format") == COMPRESSED_FORMAT:  # nmcli export --compress: decode transparently
+                from nmcli.compressed import DecodedFile
+
+                self._file = DecodedFile(self._file)
+                raw_meta = self._file.metadata()
             self._keys = list(self._file.keys())
         except CheckpointError:
             raise

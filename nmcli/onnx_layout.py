@@ -114,10 +114,13 @@ def find_weights(model: Any) -> list[OnnxWeight]:
 
 def initializer_tensor(model: Any, name: str) -> torch.Tensor:
     """An initializer as a torch tensor (bfloat16 and float16 kept exactly)."""
+    return _to_torch(next(i for i in model.graph.initializer if i.name == name))
+
+
+def _to_torch(init: Any) -> torch.Tensor:
     import onnx
     from onnx import numpy_helper
 
-    init = next(i for i in model.graph.initializer if i.name == name)
     if init.data_type == onnx.TensorProto.BFLOAT16:
         array = numpy_helper.to_array(init)
         return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16).astype(np.int16)).view(torch.bfloat16)
@@ -133,3 +136,132 @@ def weight_compliance(values: torch.Tensor, pattern: Pattern, axis: int) -> tupl
     if values.shape[axis] % pattern.m:
         return sparsity, False
     return sparsity, bool(group_counts(values, pattern.m, axis).le(pattern.n).all())
+
+
+# --------------------------------------------------------------------------------------------
+# Finding a pruned torch weight in an exported graph (``nmcli export``)
+
+_FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+@dataclass(frozen=True)
+class WeightMatch:
+    """Where a pruned torch weight ended up in an ONNX graph.
+
+    Attributes:
+        param: the torch parameter name.
+        initializer: the initializer holding it, or None when it was lost.
+        op_type: the Conv/Gemm/MatMul consuming it ("" when none does).
+        node: that consumer's node name.
+        axis: the reduction axis in the initializer's own layout (-1 when lost).
+        how: ``values`` (same values, same layout), ``transposed`` (same values, transposed),
+            ``zeros`` (values changed by folding but the same zero pattern), or ``""`` when lost.
+        compliant: whether the initializer is N:M along ``axis``.
+        reason: why the layer counts as lost ("" when it reached a Conv/Gemm/MatMul as N:M).
+    """
+
+    param: str
+    initializer: str | None
+    op_type: str
+    node: str
+    axis: int
+    how: str
+    compliant: bool
+    reason: str
+
+    @property
+    def lost(self) -> bool:
+        return bool(self.reason)
+
+
+def _nonzero(values: torch.Tensor) -> torch.Tensor:
+    nz = values.ne(0)
+    return nz | torch.signbit(values) if values.is_floating_point() else nz
+
+
+def _orientations(weight: torch.Tensor, shape: tuple[int, ...]) -> list[tuple[str, torch.Tensor]]:
+    """The layouts an exporter may have stored ``weight`` in that have ``shape``."""
+    found = []
+    if tuple(weight.shape) == shape:
+        found.append(("values", weight))
+    if weight.dim() == 2 and tuple(weight.t().shape) == shape:
+        found.append(("transposed", weight.t()))
+    return found
+
+
+def locate_weights(model: Any, weights: dict[str, tuple[torch.Tensor, Pattern]]) -> list[WeightMatch]:
+    """Find each pruned weight among the graph's initializers by its values, not its name.
+
+    Exporters rename, transpose (MatMul stores ``W.T``), fold and cast weights, so a weight is
+    matched by exact values in its torch layout or transposed (after casting to the
+    initializer's dtype); failing that, by its zero pattern among the Conv/Gemm/MatMul weights
+    (a weight scaled by a folded constant keeps its zeros). A match counts only when a Conv, Gemm
+    or MatMul consumes it and it is N:M along that consumer's reduction axis; anything else is
+    reported lost, with the reason.
+
+    Args:
+        model: an ``onnx.ModelProto`` (external data loaded).
+        weights: torch parameter name -> (effective weight, its N:M pattern).
+    """
+    consumed = {w.name: w for w in find_weights(model)}
+    by_numel: dict[int, list[Any]] = {}
+    for init in model.graph.initializer:
+        if init.data_type in _FLOAT_TYPES and len(init.dims) >= 2:
+            by_numel.setdefault(int(np.prod(init.dims)), []).append(init)
+    cache: dict[str, torch.Tensor] = {}
+
+    def tensor(init: Any) -> torch.Tensor:
+        if init.name not in cache:
+            cache[init.name] = _to_torch(init)
+        return cache[init.name]
+
+    matches: list[WeightMatch] = []
+    for param, (weight, pattern) in weights.items():
+        candidates = by_numel.get(weight.numel(), [])
+        exact: list[tuple[Any, str]] = []
+        zeros: list[tuple[Any, str]] = []
+        nonzero = _nonzero(weight)
+        for init in candidates:
+            shape = tuple(int(d) for d in init.dims)
+            for how, view in _orientations(weight, shape):
+                values = tensor(init)
+                if torch.equal(values, view.to(values.dtype)):
+                    exact.append((init, how))
+                elif init.name in consumed and torch.equal(
+                    _nonzero(values), nonzero.t() if how == "transposed" else nonzero
+                ):
+                    zeros.append((init, "zeros"))
+        # Prefer a consumed exact match, then any consumed zero-pattern match, then an unconsumed one.
+        ranked = [m for m in exact if m[0].name in consumed] + zeros + [m for m in exact if m[0].name not in consumed]
+        if not ranked:
+            matches.append(
+                WeightMatch(
+                    param,
+                    None,
+                    "",
+                    "",
+                    -1,
+                    "",
+                    False,
+                    "no initializer holds its values or its zero pattern: the exporter folded, cast or fused it",
+                )
+            )
+            continue
+        best: WeightMatch | None = None
+        for init, how in ranked:
+            use = consumed.get(init.name)
+            if use is None:
+                candidate = WeightMatch(
+                    param, init.name, "", "", -1, how, False, "its initializer feeds no Conv/Gemm/MatMul weight input"
+                )
+            else:
+                _, compliant = weight_compliance(tensor(init), pattern, use.axis)
+                reason = "" if compliant else f"not {pattern} along the {use.op_type} reduction axis {use.axis}"
+                candidate = WeightMatch(param, init.name, use.op_type, use.node, use.axis, how, compliant, reason)
+            if best is None or (best.lost and not candidate.lost):
+                best = candidate
+            if not candidate.lost:
+                break
+        assert best is not None
+        matches.append(best)
+    return matches

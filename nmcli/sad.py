@@ -1,32 +1,97 @@
 """SAD, Sparse Architecture Divergence (DESIGN.md section 5; Zhou et al., ICLR 2021).
 
 ``SAD = sum over pruned layers l of ||M_l(a) XOR M_l(b)||_0``: the number of connections whose
-kept/pruned state differs between two sparse networks. The comparison works on bit-packed masks
-(XOR then popcount), never unpacking them to floats. This is the one implementation of SAD:
-``nmcli sad`` and ``finetune``'s SAD-vs-start figure both use it.
+kept/pruned state differs between two sparse networks, reported as that count, the number of
+weights compared, and the count normalized by it, overall and per layer.
+
+This is the one implementation of SAD: ``nmcli sad`` (:func:`sad_report`) and ``finetune``'s
+SAD-vs-start figure (:func:`compare_masks`) both end in :func:`packed_xor_count` over bit-packed
+masks (XOR, then popcount), never unpacking them to floats.
+
+Scale: every input is a :class:`MaskSet`. Checkpoint masks are read one layer at a time through
+safetensors' memory map (:class:`nmcli.checkpoint.CheckpointReader`), so only the packed masks
+(1/16 of an fp16 weight) are ever read, and the weights are not touched. Inputs without stored
+masks get them from the N:M rule (:func:`nmcli.patterns.nm_mask`), one weight at a time. The
+comparison runs layer-major over all inputs, so each mask is read or derived once, and peak
+memory stays near one weight plus one packed mask per input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 import torch
 
-from nmcli.checkpoint import pack_mask
+from nmcli.checkpoint import MASK_PREFIX, CheckpointReader, pack_mask, packed_size
+from nmcli.errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    InputError,
+    MismatchError,
+    NmcliError,
+    SourceError,
+)
+from nmcli.patterns import Pattern, find_layers, nm_mask
+
+ProgressCallback = Callable[[int, int, str], None]
+_SHOWN = 3  # names shown per kind of mismatch
+_CHUNK_ELEMENTS = 1 << 22  # N:M rule runs on slices of about this many weights (bounds sort temporaries)
+PLOT_HINT = "pip install 'nmcli[plot]'"
+
+
+# --------------------------------------------------------------------------------------------
+# Bit-level counting
+
+
+def _as_uint8(a: np.ndarray | torch.Tensor) -> np.ndarray:
+    array = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a
+    return np.ascontiguousarray(array).reshape(-1)
+
+
+def _popcount(array: np.ndarray) -> int:
+    """Set bits in a 1-D uint8 array (8 bytes at a time where possible)."""
+    whole = array.size // 8 * 8
+    count = 0
+    if whole:
+        count += int(np.bitwise_count(array[:whole].view(np.uint64)).sum(dtype=np.int64))
+    if whole < array.size:
+        count += int(np.bitwise_count(array[whole:]).sum(dtype=np.int64))
+    return count
 
 
 def packed_xor_count(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> int:
-    """Number of differing bits between two packed masks of the same length."""
-    left = a.numpy() if isinstance(a, torch.Tensor) else a
-    right = b.numpy() if isinstance(b, torch.Tensor) else b
-    return int(np.bitwise_count(np.bitwise_xor(left, right)).sum(dtype=np.int64))
+    """Number of differing bits between two packed masks of the same length.
+
+    Raises:
+        MismatchError: the two packed masks have different lengths.
+    """
+    left, right = _as_uint8(a), _as_uint8(b)
+    if left.shape != right.shape:
+        raise MismatchError(f"packed masks of {left.size} and {right.size} bytes cannot be compared")
+    return _popcount(np.bitwise_xor(left, right))
+
+
+def packed_popcount(packed: np.ndarray | torch.Tensor) -> int:
+    """Number of kept weights (set bits) in a packed mask."""
+    return _popcount(_as_uint8(packed))
+
+
+# --------------------------------------------------------------------------------------------
+# Results
 
 
 @dataclass(frozen=True)
 class LayerSad:
+    """SAD of one layer pruned in both inputs: ``sad`` differing connections out of ``total`` weights."""
+
     param: str
     sad: int
     total: int
@@ -39,11 +104,32 @@ class LayerSad:
         return {"param": self.param, "sad": self.sad, "total": self.total, "normalized": self.normalized}
 
 
+@dataclass(frozen=True)
+class OneSidedLayer:
+    """A layer pruned in only one input of a pair (``pruned_in`` is ``"a"`` or ``"b"``).
+
+    It is not part of the SAD sum (SAD runs over layers pruned in both) but is always reported;
+    ``pruned`` is how many of its ``total`` weights the one mask prunes, i.e. its SAD against a
+    dense (all-kept) layer.
+    """
+
+    param: str
+    pruned_in: str
+    total: int
+    pruned: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"param": self.param, "pruned_in": self.pruned_in, "total": self.total, "pruned": self.pruned}
+
+
 @dataclass
 class SadResult:
-    """SAD overall and per layer."""
+    """SAD between two inputs ``a`` and ``b``, overall and per layer (in model order)."""
 
     layers: list[LayerSad] = field(default_factory=list)
+    one_sided: list[OneSidedLayer] = field(default_factory=list)
+    a: str | None = None
+    b: str | None = None
 
     @property
     def sad(self) -> int:
@@ -57,23 +143,506 @@ class SadResult:
     def normalized(self) -> float:
         return self.sad / self.total if self.total else 0.0
 
+    def by_divergence(self) -> list[LayerSad]:
+        """Layers sorted by normalized SAD, then count, most divergent first."""
+        return sorted(self.layers, key=lambda x: (-x.normalized, -x.sad, x.param))
+
     def to_json(self) -> dict[str, Any]:
         return {
+            "a": self.a,
+            "b": self.b,
             "sad": self.sad,
             "total": self.total,
             "normalized": self.normalized,
             "layers": [x.to_json() for x in self.layers],
+            "one_sided": [x.to_json() for x in self.one_sided],
         }
 
 
+@dataclass
+class SadReport:
+    """SAD over a sequence of inputs: each consecutive pair, and each input against the first.
+
+    With two inputs both lists hold the one result.
+    """
+
+    inputs: list[str]
+    pairs: list[SadResult]
+    vs_first: list[SadResult]
+
+    @property
+    def results(self) -> list[SadResult]:
+        """Every distinct pair reported (consecutive pairs, then the rest of ``vs_first``)."""
+        out = list(self.pairs)
+        out.extend(r for r in self.vs_first if all(r is not p for p in self.pairs))
+        return out
+
+    def exceeding(self, threshold: float) -> list[SadResult]:
+        """The reported pairs whose normalized SAD is above ``threshold``."""
+        return [r for r in self.results if r.normalized > threshold]
+
+    def to_json(self) -> dict[str, Any]:
+        """Two inputs: one pair's object; several: ``{"inputs", "pairs", "vs_first"}``."""
+        if len(self.inputs) == 2:
+            return self.pairs[0].to_json()
+        return {
+            "inputs": list(self.inputs),
+            "pairs": [r.to_json() for r in self.pairs],
+            "vs_first": [r.to_json() for r in self.vs_first],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Mask sets: where each input's masks come from
+
+
+@dataclass(frozen=True)
+class MaskLayer:
+    """A pruned parameter of one input: its shape, and its pattern and axis where known."""
+
+    param: str
+    shape: tuple[int, ...]
+    pattern: Pattern | None = None
+    axis: int | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class MaskSet:
+    """The masks of one input, read or derived one layer at a time.
+
+    Attributes:
+        label: the input as the user named it.
+        origin: ``stored`` (masks read from an nmcli/1 checkpoint) or ``derived`` (N:M rule).
+        shapes: every state-dict entry's shape, to check that two inputs hold the same parameters.
+        layers: the pruned parameters, in model order.
+    """
+
+    origin = "stored"
+
+    def __init__(self, label: str, shapes: Mapping[str, tuple[int, ...]], layers: Sequence[MaskLayer]) -> None:
+        self.label = label
+        self.shapes = dict(shapes)
+        self.layers = {layer.param: layer for layer in layers}
+
+    def packed(self, param: str) -> np.ndarray:
+        """The bit-packed mask of ``param`` (``pack_mask`` layout) as a 1-D uint8 array."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the file behind the set, if any."""
+
+    def __enter__(self) -> MaskSet:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class StoredMasks(MaskSet):
+    """Masks stored in an nmcli/1 checkpoint, read packed through the memory map (weights untouched)."""
+
+    origin = "stored"
+
+    def __init__(self, reader: CheckpointReader, label: str) -> None:
+        assert reader.meta is not None
+        self._reader = reader
+        names = reader.state_names
+        shapes = {name: reader.shape(name) for name in names}
+        problems: list[str] = []
+        layers: list[MaskLayer] = []
+        mask_names = set(reader.mask_names)
+        for entry in reader.meta.layers:
+            where = f"layer {entry.param}"
+            try:
+                pattern = entry.pattern
+            except NmcliError as exc:
+                problems.append(f"{where}: {exc}")
+                continue
+            if entry.param not in shapes:
+                problems.append(f"{where}: no tensor {entry.param} in the file")
+            elif shapes[entry.param] != entry.shape:
+                problems.append(f"{where}: tensor has shape {shapes[entry.param]}, layer entry says {entry.shape}")
+            elif entry.param not in mask_names:
+                problems.append(f"{where}: mask {MASK_PREFIX}{entry.param} is missing")
+            elif reader.shape(MASK_PREFIX + entry.param) != (packed_size(entry.shape),):
+                problems.append(
+                    f"{where}: packed mask has shape {reader.shape(MASK_PREFIX + entry.param)}, expected "
+                    f"({packed_size(entry.shape)},)"
+                )
+            else:
+                layers.append(MaskLayer(entry.param, entry.shape, pattern, entry.axis))
+        listed = {entry.param for entry in reader.meta.layers}
+        problems.extend(f"mask {MASK_PREFIX}{name} has no layer entry" for name in sorted(mask_names - listed))
+        if problems:
+            raise CheckpointError(
+                f"{label} is not a valid nmcli/1 checkpoint ({len(problems)} problem(s)): {'; '.join(problems[:8])}"
+            )
+        super().__init__(label, shapes, layers)
+
+    def packed(self, param: str) -> np.ndarray:
+        layer = self.layers[param]
+        try:
+            tensor = self._reader.packed_mask(param)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{self.label}: mask of {param} could not be read ({exc}): the file may be truncated; re-create it"
+            ) from exc
+        if tensor.dtype != torch.uint8:
+            raise CheckpointError(f"{self.label}: mask of {param} is {tensor.dtype}, expected packed uint8")
+        packed = tensor.numpy().reshape(-1)
+        if layer.pattern is not None:
+            kept, allowed = packed_popcount(packed), layer.numel // layer.pattern.m * layer.pattern.n
+            if kept > allowed:
+                raise CheckpointError(
+                    f"{self.label}: mask of {param} keeps {kept} weights, more than {layer.pattern} allows "
+                    f"({allowed}): the checkpoint is corrupt; check it with nmcli inspect"
+                )
+        return packed
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+class DerivedMasks(MaskSet):
+    """Masks derived with the N:M rule from weights fetched one at a time by ``weight(param)``."""
+
+    origin = "derived"
+
+    def __init__(
+        self,
+        label: str,
+        shapes: Mapping[str, tuple[int, ...]],
+        layers: Sequence[MaskLayer],
+        weight: Callable[[str], torch.Tensor],
+        closer: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(label, shapes, layers)
+        self._weight = weight
+        self._closer = closer
+
+    def packed(self, param: str) -> np.ndarray:
+        layer = self.layers[param]
+        assert layer.pattern is not None and layer.axis is not None
+        return derive_packed_mask(self._weight(param), layer.pattern, layer.axis).numpy()
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+
+
+class MemoryMasks(MaskSet):
+    """Boolean masks held in memory (e.g. during fine-tuning), packed on demand."""
+
+    origin = "stored"
+
+    def __init__(self, label: str, masks: Mapping[str, torch.Tensor]) -> None:
+        for name, mask in masks.items():
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask of {name} is {mask.dtype}: compare_masks takes boolean masks")
+        shapes = {name: tuple(mask.shape) for name, mask in masks.items()}
+        super().__init__(label, shapes, [MaskLayer(name, shape) for name, shape in shapes.items()])
+        self._masks = masks
+
+    def packed(self, param: str) -> np.ndarray:
+        return pack_mask(self._masks[param]).numpy()
+
+
+def derive_packed_mask(
+    weight: torch.Tensor, pattern: Pattern, axis: int, *, chunk_elements: int = _CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """The packed N:M mask of ``weight`` (:func:`nmcli.patterns.nm_mask`), computed in slices of about ``chunk_elements``.
+
+    Slices run across a dimension other than ``axis``, so every group stays whole and the result
+    equals ``pack_mask(nm_mask(weight, pattern, axis))``, while the sort's temporaries stay bounded.
+    """
+    weight = weight.detach().cpu()
+    axis = axis % weight.dim()
+    if weight.dim() < 2 or weight.numel() <= chunk_elements:
+        return pack_mask(nm_mask(weight, pattern, axis))
+    split = 0 if axis != 0 else 1
+    step = max(1, chunk_elements // max(1, weight.numel() // weight.shape[split]))
+    mask = torch.empty(weight.shape, dtype=torch.bool)
+    for start in range(0, weight.shape[split], step):
+        part = weight.narrow(split, start, min(step, weight.shape[split] - start))
+        mask.narrow(split, start, part.shape[split]).copy_(nm_mask(part, pattern, axis))
+    return pack_mask(mask)
+
+
+def _arch_model(arch: str, trust: bool) -> torch.nn.Module:
+    """Build ``--arch`` for its layer structure only: on the meta device when it allows (no weights)."""
+    from nmcli.sources import build_model, normalize_spec
+
+    spec = normalize_spec(arch)
+    try:
+        with torch.device("meta"):
+            model, _ = build_model(spec, trust=trust, pretrained=False)
+        return model
+    except Exception:  # noqa: BLE001 - some factories cannot build on meta; the plain build reports real errors
+        model, _ = build_model(spec, trust=trust, pretrained=False)
+        return model
+
+
+def _needs_pattern(spec: str) -> InputError:
+    return InputError(
+        f"{spec} stores no masks: pass --pattern N:M to derive them with the N:M rule "
+        "(and --arch SPEC for a plain state dict)"
+    )
+
+
+def open_masks(spec: str, *, pattern: Pattern | None = None, arch: str | None = None, trust: bool = False) -> MaskSet:
+    """The masks of one input: stored in an nmcli/1 checkpoint, or derived with ``pattern``.
+
+    Args:
+        spec: an nmcli/1 checkpoint, or any model source (DESIGN.md section 1).
+        pattern: the N:M rule for inputs without stored masks (ignored for checkpoints).
+        arch: the architecture of a plain state dict, so that only its prunable layers count.
+        trust: allow unpickling a pickled ``nn.Module``.
+
+    Raises:
+        InputError: no stored masks and no ``pattern``; SourceError/CheckpointError for bad inputs.
+    """
+    from nmcli.sources import PREFIXES, load_model
+
+    path = Path(spec)
+    if not spec.startswith(PREFIXES) and path.suffix.lower() == ".safetensors":
+        reader = CheckpointReader(path)
+        try:
+            if reader.is_nmcli:
+                return StoredMasks(reader, spec)
+            if pattern is None:
+                raise _needs_pattern(spec)
+            if not arch:
+                raise SourceError(
+                    f"{spec} is a plain state dict: pass --arch SPEC so that only its prunable layers count"
+                )
+            shapes = {name: reader.shape(name) for name in reader.state_names}
+            candidates = [c for c in find_layers(_arch_model(arch, trust), pattern) if c.eligible]
+            misfits = [c.param for c in candidates if shapes.get(c.param) != c.shape]
+            if misfits:
+                raise SourceError(
+                    f"{spec} does not fit --arch {arch}: {', '.join(misfits[:_SHOWN])}"
+                    f"{' ...' if len(misfits) > _SHOWN else ''} missing or of another shape; check --arch"
+                )
+            layers = [MaskLayer(c.param, c.shape, pattern, c.axis) for c in candidates]
+            return DerivedMasks(spec, shapes, layers, reader.tensor, reader.close)
+        except BaseException:
+            reader.close()
+            raise
+    if pattern is None:
+        raise _needs_pattern(spec)
+    loaded = load_model(spec, arch=arch, trust=trust)
+    state = loaded.model.state_dict()
+    layers = [MaskLayer(c.param, c.shape, pattern, c.axis) for c in find_layers(loaded.model, pattern) if c.eligible]
+    return DerivedMasks(spec, {k: tuple(v.shape) for k, v in state.items()}, layers, state.__getitem__)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison
+
+
+def _listed(names: Sequence[str]) -> str:
+    more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+def _layout(layer: MaskLayer) -> str:
+    return f"{layer.pattern} along axis {layer.axis}" if layer.pattern is not None else "unknown"
+
+
+def mismatches(a: MaskSet, b: MaskSet) -> list[str]:
+    """Why ``a`` and ``b`` cannot be compared: parameter names, shapes, patterns (empty when they can)."""
+    problems: list[str] = []
+    only_a = [n for n in a.shapes if n not in b.shapes]
+    only_b = [n for n in b.shapes if n not in a.shapes]
+    if only_a:
+        problems.append(f"{len(only_a)} parameter(s) only in {a.label}: {_listed(only_a)}")
+    if only_b:
+        problems.append(f"{len(only_b)} parameter(s) only in {b.label}: {_listed(only_b)}")
+    shapes = [f"{n} {a.shapes[n]} vs {b.shapes[n]}" for n in a.shapes if n in b.shapes and a.shapes[n] != b.shapes[n]]
+    if shapes:
+        problems.append(f"{len(shapes)} shape(s) differ: {_listed(shapes)}")
+    patterns = []
+    for name, la in a.layers.items():
+        lb = b.layers.get(name)
+        if lb is None or la.pattern is None or lb.pattern is None:
+            continue
+        if (la.pattern, la.axis) != (lb.pattern, lb.axis):
+            patterns.append(f"{name} {_layout(la)} vs {_layout(lb)}")
+    if patterns:
+        problems.append(f"{len(patterns)} layer pattern(s) differ: {_listed(patterns)}")
+    return problems
+
+
+def compare_sets(
+    sets: Sequence[MaskSet], pairs: Sequence[tuple[int, int]], progress: ProgressCallback | None = None
+) -> list[SadResult]:
+    """SAD for each pair of indices into ``sets``, reading each mask once (layer-major order).
+
+    Raises:
+        MismatchError: some pair differs in parameter names, shapes or layer patterns (all pairs
+            are checked, on headers only, before any mask is read).
+    """
+    problems = []
+    for i, j in pairs:
+        found = mismatches(sets[i], sets[j])
+        if found:
+            problems.append(f"{sets[i].label} and {sets[j].label} cannot be compared: {'; '.join(found)}")
+    if problems:
+        raise MismatchError(" | ".join(problems))
+    order: list[str] = []
+    seen: set[str] = set()
+    for mask_set in sets:
+        for name in mask_set.layers:
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+    results = [SadResult(a=sets[i].label, b=sets[j].label) for i, j in pairs]
+    for done, param in enumerate(order, start=1):
+        cache: dict[int, np.ndarray] = {}
+
+        def packed(k: int, name: str = param, cache: dict[int, np.ndarray] = cache) -> np.ndarray:
+            if k not in cache:
+                cache[k] = sets[k].packed(name)
+            return cache[k]
+
+        for result, (i, j) in zip(results, pairs, strict=True):
+            in_a, in_b = param in sets[i].layers, param in sets[j].layers
+            if in_a and in_b:
+                total = sets[i].layers[param].numel
+                result.layers.append(LayerSad(param, packed_xor_count(packed(i), packed(j)), total))
+            elif in_a or in_b:
+                k, role = (i, "a") if in_a else (j, "b")
+                total = sets[k].layers[param].numel
+                result.one_sided.append(OneSidedLayer(param, role, total, total - packed_popcount(packed(k))))
+        cache.clear()
+        if progress is not None:
+            progress(done, len(order), param)
+    return results
+
+
 def layer_sad(param: str, mask_a: torch.Tensor, mask_b: torch.Tensor) -> LayerSad:
-    """SAD of one layer from two boolean masks, or two packed uint8 masks with ``total`` from the bools."""
-    if mask_a.dtype == torch.bool:
-        total = mask_a.numel()
-        return LayerSad(param, packed_xor_count(pack_mask(mask_a), pack_mask(mask_b)), total)
-    raise TypeError("layer_sad takes boolean masks; use packed_xor_count for packed ones")
+    """SAD of one layer from two boolean masks of the same shape.
+
+    Raises:
+        MismatchError: the shapes differ.
+        TypeError: a mask is not boolean.
+    """
+    return compare_masks({param: mask_a}, {param: mask_b}).layers[0]
 
 
 def compare_masks(masks_a: Mapping[str, torch.Tensor], masks_b: Mapping[str, torch.Tensor]) -> SadResult:
-    """SAD between two sets of boolean masks over the parameters they share, in ``masks_a`` order."""
-    return SadResult([layer_sad(p, masks_a[p], masks_b[p]) for p in masks_a if p in masks_b])
+    """SAD between two sets of boolean masks (full shape, by parameter name), in ``masks_a`` order.
+
+    The in-memory entry point (fine-tuning's SAD-vs-start figure); it counts exactly as
+    ``nmcli sad`` does. A parameter masked in only one set is listed in ``one_sided``.
+
+    Raises:
+        MismatchError: a parameter has different mask shapes in the two sets.
+        TypeError: a mask is not boolean.
+    """
+    a, b = MemoryMasks("a", masks_a), MemoryMasks("b", masks_b)
+    clash = [f"{n} {a.shapes[n]} vs {b.shapes[n]}" for n in a.shapes if n in b.shapes and a.shapes[n] != b.shapes[n]]
+    if clash:
+        raise MismatchError(f"masks cannot be compared: {len(clash)} shape(s) differ: {_listed(clash)}")
+    # Names masked in only one set are one-sided layers here, not a mismatch: make the shapes agree.
+    a.shapes = b.shapes = {**a.shapes, **b.shapes}
+    result = compare_sets([a, b], [(0, 1)])[0]
+    result.a = result.b = None
+    return result
+
+
+def report_pairs(count: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Index pairs for ``count`` inputs: consecutive ones, and each against the first."""
+    return [(i, i + 1) for i in range(count - 1)], [(0, j) for j in range(1, count)]
+
+
+def sad_report(
+    specs: Sequence[str],
+    *,
+    pattern: Pattern | None = None,
+    arch: str | None = None,
+    trust: bool = False,
+    progress: ProgressCallback | None = None,
+) -> SadReport:
+    """SAD between two or more inputs (checkpoints or model sources; see :func:`open_masks`).
+
+    Raises:
+        InputError: fewer than two inputs, or an input without masks and no ``pattern``.
+        MismatchError: inputs that differ in parameter names, shapes or layer patterns.
+    """
+    if len(specs) < 2:
+        raise InputError("sad needs at least two inputs: nmcli sad A B [C ...]")
+    consecutive, vs_first = report_pairs(len(specs))
+    unique = list(dict.fromkeys(consecutive + vs_first))
+    with contextlib.ExitStack() as stack:
+        sets = [stack.enter_context(open_masks(s, pattern=pattern, arch=arch, trust=trust)) for s in specs]
+        results = dict(zip(unique, compare_sets(sets, unique, progress), strict=True))
+    return SadReport(list(specs), [results[p] for p in consecutive], [results[p] for p in vs_first])
+
+
+# --------------------------------------------------------------------------------------------
+# Plot
+
+
+def require_matplotlib() -> None:
+    """Check that matplotlib is importable.
+
+    Raises:
+        BackendUnavailableError: it is not installed (exit 3, with the pip command).
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError(f"--plot needs matplotlib, which is not installed: {PLOT_HINT}") from exc
+
+
+def _short(label: str) -> str:
+    return Path(label).name if not label.startswith(("hf:", "py:", "torchvision:", "timm:")) else label
+
+
+def plot_report(
+    report: SadReport,
+    path: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+) -> Path:
+    """Draw SAD per layer (two inputs) or over the sequence (several) as a PNG, written atomically."""
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
+    from nmcli.io import atomic_output
+
+    if len(report.inputs) == 2:
+        result = report.pairs[0]
+        names = [x.param for x in result.layers]
+        fig = Figure(figsize=(8, max(3.0, 0.28 * len(names) + 1.5)), layout="constrained")
+        ax = fig.add_subplot()
+        ax.barh(range(len(names)), [100 * x.normalized for x in result.layers], color="tab:red")
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("SAD (% of the layer's weights)")
+        ax.set_title(
+            f"SAD {_short(report.inputs[0])} vs {_short(report.inputs[1])}: "
+            f"{result.sad:,} of {result.total:,} ({100 * result.normalized:.2f}%)",
+            fontsize=9,
+        )
+    else:
+        steps = list(range(1, len(report.inputs)))
+        fig = Figure(figsize=(8, 4.5), layout="constrained")
+        ax = fig.add_subplot()
+        ax.plot(steps, [100 * r.normalized for r in report.pairs], "o-", label="consecutive (previous vs this)")
+        ax.plot(steps, [100 * r.normalized for r in report.vs_first], "s--", label="vs the first")
+        ax.set_xticks(steps, [_short(s) for s in report.inputs[1:]], rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("SAD (% of pruned weights)")
+        ax.set_title(f"SAD over {len(report.inputs)} checkpoints (first: {_short(report.inputs[0])})", fontsize=9)
+        ax.legend()
+    ax.grid(alpha=0.3)
+    with atomic_output(path, force=force, inputs=inputs) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return Path(path)

@@ -74,6 +74,8 @@ def _missing_backend(package: str, spec: str) -> BackendUnavailableError:
 
 
 def _abs_if_local(path_part: str) -> str:
+    if not path_part:  # Path("") is the current folder: an empty spec stays empty
+        return path_part
     return str(Path(path_part).expanduser().resolve()) if Path(path_part).expanduser().exists() else path_part
 
 
@@ -181,6 +183,8 @@ def _from_hf(spec: str, pretrained: bool = True) -> nn.Module:
     except ImportError as exc:
         raise _missing_backend("transformers", spec) from exc
     ident = spec[3:]
+    # transformers' own "Loading weights" bars would break the one-JSON-object/one-line contract.
+    transformers.utils.logging.disable_progress_bar()
     if not ident:
         raise SourceError("hf: needs a model id or a local directory, e.g. hf:./my-model")
     try:
@@ -246,6 +250,13 @@ def _state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def _looks_pickled(path: Path) -> bool:
+    """A torch zip archive, or a raw pickle (protocol 2-5 header): not random bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def _read_torch_file(path: Path, trust: bool) -> tuple[str, Any]:
     """Classify a ``.pt``/``.pth`` file: ``("torchscript", module)``, ``("state_dict", dict)`` or ``("pickle", module)``."""
     if _is_torchscript(path):
@@ -256,7 +267,7 @@ def _read_torch_file(path: Path, trust: bool) -> tuple[str, Any]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not zipfile.is_zipfile(path) and "weights_only" not in str(exc) and "global" not in str(exc).lower():
+        if not _looks_pickled(path):
             raise SourceError(
                 f"{path} is not a readable torch file ({str(exc).splitlines()[0]}): it may be corrupt"
             ) from exc
@@ -355,6 +366,14 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], what: str)
             value.copy_(state[key].to(value.dtype))
 
 
+def eval_mode(model: nn.Module) -> nn.Module:
+    """``model.eval()``; a ``torch.export`` module (which refuses ``eval()``) is returned as exported."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
+
+
 def _rebuild(ref: SourceRef, arch: str | None, trust: bool) -> nn.Module:
     spec = arch or ref.arch or ref.spec
     trusted = trust or (ref.trusted and ref.sha256 is not None and _sha_matches(spec, ref.sha256))
@@ -389,7 +408,7 @@ def model_from_checkpoint(
     if weights == "dense":
         state.update(ckpt.dense)
     load_weights(model, state, f"the checkpoint's tensors ({ckpt.meta.source.spec})")
-    return model.eval()
+    return eval_mode(model)
 
 
 def _short_name(spec: str) -> str:
@@ -438,17 +457,17 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
         model, _ = build_model(normalize_spec(arch), trust=trust, pretrained=False)
         load_weights(model, state, spec)
         ref = SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path), arch=normalize_spec(arch))
-        return LoadedModel(model.eval(), ref, "state_dict", name, path, None, guess_input_spec(model))
+        return LoadedModel(eval_mode(model), ref, "state_dict", name, path, None, guess_input_spec(model))
     if path is not None and path.suffix.lower() in {".pt", ".pth", ".bin"} and path.is_file() and arch:
         kind, obj = _read_torch_file(path, trust)
         if kind == "state_dict":
             model, _ = build_model(normalize_spec(arch), trust=trust, pretrained=False)
             load_weights(model, obj, spec)
             ref = SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path), arch=normalize_spec(arch))
-            return LoadedModel(model.eval(), ref, "state_dict", name, path, None, guess_input_spec(model))
+            return LoadedModel(eval_mode(model), ref, "state_dict", name, path, None, guess_input_spec(model))
     model, kind = build_model(normalize_spec(spec), trust=trust)
     ref = source_ref(spec, trusted=trust and kind == "pickle")
-    return LoadedModel(model.eval(), ref, kind, name, path, None, guess_input_spec(model))
+    return LoadedModel(eval_mode(model), ref, kind, name, path, None, guess_input_spec(model))
 
 
 def default_output_path(spec: str, tag: str, suffix: str = ".safetensors") -> Path:

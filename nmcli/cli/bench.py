@@ -1,0 +1,161 @@
+"""``nmcli bench``: time dense against sparse on torch, onnxruntime or TensorRT."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import typer
+
+from nmcli.cli.app import emit_json, guarded, progress_bar, show_progress, stderr
+
+if TYPE_CHECKING:
+    from nmcli.bench.run import BenchReport
+
+
+@guarded
+def command(
+    target: str = typer.Argument(
+        ..., help="A checkpoint or model source (torch), an .onnx file (onnxruntime) or a TensorRT .engine."
+    ),
+    backend: str | None = typer.Option(
+        None, "--backend", help="torch, onnxruntime or tensorrt (default: from TARGET's file type)."
+    ),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    vs: str | None = typer.Option(None, "--vs", help="A second .onnx or engine file to compare against TARGET."),
+    batch_size: str | None = typer.Option(
+        None, "--batch-size", help="Batch sizes to sweep, e.g. 1,8,32 (default: the input spec's)."
+    ),
+    input_shape: str | None = typer.Option(
+        None, "--input-shape", help="Input spec, e.g. 1x3x224x224 (default: the one stored in the checkpoint)."
+    ),
+    precision: str | None = typer.Option(
+        None, "--precision", help="fp32, fp16 or bf16 for the torch backend (default: fp16 on CUDA, fp32 on CPU)."
+    ),
+    warmup: int = typer.Option(10, "--warmup", help="Untimed iterations before timing."),
+    iters: int | None = typer.Option(None, "--iters", help="Timed iterations (default 50)."),
+    min_time: float | None = typer.Option(
+        None, "--min-time", help="Time for at least this many seconds instead of --iters."
+    ),
+    compile: bool = typer.Option(False, "--compile", help="Run both torch variants under torch.compile."),
+    arch: str | None = typer.Option(None, "--arch", help="Architecture source overriding a checkpoint's source."),
+    trust: bool = typer.Option(False, "--trust", help="Allow unpickling a pickled nn.Module (runs the file's code)."),
+    output: str | None = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --output file."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Benchmark TARGET: its dense model against its sparse one, or one file against another (--vs).
+
+    Latency percentiles (p50/p90/p99/mean) from per-iteration samples after warm-up, throughput,
+    peak device memory, and the sparse/dense speed-up at p50. On a CUDA GPU with compute
+    capability >= 8.0 in fp16/bf16, the sparse torch variant runs 2:4 Linear layers on
+    semi-structured sparse kernels, and its outputs are checked against dense kernels (exit 1 if
+    they disagree); elsewhere it runs masked weights with dense kernels, and says so.
+    """
+    from nmcli.bench.run import run_bench
+    from nmcli.errors import CheckFailedError
+
+    with progress_bar("benchmarking", show_progress(json_output)) as update:
+        report = run_bench(
+            target,
+            backend=backend,
+            device=device,
+            vs=vs,
+            batch_sizes=batch_size,
+            input_shape=input_shape,
+            precision=precision,
+            warmup=warmup,
+            iters=iters,
+            min_time=min_time,
+            compile=compile,
+            arch=arch,
+            trust=trust,
+            output=output,
+            force=force,
+            progress=update,
+        )
+    if json_output:
+        emit_json(report.to_json())
+    else:
+        _render(report)
+    if not report.agreement_ok:
+        bad = [a for a in report.agreement if not a["ok"]]
+        worst = max((a["max_abs_diff"] or float("inf")) for a in bad)
+        raise CheckFailedError(
+            f"the sparse kernel's outputs differ from dense kernels on the same weights (max abs diff {worst:.3g}, "
+            f"tolerance {bad[0]['tolerance']:.3g}): its timings are not to be trusted"
+        )
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _ms(value: float) -> str:
+    """Milliseconds with 3 significant digits (0.0257, 1.23, 23.9, 1234)."""
+    return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
+
+
+def _render(report: BenchReport) -> None:
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    plan = report.plan
+    title = f"bench {report.target} ({plan.backend}, {plan.device}, {plan.precision}; latency in ms)"
+    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for name, justify in (
+        ("variant", "left"),
+        ("batch", "right"),
+        ("p50", "right"),
+        ("p90", "right"),
+        ("p99", "right"),
+        ("mean", "right"),
+        ("samples/s", "right"),
+        ("peak MB", "right"),
+        ("2:4", "left"),
+        ("speed-up", "right"),
+    ):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    speedups = {(s["variant"], s["batch_size"]): s for s in report.speedup}
+    for row in report.results:
+        ratio = speedups.get((row.variant, row.batch_size))
+        value = next(
+            (v for k, v in (ratio or {}).items() if k.endswith(f"_over_{(ratio or {}).get('baseline')}")), None
+        )
+        kernel = {True: "[green]yes[/green]", False: "no", None: "?"}[row.sparse_kernel]
+        table.add_row(
+            row.variant,
+            str(row.batch_size),
+            _ms(row.stats.p50),
+            _ms(row.stats.p90),
+            _ms(row.stats.p99),
+            _ms(row.stats.mean),
+            f"{row.throughput:,.0f}",
+            _fmt(row.peak_memory_mb, 1) or "n/a",
+            kernel,
+            f"{value:.2f}x" if isinstance(value, float) else "",
+        )
+    if stderr.is_terminal:
+        stderr.print(table)
+    else:  # logs and pipes: rich would squeeze the table into 80 columns and cut the numbers
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False, width=120).print(table)
+    for check in report.agreement:
+        ok = "[green]agree[/green]" if check["ok"] else "[red]DISAGREE[/red]"
+        stderr.print(
+            f"{check['variant']} batch {check['batch_size']}: outputs vs dense kernels on the same weights {ok} "
+            f"(max abs diff {_fmt(check['max_abs_diff'], 5)}, tolerance {_fmt(check['tolerance'], 5)})"
+        )
+    for note in report.notes:
+        style = "bold yellow" if note.startswith("no sparse kernel") else "yellow"
+        stderr.print(f"[{style}]note:[/{style}] {escape(note)}")
+    env = report.environment
+    where = env.get("gpu") or env.get("cpu")
+    stderr.print(
+        f"[dim]{escape(str(where))} · torch {env.get('torch')} ({env.get('torch_threads')} threads) · "
+        f"onnxruntime {env.get('onnxruntime')} · tensorrt {env.get('tensorrt')} · load {env.get('load_average')} · "
+        f"2:4 = a 2:4 sparse kernel ran · speed-up = baseline p50 / variant p50[/dim]"
+    )
+    if report.output:
+        stderr.print(f"wrote {escape(str(report.output))}")

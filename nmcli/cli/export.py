@@ -1,0 +1,145 @@
+"""``nmcli export``: ONNX with visible, verified N:M sparsity; TensorRT engines; compressed checkpoints."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import typer
+
+from nmcli.cli.app import emit_json, guarded, progress_bar, show_progress, stderr
+
+if TYPE_CHECKING:
+    from nmcli.export import ExportResult
+
+
+@guarded
+def command(
+    checkpoint: str = typer.Argument(..., help="An nmcli checkpoint (.safetensors), or any model source."),
+    onnx: bool = typer.Option(False, "--onnx", help="Export ONNX (the default when nothing else is asked)."),
+    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine (needs the tensorrt package)."),
+    sparse: bool = typer.Option(
+        False, "--sparse/--no-sparse", help="Let TensorRT use 2:4 sparse kernels (BuilderFlag.SPARSE_WEIGHTS)."
+    ),
+    precision: str = typer.Option(
+        "fp32", "--precision", help="fp32, fp16, bf16 (ONNX weights in that dtype, zeros exact) or int8 (TensorRT 8-10)."
+    ),
+    input_shape: str | None = typer.Option(
+        None, "--input-shape", help="Input spec, e.g. 1x3x224x224 (default: the one stored in the checkpoint)."
+    ),
+    dynamic_batch: bool = typer.Option(
+        False, "--dynamic-batch", help="Dynamic batch dimension (and sequence length for text models)."
+    ),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default 17)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare onnxruntime with torch on random inputs."),
+    atol: float | None = typer.Option(None, "--atol", help="Absolute tolerance (default per precision)."),
+    rtol: float | None = typer.Option(None, "--rtol", help="Relative tolerance (default per precision)."),
+    workspace: int | None = typer.Option(None, "--workspace", help="TensorRT workspace limit in MiB."),
+    compress: bool = typer.Option(
+        False, "--compress", help="Write a compressed copy of the checkpoint (kept values + in-group indices)."
+    ),
+    output: str | None = typer.Option(
+        None, "-o", "--output", help="Output .onnx (or .engine with --trt; .safetensors with --compress alone)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Export CHECKPOINT to ONNX (pruned layers checked to stay N:M, verified in onnxruntime) and TensorRT.
+
+    Exit codes: 1 when verification finds a difference outside --atol/--rtol; 3 when --trt is asked
+    without the tensorrt package (the ONNX is still written and the equivalent trtexec command printed).
+    """
+    from nmcli.export import run_export
+
+    with progress_bar("exporting", show_progress(json_output)) as update:
+        result = run_export(
+            checkpoint,
+            onnx=onnx,
+            trt=trt,
+            sparse=sparse,
+            precision=precision,
+            input_shape=input_shape,
+            dynamic_batch=dynamic_batch,
+            opset=opset,
+            verify=verify,
+            atol=atol,
+            rtol=rtol,
+            workspace_mb=workspace,
+            compress=compress,
+            output=output,
+            force=force,
+            progress=update,
+        )
+    if json_output:
+        emit_json(result.to_json())
+    else:
+        _render(result)
+    for note in result.notes:
+        stderr.print(f"[cyan]note:[/cyan] {note}", markup=True, highlight=False)
+    for warning in result.warnings:
+        stderr.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False)
+    if result.trt_missing is not None and result.trtexec is not None:
+        from nmcli.export import trtexec_variants
+
+        plain, strongly = trtexec_variants(result.trtexec)
+        stderr.print("tensorrt is not installed; the same engine with trtexec (TensorRT 8-10):", highlight=False)
+        stderr.print(f"  {plain}", markup=False, highlight=False)
+        stderr.print("TensorRT 11 (strongly typed, precision from the ONNX):", highlight=False)
+        stderr.print(f"  {strongly}", markup=False, highlight=False)
+    result.raise_for_status()
+
+
+def _render(result: ExportResult) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    if result.compressed_bytes is not None and result.original_bytes:
+        stderr.print(
+            f"compressed checkpoint -> [bold]{escape(str(result.paths.compressed))}[/bold] "
+            f"({result.compressed_bytes:,} bytes, {100 * result.compressed_bytes / result.original_bytes:.1f}% of "
+            f"{result.original_bytes:,})"
+        )
+    if result.onnx is None:
+        return
+    if result.matches:
+        table = Table(title="pruned layers in the ONNX graph", title_justify="left")
+        table.add_column("layer")
+        table.add_column("initializer")
+        table.add_column("op")
+        table.add_column("axis", justify="right")
+        table.add_column("status")
+        for m in result.matches:
+            status = "[green]N:M[/green]" if not m.lost else f"[red]lost[/red]: {escape(m.reason)}"
+            table.add_row(escape(m.param), escape(m.initializer or "-"), m.op_type or "-", str(m.axis) if m.axis >= 0 else "-", status)
+        stderr.print(table)
+    kept = len(result.matches) - len(result.lost_layers)
+    data = f" + {result.onnx.data_path}" if result.onnx.data_path else ""
+    stderr.print(
+        f"ONNX ({result.onnx.exporter} exporter, opset {result.onnx.opset}, {result.precision}) -> "
+        f"[bold]{escape(str(result.onnx.path))}{escape(data)}[/bold]; {kept} of {len(result.matches)} pruned layers are N:M initializers"
+    )
+    if result.verify is not None:
+        v = result.verify
+        if v.skipped:
+            stderr.print(f"verification skipped: {escape(v.skipped)}")
+        else:
+            verdict = "[green]passed[/green]" if v.passed else "[red]FAILED[/red]"
+            runs = "; ".join(f"{r.spec}: abs {r.max_abs_diff:.3g}, rel {r.max_rel_diff:.3g}" for r in v.runs)
+            stderr.print(f"onnxruntime vs torch {verdict} (atol {v.atol:g}, rtol {v.rtol:g}): {escape(runs)}")
+    if result.engine is not None:
+        e = result.engine
+        stderr.print(
+            f"TensorRT {e.trt_version} engine -> [bold]{escape(str(e.path))}[/bold] "
+            f"(flags {', '.join(e.settings.flags) or 'none'}); eligible for sparse math: {len(e.eligible)}, "
+            f"sparse kernels picked: {len(e.picked)}"
+        )
+        if e.layers:
+            table = Table(title="TensorRT and the pruned layers", title_justify="left")
+            table.add_column("layer")
+            table.add_column("ONNX node")
+            table.add_column("eligible")
+            table.add_column("sparse kernel")
+            for row in e.layers:
+                table.add_row(
+                    escape(row["param"]), escape(row["node"]), "yes" if row["eligible"] else "no", "yes" if row["sparse_kernel"] else "no"
+                )
+            stderr.print(table)

@@ -1,0 +1,174 @@
+"""``nmcli finetune``: recover a pruned checkpoint's accuracy with SR-STE (and distillation)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import typer
+
+from nmcli.cli.app import emit_json, guarded, show_progress, stderr
+
+if TYPE_CHECKING:
+    from nmcli.finetune import FinetuneResult, StepInfo
+
+
+@guarded
+def command(
+    checkpoint: str = typer.Argument(..., help="nmcli/1 checkpoint to fine-tune (from nmcli prune)."),
+    data: str = typer.Option(
+        ...,
+        "--data",
+        help="Training data: tensors:FILE.safetensors, text:FILE.txt, imagefolder:DIR or py:module:callable.",
+    ),
+    teacher: str = typer.Option(
+        "auto", "--teacher", help="Distill from: auto (the dense model the checkpoint came from), none, or a MODEL."
+    ),
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default: --epochs 1)."),
+    epochs: float | None = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Global batch per micro-step (split over processes)."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 0.01 for sgd, 1e-4 for adamw)."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adamw."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine or constant (after warm-up)."),
+    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Weight decay of weights (not biases/norms)."),
+    warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear learning-rate warm-up steps."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    max_grad_norm: float | None = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm to this."),
+    ste: str = typer.Option("sr", "--ste", help="sr (SR-STE) or plain (vanilla STE, lambda_w = 0)."),
+    lambda_w: float = typer.Option(2e-4, "--lambda-w", help="SR-STE decay of pruned weights."),
+    mask_interval: int = typer.Option(1, "--mask-interval", help="Recompute masks every K steps."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast; fp16 needs CUDA)."),
+    save_every: int = typer.Option(0, "--save-every", help="Write a resumable checkpoint every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the resumable checkpoint at -o."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data order and initialisation."),
+    no_dense: bool = typer.Option(False, "--no-dense", help="Do not store the dense weights in the output."),
+    max_length: int = typer.Option(128, "--max-length", help="Token limit per line of text: data."),
+    temperature: float = typer.Option(2.0, "--temperature", help="Distillation temperature on logits."),
+    log_every: int = typer.Option(0, "--log-every", help="Write a plain progress line to stderr every N steps."),
+    arch: str | None = typer.Option(None, "--arch", help="Architecture source overriding the checkpoint's."),
+    trust: bool = typer.Option(False, "--trust", help="Allow unpickling a pickled nn.Module source."),
+    output: str | None = typer.Option(
+        None, "-o", "--output", help="Output checkpoint (default: CHECKPOINT-ft.safetensors beside it)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+) -> None:
+    """Fine-tune a pruned checkpoint with SR-STE and write the recovered nmcli/1 checkpoint.
+
+    The forward pass uses the masked weights M(W)*W; the dense W gets the straight-through gradient
+    plus lambda_w*(1-M)*W, and the masks are recomputed from W every --mask-interval steps. Runs
+    unchanged under torchrun (DistributedDataParallel). Ctrl-C saves a resumable checkpoint.
+    """
+    from nmcli.finetune import FinetuneConfig, run_finetune
+
+    config = FinetuneConfig(
+        data=data,
+        teacher=teacher,
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        schedule=schedule,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        grad_accum=grad_accum,
+        max_grad_norm=max_grad_norm,
+        ste=ste,
+        lambda_w=lambda_w,
+        mask_interval=mask_interval,
+        device=device,
+        precision=precision,
+        save_every=save_every,
+        seed=seed,
+        no_dense=no_dense,
+        max_length=max_length,
+        temperature=temperature,
+        log_every=log_every,
+    )
+    with _reporter(show_progress(json_output), log_every) as on_step:
+        result = run_finetune(
+            checkpoint,
+            config,
+            output=output,
+            force=force,
+            arch=arch,
+            trust=trust,
+            resume=resume,
+            on_step=on_step,
+        )
+    if result.output is None:  # a non-zero rank under torchrun: rank 0 reports
+        return
+    if json_output:
+        emit_json(result.to_json())
+    else:
+        _render(result)
+    if result.interrupted:
+        stderr.print(
+            f"[yellow]interrupted[/yellow] at step {result.steps}/{result.total_steps}: resumable checkpoint "
+            f"saved to {result.output}; rerun the same command with --resume to continue"
+        )
+        raise typer.Exit(130)
+
+
+class _reporter:
+    """Progress bar on a terminal and/or ``--log-every`` lines on stderr; yields the step callback."""
+
+    def __init__(self, bar: bool, log_every: int) -> None:
+        self.bar, self.log_every = bar, log_every
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> object:
+        if self.bar:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]finetune"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]} steps/s"),
+                TimeRemainingColumn(),
+                console=stderr,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("finetune", total=None, loss="-", lr="-", rate="-")
+        return self.update
+
+    def update(self, info: StepInfo) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(
+                self._task,
+                completed=info.step,
+                total=info.total,
+                loss=f"{info.loss:.4f}",
+                lr=f"{info.lr:.2e}",
+                rate=f"{info.steps_per_second:.2f}",
+            )
+        if self.log_every and (info.step % self.log_every == 0 or info.step == info.total):
+            eta = (info.total - info.step) / info.steps_per_second if info.steps_per_second else 0.0
+            line = (
+                f"step {info.step}/{info.total} loss {info.loss:.6f} lr {info.lr:.3e} "
+                f"{info.steps_per_second:.2f} steps/s eta {eta:.0f}s"
+            )
+            if self._progress is not None:
+                self._progress.console.print(line, markup=False, highlight=False)
+            else:
+                stderr.print(line, markup=False, highlight=False)
+                stderr.file.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _render(result: FinetuneResult) -> None:
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
+    stderr.print(
+        f"fine-tuned {result.steps} steps in {result.seconds:.1f}s: final loss {loss}, SAD vs start "
+        f"{result.sad_vs_start.sad:,} of {result.sad_vs_start.total:,} weights "
+        f"({100 * result.sad_vs_start.normalized:.2f}%) -> [bold]{result.output}[/bold]"
+    )

@@ -1,0 +1,100 @@
+"""``nmcli inspect``: N:M compliance of a checkpoint, any model source, or an ONNX file."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import typer
+
+from nmcli.cli.app import emit_json, guarded, stderr
+
+if TYPE_CHECKING:
+    from nmcli.inspect import InspectReport
+
+_MAX_NAMED = 3
+
+
+@guarded
+def command(
+    target: str = typer.Argument(
+        ...,
+        help="An nmcli checkpoint, an .onnx file, or any model source: file.safetensors|.pt|.pth|.pt2, hf:, "
+        "torchvision:, timm:, py:module:factory.",
+    ),
+    pattern: str | None = typer.Option(
+        None, "-p", "--pattern", help="N:M pattern to check (default: the checkpoint's pattern, else 2:4)."
+    ),
+    arch: str | None = typer.Option(
+        None, "--arch", help="Architecture source for a plain state dict, or to override a checkpoint's source."
+    ),
+    trust: bool = typer.Option(False, "--trust", help="Allow unpickling a pickled nn.Module (runs the file's code)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when an eligible layer is not N:M-compliant."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Check every layer of TARGET for N:M sparsity along its input dimension.
+
+    Per layer: shape, sparsity, N:M compliance along the reduction axis, eligibility, and whether
+    TensorRT's 2:4 sparse kernels could use it. With --strict, a non-compliant eligible layer
+    exits 1 (a CI gate).
+    """
+    from nmcli.errors import CheckFailedError
+    from nmcli.inspect import run_inspect
+    from nmcli.patterns import pattern_note
+
+    report = run_inspect(target, pattern=pattern, arch=arch, trust=trust)
+    if json_output:
+        emit_json(report.to_json())
+    else:
+        _render(report)
+        note = pattern_note(report.pattern)
+        if note:
+            stderr.print(f"[yellow]note:[/yellow] {note}")
+    for remark in report.notes:
+        stderr.print(f"[yellow]note:[/yellow] {remark}", markup=True)
+    if strict and not report.compliant:
+        bad = report.violations
+        names = ", ".join(layer.param for layer in bad[:_MAX_NAMED]) + (" ..." if len(bad) > _MAX_NAMED else "")
+        raise CheckFailedError(
+            f"{len(bad)} of {len(report.eligible)} eligible layer(s) of {target} are not {report.pattern}-compliant: "
+            f"{names}"
+        )
+
+
+def _render(report: InspectReport) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"inspect {report.pattern}: {escape(report.target)}", title_justify="left")
+    table.add_column("layer")
+    table.add_column("shape")
+    table.add_column("axis", justify="right")
+    table.add_column("sparsity %", justify="right")
+    table.add_column(str(report.pattern))
+    table.add_column("eligible")
+    table.add_column("TRT 2:4")
+    table.add_column("reason")
+    for layer in report.layers:
+        if layer.compliant:
+            mark = "[green]yes[/green]"
+        else:
+            mark = "[red]no[/red]" if layer.eligible else "[dim]no[/dim]"
+        eligible = "yes" if layer.eligible else "[dim]no[/dim]"
+        table.add_row(
+            escape(layer.param),
+            "x".join(map(str, layer.shape)),
+            str(layer.axis),
+            f"{100 * layer.sparsity:.1f}",
+            mark,
+            eligible,
+            "yes" if layer.tensorrt else "[dim]no[/dim]",
+            escape(layer.reason),
+        )
+    stderr.print(table)
+    eligible = report.eligible
+    bad = report.violations
+    trt = sum(1 for layer in report.layers if layer.tensorrt)
+    verdict = "[green]compliant[/green]" if not bad else f"[red]{len(bad)} not compliant[/red]"
+    stderr.print(
+        f"{len(eligible) - len(bad)} of {len(eligible)} eligible layers are {report.pattern} ({verdict}); "
+        f"{len(report.layers)} layers listed, {trt} usable by TensorRT's 2:4 kernels"
+    )

@@ -1,0 +1,141 @@
+"""``nmcli sad``: Sparse Architecture Divergence between two or more sparse models."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import typer
+
+from nmcli.cli.app import emit_json, guarded, progress_bar, show_progress, stderr
+
+if TYPE_CHECKING:
+    from nmcli.sad import SadReport, SadResult
+
+_MAX_ROWS = 40
+
+
+@guarded
+def command(
+    inputs: list[str] = typer.Argument(
+        ...,
+        metavar="INPUT",
+        help="Two or more nmcli checkpoints or model sources (a training trajectory, in order).",
+    ),
+    pattern: str | None = typer.Option(
+        None, "-p", "--pattern", help="N:M rule that derives masks for inputs that store none (e.g. dense snapshots)."
+    ),
+    arch: str | None = typer.Option(
+        None, "--arch", help="Architecture of plain state dicts, so that only prunable layers count."
+    ),
+    trust: bool = typer.Option(False, "--trust", help="Allow unpickling a pickled nn.Module (runs the file's code)."),
+    fail_above: float | None = typer.Option(
+        None, "--fail-above", min=0.0, help="Exit 1 when a reported normalized SAD exceeds this (0..1), for CI."
+    ),
+    plot: str | None = typer.Option(
+        None, "--plot", help="Write a PNG: SAD per layer (two inputs) or over the sequence (several)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --plot file."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Count the connections whose kept/pruned state differs between sparse models (SAD).
+
+    SAD sums, over the layers pruned in both, the XOR of the two bit-packed masks; it is reported
+    as a count, the number of weights compared and their ratio, overall and per layer. Masks come
+    from the checkpoints; inputs that store none get them from the N:M rule with --pattern.
+    Several inputs: each consecutive pair, and each against the first.
+    """
+    from nmcli.errors import CheckFailedError
+    from nmcli.io import check_output_path
+    from nmcli.patterns import parse_pattern
+    from nmcli.sad import plot_report, require_matplotlib, sad_report
+
+    parsed = parse_pattern(pattern) if pattern else None
+    if plot:
+        require_matplotlib()
+        check_output_path(plot, force=force, inputs=inputs)
+    with progress_bar("comparing masks", show_progress(json_output)) as update:
+        report = sad_report(inputs, pattern=parsed, arch=arch, trust=trust, progress=update)
+    if plot:
+        plot_report(report, plot, force=force, inputs=inputs)
+    if json_output:
+        emit_json(report.to_json())
+    else:
+        _render(report)
+        if plot:
+            stderr.print(f"plot -> [bold]{plot}[/bold]")
+    if fail_above is not None:
+        over = report.exceeding(fail_above)
+        if over:
+            worst = max(over, key=lambda r: r.normalized)
+            raise CheckFailedError(
+                f"normalized SAD {worst.normalized:.6g} of {worst.a} vs {worst.b} exceeds --fail-above {fail_above:g}"
+                f"{f' ({len(over)} pairs above it)' if len(over) > 1 else ''}"
+            )
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.3f}"
+
+
+def _render_pair(result: SadResult) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"SAD {escape(str(result.a))} vs {escape(str(result.b))}", title_justify="left")
+    table.add_column("layer")
+    table.add_column("SAD", justify="right")
+    table.add_column("weights", justify="right")
+    table.add_column("SAD %", justify="right")
+    ranked = result.by_divergence()
+    for layer in ranked[:_MAX_ROWS]:
+        table.add_row(escape(layer.param), f"{layer.sad:,}", f"{layer.total:,}", _pct(layer.normalized))
+    stderr.print(table)
+    if len(ranked) > _MAX_ROWS:
+        stderr.print(f"[dim]... {len(ranked) - _MAX_ROWS} less divergent layers not shown (--json lists all)[/dim]")
+    _one_sided(result)
+    stderr.print(
+        f"SAD {result.sad:,} of {result.total:,} weights in {len(result.layers)} pruned layers "
+        f"([bold]{_pct(result.normalized)}%[/bold], normalized {result.normalized:.6g})"
+    )
+
+
+def _one_sided(result: SadResult) -> None:
+    from rich.markup import escape
+
+    for layer in result.one_sided:
+        which = result.a if layer.pruned_in == "a" else result.b
+        other = result.b if layer.pruned_in == "a" else result.a
+        stderr.print(
+            f"[yellow]warning:[/yellow] {escape(layer.param)} is pruned in {escape(str(which))} but dense in "
+            f"{escape(str(other))} ({layer.pruned:,} of {layer.total:,} weights pruned): not in the SAD sum"
+        )
+
+
+def _render(report: SadReport) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    if len(report.inputs) == 2:
+        _render_pair(report.pairs[0])
+        return
+    table = Table(title=f"SAD over {len(report.inputs)} inputs", title_justify="left")
+    table.add_column("pair")
+    table.add_column("a")
+    table.add_column("b")
+    table.add_column("SAD", justify="right")
+    table.add_column("weights", justify="right")
+    table.add_column("SAD %", justify="right")
+    for kind, results in (("consecutive", report.pairs), ("vs first", report.vs_first)):
+        for result in results:
+            table.add_row(
+                kind,
+                escape(str(result.a)),
+                escape(str(result.b)),
+                f"{result.sad:,}",
+                f"{result.total:,}",
+                _pct(result.normalized),
+            )
+    stderr.print(table)
+    for result in report.results:
+        _one_sided(result)
+    stderr.print("[dim]per-layer figures: --json[/dim]")

@@ -1,0 +1,382 @@
+"""ONNX export of a (pruned) model, keeping its N:M weights visible as plain initializers.
+
+Exporter choice. torch ships two ONNX exporters: the TorchScript tracer (``dynamo=False``) and
+the dynamo exporter (``torch.export`` + onnxscript, the default since torch 2.9). For float32
+(and int8, whose ONNX is float32) nmcli uses the TorchScript exporter first, deliberately, and
+falls back to dynamo only when tracing fails:
+
+* both keep weights as plain initializers that :func:`nmcli.onnx_layout.locate_weights` finds by
+  value, for the CNN, MLP, MiniLM (BERT) and GPT-2 models the tests export, but the dynamo
+  exporter's graph optimizer also adds initializers (folded shapes, constants), needs opset 18
+  or newer (GPT-2 fails at opset 17 with ``Split(num_outputs)``) and prints its progress on
+  stdout, which ``--json`` must keep clean;
+* on the 2 CPU cores nmcli is tested on it is 4-30x slower (MiniLM: 1.5 s vs 6.7 s, tiny GPT-2:
+  0.15 s vs 4.4 s with torch 2.13);
+* ``dynamic_axes`` give named dynamic batch/sequence dimensions that TensorRT profiles and
+  ``trtexec --minShapes`` refer to directly.
+
+For fp16/bf16 the order is reversed: with torch 2.13 the TorchScript exporter writes an invalid
+graph for fp16 transformers (``LayerNormalization`` bound to float and float16) and fails on bf16
+ones, while the dynamo exporter handles both (onnxruntime's CPU provider has no bf16 ``Add``, so a
+bf16 file is written but its verification is skipped, not failed).
+
+The model is wrapped so it takes its inputs positionally in input-spec order (named, for
+transformers: ``input_ids``, ``attention_mask``) and returns a tuple of tensors (a transformers
+``ModelOutput`` becomes its top-level tensors, e.g. ``last_hidden_state``, ``logits``). With
+``--precision fp16|bf16`` the weights are cast (pruned zeros stay exact ``+0.0``) and the graph
+casts its float inputs and outputs, so callers feed float32 either way. Files over 2 GB are saved
+with their tensors in ``<name>.onnx.data`` beside the ``.onnx`` (ONNX's external data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nmcli.errors import InputError, NmcliError
+from nmcli.inputs import InputSpec, example_inputs
+from nmcli.io import atomic_output
+
+DEFAULT_OPSET = 17
+DYNAMO_MIN_OPSET = 18
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # protobuf's hard limit is 2 GiB; keep a margin
+PRECISIONS: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "int8": torch.float32,  # int8 engines are built from the float32 ONNX (TensorRT 8-10 INT8 flag)
+}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The torch dtype the ONNX weights take for ``precision``.
+
+    Raises:
+        InputError: unknown precision.
+    """
+    try:
+        return PRECISIONS[precision]
+    except KeyError:
+        raise InputError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}") from None
+
+
+def _tensors_of(out: Any) -> list[tuple[str, torch.Tensor]]:
+    """Top-level tensors of a model output, with names (ModelOutput keys; else output, output_1, ...)."""
+    if isinstance(out, torch.Tensor):
+        return [("output", out)]
+    if isinstance(out, Mapping):  # transformers ModelOutput is an OrderedDict
+        return [(str(k), v) for k, v in out.items() if isinstance(v, torch.Tensor)]
+    if isinstance(out, (tuple, list)):
+        found = [v for v in out if isinstance(v, torch.Tensor)]
+        return [("output" if i == 0 else f"output_{i}", v) for i, v in enumerate(found)]
+    raise InputError(f"the model returns a {type(out).__name__}, not tensors: it cannot be exported to ONNX")
+
+
+class TensorModel(nn.Module):
+    """Wraps a model: positional inputs in spec order, float32 I/O, a tuple of tensors out.
+
+    Args:
+        model: the model (its floating parameters may be fp16/bf16).
+        names: the input names for keyword calls (transformers), or None for positional calls.
+        dtype: the model's compute dtype; float inputs are cast to it and float outputs back to float32.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str] | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.names = list(names) if names else None
+        self.dtype = dtype
+        forward = getattr(model, "forward", None)
+        params = inspect.signature(forward).parameters if forward is not None else {}
+        self.extra: dict[str, Any] = {"use_cache": False} if "use_cache" in params else {}
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cast = [x.to(self.dtype) if x.is_floating_point() else x for x in inputs]
+        out = self.model(**dict(zip(self.names, cast)), **self.extra) if self.names else self.model(*cast)
+        return tuple(v.float() if v.is_floating_point() else v for _, v in _tensors_of(out))
+
+    def output_names(self, *inputs: torch.Tensor) -> list[str]:
+        cast = [x.to(self.dtype) if x.is_floating_point() else x for x in inputs]
+        with torch.no_grad():
+            out = self.model(**dict(zip(self.names, cast)), **self.extra) if self.names else self.model(*cast)
+        return [name for name, _ in _tensors_of(out)]
+
+
+def text_inputs(spec: InputSpec) -> bool:
+    """Whether the spec looks like a text model's (integer ``[batch, sequence]`` inputs)."""
+    return bool(spec.tensors) and all(not t.dtype.is_floating_point and len(t.shape) == 2 for t in spec.tensors)
+
+
+def vocab_size_of(model: nn.Module) -> int | None:
+    """The token vocabulary of a transformers model (for random token ids), else None."""
+    config = getattr(model, "config", None)
+    size = getattr(config, "vocab_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else None
+
+
+def max_sequence_of(model: nn.Module) -> int | None:
+    """The longest sequence a transformers model accepts (position embeddings), else None."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_spec_fits(model: nn.Module, spec: InputSpec) -> None:
+    """Refuse sequence lengths beyond the model's position embeddings, with the fix.
+
+    Raises:
+        InputError: a ``[batch, sequence]`` input is longer than the model accepts.
+    """
+    limit = max_sequence_of(model)
+    if limit is None or not text_inputs(spec):
+        return
+    longest = max(t.shape[1] for t in spec.tensors)
+    if longest > limit:
+        fixed = ",".join(f"{t.name}:{t.shape[0]}x{limit}:int64" for t in spec.tensors)
+        raise InputError(f"the input spec {spec} is longer than the model's {limit} positions: pass --input-shape {fixed}")
+
+
+@dataclass
+class OnnxExport:
+    """An exported ONNX file.
+
+    Attributes:
+        path: the ``.onnx`` file.
+        data_path: its external-data file, when the model is over 2 GB.
+        exporter: ``torchscript`` or ``dynamo``.
+        opset: the ONNX opset.
+        input_names: graph inputs, in spec order.
+        output_names: graph outputs.
+        dynamic_axes: ``{input: {axis: name}}`` of the dynamic dimensions.
+        precision: the weights' precision (``fp32``, ``fp16``, ``bf16``).
+        notes: things the user should know (exporter fallback, opset raised).
+    """
+
+    path: Path
+    data_path: Path | None
+    exporter: str
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    precision: str
+    notes: list[str] = field(default_factory=list)
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` with floating parameters and buffers in ``dtype``; zeros become exact ``+0.0``.
+
+    Casting can underflow tiny values to ``-0.0``, which sparse compressors count as non-zero.
+    """
+    if dtype == torch.float32:
+        return model
+    out = copy.deepcopy(model).to(dtype)
+    with torch.no_grad():
+        for tensor in [*out.parameters(), *out.buffers()]:
+            if tensor.is_floating_point():
+                tensor.copy_(torch.where(tensor == 0, torch.zeros((), dtype=tensor.dtype), tensor))
+    return out
+
+
+def _dynamic_axes(
+    spec: InputSpec, names: list[str], outputs: list[str], sample: Sequence[torch.Tensor], dynamic_batch: bool
+) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {}
+    if not dynamic_batch:
+        return axes
+    text = text_inputs(spec)
+    seq = spec.tensors[0].shape[1] if text else None
+    for name in names:
+        axes[name] = {0: "batch", 1: "sequence"} if text else {0: "batch"}
+    for name, value in zip(outputs, sample):
+        dims = {0: "batch"} if value.dim() else {}
+        if text and value.dim() >= 2 and value.shape[1] == seq:
+            dims[1] = "sequence"
+        if dims:
+            axes[name] = dims
+    return axes
+
+
+def _torchscript_export(
+    wrapper: nn.Module, args: tuple[torch.Tensor, ...], path: Path, names: list[str], outputs: list[str], axes: Any, opset: int
+) -> None:
+    torch.onnx.export(
+        wrapper,
+        args,
+        str(path),
+        dynamo=False,
+        input_names=names,
+        output_names=outputs,
+        dynamic_axes=axes or None,
+        opset_version=opset,
+        do_constant_folding=True,
+    )
+
+
+def _dynamo_export(
+    wrapper: nn.Module, args: tuple[torch.Tensor, ...], path: Path, names: list[str], outputs: list[str], axes: Any, opset: int
+) -> None:
+    from torch.export import Dim
+
+    shapes = None
+    if axes:
+        dims = {"batch": Dim("batch", min=1, max=4096), "sequence": Dim("sequence", min=2, max=65536)}
+        shapes = (tuple({int(a): dims[n] for a, n in axes.get(name, {}).items()} or None for name in names),)
+    torch.onnx.export(
+        wrapper,
+        args,
+        str(path),
+        dynamo=True,
+        input_names=names,
+        output_names=outputs,
+        dynamic_shapes=shapes,
+        opset_version=opset,
+        external_data=False,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Silence torch.onnx's logging (the dynamo exporter logs missing torchvision ops) for one export."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _total_bytes(proto: Any) -> int:
+    return sum(len(init.raw_data) for init in proto.graph.initializer)
+
+
+def export_onnx(
+    model: nn.Module,
+    spec: InputSpec,
+    path: str | os.PathLike[str],
+    *,
+    precision: str = "fp32",
+    dynamic_batch: bool = False,
+    opset: int | None = None,
+    exporter: str = "auto",
+    force: bool = False,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> OnnxExport:
+    """Export ``model`` (effective weights) to ``path`` atomically.
+
+    Args:
+        model: the float32 model in eval mode.
+        spec: its inputs; named inputs become named graph inputs.
+        path: the ``.onnx`` output.
+        precision: ``fp32``, ``fp16``, ``bf16`` (weights cast, zeros exact) or ``int8`` (float32 ONNX).
+        dynamic_batch: make dimension 0 dynamic (and dimension 1 for text models).
+        opset: the ONNX opset (default 17; the dynamo exporter needs 18+).
+        exporter: ``auto`` (TorchScript, then dynamo if tracing fails), ``torchscript`` or ``dynamo``.
+        force: overwrite an existing output.
+        inputs: input files that must not be overwritten.
+        external_data_threshold: total initializer bytes above which tensors go to ``<path>.data``.
+
+    Raises:
+        InputError: a bad option, or a model that neither exporter can export.
+        OutputExistsError: the output exists without ``force``.
+    """
+    import onnx
+
+    dtype = precision_dtype(precision)
+    if exporter not in ("auto", "torchscript", "dynamo"):
+        raise InputError(f"unknown exporter {exporter!r}: use auto, torchscript or dynamo")
+    if opset is not None and not 9 <= opset <= 23:
+        raise InputError(f"--opset {opset} is out of range: use 13-20 (default {DEFAULT_OPSET})")
+    out = Path(path)
+    check_spec_fits(model, spec)
+    notes: list[str] = []
+    exported = cast_model(model, dtype).eval()
+    names = [t.name or (f"input_{i}" if len(spec.tensors) > 1 else "input") for i, t in enumerate(spec.tensors)]
+    wrapper = TensorModel(exported, [t.name for t in spec.tensors] if spec.named else None, dtype).eval()
+    args_, kwargs = example_inputs(spec, vocab_size=vocab_size_of(model) or 1000)
+    args = tuple(args_) + tuple(kwargs[t.name] for t in spec.tensors if t.name)
+    try:
+        outputs = wrapper.output_names(*args)
+        with torch.no_grad():
+            sample = wrapper(*args)
+    except NmcliError:
+        raise
+    except Exception as exc:
+        raise InputError(
+            f"the model does not run on inputs {spec} ({type(exc).__name__}: {exc}): pass the right --input-shape"
+        ) from exc
+    outputs = [n if n not in names else f"{n}_out" for n in outputs]
+    axes = _dynamic_axes(spec, names, outputs, sample, dynamic_batch)
+    if exporter != "auto":
+        order = [exporter]
+    elif dtype == torch.float32:
+        order = ["torchscript", "dynamo"]
+    else:  # the TorchScript exporter mistypes fp16 LayerNormalization and fails on bf16 transformers
+        order = ["dynamo", "torchscript"]
+    errors: list[str] = []
+    used = ""
+    used_opset = opset or DEFAULT_OPSET
+    with tempfile.TemporaryDirectory(prefix=".nmcli-export-", dir=out.parent if out.parent.exists() else None) as stage:
+        staged = Path(stage) / out.name
+        for name in order:
+            use_opset = used_opset
+            if name == "dynamo" and use_opset < DYNAMO_MIN_OPSET:
+                use_opset = DYNAMO_MIN_OPSET
+            run = _torchscript_export if name == "torchscript" else _dynamo_export
+            try:
+                # Both exporters warn and the dynamo one prints progress on stdout: keep them quiet.
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logs():
+                    warnings.simplefilter("ignore")
+                    with torch.no_grad():
+                        run(wrapper, args, staged, names, outputs, axes, use_opset)
+            except Exception as exc:  # any exporter failure: try the next one, report all
+                errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                continue
+            used, used_opset = name, use_opset
+            break
+        if not used:
+            raise InputError(f"the model could not be exported to ONNX ({'; '.join(errors)})")
+        if errors:
+            notes.append(f"the {order[0]} exporter failed ({errors[0]}); exported with the {used} exporter")
+        if used == "dynamo" and opset is not None and opset < DYNAMO_MIN_OPSET:
+            notes.append(f"opset raised from {opset} to {DYNAMO_MIN_OPSET}: the dynamo exporter needs it")
+        proto = onnx.load(str(staged), load_external_data=True)
+        data_path: Path | None = None
+        if _total_bytes(proto) > external_data_threshold:
+            data_path = out.with_name(out.name + ".data")
+            with atomic_output(out, force=force, inputs=inputs) as tmp_onnx:
+                with atomic_output(data_path, force=force, inputs=inputs) as tmp_data:
+                    final = Path(stage) / "final"
+                    final.mkdir()
+                    onnx.save_model(
+                        proto,
+                        str(final / out.name),
+                        save_as_external_data=True,
+                        all_tensors_to_one_file=True,
+                        location=data_path.name,
+                        size_threshold=1024,
+                    )
+                    os.replace(final / data_path.name, tmp_data)
+                os.replace(final / out.name, tmp_onnx)
+        else:
+            with atomic_output(out, force=force, inputs=inputs) as tmp:
+                onnx.save_model(proto, str(tmp))
+    return OnnxExport(out, data_path, used, used_opset, names, outputs, axes, precision, notes)

@@ -1,0 +1,267 @@
+"""``inspect``: N:M compliance of the weights of a checkpoint, any model source, or an ONNX file.
+
+For every weight N:M could apply to, the report gives its shape, its sparsity (the share of exact
+``+0.0``; ``-0.0`` counts as non-zero, as sparse compressors count it), whether it is N:M-compliant
+along its reduction axis, whether it is *eligible* (a layer the pattern should hold on), and
+whether TensorRT's 2:4 sparse kernels could use it. A report is compliant when every eligible
+layer is.
+
+What "eligible" means depends on the target:
+
+* a model source: every layer :func:`nmcli.patterns.find_layers` deems prunable;
+* an nmcli/1 checkpoint: the layers the checkpoint records as pruned (layers a prune left dense,
+  e.g. with ``--exclude``, are listed but not eligible);
+* an ONNX file: every Conv (group 1), Gemm and MatMul weight initializer whose reduction axis is
+  a multiple of M (axes as :mod:`nmcli.onnx_layout` finds them).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nmcli.checkpoint import Checkpoint, CheckpointMeta, is_safetensors, load_checkpoint, read_meta
+from nmcli.errors import BackendUnavailableError, InputError, SourceError
+from nmcli.onnx_layout import find_weights, initializer_tensor, load_onnx, weight_compliance
+from nmcli.patterns import TENSOR_CORE_PATTERN, LayerCandidate, Pattern, find_layers, parse_pattern, tensorrt_usable
+from nmcli.sources import PREFIXES, load_model, model_from_checkpoint
+
+# Skip reasons of layers whose structure (not just their size) rules out sparse kernels.
+_STRUCTURAL_SKIPS = ("grouped", "transposed", "has no input dimension")
+
+
+@dataclass(frozen=True)
+class LayerInspection:
+    """One weight: its N:M state under the inspected pattern.
+
+    Attributes:
+        param: the parameter (or ONNX initializer) name.
+        shape: the weight's shape, in its own layout.
+        axis: the reduction axis that N:M groups run along.
+        kind: ``linear``, ``conv``, ``hf_conv1d``, ``attention`` or the ONNX op (``Conv``, ``Gemm``, ``MatMul``).
+        sparsity: the share of exact ``+0.0`` elements.
+        compliant: at most N non-zeros in every group of M along ``axis``.
+        eligible: whether the pattern should hold on this layer (see the module doc).
+        tensorrt: whether TensorRT's 2:4 sparse kernels could use the weight as it is.
+        reason: why the layer is not eligible (empty when it is).
+    """
+
+    param: str
+    shape: tuple[int, ...]
+    axis: int
+    kind: str
+    sparsity: float
+    compliant: bool
+    eligible: bool
+    tensorrt: bool
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "param": self.param,
+            "shape": list(self.shape),
+            "sparsity": self.sparsity,
+            "compliant": self.compliant,
+            "eligible": self.eligible,
+            "tensorrt": self.tensorrt,
+            "axis": self.axis,
+            "kind": self.kind,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class InspectReport:
+    """The inspection of one target.
+
+    Attributes:
+        target: the target as given.
+        kind: ``checkpoint``, ``onnx`` or the model source kind (``hf``, ``py``, ``torchscript``, ...).
+        pattern: the pattern checked.
+        layers: one entry per candidate weight.
+        notes: human remarks (e.g. an architecture that could not be rebuilt), for stderr.
+    """
+
+    target: str
+    kind: str
+    pattern: Pattern
+    layers: list[LayerInspection]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def eligible(self) -> list[LayerInspection]:
+        return [layer for layer in self.layers if layer.eligible]
+
+    @property
+    def violations(self) -> list[LayerInspection]:
+        """Eligible layers that are not compliant."""
+        return [layer for layer in self.layers if layer.eligible and not layer.compliant]
+
+    @property
+    def compliant(self) -> bool:
+        """Every eligible layer is N:M-compliant (vacuously true without eligible layers)."""
+        return not self.violations
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "pattern": str(self.pattern),
+            "compliant": self.compliant,
+            "layers": [layer.to_json() for layer in self.layers],
+        }
+
+
+def _measure(
+    param: str, values: torch.Tensor, axis: int, kind: str, eligible: bool, reason: str, pattern: Pattern
+) -> LayerInspection:
+    shape = tuple(int(d) for d in values.shape)
+    if not 0 <= axis < values.dim():
+        zeros = values.eq(0) & ~torch.signbit(values) if values.is_floating_point() else values.eq(0)
+        sparsity = float(zeros.float().mean()) if values.numel() else 0.0
+        return LayerInspection(param, shape, axis, kind, sparsity, False, eligible, False, reason)
+    sparsity, compliant = weight_compliance(values, pattern, axis)
+    trt = False
+    if not any(word in reason for word in _STRUCTURAL_SKIPS):
+        compliant_24 = compliant if pattern == TENSOR_CORE_PATTERN else weight_compliance(values, TENSOR_CORE_PATTERN, axis)[1]
+        trt = tensorrt_usable(shape, axis, compliant_24)
+    return LayerInspection(param, shape, axis, kind, sparsity, compliant, eligible, trt, reason)
+
+
+def inspect_model(
+    model: nn.Module, pattern: Pattern, *, target: str = "", kind: str = "model"
+) -> InspectReport:
+    """Inspect every candidate layer of a model: eligible where :func:`find_layers` says prunable."""
+    state = model.state_dict()
+    layers = [
+        _measure(c.param, state[c.param].detach(), c.axis, c.kind, c.eligible, c.reason, pattern)
+        for c in find_layers(model, pattern)
+        if c.param in state
+    ]
+    return InspectReport(target, kind, pattern, layers)
+
+
+def inspect_checkpoint(
+    ckpt: Checkpoint, pattern: Pattern, *, model: nn.Module | None = None, target: str = ""
+) -> InspectReport:
+    """Inspect a checkpoint's weights: eligible are the layers it records as pruned.
+
+    With ``model`` (the rebuilt architecture), the layers a prune left dense are listed too, with
+    their reasons; without it only the pruned layers are.
+    """
+    entries = {e.param: e for e in ckpt.meta.layers}
+    candidates: list[LayerCandidate] = find_layers(model, pattern) if model is not None else []
+    layers: list[LayerInspection] = []
+    seen: set[str] = set()
+    for cand in candidates:
+        if cand.param not in ckpt.tensors:
+            continue
+        seen.add(cand.param)
+        values = ckpt.tensors[cand.param]
+        entry = entries.get(cand.param)
+        if entry is None:
+            reason = cand.reason or "left dense in this checkpoint (not pruned)"
+            layers.append(_measure(cand.param, values, cand.axis, cand.kind, False, reason, pattern))
+            continue
+        reason = _size_reason(entry.shape, entry.axis, pattern)
+        layers.append(_measure(cand.param, values, entry.axis, cand.kind, not reason, reason, pattern))
+    for param, entry in entries.items():
+        if param in seen:
+            continue
+        reason = _size_reason(entry.shape, entry.axis, pattern)
+        layers.append(_measure(param, ckpt.tensors[param], entry.axis, "pruned", not reason, reason, pattern))
+    return InspectReport(target, "checkpoint", pattern, layers)
+
+
+def _size_reason(shape: tuple[int, ...], axis: int, pattern: Pattern) -> str:
+    if shape[axis] % pattern.m:
+        return f"input dimension {shape[axis]} is not a multiple of M={pattern.m}"
+    return ""
+
+
+def inspect_onnx(model: Any, pattern: Pattern, *, target: str = "") -> InspectReport:
+    """Inspect the Conv/Gemm/MatMul weight initializers of an ONNX model along their reduction axes."""
+    layers: list[LayerInspection] = []
+    for weight in find_weights(model):
+        values = initializer_tensor(model, weight.name)
+        if weight.groups != 1:
+            reason = f"grouped or depthwise convolution (group={weight.groups})"
+        else:
+            reason = _size_reason(weight.shape, weight.axis, pattern)
+        layers.append(_measure(weight.name, values, weight.axis, weight.op_type, not reason, reason, pattern))
+    return InspectReport(target, "onnx", pattern, layers)
+
+
+def _is_onnx(target: str) -> bool:
+    return not target.startswith(PREFIXES) and target.lower().endswith(".onnx")
+
+
+def run_inspect(
+    target: str,
+    *,
+    pattern: str | Pattern | None = None,
+    arch: str | None = None,
+    trust: bool = False,
+) -> InspectReport:
+    """``nmcli inspect``: inspect a checkpoint, any model source, or an ``.onnx`` file.
+
+    Args:
+        target: an nmcli/1 checkpoint, a model source (see :mod:`nmcli.sources`) or an ONNX file.
+        pattern: the pattern to check; default the checkpoint's own pattern, else 2:4.
+        arch: architecture source for a plain state dict, or to override a checkpoint's source.
+        trust: allow unpickling a pickled ``nn.Module``.
+
+    Raises:
+        InputError: a bad pattern, a missing or unreadable target (and the source errors of
+            :func:`nmcli.sources.load_model`).
+        BackendUnavailableError: the package behind the source is missing.
+    """
+    nm = parse_pattern(pattern) if pattern is not None else None
+    if _is_onnx(target):
+        if not Path(target).is_file():
+            raise InputError(f"{target} does not exist: check the path")
+        return inspect_onnx(load_onnx(target), nm or TENSOR_CORE_PATTERN, target=target)
+    if is_safetensors(target) and Path(target).is_file():
+        meta = read_meta(target)
+        if meta is not None:
+            return _run_checkpoint(target, meta, nm, arch=arch, trust=trust)
+    loaded = load_model(target, arch=arch, trust=trust)
+    nm = nm or (loaded.checkpoint.meta.pattern if loaded.checkpoint else None) or TENSOR_CORE_PATTERN
+    if loaded.checkpoint is not None:
+        return inspect_checkpoint(loaded.checkpoint, nm, model=loaded.model, target=target)
+    return inspect_model(loaded.model, nm, target=target, kind=loaded.kind)
+
+
+def _run_checkpoint(
+    target: str | os.PathLike[str], meta: CheckpointMeta, nm: Pattern | None, *, arch: str | None, trust: bool
+) -> InspectReport:
+    nm = nm or meta.pattern or TENSOR_CORE_PATTERN
+    ckpt = load_checkpoint(target, dense=False)
+    notes: list[str] = []
+    model: nn.Module | None = None
+    try:
+        model = model_from_checkpoint(ckpt, arch=arch, trust=trust)
+    except (SourceError, BackendUnavailableError) as exc:
+        if arch:
+            raise
+        notes.append(
+            f"the architecture could not be rebuilt ({exc}); only the pruned layers are listed: "
+            "pass --arch SPEC to list the others"
+        )
+    report = inspect_checkpoint(ckpt, nm, model=model, target=str(target))
+    report.notes.extend(notes)
+    return report
+
+
+__all__ = [
+    "InspectReport",
+    "LayerInspection",
+    "inspect_checkpoint",
+    "inspect_model",
+    "inspect_onnx",
+    "run_inspect",
+]
