@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,8 +361,6 @@ def save_checkpoint(
         CheckpointError: the checkpoint breaks the format (a bug in the caller, reported clearly).
         OutputExistsError: ``path`` exists without ``force``, or is one of ``inputs``.
     """
-    from safetensors.torch import save_file
-
     for name in ckpt.tensors:
         if name.startswith(RESERVED_PREFIX):
             raise CheckpointError(f"state dict key {name!r} uses the reserved prefix {RESERVED_PREFIX}")
@@ -374,8 +373,57 @@ def save_checkpoint(
     metadata = {"format": FORMAT, "nmcli": json.dumps(ckpt.meta.to_json(), separators=(",", ":"))}
     payload = _unshared(payload)
     with atomic_output(path, force=force, inputs=inputs) as tmp:
-        save_file(payload, str(tmp), metadata=metadata)
+        write_safetensors(payload, tmp, metadata)
     return Path(path)
+
+
+_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.complex64: "C64",
+}
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str]
+) -> None:
+    """Write a safetensors file, streaming one tensor at a time.
+
+    ``safetensors.torch.save_file`` first copies every tensor into a ``bytes`` object, which
+    doubles peak memory on large models; this writes the same format (8-byte little-endian
+    header size, JSON header padded with spaces to 8 bytes, raw little-endian data) straight
+    from the tensors' memory. Tensors must be contiguous CPU tensors.
+
+    Raises:
+        CheckpointError: a tensor has a dtype that safetensors cannot store.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, value in tensors.items():
+        code = _SAFETENSORS_DTYPES.get(value.dtype)
+        if code is None:
+            raise CheckpointError(f"tensor {name} has dtype {value.dtype}, which safetensors cannot store")
+        size = value.numel() * value.element_size()
+        header[name] = {"dtype": code, "shape": list(value.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for value in tensors.values():
+            if value.numel():
+                fh.write(memoryview(value.detach().reshape(-1).contiguous().view(torch.uint8).numpy()))
 
 
 # --------------------------------------------------------------------------------------------

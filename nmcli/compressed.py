@@ -183,9 +183,7 @@ def write_compressed(
     return Path(path)
 
 
-def compress_checkpoint(
-    source: str | os.PathLike[str], path: str | os.PathLike[str], *, force: bool = False
-) -> Path:
+def compress_checkpoint(source: str | os.PathLike[str], path: str | os.PathLike[str], *, force: bool = False) -> Path:
     """Read an nmcli/1 checkpoint and write its compressed copy to ``path``."""
     return write_compressed(load_checkpoint(source, dense=True), path, force=force, inputs=(source,))
 
@@ -217,7 +215,9 @@ class DecodedFile:
             meta = json.loads(raw["nmcli"])
             self._layers = {str(e["param"]): LayerEntry.from_json(e) for e in meta.get("layers", [])}
         except Exception as exc:  # malformed JSON or entry: one user problem
-            raise CheckpointError(f"unreadable nmcli metadata in a compressed checkpoint ({exc}): re-create it") from exc
+            raise CheckpointError(
+                f"unreadable nmcli metadata in a compressed checkpoint ({exc}): re-create it"
+            ) from exc
         self._raw = {**raw, "format": FORMAT, "compressed": COMPRESSED_FORMAT}
         stored = list(handle.keys())
         self._stored = set(stored)

@@ -92,17 +92,26 @@ def _grouped(tensor: torch.Tensor, m: int, axis: int) -> tuple[torch.Tensor, tup
     return moved.reshape(*moved_shape[:-1], moved_shape[-1] // m, m), moved_shape
 
 
+# Groups sorted per slice in nm_mask: bounds the sort's temporaries (int64 indices, 8 bytes per
+# element) to about 64 MiB whatever the weight's size.
+_SORT_CHUNK_GROUPS = 1 << 21
+
+
 def nm_mask(weight: torch.Tensor, pattern: Pattern, axis: int) -> torch.Tensor:
     """Boolean mask keeping the ``n`` largest-magnitude elements of every group of ``m`` along ``axis``.
 
-    Ties go to the lower index (a stable descending sort keeps index order among equals).
+    Ties go to the lower index (a stable descending sort keeps index order among equals). Large
+    weights are sorted in slices of groups, so the temporaries stay small.
     """
     if weight.dim() == 0:
         raise PatternError("cannot compute an N:M mask for a scalar")
-    groups, moved_shape = _grouped(weight.detach().abs(), pattern.m, axis)
-    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
-    keep = torch.zeros(groups.shape, dtype=torch.bool, device=weight.device)
-    keep.scatter_(-1, order[..., : pattern.n], True)
+    groups, moved_shape = _grouped(weight.detach(), pattern.m, axis)
+    flat = groups.reshape(-1, pattern.m)
+    keep = torch.zeros(flat.shape, dtype=torch.bool, device=weight.device)
+    for start in range(0, flat.shape[0], _SORT_CHUNK_GROUPS):
+        part = flat[start : start + _SORT_CHUNK_GROUPS].abs()
+        order = torch.sort(part, dim=-1, descending=True, stable=True).indices[:, : pattern.n]
+        keep[start : start + _SORT_CHUNK_GROUPS].scatter_(-1, order, True)
     return keep.reshape(moved_shape).movedim(-1, axis % weight.dim()).contiguous()
 
 

@@ -107,8 +107,13 @@ def prune_model(
     start: Checkpoint | None = None,
     history_args: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,
+    inplace: bool = False,
 ) -> PruneResult:
-    """Prune every eligible layer of ``model`` to ``pattern``; the model itself is not modified.
+    """Prune every eligible layer of ``model`` to ``pattern``; the model is not modified unless ``inplace``.
+
+    The checkpoint's tensors share memory with the model's (no copy of the state dict is made);
+    only the pruned weights are new tensors, or, with ``inplace``, the model's own weights zeroed
+    where pruned, which saves one copy of every pruned weight when the caller owns the model.
 
     Args:
         model: the dense model (its state dict is read).
@@ -123,11 +128,12 @@ def prune_model(
             instead of its effective ones, and its history is carried on.
         history_args: the command's arguments for the history record.
         progress: called as ``progress(done, total, param)`` after each layer.
+        inplace: write the effective weights into the model's own tensors.
     """
     mask_of = get_method(method)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach() for k, v in model.state_dict().items()}
     if start is not None:
-        state.update({k: v.clone() for k, v in start.dense.items()})
+        state.update(start.dense)
     candidates = find_layers(model, pattern, include, exclude)
     eligible = [c for c in candidates if c.eligible]
     masks: dict[str, torch.Tensor] = {}
@@ -141,11 +147,15 @@ def prune_model(
             continue
         weight = state[cand.param]
         mask = mask_of(weight, pattern, cand.axis)
-        effective = apply_mask(weight, mask)
-        total = weight.abs().sum(dtype=torch.float64)
-        kept = float(effective.abs().sum(dtype=torch.float64) / total) if float(total) > 0 else 1.0
+        # L1 norms accumulate in float32 (fast, and exact enough for a percentage).
+        total = float(torch.linalg.vector_norm(weight, 1, dtype=torch.float32))
         if keep_dense:
-            dense[cand.param] = weight
+            dense[cand.param] = weight.clone() if inplace else weight
+        if inplace and (start is None or cand.param not in start.dense):
+            effective = weight.masked_fill_(~mask, 0)  # fills +0.0, never -0.0
+        else:
+            effective = apply_mask(weight, mask)
+        kept = float(torch.linalg.vector_norm(effective, 1, dtype=torch.float32)) / total if total > 0 else 1.0
         state[cand.param] = effective
         masks[cand.param] = mask
         pruned_params += int(mask.numel() - int(mask.sum()))
@@ -215,6 +225,7 @@ def run_prune(
         keep_dense=keep_dense,
         input_spec=spec_input or loaded.input_spec,
         start=loaded.checkpoint,
+        inplace=True,  # the model was loaded here and is not used again
         history_args={
             "model": model_spec,
             "pattern": str(nm),

@@ -23,7 +23,7 @@ import os
 import pickle
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -342,15 +342,42 @@ def build_model(spec: str, *, trust: bool = False, pretrained: bool = True) -> t
     )
 
 
+class _LazyState(Mapping[str, torch.Tensor]):
+    """The state dict of an open safetensors file, read one tensor at a time (shapes from the header)."""
+
+    def __init__(self, reader: CheckpointReader) -> None:
+        self._reader = reader
+        self._names = reader.state_names
+        self._known = set(self._names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._reader.tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return self._reader.shape(name)
+
+
+def _shape_of(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    return state.shape_of(name) if isinstance(state, _LazyState) else tuple(state[name].shape)
+
+
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """Load ``state`` into ``model`` strictly, turning a mismatch into a clear :class:`SourceError`."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        f"{k} {_shape_of(state, k)} vs {tuple(v.shape)}"
         for k, v in own.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
+        if k in state and _shape_of(state, k) != tuple(v.shape)
     ]
     if missing or unexpected or wrong:
         parts = []
@@ -449,13 +476,17 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
                 model = model_from_checkpoint(ckpt, arch=arch, trust=trust)
                 input_spec = parse_input_spec(ckpt.meta.input_spec) if ckpt.meta.input_spec else guess_input_spec(model)
                 return LoadedModel(model, ckpt.meta.source, "checkpoint", name, path, ckpt, input_spec)
-            state = dict(reader.iter_state())
-        if not arch:
-            raise SourceError(
-                f"{spec} is a plain state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build)"
-            )
-        model, _ = build_model(normalize_spec(arch), trust=trust, pretrained=False)
-        load_weights(model, state, spec)
+            if not arch:
+                raise SourceError(
+                    f"{spec} is a plain state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build)"
+                )
+            model, _ = build_model(normalize_spec(arch), trust=trust, pretrained=False)
+            try:  # one tensor at a time: peak memory stays near one copy of the model
+                load_weights(model, _LazyState(reader), spec)
+            except NmcliError:
+                raise
+            except Exception as exc:  # a file whose data section cannot be read
+                raise SourceError(f"{spec} could not be read ({exc}): it may be truncated or corrupt") from exc
         ref = SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path), arch=normalize_spec(arch))
         return LoadedModel(eval_mode(model), ref, "state_dict", name, path, None, guess_input_spec(model))
     if path is not None and path.suffix.lower() in {".pt", ".pth", ".bin"} and path.is_file() and arch:

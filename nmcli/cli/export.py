@@ -21,7 +21,9 @@ def command(
         False, "--sparse/--no-sparse", help="Let TensorRT use 2:4 sparse kernels (BuilderFlag.SPARSE_WEIGHTS)."
     ),
     precision: str = typer.Option(
-        "fp32", "--precision", help="fp32, fp16, bf16 (ONNX weights in that dtype, zeros exact) or int8 (TensorRT 8-10)."
+        "fp32",
+        "--precision",
+        help="fp32, fp16, bf16 (ONNX weights in that dtype, zeros exact) or int8 (TensorRT 8-10).",
     ),
     input_shape: str | None = typer.Option(
         None, "--input-shape", help="Input spec, e.g. 1x3x224x224 (default: the one stored in the checkpoint)."
@@ -109,7 +111,13 @@ def _render(result: ExportResult) -> None:
         table.add_column("status")
         for m in result.matches:
             status = "[green]N:M[/green]" if not m.lost else f"[red]lost[/red]: {escape(m.reason)}"
-            table.add_row(escape(m.param), escape(m.initializer or "-"), m.op_type or "-", str(m.axis) if m.axis >= 0 else "-", status)
+            table.add_row(
+                escape(m.param),
+                escape(m.initializer or "-"),
+                m.op_type or "-",
+                str(m.axis) if m.axis >= 0 else "-",
+                status,
+            )
         stderr.print(table)
     kept = len(result.matches) - len(result.lost_layers)
     data = f" + {result.onnx.data_path}" if result.onnx.data_path else ""
@@ -138,6 +146,9 @@ def _render(result: ExportResult) -> None:
             table.add_column("sparse kernel")
             for row in e.layers:
                 table.add_row(
-                    escape(row["param"]), escape(row["node"]), "yes" if row["eligible"] else "no", "yes" if row["sparse_kernel"] else "no"
+                    escape(row["param"]),
+                    escape(row["node"]),
+                    "yes" if row["eligible"] else "no",
+                    "yes" if row["sparse_kernel"] else "no",
                 )
             stderr.print(table)

@@ -248,7 +248,9 @@ def run_export(
 
         step("compressing")
         if not Path(checkpoint).is_file() or read_meta(checkpoint) is None:
-            raise InputError(f"--compress needs an nmcli checkpoint (.safetensors written by nmcli prune): {checkpoint} is not one")
+            raise InputError(
+                f"--compress needs an nmcli checkpoint (.safetensors written by nmcli prune): {checkpoint} is not one"
+            )
         compress_checkpoint(checkpoint, paths.compressed, force=force)
         result.original_bytes = os.path.getsize(checkpoint)
         result.compressed_bytes = os.path.getsize(paths.compressed)
@@ -305,7 +307,13 @@ def run_export(
         if result.verify.skipped:
             result.warnings.append(f"not verified: {result.verify.skipped}")
     if paths.engine is not None:
-        from nmcli.export.tensorrt import build_engine, builder_settings, import_tensorrt, tensorrt_major, trtexec_command
+        from nmcli.export.tensorrt import (
+            build_engine,
+            builder_settings,
+            import_tensorrt,
+            tensorrt_major,
+            trtexec_command,
+        )
 
         if ckpt is not None and ckpt.meta.layers and not sparse:
             result.notes.append(

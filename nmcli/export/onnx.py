@@ -105,13 +105,17 @@ class TensorModel(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cast = [x.to(self.dtype) if x.is_floating_point() else x for x in inputs]
-        out = self.model(**dict(zip(self.names, cast)), **self.extra) if self.names else self.model(*cast)
+        out = self.model(**dict(zip(self.names, cast, strict=True)), **self.extra) if self.names else self.model(*cast)
         return tuple(v.float() if v.is_floating_point() else v for _, v in _tensors_of(out))
 
     def output_names(self, *inputs: torch.Tensor) -> list[str]:
         cast = [x.to(self.dtype) if x.is_floating_point() else x for x in inputs]
         with torch.no_grad():
-            out = self.model(**dict(zip(self.names, cast)), **self.extra) if self.names else self.model(*cast)
+            out = (
+                self.model(**dict(zip(self.names, cast, strict=True)), **self.extra)
+                if self.names
+                else self.model(*cast)
+            )
         return [name for name, _ in _tensors_of(out)]
 
 
@@ -149,7 +153,9 @@ def check_spec_fits(model: nn.Module, spec: InputSpec) -> None:
     longest = max(t.shape[1] for t in spec.tensors)
     if longest > limit:
         fixed = ",".join(f"{t.name}:{t.shape[0]}x{limit}:int64" for t in spec.tensors)
-        raise InputError(f"the input spec {spec} is longer than the model's {limit} positions: pass --input-shape {fixed}")
+        raise InputError(
+            f"the input spec {spec} is longer than the model's {limit} positions: pass --input-shape {fixed}"
+        )
 
 
 @dataclass
@@ -204,7 +210,7 @@ def _dynamic_axes(
     seq = spec.tensors[0].shape[1] if text else None
     for name in names:
         axes[name] = {0: "batch", 1: "sequence"} if text else {0: "batch"}
-    for name, value in zip(outputs, sample):
+    for name, value in zip(outputs, sample, strict=True):
         dims = {0: "batch"} if value.dim() else {}
         if text and value.dim() >= 2 and value.shape[1] == seq:
             dims[1] = "sequence"
@@ -214,7 +220,13 @@ def _dynamic_axes(
 
 
 def _torchscript_export(
-    wrapper: nn.Module, args: tuple[torch.Tensor, ...], path: Path, names: list[str], outputs: list[str], axes: Any, opset: int
+    wrapper: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    names: list[str],
+    outputs: list[str],
+    axes: Any,
+    opset: int,
 ) -> None:
     torch.onnx.export(
         wrapper,
@@ -230,7 +242,13 @@ def _torchscript_export(
 
 
 def _dynamo_export(
-    wrapper: nn.Module, args: tuple[torch.Tensor, ...], path: Path, names: list[str], outputs: list[str], axes: Any, opset: int
+    wrapper: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    names: list[str],
+    outputs: list[str],
+    axes: Any,
+    opset: int,
 ) -> None:
     from torch.export import Dim
 
@@ -347,7 +365,7 @@ def export_onnx(
                     warnings.simplefilter("ignore")
                     with torch.no_grad():
                         run(wrapper, args, staged, names, outputs, axes, use_opset)
-            except Exception as exc:  # any exporter failure: try the next one, report all
+            except Exception as exc:  # noqa: BLE001 - any exporter failure: try the next one, report all
                 errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                 continue
             used, used_opset = name, use_opset

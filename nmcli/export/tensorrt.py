@@ -150,7 +150,7 @@ def builder_settings(
                 "will run dense kernels; use --precision fp16 to get sparse tensor-core kernels"
             )
     profiles: list[ShapeProfile] = []
-    for name, tensor in zip(input_names, spec.tensors):
+    for name, tensor in zip(input_names, spec.tensors, strict=True):
         axes = dynamic_axes.get(name) or {}
         if not axes:
             continue
@@ -172,7 +172,9 @@ def _dims(shape: Sequence[int]) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def trtexec_command(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLike[str], settings: BuilderSettings) -> str:
+def trtexec_command(
+    onnx_path: str | os.PathLike[str], engine_path: str | os.PathLike[str], settings: BuilderSettings
+) -> str:
     """The ``trtexec`` command line that builds the same engine as :func:`build_engine`."""
     parts = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
     if "SPARSE_WEIGHTS" in settings.flags:
@@ -276,7 +278,7 @@ def tensorrt_major(trt: Any) -> int:
 
 
 def _make_logger(trt: Any) -> Any:
-    class _Logger(trt.ILogger):  # type: ignore[misc,name-defined]
+    class _Logger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.lines: list[str] = []
@@ -298,7 +300,7 @@ def _inspector_sparse_layers(trt: Any, plan: bytes, logger: Any) -> list[str]:
         engine = runtime.deserialize_cuda_engine(plan)
         inspector = engine.create_engine_inspector()
         info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-    except Exception:  # the inspector is a report, never a reason to fail a finished build
+    except Exception:  # noqa: BLE001 - the inspector is a report, never a reason to fail a finished build
         return []
     found = []
     for layer in info.get("Layers", []):

@@ -101,7 +101,9 @@ class VerifyResult:
         }
 
 
-def compare(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray], atol: float, rtol: float) -> tuple[float, float, bool]:
+def compare(
+    reference: Sequence[np.ndarray], actual: Sequence[np.ndarray], atol: float, rtol: float
+) -> tuple[float, float, bool]:
     """``(max_abs_diff, max_rel_diff, allclose)`` over matching outputs.
 
     Raises:
@@ -111,7 +113,7 @@ def compare(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray], atol:
         raise InputError(f"the ONNX model returns {len(actual)} outputs, torch returns {len(reference)}")
     max_abs = max_rel = 0.0
     ok = True
-    for ref, got in zip(reference, actual):
+    for ref, got in zip(reference, actual, strict=True):
         if ref.shape != got.shape:
             raise InputError(f"an ONNX output has shape {got.shape}, torch's has {ref.shape}")
         ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
@@ -158,7 +160,9 @@ def verify_onnx(
         if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
             result.skipped = f"onnxruntime's CPU provider cannot run this graph ({text})"
             return result
-        raise InputError(f"onnxruntime cannot load {onnx_path} ({text}): the export is broken; rerun with --debug") from exc
+        raise InputError(
+            f"onnxruntime cannot load {onnx_path} ({text}): the export is broken; rerun with --debug"
+        ) from exc
     graph_inputs = [i.name for i in session.get_inputs()]
     reference_model = TensorModel(model, [t.name for t in specs[0].tensors] if specs[0].named else None, torch.float32)
     for spec in specs:
@@ -166,7 +170,7 @@ def verify_onnx(
         args = tuple(args_) + tuple(kwargs[t.name] for t in spec.tensors if t.name)
         with torch.no_grad():
             ref = [t.detach().float().numpy() for t in reference_model(*args)]
-        feeds = {name: value.numpy() for name, value in zip(graph_inputs, args)}
+        feeds = {name: value.numpy() for name, value in zip(graph_inputs, args, strict=True)}
         got = session.run(None, feeds)
         max_abs, max_rel, ok = compare(ref, [np.asarray(g, dtype=np.float32) for g in got], atol, rtol)
         result.runs.append(VerifyRun(str(spec), max_abs, max_rel, ok))

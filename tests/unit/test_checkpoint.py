@@ -389,3 +389,32 @@ def test_output_folder_must_exist(tmp_path: Path) -> None:
 def test_written_file_is_world_readable(tmp_path: Path) -> None:
     path = save_checkpoint(_checkpoint(), tmp_path / "m.safetensors")
     assert path.stat().st_mode & 0o444 == 0o444
+
+
+def test_streaming_writer_is_read_by_safetensors(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from nmcli.checkpoint import write_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=gen),
+        "f16": torch.randn(7, generator=gen).half(),
+        "bf16": torch.randn(2, 3, generator=gen).bfloat16(),
+        "f64": torch.randn(1, generator=gen).double(),
+        "i64": torch.arange(6).reshape(2, 3),
+        "u8": torch.tensor([1, 255], dtype=torch.uint8),
+        "bool": torch.tensor([[True, False, True]]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "w.safetensors"
+    write_safetensors(tensors, path, {"k": "v"})
+    header, _ = _raw(path)
+    assert struct.unpack("<Q", path.read_bytes()[:8])[0] % 8 == 0 and header["__metadata__"] == {"k": "v"}
+    back = load_file(str(path))
+    assert back.keys() == tensors.keys()
+    for name, value in tensors.items():
+        assert back[name].dtype == value.dtype and torch.equal(back[name], value), name
+    with pytest.raises(CheckpointError, match="cannot store"):
+        write_safetensors({"c": torch.zeros(2, dtype=torch.complex128)}, tmp_path / "c.safetensors", {})
