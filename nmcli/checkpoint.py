@@ -35,7 +35,7 @@ import torch
 from nmcli import __version__
 from nmcli.errors import CheckpointError
 from nmcli.io import atomic_output
-from nmcli.patterns import Pattern, group_counts, parse_pattern
+from nmcli.patterns import Pattern, group_counts, parse_pattern, stored_nonzero
 
 FORMAT = "nmcli/1"
 COMPRESSED_FORMAT = "nmcli/1+compressed"  # nmcli.compressed: 2:4 values + indices, read back as nmcli/1
@@ -284,7 +284,7 @@ def _check_layer(
         problems.append(
             f"{where}: mask keeps more than {entry.n} of {entry.m} in {bad} group(s), breaking {entry.pattern}"
         )
-    pruned_nonzero = ~mask & (weight.ne(0) | (torch.signbit(weight) if weight.is_floating_point() else False))
+    pruned_nonzero = stored_nonzero(weight) & ~mask
     if bool(pruned_nonzero.any()):
         problems.append(
             f"{where}: {int(pruned_nonzero.sum())} effective weight(s) are non-zero (or -0.0) where the mask prunes them"
@@ -423,7 +423,7 @@ def write_safetensors(
         fh.write(blob)
         for value in tensors.values():
             if value.numel():
-                fh.write(memoryview(value.detach().reshape(-1).contiguous().view(torch.uint8).numpy()))
+                fh.write(value.detach().reshape(-1).contiguous().view(torch.uint8).numpy().data)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,15 @@ from torch import nn
 from nmcli.checkpoint import Checkpoint, CheckpointMeta, is_safetensors, load_checkpoint, read_meta
 from nmcli.errors import BackendUnavailableError, InputError, SourceError
 from nmcli.onnx_layout import find_weights, initializer_tensor, load_onnx, weight_compliance
-from nmcli.patterns import TENSOR_CORE_PATTERN, LayerCandidate, Pattern, find_layers, parse_pattern, tensorrt_usable
+from nmcli.patterns import (
+    TENSOR_CORE_PATTERN,
+    LayerCandidate,
+    Pattern,
+    find_layers,
+    parse_pattern,
+    stored_nonzero,
+    tensorrt_usable,
+)
 from nmcli.sources import PREFIXES, load_model, model_from_checkpoint
 
 # Skip reasons of layers whose structure (not just their size) rules out sparse kernels.
@@ -121,20 +129,19 @@ def _measure(
 ) -> LayerInspection:
     shape = tuple(int(d) for d in values.shape)
     if not 0 <= axis < values.dim():
-        zeros = values.eq(0) & ~torch.signbit(values) if values.is_floating_point() else values.eq(0)
-        sparsity = float(zeros.float().mean()) if values.numel() else 0.0
+        sparsity = 1.0 - float(stored_nonzero(values).float().mean()) if values.numel() else 0.0
         return LayerInspection(param, shape, axis, kind, sparsity, False, eligible, False, reason)
     sparsity, compliant = weight_compliance(values, pattern, axis)
     trt = False
     if not any(word in reason for word in _STRUCTURAL_SKIPS):
-        compliant_24 = compliant if pattern == TENSOR_CORE_PATTERN else weight_compliance(values, TENSOR_CORE_PATTERN, axis)[1]
+        compliant_24 = (
+            compliant if pattern == TENSOR_CORE_PATTERN else weight_compliance(values, TENSOR_CORE_PATTERN, axis)[1]
+        )
         trt = tensorrt_usable(shape, axis, compliant_24)
     return LayerInspection(param, shape, axis, kind, sparsity, compliant, eligible, trt, reason)
 
 
-def inspect_model(
-    model: nn.Module, pattern: Pattern, *, target: str = "", kind: str = "model"
-) -> InspectReport:
+def inspect_model(model: nn.Module, pattern: Pattern, *, target: str = "", kind: str = "model") -> InspectReport:
     """Inspect every candidate layer of a model: eligible where :func:`find_layers` says prunable."""
     state = model.state_dict()
     layers = [

@@ -115,12 +115,22 @@ def nm_mask(weight: torch.Tensor, pattern: Pattern, axis: int) -> torch.Tensor:
     return keep.reshape(moved_shape).movedim(-1, axis % weight.dim()).contiguous()
 
 
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def stored_nonzero(values: torch.Tensor) -> torch.Tensor:
+    """Elements that are not exactly ``+0.0`` (``-0.0`` counts as non-zero), as a boolean tensor.
+
+    For floats this compares the bit patterns with zero: one pass, no temporaries beyond the result.
+    """
+    if values.is_floating_point() and values.element_size() in _SAME_SIZE_INT:
+        return values.view(_SAME_SIZE_INT[values.element_size()]).ne(0)
+    return values.ne(0)
+
+
 def group_counts(values: torch.Tensor, m: int, axis: int) -> torch.Tensor:
     """Number of non-zero elements (``-0.0`` counts as non-zero) in every group of ``m`` along ``axis``."""
-    nonzero = values.ne(0)
-    if values.is_floating_point():
-        nonzero = nonzero | torch.signbit(values)
-    groups, _ = _grouped(nonzero, m, axis)
+    groups, _ = _grouped(stored_nonzero(values), m, axis)
     return groups.sum(dim=-1, dtype=torch.int32)
 
 

@@ -74,18 +74,15 @@ def _render(report: InspectReport) -> None:
     table.add_column("TRT 2:4")
     table.add_column("reason")
     for layer in report.layers:
-        if layer.compliant:
-            mark = "[green]yes[/green]"
-        else:
-            mark = "[red]no[/red]" if layer.eligible else "[dim]no[/dim]"
-        eligible = "yes" if layer.eligible else "[dim]no[/dim]"
+        mark = "[green]yes[/green]" if layer.compliant else ("[red]no[/red]" if layer.eligible else "[dim]no[/dim]")
+        eligible_mark = "yes" if layer.eligible else "[dim]no[/dim]"
         table.add_row(
             escape(layer.param),
             "x".join(map(str, layer.shape)),
             str(layer.axis),
             f"{100 * layer.sparsity:.1f}",
             mark,
-            eligible,
+            eligible_mark,
             "yes" if layer.tensorrt else "[dim]no[/dim]",
             escape(layer.reason),
         )

@@ -68,7 +68,7 @@ def test_minilm_distillation_recovers_sentence_embeddings(tmp_path: Path, minilm
     transformers = pytest.importorskip("transformers")
     sentences = docstring_sentences()
     assert len(sentences) >= 2500, len(sentences)
-    held_out, train = sentences[::10][:200], [s for i, s in enumerate(sentences) if i % 10]
+    held_out, train = sentences[::10][:128], [s for i, s in enumerate(sentences) if i % 10]
     text = tmp_path / "train.txt"
     text.write_text("\n".join(train) + "\n", encoding="utf-8")
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
@@ -79,7 +79,7 @@ def test_minilm_distillation_recovers_sentence_embeddings(tmp_path: Path, minilm
     dense_embeddings = _embed(dense, tokenizer, held_out)
     one_shot = _mean_cosine(load_model(str(pruned)).model, dense_embeddings, tokenizer, held_out)
 
-    steps = 150
+    steps = 80
     rates: list[float] = []
     cfg = FinetuneConfig(
         data=f"text:{text}", teacher="auto", steps=steps, batch_size=16, optimizer="adamw", lr=1e-4,

@@ -23,6 +23,7 @@ from nmcli.patterns import (
     nm_mask,
     parse_pattern,
     pattern_note,
+    stored_nonzero,
     tensorrt_usable,
 )
 from tests.models import tiny_attention, tiny_cnn
@@ -158,6 +159,26 @@ def test_mask_shape_dtype_and_device_follow_the_weight() -> None:
     mask = nm_mask(w, P24, 1)
     assert mask.dtype == torch.bool and mask.shape == w.shape and mask.is_contiguous()
     assert torch.equal(group_counts(mask, 4, 1), torch.full((6, 4), 2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("pattern", [P24, P14, P48, P28, Pattern(3, 32)])
+def test_sorting_in_slices_equals_one_sort(monkeypatch: pytest.MonkeyPatch, pattern: Pattern) -> None:
+    import nmcli.patterns
+
+    w = torch.randn(8, 64, 3, generator=torch.Generator().manual_seed(2)).round(decimals=1)  # many ties
+    whole = nm_mask(w, pattern, 1)
+    monkeypatch.setattr(nmcli.patterns, "_SORT_CHUNK_GROUPS", 5)  # slices that split rows
+    assert torch.equal(nm_mask(w, pattern, 1), whole)
+    assert torch.equal(
+        group_counts(whole, pattern.m, 1), torch.full((8, 3, 64 // pattern.m), pattern.n, dtype=torch.int32)
+    )
+
+
+def test_stored_nonzero_sees_negative_zero() -> None:
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        values = torch.tensor([0.0, -0.0, 1.0, -2.0], dtype=dtype)
+        assert stored_nonzero(values).tolist() == [False, True, True, True]
+    assert stored_nonzero(torch.tensor([0, 3])).tolist() == [False, True]
 
 
 def test_mask_needs_input_dim_multiple_of_m() -> None:

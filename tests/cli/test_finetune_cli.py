@@ -1,0 +1,92 @@
+"""``nmcli finetune`` through the CLI: --json, exit codes, --log-every, and Ctrl-C then --resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from nmcli.checkpoint import load_checkpoint
+from nmcli.cli.app import app
+from nmcli.finetune import trainstate_path
+from nmcli.prune import run_prune
+from tests.conftest import py_source
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def setup(tmp_path: Path) -> tuple[Path, Path]:
+    pruned = tmp_path / "mlp-2of4.safetensors"
+    run_prune(py_source("tiny_mlp"), pattern="2:4", keep_dense=True, output=pruned)
+    gen = torch.Generator().manual_seed(0)
+    data = tmp_path / "d.safetensors"
+    save_file({"inputs": torch.randn(32, 64, generator=gen), "targets": torch.randint(0, 10, (32,), generator=gen)}, str(data))
+    return pruned, data
+
+
+def test_json_summary_and_default_output(setup: tuple[Path, Path]) -> None:
+    pruned, data = setup
+    result = runner.invoke(app, ["finetune", str(pruned), "--data", f"tensors:{data}", "--steps", "3",
+                                 "--batch-size", "8", "--device", "cpu", "--log-every", "1", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert set(summary) >= {"output", "steps", "final_loss", "sad_vs_start", "seconds"}
+    assert summary["steps"] == 3 and Path(summary["output"]) == pruned.with_name("mlp-2of4-ft.safetensors")
+    assert "step 3/3 loss" in result.stderr
+    assert load_checkpoint(summary["output"]).meta.history[-1]["metrics"]["steps"] == 3
+    again = runner.invoke(app, ["finetune", str(pruned), "--data", f"tensors:{data}", "--steps", "1", "--batch-size", "8"])
+    assert again.exit_code == 2 and "--force" in again.stderr
+
+
+def test_exit_codes(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    pruned, data = setup
+    out = str(tmp_path / "o.safetensors")
+    bad = runner.invoke(app, ["finetune", str(pruned), "--data", "csv:x", "-o", out])
+    assert bad.exit_code == 2 and "unknown --data" in bad.stderr
+    missing = runner.invoke(app, ["finetune", str(tmp_path / "nope.safetensors"), "--data", f"tensors:{data}", "-o", out])
+    assert missing.exit_code == 2
+    images = runner.invoke(app, ["finetune", str(pruned), "--data", f"imagefolder:{tmp_path}", "-o", out])
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        assert images.exit_code == 3 and "nmcli[vision]" in images.stderr
+    if not torch.cuda.is_available():
+        cuda = runner.invoke(app, ["finetune", str(pruned), "--data", f"tensors:{data}", "--device", "cuda", "-o", out])
+        assert cuda.exit_code == 3 and "CUDA" in cuda.stderr
+    assert "Traceback" not in bad.stderr + missing.stderr + images.stderr
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    pruned, data = setup
+    out = tmp_path / "run.safetensors"
+    args = [sys.executable, "-m", "nmcli", "finetune", str(pruned), "--data", f"tensors:{data}", "--steps", "100000",
+            "--batch-size", "8", "--device", "cpu", "--log-every", "1", "-o", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:  # wait until training runs
+        if line.startswith("step 5/") or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert out.is_file() and trainstate_path(out).is_file()
+    partial = load_checkpoint(out)
+    done = partial.meta.history[-1]["metrics"]["steps"]
+    assert done >= 5 and partial.dense
+    # resume with a different --steps is refused; the same command continues
+    resumed = runner.invoke(app, ["finetune", str(pruned), "--data", f"tensors:{data}", "--steps", str(done + 2),
+                                  "--batch-size", "8", "--device", "cpu", "-o", str(out), "--resume", "--json"])  # fmt: skip
+    assert resumed.exit_code == 2 and "--steps" in resumed.stderr
