@@ -289,7 +289,9 @@ def distill_loss(
     """Distillation: KL with temperature on logits (times ``T**2``), MSE on hidden states/regression outputs."""
     s, t = _primary(student).float(), _primary(teacher).float()
     if s.shape != t.shape:
-        raise DataError(f"the teacher outputs {tuple(t.shape)} but the student {tuple(s.shape)}: use a matching --teacher")
+        raise DataError(
+            f"the teacher outputs {tuple(t.shape)} but the student {tuple(s.shape)}: use a matching --teacher"
+        )
     if _has_logits(student, targets):
         log_s = F.log_softmax(s / temperature, dim=-1)
         log_t = F.log_softmax(t / temperature, dim=-1)
@@ -354,7 +356,7 @@ def _micro_batches(data: TrainData, cfg: FinetuneConfig, dist: _Dist, start: int
 
         per_rank = cfg.batch_size // dist.world
         per_epoch = len(data) // cfg.batch_size
-        sampler = DistributedSampler(
+        sampler: DistributedSampler[Any] = DistributedSampler(
             data.examples, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=False
         )
         epoch, position = divmod(start, per_epoch)
@@ -471,7 +473,9 @@ def _load_state(path: Path) -> dict[str, Any]:
     try:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(f"--resume: {path} is not readable training state ({exc}): run again without --resume") from exc
+        raise InputError(
+            f"--resume: {path} is not readable training state ({exc}): run again without --resume"
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != TRAINSTATE_FORMAT:
         raise InputError(f"--resume: {path} is not nmcli training state: run again without --resume")
     return state
@@ -616,11 +620,11 @@ def run_finetune(
             else contextlib.nullcontext
         )
         # Check that the data fits the model before training starts (exit 2, not a traceback later).
-        first = next(_micro_batches(data, cfg, dist, step0 * cfg.grad_accum)).to(device)
+        probe = next(_micro_batches(data, cfg, dist, step0 * cfg.grad_accum)).to(device)
         model.eval()
         try:
             with torch.no_grad(), autocast():
-                compute_loss(model, teacher, first, data, cfg.temperature)
+                compute_loss(model, teacher, probe, data, cfg.temperature)
         except NmcliError:
             raise
         except Exception as exc:
@@ -671,9 +675,7 @@ def run_finetune(
             if not final:
                 metrics["partial"] = True
                 metrics["total_steps"] = total
-            meta = replace(
-                record_base, history=[*base_history, history_record("finetune", history_args, metrics)]
-            )
+            meta = replace(record_base, history=[*base_history, history_record("finetune", history_args, metrics)])
             keep_dense = not (final and cfg.no_dense)
             result_ckpt = Checkpoint(
                 tensors=sparse.state_dict(masks),
@@ -750,9 +752,7 @@ def run_finetune(
                     mean_loss /= dist.world
                 last_loss = float(mean_loss)
                 if not math.isfinite(last_loss):
-                    raise DataError(
-                        f"the loss became {last_loss} at step {step}: lower --lr or set --max-grad-norm"
-                    )
+                    raise DataError(f"the loss became {last_loss} at step {step}: lower --lr or set --max-grad-norm")
                 losses.append(last_loss)
                 if cfg.save_every and step % cfg.save_every == 0 and step < total:
                     save(step, False, last_loss)

@@ -86,7 +86,8 @@ class NMParametrization(nn.Module):
         self.register_buffer("mask", mask.to(torch.bool).clone(), persistent=False)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        mask: torch.Tensor = self.mask
+        mask = self.mask
+        assert isinstance(mask, torch.Tensor)
         return srste(weight, mask, self.lambda_w)
 
 
@@ -107,7 +108,8 @@ class SparseParam:
 
     @property
     def mask(self) -> torch.Tensor:
-        mask: torch.Tensor = self.parametrization.mask
+        mask = self.parametrization.mask
+        assert isinstance(mask, torch.Tensor)
         return mask
 
 
@@ -156,9 +158,7 @@ class SparseTraining:
             module = modules.get(module_name)
             weight = getattr(module, attr, None) if module is not None else None
             if module is None or not isinstance(weight, torch.Tensor):
-                raise CheckpointError(
-                    f"the model has no weight {entry.param} that the checkpoint prunes: check --arch"
-                )
+                raise CheckpointError(f"the model has no weight {entry.param} that the checkpoint prunes: check --arch")
             if tuple(weight.shape) != entry.shape:
                 raise CheckpointError(
                     f"{entry.param} has shape {tuple(weight.shape)} in the model but {entry.shape} in the checkpoint"
@@ -166,9 +166,9 @@ class SparseTraining:
             pattern = entry.pattern
             given = masks.get(entry.param) if masks is not None else None
             mask = given.to(weight.device) if given is not None else nm_mask(weight, pattern, entry.axis)
-            para = NMParametrization(
-                mask, pattern, entry.axis, self.lambda_w if refine_in_backward else 0.0
-            ).to(weight.device)
+            para = NMParametrization(mask, pattern, entry.axis, self.lambda_w if refine_in_backward else 0.0).to(
+                weight.device
+            )
             parametrize.register_parametrization(module, attr, para)
             self.params.append(SparseParam(entry.param, module, attr, para))
 

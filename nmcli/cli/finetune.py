@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from nmcli.cli.app import emit_json, guarded, show_progress, stderr
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from nmcli.finetune import FinetuneResult, StepInfo
 
 
@@ -118,10 +120,10 @@ class _reporter:
 
     def __init__(self, bar: bool, log_every: int) -> None:
         self.bar, self.log_every = bar, log_every
-        self._progress = None
-        self._task = None
+        self._progress: Any = None
+        self._task: Any = None
 
-    def __enter__(self) -> object:
+    def __enter__(self) -> Callable[[StepInfo], None]:
         if self.bar:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -30,7 +30,9 @@ def setup(tmp_path: Path) -> tuple[Path, Path]:
     run_prune(py_source("tiny_mlp"), pattern="2:4", keep_dense=True, output=pruned)
     gen = torch.Generator().manual_seed(0)
     data = tmp_path / "d.safetensors"
-    save_file({"inputs": torch.randn(32, 64, generator=gen), "targets": torch.randint(0, 10, (32,), generator=gen)}, str(data))
+    save_file(
+        {"inputs": torch.randn(32, 64, generator=gen), "targets": torch.randint(0, 10, (32,), generator=gen)}, str(data)
+    )
     return pruned, data
 
 
@@ -44,7 +46,9 @@ def test_json_summary_and_default_output(setup: tuple[Path, Path]) -> None:
     assert summary["steps"] == 3 and Path(summary["output"]) == pruned.with_name("mlp-2of4-ft.safetensors")
     assert "step 3/3 loss" in result.stderr
     assert load_checkpoint(summary["output"]).meta.history[-1]["metrics"]["steps"] == 3
-    again = runner.invoke(app, ["finetune", str(pruned), "--data", f"tensors:{data}", "--steps", "1", "--batch-size", "8"])
+    again = runner.invoke(
+        app, ["finetune", str(pruned), "--data", f"tensors:{data}", "--steps", "1", "--batch-size", "8"]
+    )
     assert again.exit_code == 2 and "--force" in again.stderr
 
 
@@ -53,7 +57,9 @@ def test_exit_codes(setup: tuple[Path, Path], tmp_path: Path) -> None:
     out = str(tmp_path / "o.safetensors")
     bad = runner.invoke(app, ["finetune", str(pruned), "--data", "csv:x", "-o", out])
     assert bad.exit_code == 2 and "unknown --data" in bad.stderr
-    missing = runner.invoke(app, ["finetune", str(tmp_path / "nope.safetensors"), "--data", f"tensors:{data}", "-o", out])
+    missing = runner.invoke(
+        app, ["finetune", str(tmp_path / "nope.safetensors"), "--data", f"tensors:{data}", "-o", out]
+    )
     assert missing.exit_code == 2
     images = runner.invoke(app, ["finetune", str(pruned), "--data", f"imagefolder:{tmp_path}", "-o", out])
     try:

@@ -22,7 +22,9 @@ def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
     run_prune(py_source("tiny_mlp"), pattern="2:4", keep_dense=True, output=pruned)
     gen = torch.Generator().manual_seed(3)
     data = tmp_path / "d.safetensors"
-    save_file({"inputs": torch.randn(48, 64, generator=gen), "targets": torch.randint(0, 10, (48,), generator=gen)}, str(data))
+    save_file(
+        {"inputs": torch.randn(48, 64, generator=gen), "targets": torch.randint(0, 10, (48,), generator=gen)}, str(data)
+    )
     common = [
         "finetune", str(pruned), "--data", f"tensors:{data}", "--steps", "5", "--batch-size", "16",
         "--grad-accum", "2", "--lr", "0.1", "--device", "cpu", "--save-every", "2", "--json",
@@ -50,4 +52,3 @@ def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
     for name in a.masks:
         assert torch.equal(a.masks[name], b.masks[name])
         torch.testing.assert_close(a.dense[name], b.dense[name], rtol=1e-5, atol=1e-6)
-

@@ -55,6 +55,8 @@ def test_one_of_four_digits_mlp_recovers(tmp_path: Path) -> None:
     cfg = FinetuneConfig(data=f"tensors:{data}", epochs=12, batch_size=64, lr=0.05, device="cpu")
     result = run_finetune(pruned, cfg, output=out)
     recovered = _accuracy(load_model(str(out)).model, x_te, y_te)
-    print(f"digits 1:4: dense {dense_acc:.2f}%, one-shot {one_shot:.2f}%, SR-STE {recovered:.2f}% ({result.steps} steps)")
+    print(
+        f"digits 1:4: dense {dense_acc:.2f}%, one-shot {one_shot:.2f}%, SR-STE {recovered:.2f}% ({result.steps} steps)"
+    )
     assert one_shot < dense_acc - 5.0  # pruning 75% of the weights really hurt
     assert recovered >= dense_acc - 1.0

@@ -15,19 +15,107 @@ from pathlib import Path
 import pytest
 import torch
 
-from nmcli.finetune import FinetuneConfig, StepInfo, run_finetune
+from nmcli.finetune import FinetuneConfig, run_finetune
 from nmcli.prune import run_prune
 from nmcli.sources import load_model
 
-_MODULES = (
-    "abc argparse ast asyncio base64 bisect calendar cmd codecs collections configparser contextlib copy csv "
-    "dataclasses datetime decimal difflib email enum fileinput fnmatch fractions ftplib functools getopt gettext "
-    "glob gzip hashlib heapq hmac html http imaplib inspect io ipaddress itertools json logging mailbox math "
-    "mimetypes netrc numbers operator optparse os pathlib pickle pkgutil platform plistlib poplib pprint queue "
-    "random re sched secrets selectors shelve shlex shutil signal smtplib socket socketserver sqlite3 ssl "
-    "statistics string struct subprocess tarfile tempfile textwrap threading timeit token tokenize trace "
-    "traceback turtle typing unittest urllib uuid warnings wave weakref xml zipfile zoneinfo"
-).split()
+_MODULES = [
+    "abc",
+    "argparse",
+    "ast",
+    "asyncio",
+    "base64",
+    "bisect",
+    "calendar",
+    "cmd",
+    "codecs",
+    "collections",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "fileinput",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "getopt",
+    "gettext",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "http",
+    "imaplib",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "mailbox",
+    "math",
+    "mimetypes",
+    "netrc",
+    "numbers",
+    "operator",
+    "optparse",
+    "os",
+    "pathlib",
+    "pickle",
+    "pkgutil",
+    "platform",
+    "plistlib",
+    "poplib",
+    "pprint",
+    "queue",
+    "random",
+    "re",
+    "sched",
+    "secrets",
+    "selectors",
+    "shelve",
+    "shlex",
+    "shutil",
+    "signal",
+    "smtplib",
+    "socket",
+    "socketserver",
+    "sqlite3",
+    "ssl",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "token",
+    "tokenize",
+    "trace",
+    "traceback",
+    "turtle",
+    "typing",
+    "unittest",
+    "urllib",
+    "uuid",
+    "warnings",
+    "wave",
+    "weakref",
+    "xml",
+    "zipfile",
+    "zoneinfo",
+]
 
 
 def docstring_sentences() -> list[str]:
@@ -59,7 +147,9 @@ def _embed(model: torch.nn.Module, tokenizer: object, sentences: list[str]) -> t
     return torch.cat(out)
 
 
-def _mean_cosine(model: torch.nn.Module, dense_embeddings: torch.Tensor, tokenizer: object, held_out: list[str]) -> float:
+def _mean_cosine(
+    model: torch.nn.Module, dense_embeddings: torch.Tensor, tokenizer: object, held_out: list[str]
+) -> float:
     return float(torch.nn.functional.cosine_similarity(_embed(model, tokenizer, held_out), dense_embeddings).mean())
 
 

@@ -35,7 +35,10 @@ def test_tensors_inputs_and_targets(tmp_path: Path) -> None:
 
 def test_tensors_named_inputs(tmp_path: Path) -> None:
     path = tmp_path / "d.safetensors"
-    save_file({"input_ids": torch.ones(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3, dtype=torch.long)}, str(path))
+    save_file(
+        {"input_ids": torch.ones(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3, dtype=torch.long)},
+        str(path),
+    )
     batch = load_data(f"tensors:{path}").take([0, 1])
     assert set(batch.kwargs) == {"input_ids", "attention_mask"} and batch.targets is None
 

@@ -32,7 +32,10 @@ def data_file(tmp_path: Path) -> Path:
     gen = torch.Generator().manual_seed(1)
     path = tmp_path / "train.safetensors"
     save_file(
-        {"inputs": torch.randn(N_EXAMPLES, 64, generator=gen), "targets": torch.randint(0, 10, (N_EXAMPLES,), generator=gen)},
+        {
+            "inputs": torch.randn(N_EXAMPLES, 64, generator=gen),
+            "targets": torch.randint(0, 10, (N_EXAMPLES,), generator=gen),
+        },
         str(path),
     )
     return path
@@ -112,7 +115,9 @@ def test_weight_decay_is_applied_once_and_not_to_biases(pruned: Path, data_file:
 def test_grad_accum_equals_the_full_batch(pruned: Path, data_file: Path, tmp_path: Path) -> None:
     full, accum = tmp_path / "full.safetensors", tmp_path / "accum.safetensors"
     run_finetune(pruned, _plain_sgd(data=f"tensors:{data_file}"), output=full)
-    run_finetune(pruned, _plain_sgd(data=f"tensors:{data_file}", batch_size=N_EXAMPLES // 4, grad_accum=4), output=accum)
+    run_finetune(
+        pruned, _plain_sgd(data=f"tensors:{data_file}", batch_size=N_EXAMPLES // 4, grad_accum=4), output=accum
+    )
     a, b = load_checkpoint(full), load_checkpoint(accum)
     for name in a.dense:
         torch.testing.assert_close(a.dense[name], b.dense[name], rtol=1e-5, atol=1e-6)
@@ -183,7 +188,9 @@ def test_errors_before_training(pruned: Path, data_file: Path, tmp_path: Path) -
     unlabeled = tmp_path / "unlabeled.safetensors"
     save_file({"inputs": torch.randn(8, 64)}, str(unlabeled))
     with pytest.raises(DataError, match="nothing to train toward"):
-        run_finetune(pruned, FinetuneConfig(data=f"tensors:{unlabeled}", teacher="none", steps=1, batch_size=4), output=out)
+        run_finetune(
+            pruned, FinetuneConfig(data=f"tensors:{unlabeled}", teacher="none", steps=1, batch_size=4), output=out
+        )
     with pytest.raises(DataError, match="fewer than --batch-size"):
         run_finetune(pruned, FinetuneConfig(data=f"tensors:{data_file}", steps=1, batch_size=64), output=out)
     with pytest.raises(InputError, match="--ste"):
@@ -201,7 +208,9 @@ def test_errors_before_training(pruned: Path, data_file: Path, tmp_path: Path) -
 def test_bf16_autocast_on_cpu_trains(pruned: Path, data_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "bf16.safetensors"
     result = run_finetune(
-        pruned, FinetuneConfig(data=f"tensors:{data_file}", steps=2, batch_size=8, precision="bf16", device="cpu"), output=out
+        pruned,
+        FinetuneConfig(data=f"tensors:{data_file}", steps=2, batch_size=8, precision="bf16", device="cpu"),
+        output=out,
     )
     assert result.final_loss is not None and result.final_loss > 0
     assert load_checkpoint(out).dense["0.weight"].dtype == torch.float32
