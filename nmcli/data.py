@@ -294,10 +294,10 @@ def load_imagefolder(spec: str, input_shape: Sequence[int] | None) -> TrainData:
 def load_py(spec: str) -> TrainData:
     """``py:module:callable`` (or ``py:path/file.py:callable``): a Dataset, an iterable of batches, or ``(data, loss)``."""
     from nmcli.errors import SourceError
-    from nmcli.sources import _import_factory
+    from nmcli.sources import import_factory
 
     try:
-        factory = _import_factory(spec)
+        factory = import_factory(spec)
         produced = factory()
     except SourceError as exc:
         raise DataError(f"--data {exc}") from exc

@@ -35,6 +35,7 @@ from torch import nn
 from nmcli.checkpoint import Checkpoint, CheckpointMeta, history_record, load_checkpoint, save_checkpoint
 from nmcli.data import Batch, TrainData, load_data
 from nmcli.errors import BackendUnavailableError, DataError, InputError, NmcliError, SourceError
+from nmcli.inputs import FLOAT_PRECISIONS, parse_input_spec
 from nmcli.io import atomic_write_bytes, check_output_path
 from nmcli.sad import SadResult, compare_masks
 from nmcli.sources import default_output_path, load_model, model_from_checkpoint
@@ -101,7 +102,7 @@ class FinetuneConfig:
             problems.append(f"--schedule {self.schedule!r}: choose cosine or constant")
         if self.ste not in ("sr", "plain"):
             problems.append(f"--ste {self.ste!r}: choose sr or plain")
-        if self.precision not in ("fp32", "bf16", "fp16"):
+        if self.precision not in FLOAT_PRECISIONS:
             problems.append(f"--precision {self.precision!r}: choose fp32, bf16 or fp16")
         if self.steps is not None and self.epochs is not None:
             problems.append("give --steps or --epochs, not both")
@@ -577,8 +578,6 @@ def run_finetune(
         source_spec = start.meta.source.arch or start.meta.source.spec
         if arch:
             source_spec = arch
-        from nmcli.inputs import parse_input_spec
-
         input_shape = None
         if start.meta.input_spec:
             first = parse_input_spec(start.meta.input_spec).tensors[0]

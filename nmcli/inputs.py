@@ -30,6 +30,9 @@ _DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _CANONICAL = {v: k for k, v in reversed(list(_DTYPES.items()))}
+
+# The floating-point precisions that --precision names (finetune, export, bench).
+FLOAT_PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DIMS_RE = re.compile(r"^\d+(x\d+)*$")
 
 

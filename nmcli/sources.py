@@ -129,7 +129,12 @@ def source_ref(spec: str, arch: str | None = None, trusted: bool = False) -> Sou
 # Loading each form
 
 
-def _import_factory(spec: str) -> Any:
+def import_factory(spec: str) -> Any:
+    """The callable that a ``py:package.module:name`` or ``py:path/file.py:name`` spec names.
+
+    Raises:
+        SourceError: the module or file cannot be imported, or has no such callable.
+    """
     body = spec[3:]
     module_name, _, factory_name = body.rpartition(":")
     if not module_name or not factory_name:
@@ -167,7 +172,7 @@ def _import_factory(spec: str) -> Any:
 
 
 def _from_py(spec: str) -> nn.Module:
-    factory = _import_factory(spec)
+    factory = import_factory(spec)
     try:
         model = factory()
     except Exception as exc:

@@ -65,4 +65,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)"))
         if "trt" in item.keywords and not has_trt:
-            item.add_marker(pytest.mark.skip(reason="needs the tensorrt package (pip install 'nmcli[trt]' on a GPU machine)"))
+            item.add_marker(
+                pytest.mark.skip(reason="needs the tensorrt package (pip install 'nmcli[trt]' on a GPU machine)")
+            )

@@ -21,13 +21,13 @@ import torch
 from nmcli.bench.timing import DEFAULT_ITERS, DEFAULT_WARMUP, LatencyStats, check_settings, environment, measure
 from nmcli.bench.timing import throughput as samples_per_second
 from nmcli.errors import InputError
-from nmcli.inputs import InputSpec, InputTensor, parse_input_spec
+from nmcli.inputs import FLOAT_PRECISIONS, InputSpec, InputTensor, parse_input_spec
 from nmcli.io import atomic_output, check_output_path
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = tuple(FLOAT_PRECISIONS)
 MAX_BATCH = 1 << 20
 
 ProgressCallback = Callable[..., None]

@@ -22,10 +22,10 @@ from torch import nn
 
 from nmcli.bench.run import BenchPlan, Variant, flatten_outputs
 from nmcli.errors import BackendUnavailableError, InputError, NmcliError
-from nmcli.inputs import InputSpec, example_inputs, parse_input_spec
+from nmcli.inputs import FLOAT_PRECISIONS, InputSpec, example_inputs, parse_input_spec
 from nmcli.patterns import TENSOR_CORE_PATTERN, is_compliant
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = FLOAT_PRECISIONS
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)
 # max_abs_diff <= atol + rtol * max|reference|, sparse kernel vs dense kernel at the same precision

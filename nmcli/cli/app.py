@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +25,9 @@ from nmcli import __version__
 
 COMMANDS = ("prune", "finetune", "sad", "export", "bench", "inspect")
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns; logs read better wider.
+_LOG_WIDTH = None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 140
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, width=_LOG_WIDTH)
 _state = {"debug": False}
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,7 +39,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 

@@ -58,8 +58,8 @@ def command(
 ) -> None:
     """Fine-tune a pruned checkpoint with SR-STE and write the recovered nmcli/1 checkpoint.
 
-    The forward pass uses the masked weights M(W)*W; the dense W gets the straight-through gradient
-    plus lambda_w*(1-M)*W, and the masks are recomputed from W every --mask-interval steps. Runs
+    The forward pass uses the masked weights `M(W) ⊙ W`; the dense W gets the straight-through gradient
+    plus `lambda_w (1 - M) ⊙ W`, and the masks are recomputed from W every --mask-interval steps. Runs
     unchanged under torchrun (DistributedDataParallel). Ctrl-C saves a resumable checkpoint.
     """
     from nmcli.finetune import FinetuneConfig, run_finetune

@@ -47,16 +47,14 @@ import torch
 from torch import nn
 
 from nmcli.errors import InputError, NmcliError
-from nmcli.inputs import InputSpec, example_inputs
+from nmcli.inputs import FLOAT_PRECISIONS, InputSpec, example_inputs
 from nmcli.io import atomic_output
 
 DEFAULT_OPSET = 17
 DYNAMO_MIN_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # protobuf's hard limit is 2 GiB; keep a margin
 PRECISIONS: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
+    **FLOAT_PRECISIONS,
     "int8": torch.float32,  # int8 engines are built from the float32 ONNX (TensorRT 8-10 INT8 flag)
 }
 
