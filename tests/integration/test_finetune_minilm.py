@@ -153,7 +153,6 @@ def _mean_cosine(
     return float(torch.nn.functional.cosine_similarity(_embed(model, tokenizer, held_out), dense_embeddings).mean())
 
 
-@pytest.mark.slow
 def test_minilm_distillation_recovers_sentence_embeddings(tmp_path: Path, minilm_dir: Path) -> None:
     transformers = pytest.importorskip("transformers")
     sentences = docstring_sentences()
