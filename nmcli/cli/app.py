@@ -153,13 +153,9 @@ def progress_bar(description: str, enabled: bool) -> Iterator[Callable[..., None
 
 
 def _register() -> None:
+    # Each command module imports only typer, rich and this module at import time.
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"nmcli.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"nmcli.cli.{name}":
-                continue
-            raise
+        module = importlib.import_module(f"nmcli.cli.{name}")
         app.command(name)(module.command)
 
 
