@@ -16,12 +16,12 @@ Timing goes through nmcli's one helper (``nmcli.bench.timing.measure``: warm-up,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gpu_report import finish  # benchmarks/ is on sys.path when a script here runs
 
 from nmcli.bench.timing import environment, measure
 from nmcli.patterns import TENSOR_CORE_PATTERN, apply_mask, nm_mask
@@ -103,15 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     env = environment("cuda", vars(args))
-    print(
-        f"\n{env['gpu']} (sm {env['gpu_capability']}), torch {env['torch']}, CUDA {env['torch_cuda']}, "
-        f"cuSPARSELt {env.get('cusparselt')}, kernels: {rows[0]['sparse_backend'] if rows else '-'}; "
-        "p50 of CUDA-event samples; speed-up = dense p50 / 2:4 p50",
-    )
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"environment": env, "results": rows}, fh, indent=2, default=str)
-    return 0
+    return finish(env, rows, args.json)
 
 
 if __name__ == "__main__":

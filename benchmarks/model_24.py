@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gpu_report import finish  # benchmarks/ is on sys.path when a script here runs
 from torch import nn
 
 from nmcli.bench.timing import environment, measure
@@ -169,15 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             torch.cuda.empty_cache()
     env = environment("cuda", {**vars(args), "configs": {n: asdict(CONFIGS[n]) for n in names}})
-    print(
-        f"\n{env['gpu']} (sm {env['gpu_capability']}), torch {env['torch']}, CUDA {env['torch_cuda']}, "
-        f"cuSPARSELt {env.get('cusparselt')}, kernels: {rows[0]['sparse_backend'] if rows else '-'}; "
-        "p50 of CUDA-event samples; speed-up = dense p50 / 2:4 p50"
-    )
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"environment": env, "results": rows}, fh, indent=2, default=str)
-    return 0
+    return finish(env, rows, args.json)
 
 
 if __name__ == "__main__":
