@@ -38,7 +38,7 @@ from nmcli.errors import BackendUnavailableError, DataError, InputError, NmcliEr
 from nmcli.inputs import FLOAT_PRECISIONS, parse_input_spec
 from nmcli.io import atomic_write_bytes, check_output_path
 from nmcli.sad import SadResult, compare_masks
-from nmcli.sources import default_output_path, load_model, model_from_checkpoint
+from nmcli.sources import default_output_path, load_model, load_source_model, model_from_checkpoint
 from nmcli.srste import DEFAULT_LAMBDA_W, SparseTraining
 
 TRAINSTATE_FORMAT = "nmcli-trainstate/1"
@@ -399,10 +399,7 @@ def load_teacher(spec: str, ckpt: Checkpoint, *, arch: str | None = None, trust:
         return _frozen(model_from_checkpoint(ckpt, arch=arch, trust=trust, weights="dense"))
     ref = ckpt.meta.source
     try:
-        if ref.arch:  # the source is a plain state dict with an --arch
-            loaded = load_model(ref.spec, arch=arch or ref.arch, trust=trust)
-        else:
-            loaded = load_model(arch or ref.spec, trust=trust or ref.trusted)
+        loaded = load_source_model(ref, arch=arch, trust=trust)
     except NmcliError as exc:
         if ckpt.dense:
             return _frozen(model_from_checkpoint(ckpt, arch=arch, trust=trust, weights="dense"))

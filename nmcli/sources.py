@@ -406,16 +406,33 @@ def eval_mode(model: nn.Module) -> nn.Module:
         return model
 
 
+def _may_unpickle(ref: SourceRef, spec: str, trust: bool) -> bool:
+    """``--trust``, or a source the user trusted when pruning whose file still has the same sha256."""
+    return trust or (ref.trusted and ref.sha256 is not None and _sha_matches(spec, ref.sha256))
+
+
 def _rebuild(ref: SourceRef, arch: str | None, trust: bool) -> nn.Module:
     spec = arch or ref.arch or ref.spec
-    trusted = trust or (ref.trusted and ref.sha256 is not None and _sha_matches(spec, ref.sha256))
     try:
-        model, _ = build_model(spec, trust=trusted, pretrained=False)
+        model, _ = build_model(spec, trust=_may_unpickle(ref, spec, trust), pretrained=False)
     except NmcliError as exc:
         raise type(exc)(
             f"cannot rebuild the architecture from {spec!r} ({exc}); pass --arch SPEC if the source moved"
         ) from exc
     return model
+
+
+def load_source_model(ref: SourceRef, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
+    """The model a checkpoint was pruned from, with the source's own (dense) weights.
+
+    A plain state-dict source is loaded into its recorded ``--arch`` (``arch`` overrides it);
+    any other source is loaded as it is, or from ``arch`` when the source moved. A pickled source
+    is unpickled again only with ``trust`` or while its file still has the sha256 the user trusted.
+    """
+    if ref.arch:
+        return load_model(ref.spec, arch=arch or ref.arch, trust=_may_unpickle(ref, arch or ref.arch, trust))
+    spec = arch or ref.spec
+    return load_model(spec, trust=_may_unpickle(ref, spec, trust))
 
 
 def _sha_matches(spec: str, sha: str) -> bool:

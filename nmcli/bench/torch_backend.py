@@ -381,16 +381,15 @@ def plan(
 
 def _dense_model(loaded: Any, *, arch: str | None, trust: bool) -> tuple[nn.Module, str]:
     """The original dense model of a checkpoint, and where its weights came from."""
-    from nmcli.sources import load_model, model_from_checkpoint, source_ref
+    from nmcli.sources import load_source_model, model_from_checkpoint
 
     ckpt = loaded.checkpoint
     if ckpt.dense:
         model = model_from_checkpoint(ckpt, arch=arch, trust=trust, weights="dense")
         return model, "stored in the checkpoint"
     ref = ckpt.meta.source
-    trusted = trust or (ref.trusted and ref.sha256 is not None and source_ref(ref.spec).sha256 == ref.sha256)
     try:
-        source = load_model(ref.spec, arch=arch or ref.arch, trust=trusted)
+        source = load_source_model(ref, arch=arch, trust=trust)
     except NmcliError as exc:
         return copy.deepcopy(loaded.model), f"unavailable (rebuilding {ref.spec} failed: {exc})"
     want = {k: tuple(v.shape) for k, v in loaded.model.state_dict().items()}

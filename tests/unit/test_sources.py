@@ -19,6 +19,7 @@ from nmcli.sources import (
     build_model,
     default_output_path,
     load_model,
+    load_source_model,
     model_from_checkpoint,
     normalize_spec,
     source_ref,
@@ -293,3 +294,14 @@ def test_default_output_paths(tmp_path: Path) -> None:
     (tmp_path / "bert").mkdir()
     assert default_output_path(f"hf:{tmp_path}/bert/", "2of4") == tmp_path / "bert-2of4.safetensors"
     assert default_output_path("m.safetensors", "", ".onnx") == Path("m.onnx")
+
+
+def test_trusted_pickle_source_is_unpickled_again_only_while_its_file_is_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "mlp.pt"
+    torch.save(tiny_mlp(), path)
+    ref = source_ref(str(path), trusted=True)
+    assert load_source_model(ref).kind == "pickle"
+    torch.save(nn.Sequential(nn.Linear(64, 10)), path)  # same path, different file: trust does not carry over
+    with pytest.raises(TrustRequiredError):
+        load_source_model(ref)
+    assert load_source_model(ref, trust=True).kind == "pickle"
