@@ -6,6 +6,7 @@ several. Once given to any command the spec is stored in the checkpoint and reus
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ _CANONICAL = {v: k for k, v in reversed(list(_DTYPES.items()))}
 # The floating-point precisions that --precision names (finetune, export, bench).
 FLOAT_PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DIMS_RE = re.compile(r"^\d+(x\d+)*$")
+# The most elements one input tensor may have: 32-bit indexing in ONNX Runtime and TensorRT kernels.
+MAX_INPUT_ELEMENTS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,11 @@ def parse_input_spec(text: str) -> InputSpec:
         shape = tuple(int(d) for d in dims.split("x"))
         if any(d <= 0 for d in shape):
             raise InputError(f"input shape {part!r} has a zero dimension")
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise InputError(
+                f"input shape {part!r} has {math.prod(shape):,} elements, more than the {MAX_INPUT_ELEMENTS:,} "
+                "(2^31 - 1) that ONNX Runtime and TensorRT index: give a smaller --input-shape"
+            )
         tensors.append(InputTensor(name, shape, _DTYPES[dtype_name.lower()]))
     return InputSpec(tuple(tensors))
 
@@ -130,15 +138,22 @@ def example_inputs(
     args: list[torch.Tensor] = []
     kwargs: dict[str, torch.Tensor] = {}
     for t in spec.tensors:
-        if t.dtype.is_floating_point:
-            value = torch.randn(t.shape, generator=gen).to(dtype or t.dtype)
-        elif t.dtype == torch.bool or "mask" in t.name:
-            value = torch.ones(t.shape, dtype=t.dtype)
-        elif "type" in t.name:
-            value = torch.zeros(t.shape, dtype=t.dtype)
-        else:
-            value = torch.randint(0, vocab_size, t.shape, generator=gen, dtype=t.dtype)
-        value = value.to(device)
+        try:
+            if t.dtype.is_floating_point:
+                value = torch.randn(t.shape, generator=gen).to(dtype or t.dtype)
+            elif t.dtype == torch.bool or "mask" in t.name:
+                value = torch.ones(t.shape, dtype=t.dtype)
+            elif "type" in t.name:
+                value = torch.zeros(t.shape, dtype=t.dtype)
+            else:
+                value = torch.randint(0, vocab_size, t.shape, generator=gen, dtype=t.dtype)
+            value = value.to(device)
+        except (RuntimeError, MemoryError) as exc:  # torch reports a failed allocation as RuntimeError
+            if isinstance(exc, RuntimeError) and "alloc" not in str(exc).lower() and "memory" not in str(exc).lower():
+                raise
+            raise InputError(
+                f"input {t} ({math.prod(t.shape):,} elements) does not fit in memory: give a smaller --input-shape"
+            ) from exc
         if t.name:
             kwargs[t.name] = value
         else:

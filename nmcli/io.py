@@ -38,6 +38,34 @@ def check_output_path(
         raise OutputExistsError(f"output {out} already exists: pass --force to overwrite it, or choose another -o")
     if not out.parent.exists():
         raise OutputExistsError(f"output folder {out.parent} does not exist: create it or choose another -o")
+    check_output_writable(out)
+    return out
+
+
+def check_output_writable(path: str | os.PathLike[str]) -> Path:
+    """Check, before any work, that a file can be created in ``path``'s folder.
+
+    A real probe (a temporary file created and removed) rather than ``os.access``, which is wrong
+    for root, ACLs and read-only mounts. :func:`check_output_path` calls it; call it directly for
+    an output that is not checked there (e.g. ``bench --output``, a ``--plot`` file).
+
+    Raises:
+        OutputExistsError: the folder does not exist, is not a folder, or cannot be written.
+    """
+    out = Path(path)
+    folder = out.parent
+    if not folder.is_dir():
+        raise OutputExistsError(f"output folder {folder} does not exist: create it or choose another -o")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name[:64]}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputExistsError(
+            f"cannot write {out}: folder {folder} is not writable ({reason}); choose another -o or fix its permissions"
+        ) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
     return out
 
 

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from nmcli.cli.app import emit_json, guarded, progress_bar, show_progress, stderr
+from nmcli.cli.app import emit_json, esc, guarded, progress_bar, show_progress, stderr
+from nmcli.cli.options import number
 
 if TYPE_CHECKING:
     from nmcli.export import ExportResult
@@ -31,11 +32,28 @@ def command(
     dynamic_batch: bool = typer.Option(
         False, "--dynamic-batch", help="Dynamic batch dimension (and sequence length for text models)."
     ),
-    opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default 17)."),
+    opset: int | None = typer.Option(
+        None, "--opset", callback=number("--opset", minimum=9, maximum=23), help="ONNX opset (default 17)."
+    ),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare onnxruntime with torch on random inputs."),
-    atol: float | None = typer.Option(None, "--atol", help="Absolute tolerance (default per precision)."),
-    rtol: float | None = typer.Option(None, "--rtol", help="Relative tolerance (default per precision)."),
-    workspace: int | None = typer.Option(None, "--workspace", help="TensorRT workspace limit in MiB."),
+    atol: float | None = typer.Option(
+        None,
+        "--atol",
+        callback=number("--atol", minimum=0, maximum=1e6),
+        help="Absolute tolerance (default per precision).",
+    ),
+    rtol: float | None = typer.Option(
+        None,
+        "--rtol",
+        callback=number("--rtol", minimum=0, maximum=1e6),
+        help="Relative tolerance (default per precision).",
+    ),
+    workspace: int | None = typer.Option(
+        None,
+        "--workspace",
+        callback=number("--workspace", minimum=0, exclusive=True, maximum=1 << 24),
+        help="TensorRT workspace limit in MiB.",
+    ),
     compress: bool = typer.Option(
         False, "--compress", help="Write a compressed copy of the checkpoint (kept values + in-group indices)."
     ),
@@ -76,9 +94,9 @@ def command(
     else:
         _render(result)
     for note in result.notes:
-        stderr.print(f"[cyan]note:[/cyan] {note}", markup=True, highlight=False)
+        stderr.print(f"[cyan]note:[/cyan] {esc(note)}", markup=True, highlight=False)
     for warning in result.warnings:
-        stderr.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False)
+        stderr.print(f"[yellow]warning:[/yellow] {esc(warning)}", markup=True, highlight=False)
     if result.trt_missing is not None and result.trtexec is not None:
         from nmcli.export import trtexec_variants
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from nmcli.cli.app import emit_json, guarded, stderr
+from nmcli.cli.app import emit_json, esc, guarded, stderr
 
 if TYPE_CHECKING:
     from nmcli.inspect import InspectReport
@@ -50,7 +50,7 @@ def command(
         if note:
             stderr.print(f"[yellow]note:[/yellow] {note}")
     for remark in report.notes:
-        stderr.print(f"[yellow]note:[/yellow] {remark}", markup=True)
+        stderr.print(f"[yellow]note:[/yellow] {esc(remark)}", markup=True)
     if strict and not report.compliant:
         bad = report.violations
         names = ", ".join(layer.param for layer in bad[:_MAX_NAMED]) + (" ..." if len(bad) > _MAX_NAMED else "")

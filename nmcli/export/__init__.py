@@ -10,6 +10,7 @@ compressed copy of :mod:`nmcli.compressed`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -225,8 +226,8 @@ def run_export(
     if workspace_mb is not None and workspace_mb <= 0:
         raise InputError(f"--workspace {workspace_mb} must be a positive number of MiB")
     for name, value in (("--atol", atol), ("--rtol", rtol)):
-        if value is not None and value < 0:
-            raise InputError(f"{name} {value} must not be negative")
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise InputError(f"{name} {value}: give a finite number >= 0")
     spec_override = parse_input_spec(input_shape) if input_shape else None
     paths = export_paths(checkpoint, onnx=onnx, trt=trt, compress=compress, output=output)
     local_input = checkpoint[3:] if checkpoint.startswith("hf:") else checkpoint
