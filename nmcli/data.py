@@ -76,7 +76,8 @@ class TrainData:
         batches: an iterable of ready batches (re-iterated every epoch), or None.
         collate: turns a list of examples into a :class:`Batch`.
         loss: an optional ``loss(outputs, targets)`` from a ``py:`` spec.
-        causal_lm_labels: text data for a causal LM: without a teacher, train on next-token prediction.
+        causal_lm_labels: data for a causal LM trained without a teacher: every batch with
+            ``input_ids`` (and no labels or targets) gets next-token labels (:func:`causal_lm_labels`).
     """
 
     spec: str
@@ -101,14 +102,32 @@ class TrainData:
         """The batch of the examples at ``indices``."""
         if hasattr(self.examples, "take"):
             taken: Batch = self.examples.take(indices)
-            return taken
-        return self.collate([self.examples[i] for i in indices])
+        else:
+            taken = self.collate([self.examples[i] for i in indices])
+        return causal_lm_labels(taken) if self.causal_lm_labels else taken
 
     def iter_batches(self) -> Iterator[Batch]:
         """One pass over pre-batched data."""
         assert self.batches is not None
         for item in self.batches:
-            yield to_batch(item)
+            batch = to_batch(item)
+            yield causal_lm_labels(batch) if self.causal_lm_labels else batch
+
+
+def causal_lm_labels(batch: Batch) -> Batch:
+    """``batch`` with next-token labels for a causal LM: ``labels = input_ids``, ``-100`` where
+    ``attention_mask`` is 0 (transformers shifts them inside the model).
+
+    A batch without ``input_ids``, or that already has ``labels`` or targets, is returned as it is.
+    """
+    ids = batch.kwargs.get("input_ids")
+    if ids is None or "labels" in batch.kwargs or batch.targets is not None:
+        return batch
+    labels = ids.clone()
+    mask = batch.kwargs.get("attention_mask")
+    if mask is not None:
+        labels[mask == 0] = -100
+    return Batch(batch.args, {**batch.kwargs, "labels": labels}, None)
 
 
 def to_batch(item: Any) -> Batch:
@@ -331,20 +350,25 @@ def load_data(
         source_spec: the model's source (``text:`` needs an ``hf:`` one for its tokenizer).
         input_shape: the checkpoint's first input shape (``imagefolder:`` resizes to it).
         max_length: ``text:`` truncation length in tokens.
-        causal_lm: ``text:`` for a causal LM: add next-token labels.
+        causal_lm: a causal LM trained without a teacher: batches with ``input_ids`` get
+            next-token labels, whatever the spec.
 
     Raises:
         DataError: a malformed or unreadable spec.
         BackendUnavailableError: the spec needs a missing optional package.
     """
+    data: TrainData | None = None
     if spec.startswith("tensors:"):
-        return load_tensors(spec)
-    if spec.startswith("text:"):
-        return load_text(spec, source_spec, max_length, causal_lm)
-    if spec.startswith("imagefolder:"):
-        return load_imagefolder(spec, input_shape)
-    if spec.startswith("py:"):
-        return load_py(spec)
+        data = load_tensors(spec)
+    elif spec.startswith("text:"):
+        data = load_text(spec, source_spec, max_length, causal_lm)
+    elif spec.startswith("imagefolder:"):
+        data = load_imagefolder(spec, input_shape)
+    elif spec.startswith("py:"):
+        data = load_py(spec)
+    if data is not None:
+        data.causal_lm_labels = causal_lm
+        return data
     raise DataError(
         f"unknown --data spec {spec!r}: use tensors:FILE.safetensors, text:FILE.txt, imagefolder:DIR or py:module:callable"
     )

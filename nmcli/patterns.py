@@ -208,12 +208,100 @@ def _shape_reason(kind: str, shape: Sequence[int], axis: int, groups: int, trans
     return ""
 
 
+# --- Mixture-of-experts: expert stacks are prunable, routing never is -----------------------
+#
+# transformers 5 stores the experts of an MoE block (Mixtral, Qwen2/3-MoE, DeepSeek, OLMoE, ...)
+# as one module holding floating Parameters of 3 or more dimensions, a stack of matrices applied
+# one per expert: ``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``. The rule:
+#
+# * an *experts module* is a module whose class name ends in ``Experts``, or that carries
+#   transformers' ``@use_experts_implementation`` attributes (``num_experts`` and
+#   ``is_transposed``); each of its own floating Parameters with 3 or more dimensions is a
+#   candidate of kind ``experts``, pruned N:M per expert matrix along that matrix's **input
+#   dimension**: the last axis (``F.linear(x, W[e])``, ``W[e]`` is ``[out, in]``), or the axis
+#   before it when the module says ``is_transposed`` (``x @ W[e]``, GPT-OSS ``[E, in, out]``).
+#   Expert biases (2-D) are biases, never candidates.
+# * routing is never pruned: in an *MoE block* (a module with an experts module, or a ModuleList
+#   named ``experts``, among its children) every child named ``gate``, ``router``, ``gating``,
+#   ``*_gate``, ``*_router``, ``*_gating`` or ``router*`` (``shared_expert_gate``, ``router_mlp``;
+#   not ``gate_proj``), and every Linear child with fewer than M outputs, is a router; so is any
+#   module whose class name ends in ``Router`` or ``Gating``. Their weights (Linear or not) are
+#   listed and skipped with the reason ``router``.
+
+EXPERTS = "experts"
+ROUTER = "router"
+ROUTER_REASON = "router"
+_ROUTER_CHILD = re.compile(r"(^|_)(gate|router|gating)$|^router")
+
+
+def _class_name(module: nn.Module) -> str:
+    original = getattr(module, "original_name", None)  # TorchScript keeps the Python class name
+    return original if isinstance(original, str) else type(module).__name__
+
+
+def _expert_stacks(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The module's own floating Parameters of 3+ dimensions, when it is an experts module (else [])."""
+    if not (
+        _class_name(module).endswith("Experts") or (hasattr(module, "num_experts") and hasattr(module, "is_transposed"))
+    ):
+        return []
+    return [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() >= 3 and p.is_floating_point()]
+
+
+def expert_axis(module: nn.Module, ndim: int) -> int:
+    """The input (reduction) axis of each matrix of an expert stack with ``ndim`` dimensions (see the rule above)."""
+    return ndim - 2 if bool(getattr(module, "is_transposed", False)) else ndim - 1
+
+
+def _router_modules(model: nn.Module, pattern: Pattern) -> set[str]:
+    """Names of the routing modules of ``model`` (see the rule above)."""
+    routers: set[str] = set()
+    for name, module in model.named_modules():
+        if _class_name(module).endswith(("Router", "Gating")):
+            routers.add(name)
+        children = dict(module.named_children())
+        if not any(
+            _expert_stacks(child) or (child_name == "experts" and isinstance(child, nn.ModuleList))
+            for child_name, child in children.items()
+        ):
+            continue
+        for child_name, child in children.items():
+            few_outputs = _module_kind(child) == LINEAR and int(getattr(child, "out_features", pattern.m)) < pattern.m
+            if _ROUTER_CHILD.search(child_name) or few_outputs:
+                routers.add(_join(name, child_name))
+    return routers
+
+
+def _in_any(name: str, prefixes: set[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") or not p for p in prefixes)
+
+
+def _moe_candidates(module_name: str, module: nn.Module, pattern: Pattern, router: bool) -> Iterator[LayerCandidate]:
+    """Candidates of a module no other kind covers: expert stacks, and the weights of non-Linear routers."""
+    for attr, weight in _expert_stacks(module):
+        shape = tuple(weight.shape)
+        axis = expert_axis(module, weight.dim())
+        reason = ROUTER_REASON if router else _shape_reason(EXPERTS, shape, axis, 1, False, pattern)
+        yield LayerCandidate(module_name, _join(module_name, attr), EXPERTS, shape, axis, not reason, reason)
+    if router and _module_kind(module) is None:
+        for attr, weight in module.named_parameters(recurse=False):
+            if weight.dim() >= 2 and weight.is_floating_point():
+                shape = tuple(weight.shape)
+                yield LayerCandidate(
+                    module_name, _join(module_name, attr), ROUTER, shape, weight.dim() - 1, False, ROUTER_REASON
+                )
+
+
 def _candidates_from_modules(model: nn.Module, pattern: Pattern) -> Iterator[tuple[LayerCandidate, str]]:
     embedding_params = {
         id(p) for mod in model.modules() if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) for p in mod.parameters()
     }
+    routers = _router_modules(model, pattern)
     for module_name, module in model.named_modules():
         kind = _module_kind(module)
+        is_router = bool(routers) and _in_any(module_name, routers)
+        for moe in _moe_candidates(module_name, module, pattern, is_router):
+            yield moe, ""
         if kind is None:
             continue
         if kind == MHA:
@@ -230,7 +318,9 @@ def _candidates_from_modules(model: nn.Module, pattern: Pattern) -> Iterator[tup
             shape = tuple(weight.shape)
             axis = 0 if kind == HF_CONV1D else 1
             reason = _shape_reason(kind, shape, axis, groups, transposed, pattern)
-            if not reason and id(weight) in embedding_params:
+            if is_router:
+                reason = ROUTER_REASON
+            elif not reason and id(weight) in embedding_params:
                 reason = "weight is tied to an embedding"
             yield (
                 LayerCandidate(module_name, _join(module_name, attr), kind, shape, axis, not reason, reason),
@@ -280,7 +370,10 @@ def find_layers(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
 ) -> list[LayerCandidate]:
-    """Every Linear/ConvNd/Conv1D/attention weight in ``model``, with eligibility and a reason for skips.
+    """Every Linear/ConvNd/Conv1D/attention weight and MoE expert stack in ``model``, with eligibility and a reason for skips.
+
+    MoE routers are listed and never eligible (reason ``router``); expert stacks are pruned per
+    expert along each matrix's input dimension (the rule above :data:`EXPERTS`).
 
     ``include``/``exclude`` are globs over module names (``encoder.*.attention.*``); a module matching
     an ``exclude`` glob, or no ``include`` glob when some are given, is skipped with that reason.
@@ -324,5 +417,7 @@ def tensorrt_usable(shape: Sequence[int], axis: int, compliant_24: bool) -> bool
         return False
     k = shape[axis]
     out_axis = 1 if axis == 0 else 0
+    if len(shape) >= 3 and axis == len(shape) - 1:  # an expert stack [E, out, in]
+        out_axis = axis - 1
     n_out = shape[out_axis]
     return k % 32 == 0 and k >= 64 and n_out % 32 == 0

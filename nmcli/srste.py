@@ -13,7 +13,9 @@ model through ``torch.nn.utils.parametrize``: the optimizer steps on the dense w
 model's own code keeps reading ``module.weight`` and gets the masked one.
 
 The refinement term can be added in the backward pass (``refine_in_backward=True``, the default:
-plain training loops need no change) or once per optimizer step with
+plain training loops need no change; it is a gradient hook on the dense weight, so it is added
+once per backward even when the model reads the weight several times per forward, as MoE
+experts do with ``W[e]`` for every expert) or once per optimizer step with
 :meth:`SparseTraining.add_refinement` (what ``nmcli finetune`` does, so that gradient
 accumulation, data-parallel averaging and fp16 loss scaling never scale or repeat it).
 """
@@ -99,6 +101,7 @@ class SparseParam:
     module: nn.Module
     attr: str
     parametrization: NMParametrization
+    hook: Any = None  # the refinement's gradient hook (refine_in_backward), removed with the parametrization
 
     @property
     def dense(self) -> nn.Parameter:
@@ -166,11 +169,13 @@ class SparseTraining:
             pattern = entry.pattern
             given = masks.get(entry.param) if masks is not None else None
             mask = given.to(weight.device) if given is not None else nm_mask(weight, pattern, entry.axis)
-            para = NMParametrization(mask, pattern, entry.axis, self.lambda_w if refine_in_backward else 0.0).to(
-                weight.device
-            )
+            # Plain STE in the forward; the refinement goes on the dense weight's gradient, once.
+            para = NMParametrization(mask, pattern, entry.axis, 0.0).to(weight.device)
             parametrize.register_parametrization(module, attr, para)
-            self.params.append(SparseParam(entry.param, module, attr, para))
+            sparse_param = SparseParam(entry.param, module, attr, para)
+            if refine_in_backward and self.lambda_w:
+                sparse_param.hook = sparse_param.dense.register_hook(_refinement_hook(sparse_param, self.lambda_w))
+            self.params.append(sparse_param)
 
     def __iter__(self) -> Iterator[SparseParam]:
         return iter(self.params)
@@ -236,9 +241,18 @@ class SparseTraining:
     def remove(self) -> None:
         """Remove the parametrizations: each module holds its dense weight as a plain parameter again."""
         for sp in self.params:
+            if sp.hook is not None:
+                sp.hook.remove()
             if parametrize.is_parametrized(sp.module, sp.attr):
                 parametrize.remove_parametrizations(sp.module, sp.attr, leave_parametrized=False)
         self.params = []
+
+
+def _refinement_hook(sp: SparseParam, lambda_w: float) -> Any:
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return refined_grad(grad, sp.dense.detach(), sp.mask, lambda_w)
+
+    return hook
 
 
 def _prefix(sp: SparseParam) -> str:
