@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -391,16 +391,17 @@ def find_layers(
         if cand.param in seen:
             continue
         seen.add(cand.param)
-        if cand.eligible and include and not (_matches(cand.module, include) or _matches(cand.param, include)):
-            cand = LayerCandidate(
-                cand.module, cand.param, cand.kind, cand.shape, cand.axis, False, "not matched by --include"
-            )
-        elif cand.eligible and exclude and (_matches(cand.module, exclude) or _matches(cand.param, exclude)):
-            cand = LayerCandidate(
-                cand.module, cand.param, cand.kind, cand.shape, cand.axis, False, "matched by --exclude"
-            )
-        layers.append(cand)
+        layers.append(_filtered(cand, include, exclude))
     return layers
+
+
+def _filtered(cand: LayerCandidate, include: Sequence[str], exclude: Sequence[str]) -> LayerCandidate:
+    """``cand``, made ineligible when ``--include`` globs are given and none matches, or an ``--exclude`` glob does."""
+    if cand.eligible and include and not (_matches(cand.module, include) or _matches(cand.param, include)):
+        return LayerCandidate(cand.module, cand.param, cand.kind, cand.shape, cand.axis, False, "not matched by --include")
+    if cand.eligible and exclude and (_matches(cand.module, exclude) or _matches(cand.param, exclude)):
+        return LayerCandidate(cand.module, cand.param, cand.kind, cand.shape, cand.axis, False, "matched by --exclude")
+    return cand
 
 
 # TensorRT's sparse kernels need the reduction dimension (and output channels) in multiples the
@@ -421,3 +422,151 @@ def tensorrt_usable(shape: Sequence[int], axis: int, compliant_24: bool) -> bool
         out_axis = axis - 1
     n_out = shape[out_axis]
     return k % 32 == 0 and k >= 64 and n_out % 32 == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Inferred layers: which tensors of a bare state dict are sparse layers, decided from the
+# tensors alone (no architecture). Used by sad, inspect and prune --infer-layers on training
+# checkpoints; --arch, when given, takes precedence. Output names this rule "inferred".
+
+INFERRED = "inferred"
+# Words of a tensor's name that mark embeddings, norms and positional tables (see infer_layers).
+INFERRED_SKIP_SUBSTRINGS = ("embed", "norm")
+INFERRED_SKIP_WORDS = ("bn", "ln", "pos")
+INFERRED_SKIP_PREFIXES = ("position",)
+# The group sizes M tried when a pattern is inferred from stored zeros.
+INFERRED_MS = (2, 4, 8, 16, 32)
+_WORD_SPLIT = re.compile(r"[._\-/]+")
+
+
+def _is_weight_name(name: str) -> bool:
+    return name == "weight" or name.endswith(".weight") or name.endswith("proj_weight")
+
+
+def _skip_word(name: str) -> str | None:
+    words = [w.rstrip("0123456789") for w in _WORD_SPLIT.split(name.lower())]
+    for word in words[:-1] if words and words[-1] == "weight" else words:
+        if any(s in word for s in INFERRED_SKIP_SUBSTRINGS) or word in INFERRED_SKIP_WORDS:
+            return word
+        if word.startswith(INFERRED_SKIP_PREFIXES):
+            return word
+    return None
+
+
+def inferred_skip_reason(name: str, shape: Sequence[int], floating: bool, pattern: Pattern) -> str:
+    """Why the tensor ``name`` is not an inferred sparse layer under ``pattern`` (empty when it is).
+
+    The rule, in the order checked (the first that fails is the reason):
+
+    1. a floating-point tensor;
+    2. named ``*.weight`` (or ``weight``; ``*proj_weight`` for ``nn.MultiheadAttention``):
+       biases, buffers and running statistics are not layers;
+    3. 2 or more dimensions (1-D: biases, norm scales);
+    4. not an embedding, norm or positional table by name: no word of the name (split at ``.``,
+       ``_``, ``-``; lower case; trailing digits dropped, so ``bn1`` is ``bn``) contains
+       ``embed`` or ``norm``, equals ``bn``, ``ln`` or ``pos``, or starts with ``position``;
+    5. input dimension (dim 1) > 1 (a depthwise conv ``[C, 1, k, k]`` has 1);
+    6. input dimension a multiple of M.
+
+    Groups run along dim 1: Linear ``[out, in]``, ConvNd ``[out, in, *k]``. What the tensors
+    cannot show, the rule cannot know: a grouped (not depthwise) conv, a transposed conv and
+    transformers' ``Conv1D`` (GPT-2, ``[in, out]``) look like ordinary layers; a weight tied to
+    an embedding is skipped only when the caller says so. Pass ``--arch`` for those models.
+    """
+    if not floating:
+        return "not a floating-point tensor"
+    if not _is_weight_name(name):
+        return "not named *.weight (a bias, buffer or statistic)"
+    if len(shape) < 2:
+        return f"{len(shape)}-D (a bias or norm scale)"
+    word = _skip_word(name)
+    if word is not None:
+        return f"an embedding, norm or positional table by name ({word!r})"
+    if shape[1] <= 1:
+        return f"input dimension {shape[1]} (a depthwise conv)"
+    if shape[1] % pattern.m:
+        return f"input dimension {shape[1]} is not a multiple of M={pattern.m}"
+    return ""
+
+
+def infer_layers(
+    tensors: Iterable[tuple[str, Sequence[int], bool]],
+    pattern: Pattern,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    tied: Iterable[str] = (),
+) -> list[LayerCandidate]:
+    """Decide from ``(name, shape, is_floating)`` alone which tensors are sparse layers (:func:`inferred_skip_reason`).
+
+    Returns one :class:`LayerCandidate` per tensor, taken or skipped with its reason, in the
+    given order, in the form :func:`find_layers` returns (``kind`` is ``"inferred"``, ``axis``
+    1). ``include``/``exclude`` globs work as in :func:`find_layers`; names in ``tied`` (weights
+    sharing storage with an embedding) are skipped.
+    """
+    tied_names = set(tied)
+    layers: list[LayerCandidate] = []
+    for name, shape, floating in tensors:
+        shape = tuple(int(d) for d in shape)
+        reason = inferred_skip_reason(name, shape, floating, pattern)
+        if not reason and name in tied_names:
+            reason = "weight is tied to an embedding"
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        cand = LayerCandidate(module, name, INFERRED, shape, 1, not reason, reason)
+        layers.append(_filtered(cand, include, exclude))
+    return layers
+
+
+def most_nonzeros(values: torch.Tensor, axis: int, ms: Sequence[int] = INFERRED_MS) -> dict[int, int]:
+    """The most non-zeros in any group of M along ``axis``, for every M in ``ms`` that divides that dimension."""
+    out: dict[int, int] = {}
+    if values.dim() == 0:
+        return out
+    for m in ms:
+        if values.shape[axis % values.dim()] % m == 0 and values.numel():
+            out[m] = int(group_counts(values, m, axis).max())
+    return out
+
+
+@dataclass(frozen=True)
+class ZeroPattern:
+    """What an input's stored zeros say: per M, the most non-zeros in a group and the layers checked."""
+
+    densest: dict[int, int]
+    layers: dict[int, int]
+
+    def pattern(self) -> Pattern | None:
+        """The sparsest N:M that every checked layer already satisfies, or None.
+
+        Lowest density N/M first; among equals the M that covers more layers, then the smaller M
+        (so a 2:4 model is 2:4, not 4:8). Ms under which no layer qualifies are not considered.
+        """
+        found = [
+            (n / m, -self.layers[m], m, Pattern(max(n, 1), m))
+            for m, n in self.densest.items()
+            if self.layers.get(m) and n < m
+        ]
+        return min(found)[3] if found else None
+
+
+def zero_pattern(
+    candidates: Callable[[Pattern], Sequence[LayerCandidate]],
+    fetch: Callable[[str], torch.Tensor],
+    ms: Sequence[int] = INFERRED_MS,
+) -> ZeroPattern:
+    """Scan the layers ``candidates(Pattern(1, M))`` deems eligible, for each M in ``ms``, reading each weight once.
+
+    ``fetch(param)`` returns a weight. :meth:`ZeroPattern.pattern` then names the pattern the
+    stored zeros satisfy (effective-weight checkpoints), if any.
+    """
+    by_m = {m: [c for c in candidates(Pattern(1, m)) if c.eligible] for m in ms}
+    axes: dict[str, int] = {}
+    wanted: dict[str, list[int]] = {}
+    for m, layers in by_m.items():
+        for c in layers:
+            axes[c.param] = c.axis
+            wanted.setdefault(c.param, []).append(m)
+    densest: dict[int, int] = {}
+    for param, param_ms in wanted.items():
+        for m, n in most_nonzeros(fetch(param).detach(), axes[param], param_ms).items():
+            densest[m] = max(densest.get(m, 0), n)
+    return ZeroPattern(densest, {m: len(layers) for m, layers in by_m.items()})

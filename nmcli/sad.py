@@ -25,10 +25,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from nmcli.checkpoint import MASK_PREFIX, CheckpointReader, pack_mask, packed_size
 from nmcli.errors import (
@@ -39,7 +38,19 @@ from nmcli.errors import (
     NmcliError,
     SourceError,
 )
-from nmcli.patterns import Pattern, find_layers, nm_mask
+from nmcli.patterns import (
+    INFERRED,
+    TENSOR_CORE_PATTERN,
+    LayerCandidate,
+    Pattern,
+    find_layers,
+    infer_layers,
+    nm_mask,
+    zero_pattern,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 ProgressCallback = Callable[[int, int, str], None]
 _SHOWN = 3  # names shown per kind of mismatch
@@ -52,7 +63,7 @@ PLOT_HINT = "pip install 'nmcli[plot]'"
 
 
 def _as_uint8(a: np.ndarray | torch.Tensor) -> np.ndarray:
-    array = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a
+    array = a if isinstance(a, np.ndarray) else a.detach().cpu().numpy()
     return np.ascontiguousarray(array).reshape(-1)
 
 
@@ -169,6 +180,13 @@ class SadReport:
     inputs: list[str]
     pairs: list[SadResult]
     vs_first: list[SadResult]
+    pattern: PatternChoice | None = None
+    masks: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        """One-line remarks for stderr (how the pattern of derived masks was chosen)."""
+        return [self.pattern.note] if self.pattern is not None and self.pattern.note else []
 
     @property
     def results(self) -> list[SadResult]:
@@ -182,13 +200,26 @@ class SadReport:
         return [r for r in self.results if r.normalized > threshold]
 
     def to_json(self) -> dict[str, Any]:
-        """Two inputs: one pair's object; several: ``{"inputs", "pairs", "vs_first"}``."""
+        """Two inputs: one pair's object; several: ``{"inputs", "pairs", "vs_first"}``.
+
+        Both add ``pattern`` and ``pattern_from`` (the pattern that derived masks for inputs
+        without stored ones, and why: ``option``, ``inferred``, ``stored``, ``default``; null
+        when every input stores masks) and ``masks``: one entry per input saying where its masks
+        and layers came from (``layers_from``: ``stored``, ``arch``, ``model`` or ``inferred``,
+        the last with every tensor ``taken`` or skipped and the ``reason``).
+        """
+        extra = {
+            "pattern": str(self.pattern.pattern) if self.pattern else None,
+            "pattern_from": self.pattern.origin if self.pattern else None,
+            "masks": self.masks,
+        }
         if len(self.inputs) == 2:
-            return self.pairs[0].to_json()
+            return {**self.pairs[0].to_json(), **extra}
         return {
             "inputs": list(self.inputs),
             "pairs": [r.to_json() for r in self.pairs],
             "vs_first": [r.to_json() for r in self.vs_first],
+            **extra,
         }
 
 
@@ -292,9 +323,9 @@ class StoredMasks(MaskSet):
             raise CheckpointError(
                 f"{self.label}: mask of {param} could not be read ({exc}): the file may be truncated; re-create it"
             ) from exc
-        if tensor.dtype != torch.uint8:
-            raise CheckpointError(f"{self.label}: mask of {param} is {tensor.dtype}, expected packed uint8")
-        packed = tensor.numpy().reshape(-1)
+        packed = np.asarray(tensor if isinstance(tensor, np.ndarray) else tensor.numpy()).reshape(-1)
+        if packed.dtype != np.uint8:
+            raise CheckpointError(f"{self.label}: mask of {param} is {packed.dtype}, expected packed uint8")
         if layer.pattern is not None:
             kept, allowed = packed_popcount(packed), layer.numel // layer.pattern.m * layer.pattern.n
             if kept > allowed:
@@ -341,6 +372,8 @@ class MemoryMasks(MaskSet):
     origin = "stored"
 
     def __init__(self, label: str, masks: Mapping[str, torch.Tensor]) -> None:
+        import torch
+
         for name, mask in masks.items():
             if mask.dtype != torch.bool:
                 raise TypeError(f"mask of {name} is {mask.dtype}: compare_masks takes boolean masks")
@@ -360,6 +393,8 @@ def derive_packed_mask(
     Slices run across a dimension other than ``axis``, so every group stays whole and the result
     equals ``pack_mask(nm_mask(weight, pattern, axis))``, while the sort's temporaries stay bounded.
     """
+    import torch
+
     weight = weight.detach().cpu()
     axis = axis % weight.dim()
     if weight.dim() < 2 or weight.numel() <= chunk_elements:
@@ -373,8 +408,55 @@ def derive_packed_mask(
     return pack_mask(mask)
 
 
+# --------------------------------------------------------------------------------------------
+# Inputs without stored masks: where their layers and their pattern come from
+
+LAYERS_FROM_ARCH = "arch"  # --arch: the architecture's prunable layers
+LAYERS_FROM_MODEL = "model"  # a model source: its own prunable modules
+LAYERS_FROM_INFERRED = INFERRED  # a bare state dict: nmcli.patterns.infer_layers
+
+
+@dataclass
+class WeightInput:
+    """An input that stores no masks: its tensors, a weight reader, and how its layers are chosen.
+
+    ``candidates(pattern)`` lists its candidate layers (:class:`nmcli.patterns.LayerCandidate`),
+    taken and skipped; :meth:`masks` derives the masks of the taken ones with the N:M rule.
+    """
+
+    label: str
+    shapes: dict[str, tuple[int, ...]]
+    fetch: Callable[[str], torch.Tensor]
+    candidates: Callable[[Pattern], list[LayerCandidate]]
+    layers_from: str
+    closer: Callable[[], None] | None = None
+    detail: str = ""
+
+    def masks(self, pattern: Pattern) -> DerivedMasks:
+        layers = [MaskLayer(c.param, c.shape, pattern, c.axis) for c in self.candidates(pattern) if c.eligible]
+        return DerivedMasks(self.label, self.shapes, layers, self.fetch, self.closer)
+
+    def close(self) -> None:
+        if self.closer is not None:
+            self.closer()
+
+    def describe(self, pattern: Pattern) -> dict[str, Any]:
+        """The ``--json`` entry: where layers came from and, when inferred, every tensor taken or skipped."""
+        out: dict[str, Any] = {"input": self.label, "masks": "derived", "layers_from": self.layers_from}
+        if self.detail:
+            out["checkpoint"] = self.detail
+        if self.layers_from == LAYERS_FROM_INFERRED:
+            out["tensors"] = [
+                {"param": c.param, "shape": list(c.shape), "taken": c.eligible, "reason": c.reason}
+                for c in self.candidates(pattern)
+            ]
+        return out
+
+
 def _arch_model(arch: str, trust: bool) -> torch.nn.Module:
     """Build ``--arch`` for its layer structure only: on the meta device when it allows (no weights)."""
+    import torch
+
     from nmcli.sources import build_model, normalize_spec
 
     spec = normalize_spec(arch)
@@ -387,58 +469,190 @@ def _arch_model(arch: str, trust: bool) -> torch.nn.Module:
         return model
 
 
-def _needs_pattern(spec: str) -> InputError:
-    return InputError(
-        f"{spec} stores no masks: pass --pattern N:M to derive them with the N:M rule "
-        "(and --arch SPEC for a plain state dict)"
+def _state_candidates(
+    spec: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    floating: Mapping[str, bool],
+    arch: str | None,
+    trust: bool,
+    tied: Sequence[str] = (),
+) -> tuple[Callable[[Pattern], list[LayerCandidate]], str]:
+    """How a bare state dict's layers are chosen: by ``--arch`` (checked to fit), else inferred."""
+    if not arch:
+        entries = [(name, shape, floating[name]) for name, shape in shapes.items()]
+        return (lambda p: infer_layers(entries, p, tied=tied)), LAYERS_FROM_INFERRED
+    model = _arch_model(arch, trust)
+
+    def by_arch(pattern: Pattern) -> list[LayerCandidate]:
+        candidates = find_layers(model, pattern)
+        misfits = [c.param for c in candidates if c.eligible and shapes.get(c.param) != c.shape]
+        if misfits:
+            raise SourceError(
+                f"{spec} does not fit --arch {arch}: {', '.join(misfits[:_SHOWN])}"
+                f"{' ...' if len(misfits) > _SHOWN else ''} missing or of another shape; check --arch"
+            )
+        return candidates
+
+    by_arch(Pattern(1, 2))  # fail now, before any mask is read
+    return by_arch, LAYERS_FROM_ARCH
+
+
+def _model_input(spec: str, model: torch.nn.Module) -> WeightInput:
+    state = model.state_dict()
+    return WeightInput(
+        spec,
+        {k: tuple(v.shape) for k, v in state.items()},
+        state.__getitem__,
+        lambda p: find_layers(model, p),
+        LAYERS_FROM_MODEL,
     )
 
 
-def open_masks(spec: str, *, pattern: Pattern | None = None, arch: str | None = None, trust: bool = False) -> MaskSet:
-    """The masks of one input: stored in an nmcli/1 checkpoint, or derived with ``pattern``.
+def _tied_to_embeddings(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Weights that share storage with a tensor the inferred rule skips by name (a tied LM head)."""
+    from nmcli.patterns import inferred_skip_reason
+
+    def by_name(name: str) -> bool:
+        return "by name" in inferred_skip_reason(name, (2, 2), True, Pattern(1, 2))
+
+    def where(t: torch.Tensor) -> tuple[int, int]:
+        return (t.untyped_storage().data_ptr(), int(t.storage_offset()))
+
+    skipped = {where(t) for n, t in state.items() if t.dim() >= 2 and by_name(n)}
+    return [n for n, t in state.items() if t.dim() >= 2 and not by_name(n) and where(t) in skipped]
+
+
+def open_input(
+    spec: str, *, arch: str | None = None, trust: bool = False, key: str | None = None
+) -> StoredMasks | WeightInput:
+    """One input: an nmcli/1 checkpoint's stored masks, or the weights of anything else.
 
     Args:
-        spec: an nmcli/1 checkpoint, or any model source (DESIGN.md section 1).
-        pattern: the N:M rule for inputs without stored masks (ignored for checkpoints).
-        arch: the architecture of a plain state dict, so that only its prunable layers count.
-        trust: allow unpickling a pickled ``nn.Module``.
+        spec: an nmcli/1 checkpoint, a plain safetensors state dict, a training checkpoint
+            (``.pt``/``.pth``/``.pth.tar``/``.bin``/``.ckpt``, see :mod:`nmcli.statedicts`), or any
+            model source (DESIGN.md section 1).
+        arch: the architecture of a bare state dict; without it, its layers are inferred
+            (:func:`nmcli.patterns.infer_layers`).
+        trust: allow unpickling a pickled ``nn.Module`` (or a checkpoint that holds other objects).
+        key: the entry of a training checkpoint that holds the weights (``ema``).
 
     Raises:
-        InputError: no stored masks and no ``pattern``; SourceError/CheckpointError for bad inputs.
+        SourceError/TrustRequiredError/CheckpointError: inputs that cannot be read.
     """
     from nmcli.sources import PREFIXES, load_model
+    from nmcli.statedicts import (
+        is_exported_program,
+        is_torchscript_archive,
+        is_training_checkpoint,
+        load_training_state,
+        safetensors_floating,
+    )
 
-    path = Path(spec)
-    if not spec.startswith(PREFIXES) and path.suffix.lower() == ".safetensors":
-        reader = CheckpointReader(path)
-        try:
-            if reader.is_nmcli:
-                return StoredMasks(reader, spec)
-            if pattern is None:
-                raise _needs_pattern(spec)
-            if not arch:
-                raise SourceError(
-                    f"{spec} is a plain state dict: pass --arch SPEC so that only its prunable layers count"
-                )
-            shapes = {name: reader.shape(name) for name in reader.state_names}
-            candidates = [c for c in find_layers(_arch_model(arch, trust), pattern) if c.eligible]
-            misfits = [c.param for c in candidates if shapes.get(c.param) != c.shape]
-            if misfits:
-                raise SourceError(
-                    f"{spec} does not fit --arch {arch}: {', '.join(misfits[:_SHOWN])}"
-                    f"{' ...' if len(misfits) > _SHOWN else ''} missing or of another shape; check --arch"
-                )
-            layers = [MaskLayer(c.param, c.shape, pattern, c.axis) for c in candidates]
-            return DerivedMasks(spec, shapes, layers, reader.tensor, reader.close)
-        except BaseException:
-            reader.close()
-            raise
-    if pattern is None:
-        raise _needs_pattern(spec)
-    loaded = load_model(spec, arch=arch, trust=trust)
-    state = loaded.model.state_dict()
-    layers = [MaskLayer(c.param, c.shape, pattern, c.axis) for c in find_layers(loaded.model, pattern) if c.eligible]
-    return DerivedMasks(spec, {k: tuple(v.shape) for k, v in state.items()}, layers, state.__getitem__)
+    if not spec.startswith(PREFIXES):
+        path = Path(spec)
+        if path.is_dir():
+            hint = f": for a transformers model directory write hf:{spec}" if (path / "config.json").is_file() else ""
+            raise SourceError(f"{spec} is a directory, not a checkpoint file{hint}")
+        if not path.exists():
+            raise SourceError(f"{spec} does not exist: check the path")
+        if path.suffix.lower() == ".safetensors":
+            reader = CheckpointReader(path)
+            try:
+                if reader.is_nmcli:
+                    return StoredMasks(reader, spec)
+                shapes = {name: reader.shape(name) for name in reader.state_names}
+                floating = safetensors_floating(path)
+                candidates, layers_from = _state_candidates(spec, shapes, floating, arch, trust)
+                return WeightInput(spec, shapes, reader.tensor, candidates, layers_from, reader.close)
+            except BaseException:
+                reader.close()
+                raise
+        if is_training_checkpoint(path) and not (is_torchscript_archive(path) or is_exported_program(path)):
+            state = load_training_state(path, key=key, trust=trust)
+            if state.module is not None:
+                return _model_input(spec, state.module)
+            shapes = {k: tuple(v.shape) for k, v in state.tensors.items()}
+            floating = {k: v.is_floating_point() for k, v in state.tensors.items()}
+            tied = _tied_to_embeddings(state.tensors)
+            candidates, layers_from = _state_candidates(spec, shapes, floating, arch, trust, tied)
+            return WeightInput(
+                spec, shapes, state.tensors.__getitem__, candidates, layers_from, detail=state.describe()
+            )
+    return _model_input(spec, load_model(spec, arch=arch, trust=trust).model)
+
+
+@dataclass(frozen=True)
+class PatternChoice:
+    """The pattern that derives masks for inputs without stored ones, and why.
+
+    ``origin``: ``option`` (``-p``), ``inferred`` (every derived input's layers already hold it
+    in their stored zeros), ``stored`` (the pattern of the inputs with stored masks) or
+    ``default`` (2:4). ``note`` is the one line that says so (empty for ``option``).
+    """
+
+    pattern: Pattern
+    origin: str
+    note: str = ""
+
+
+def choose_pattern(inputs: Sequence[StoredMasks | WeightInput], pattern: Pattern | None) -> PatternChoice | None:
+    """The pattern for the derived inputs (None when every input stores its masks).
+
+    Without ``pattern``: the pattern that every candidate layer of every derived input already
+    satisfies in its stored zeros (:class:`nmcli.patterns.ZeroPattern`), when they all agree;
+    else the one pattern of the inputs with stored masks; else 2:4.
+    """
+    derived = [x for x in inputs if isinstance(x, WeightInput)]
+    if not derived:
+        return None
+    if pattern is not None:
+        return PatternChoice(pattern, "option")
+    stored = {layer.pattern for x in inputs if isinstance(x, StoredMasks) for layer in x.layers.values()}
+    stored.discard(None)
+    found = {x.label: zero_pattern(x.candidates, x.fetch).pattern() for x in derived}
+    held = set(found.values())
+    names = ", ".join(Path(x.label).name for x in derived)
+    if None not in held and len(held) == 1 and (not stored or stored == held):
+        inferred = held.pop()
+        assert inferred is not None
+        return PatternChoice(
+            inferred, "inferred", f"pattern {inferred} inferred from the zeros stored in {names} (-p overrides)"
+        )
+    sparse = ", ".join(f"{Path(k).name} holds {v}" for k, v in found.items() if v is not None)
+    why = f" ({sparse})" if sparse else ""
+    if len(stored) == 1:
+        chosen = next(iter(stored))
+        assert chosen is not None
+        return PatternChoice(
+            chosen, "stored", f"masks of {names} derived with {chosen}, the stored masks' pattern{why}; -p overrides"
+        )
+    return PatternChoice(
+        TENSOR_CORE_PATTERN,
+        "default",
+        f"the weights of {names} are not all N:M-sparse for one pattern{why}: masks derived with 2:4; "
+        "pass -p N:M to choose",
+    )
+
+
+def open_masks(
+    spec: str,
+    *,
+    pattern: Pattern | None = None,
+    arch: str | None = None,
+    trust: bool = False,
+    key: str | None = None,
+) -> MaskSet:
+    """The masks of one input: stored in an nmcli/1 checkpoint, or derived (see :func:`choose_pattern`)."""
+    opened = open_input(spec, arch=arch, trust=trust, key=key)
+    if isinstance(opened, StoredMasks):
+        return opened
+    try:
+        choice = choose_pattern([opened], pattern)
+        assert choice is not None
+        return opened.masks(choice.pattern)
+    except BaseException:
+        opened.close()
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,12 +781,17 @@ def sad_report(
     pattern: Pattern | None = None,
     arch: str | None = None,
     trust: bool = False,
+    key: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> SadReport:
-    """SAD between two or more inputs (checkpoints or model sources; see :func:`open_masks`).
+    """SAD between two or more inputs (checkpoints, training checkpoints or model sources; see :func:`open_input`).
+
+    Inputs with stored masks use them. The others get masks from the N:M rule, with ``pattern``
+    or, without it, the pattern :func:`choose_pattern` picks for all of them together; their
+    layers come from ``arch``, from the model itself, or are inferred from the tensors.
 
     Raises:
-        InputError: fewer than two inputs, or an input without masks and no ``pattern``.
+        InputError: fewer than two inputs; SourceError/CheckpointError for inputs that cannot be read.
         MismatchError: inputs that differ in parameter names, shapes or layer patterns.
     """
     if len(specs) < 2:
@@ -580,9 +799,24 @@ def sad_report(
     consecutive, vs_first = report_pairs(len(specs))
     unique = list(dict.fromkeys(consecutive + vs_first))
     with contextlib.ExitStack() as stack:
-        sets = [stack.enter_context(open_masks(s, pattern=pattern, arch=arch, trust=trust)) for s in specs]
+        opened: list[StoredMasks | WeightInput] = []
+        for spec in specs:
+            item = open_input(spec, arch=arch, trust=trust, key=key)
+            stack.callback(item.close)
+            opened.append(item)
+        choice = choose_pattern(opened, pattern)
+        sets: list[MaskSet] = []
+        described: list[dict[str, Any]] = []
+        for item in opened:
+            if isinstance(item, StoredMasks):
+                sets.append(item)
+                described.append({"input": item.label, "masks": "stored", "layers_from": "stored"})
+            else:
+                assert choice is not None
+                sets.append(item.masks(choice.pattern))
+                described.append(item.describe(choice.pattern))
         results = dict(zip(unique, compare_sets(sets, unique, progress), strict=True))
-    return SadReport(list(specs), [results[p] for p in consecutive], [results[p] for p in vs_first])
+    return SadReport(list(specs), [results[p] for p in consecutive], [results[p] for p in vs_first], choice, described)
 
 
 # --------------------------------------------------------------------------------------------

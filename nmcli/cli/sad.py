@@ -19,13 +19,25 @@ def command(
     inputs: list[str] = typer.Argument(
         ...,
         metavar="INPUT",
-        help="Two or more nmcli checkpoints or model sources (a training trajectory, in order).",
+        help="Two or more nmcli checkpoints, training checkpoints (.pt/.pth/.pth.tar/.bin), safetensors state "
+        "dicts or model sources (a training trajectory, in order).",
     ),
     pattern: str | None = typer.Option(
-        None, "-p", "--pattern", help="N:M rule that derives masks for inputs that store none (e.g. dense snapshots)."
+        None,
+        "-p",
+        "--pattern",
+        help="N:M rule that derives masks for inputs that store none (default: the pattern their stored zeros "
+        "already hold, else 2:4).",
     ),
     arch: str | None = typer.Option(
-        None, "--arch", help="Architecture of plain state dicts, so that only prunable layers count."
+        None,
+        "--arch",
+        help="Architecture of bare state dicts: its prunable layers count (default: layers inferred from the tensors).",
+    ),
+    key: str | None = typer.Option(
+        None,
+        "--key",
+        help="Entry of a training checkpoint that holds the weights to compare, e.g. ema or state_dict_ema.",
     ),
     trust: bool = typer.Option(False, "--trust", help="Allow unpickling a pickled nn.Module (runs the file's code)."),
     fail_above: float | None = typer.Option(
@@ -41,8 +53,11 @@ def command(
 
     SAD sums, over the layers pruned in both, the XOR of the two bit-packed masks; it is reported
     as a count, the number of weights compared and their ratio, overall and per layer. Masks come
-    from the checkpoints; inputs that store none get them from the N:M rule with --pattern.
-    Several inputs: each consecutive pair, and each against the first.
+    from nmcli checkpoints; inputs that store none (training checkpoints, state dicts, models) get
+    them from the N:M rule. Without --arch, a bare state dict's layers are inferred from its
+    tensors: floating *.weight tensors of 2+ dimensions whose input dimension (dim 1) is > 1 and a
+    multiple of M, except embeddings, norms and positional tables by name (embed, norm, bn, ln,
+    pos). Several inputs: each consecutive pair, and each against the first.
     """
     from nmcli.errors import CheckFailedError
     from nmcli.io import check_output_path
@@ -54,15 +69,20 @@ def command(
         require_matplotlib()
         check_output_path(plot, force=force, inputs=inputs)
     with progress_bar("comparing masks", show_progress(json_output)) as update:
-        report = sad_report(inputs, pattern=parsed, arch=arch, trust=trust, progress=update)
+        report = sad_report(inputs, pattern=parsed, arch=arch, trust=trust, key=key, progress=update)
     if plot:
         plot_report(report, plot, force=force, inputs=inputs)
     if json_output:
         emit_json(report.to_json())
     else:
+        _render_inferred(report)
         _render(report)
         if plot:
             stderr.print(f"plot -> [bold]{plot}[/bold]")
+    from rich.markup import escape
+
+    for note in report.notes:
+        stderr.print(f"[yellow]note:[/yellow] {escape(note)}")
     if fail_above is not None:
         over = report.exceeding(fail_above)
         if over:
@@ -139,3 +159,47 @@ def _render(report: SadReport) -> None:
     for result in report.results:
         _one_sided(result)
     stderr.print("[dim]per-layer figures: --json[/dim]")
+
+
+def _render_inferred(report: SadReport) -> None:
+    """For inputs whose layers were inferred: every tensor taken or skipped, with the reason (once per layout)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    shown: dict[tuple[tuple[str, bool], ...], str] = {}
+    for entry in report.masks:
+        if entry.get("layers_from") != "inferred":
+            continue
+        tensors = entry["tensors"]
+        layout = tuple((t["param"], t["taken"]) for t in tensors)
+        if layout in shown:
+            stderr.print(f"[dim]{escape(entry['input'])}: the same layers, inferred the same way[/dim]")
+            continue
+        shown[layout] = entry["input"]
+        pattern = report.pattern.pattern if report.pattern else None
+        table = Table(
+            title=f"layers of {escape(entry['input'])}: inferred from its tensors (no --arch), {pattern}",
+            title_justify="left",
+        )
+        table.add_column("tensor")
+        table.add_column("shape")
+        table.add_column("layer")
+        table.add_column("reason")
+        minor = 0
+        for t in tensors:
+            if not t["taken"] and len(t["shape"]) < 2:
+                minor += 1
+                continue
+            table.add_row(
+                escape(t["param"]),
+                "x".join(map(str, t["shape"])),
+                "[green]taken[/green]" if t["taken"] else "[dim]skipped[/dim]",
+                escape(t["reason"]),
+            )
+        stderr.print(table)
+        taken = sum(1 for t in tensors if t["taken"])
+        detail = f"; {escape(entry['checkpoint'])}" if entry.get("checkpoint") else ""
+        stderr.print(
+            f"{taken} of {len(tensors)} tensors taken as sparse layers (inferred); {minor} other tensors with "
+            f"fewer than 2 dimensions skipped (--json lists every tensor){detail}"
+        )

@@ -163,15 +163,24 @@ def test_stored_and_derived_masks_agree(tmp_path: Path) -> None:
         assert [x.param for x in result.layers] == list(stored)  # only prunable layers (no biases)
 
 
-def test_plain_state_dict_needs_pattern_and_arch(tmp_path: Path) -> None:
+def test_plain_state_dict_without_arch_infers_layers_and_pattern(tmp_path: Path) -> None:
     from tests.models import tiny_mlp
 
     path = tmp_path / "plain.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_mlp().state_dict().items()}, str(path))
-    with pytest.raises(InputError, match="--pattern"):
-        sad_report([str(path), str(path)])
-    with pytest.raises(SourceError, match="--arch"):
-        sad_report([str(path), str(path)], pattern=P24)
+    report = sad_report([str(path), str(path)])
+    # dense weights: no pattern in their zeros, so 2:4 by default, said in a note
+    assert report.pattern is not None and (str(report.pattern.pattern), report.pattern.origin) == ("2:4", "default")
+    assert "pass -p N:M" in report.notes[0]
+    assert [x.param for x in report.pairs[0].layers] == ["0.weight", "2.weight", "4.weight"]
+    assert report.pairs[0].sad == 0 and report.pairs[0].total == 64 * 128 + 128 * 64 + 64 * 10
+    described = report.to_json()["masks"][0]
+    assert described["layers_from"] == "inferred"
+    taken = {t["param"]: (t["taken"], t["reason"]) for t in described["tensors"]}
+    assert taken == {
+        **{f"{i}.weight": (True, "") for i in (0, 2, 4)},
+        **{f"{i}.bias": (False, "not named *.weight (a bias, buffer or statistic)") for i in (0, 2, 4)},
+    }
     with pytest.raises(SourceError, match="does not fit"):
         sad_report([str(path), str(path)], pattern=P24, arch=py_source("tiny_cnn"))
 
@@ -189,7 +198,8 @@ def test_several_checkpoints_consecutive_and_vs_first(tmp_path: Path) -> None:
     assert [r.sad for r in report.vs_first] == [int((masks[0] ^ masks[j]).sum()) for j in range(1, 4)]
     assert len(report.results) == 5  # (0,1) is both consecutive and vs-first: counted once
     data = report.to_json()
-    assert set(data) == {"inputs", "pairs", "vs_first"}
+    assert set(data) == {"inputs", "pairs", "vs_first", "pattern", "pattern_from", "masks"}
+    assert data["pattern"] is None and [m["masks"] for m in data["masks"]] == ["stored"] * 4
     assert data["inputs"] == paths
     assert report_pairs(3) == ([(0, 1), (1, 2)], [(0, 1), (0, 2)])
 
