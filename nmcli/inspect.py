@@ -27,7 +27,7 @@ from torch import nn
 
 from nmcli.checkpoint import Checkpoint, CheckpointMeta, is_safetensors, load_checkpoint, read_meta
 from nmcli.errors import BackendUnavailableError, InputError, SourceError
-from nmcli.onnx_layout import find_weights, initializer_tensor, load_onnx, weight_compliance
+from nmcli.onnx_layout import find_weights, initializer_tensor, load_onnx, negative_zeros, weight_compliance
 from nmcli.patterns import (
     TENSOR_CORE_PATTERN,
     LayerCandidate,
@@ -57,6 +57,8 @@ class LayerInspection:
         eligible: whether the pattern should hold on this layer (see the module doc).
         tensorrt: whether TensorRT's 2:4 sparse kernels could use the weight as it is.
         reason: why the layer is not eligible (empty when it is).
+        negative_zeros: how many elements are ``-0.0`` (counted as zero for compliance; sparse
+            compressors that compare bit patterns count them as non-zero).
     """
 
     param: str
@@ -68,6 +70,7 @@ class LayerInspection:
     eligible: bool
     tensorrt: bool
     reason: str = ""
+    negative_zeros: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +83,7 @@ class LayerInspection:
             "axis": self.axis,
             "kind": self.kind,
             "reason": self.reason,
+            "negative_zeros": self.negative_zeros,
         }
 
 
@@ -132,13 +136,14 @@ def _measure(
         sparsity = 1.0 - float(stored_nonzero(values).float().mean()) if values.numel() else 0.0
         return LayerInspection(param, shape, axis, kind, sparsity, False, eligible, False, reason)
     sparsity, compliant = weight_compliance(values, pattern, axis)
+    negative = negative_zeros(values)
     trt = False
     if not any(word in reason for word in _STRUCTURAL_SKIPS):
         compliant_24 = (
             compliant if pattern == TENSOR_CORE_PATTERN else weight_compliance(values, TENSOR_CORE_PATTERN, axis)[1]
         )
         trt = tensorrt_usable(shape, axis, compliant_24)
-    return LayerInspection(param, shape, axis, kind, sparsity, compliant, eligible, trt, reason)
+    return LayerInspection(param, shape, axis, kind, sparsity, compliant, eligible, trt, reason, negative)
 
 
 def inspect_model(model: nn.Module, pattern: Pattern, *, target: str = "", kind: str = "model") -> InspectReport:

@@ -127,15 +127,95 @@ def _to_torch(init: Any) -> torch.Tensor:
     return torch.from_numpy(np.array(numpy_helper.to_array(init)))
 
 
+def negative_zeros(values: torch.Tensor) -> int:
+    """How many elements are ``-0.0`` (0 for integer tensors)."""
+    if not values.is_floating_point():
+        return 0
+    return int((values.eq(0) & torch.signbit(values)).sum())
+
+
 def weight_compliance(values: torch.Tensor, pattern: Pattern, axis: int) -> tuple[float, bool]:
-    """``(sparsity, compliant)`` of a weight along ``axis`` (``-0.0`` counts as non-zero)."""
-    zeros = values.eq(0)
+    """``(sparsity, compliant)`` of a weight along ``axis``.
+
+    ``-0.0`` counts as zero here: it is what folding a negative BatchNorm scale into a pruned
+    weight gives, and Polygraphy and TensorRT count it as zero too. Report it separately with
+    :func:`negative_zeros` (sparse compressors that compare bit patterns count it as non-zero).
+    """
     if values.is_floating_point():
-        zeros = zeros & ~torch.signbit(values)
+        values = torch.where(values.eq(0), torch.zeros((), dtype=values.dtype), values)
+    zeros = values.eq(0)
     sparsity = float(zeros.float().mean()) if values.numel() else 0.0
     if values.shape[axis] % pattern.m:
         return sparsity, False
     return sparsity, bool(group_counts(values, pattern.m, axis).le(pattern.n).all())
+
+
+# Sign-bit-only patterns (-0.0) of the ONNX float types, as unsigned integers of the same size.
+_NEGATIVE_ZERO_BITS: dict[int, tuple[type[np.unsignedinteger[Any]], int]] = {
+    1: (np.uint32, 0x8000_0000),  # FLOAT
+    10: (np.uint16, 0x8000),  # FLOAT16
+    16: (np.uint16, 0x8000),  # BFLOAT16
+    11: (np.uint64, 0x8000_0000_0000_0000),  # DOUBLE
+}
+
+
+def clear_negative_zeros(model: Any, names: set[str] | None = None) -> dict[str, int]:
+    """Rewrite every ``-0.0`` as ``+0.0`` in the float initializers of ``model`` (in place).
+
+    Only ``names`` when given, else every Conv/Gemm/MatMul weight initializer. Folding a
+    BatchNorm with a negative scale into a pruned conv turns its pruned ``+0.0`` into ``-0.0``,
+    which compressors that compare bit patterns count as non-zero. The value is unchanged.
+
+    Returns:
+        initializer name -> number of values rewritten (only those with at least one).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    wanted = names if names is not None else {w.name for w in find_weights(model)}
+    fixed: dict[str, int] = {}
+    for init in model.graph.initializer:
+        if init.name not in wanted or init.data_type not in _NEGATIVE_ZERO_BITS:
+            continue
+        utype, bits = _NEGATIVE_ZERO_BITS[init.data_type]
+        if init.raw_data:
+            array = np.frombuffer(init.raw_data, dtype=utype).copy()
+            negative = array == bits
+            if negative.any():
+                array[negative] = 0
+                init.raw_data = array.tobytes()
+                fixed[init.name] = int(negative.sum())
+        elif init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+            values = numpy_helper.to_array(init)
+            negative = (values == 0) & np.signbit(values)
+            if negative.any():
+                init.CopyFrom(numpy_helper.from_array(np.where(negative, 0, values).astype(values.dtype), init.name))
+                fixed[init.name] = int(negative.sum())
+    return fixed
+
+
+INPUT_SPEC_KEY = "nmcli.input"  # metadata_props key: the input spec the ONNX was exported with
+
+
+def set_input_spec(model: Any, spec: str) -> None:
+    """Record the input spec (``--input-shape`` syntax) in the model's ``metadata_props``."""
+    for prop in model.metadata_props:
+        if prop.key == INPUT_SPEC_KEY:
+            prop.value = spec
+            return
+    entry = model.metadata_props.add()
+    entry.key, entry.value = INPUT_SPEC_KEY, spec
+
+
+def stored_input_spec(path: str | os.PathLike[str]) -> str | None:
+    """The input spec ``nmcli export`` recorded in an ONNX file, or None (graph only, no weights read)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by whoever opens it for real
+        return None
+    return next((p.value for p in model.metadata_props if p.key == INPUT_SPEC_KEY), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,8 +255,8 @@ class WeightMatch:
 
 
 def _nonzero(values: torch.Tensor) -> torch.Tensor:
-    nz = values.ne(0)
-    return nz | torch.signbit(values) if values.is_floating_point() else nz
+    """Non-zero elements, ``-0.0`` counted as zero (a folded negative scale keeps the zero pattern)."""
+    return values.ne(0)
 
 
 def _orientations(weight: torch.Tensor, shape: tuple[int, ...]) -> list[tuple[str, torch.Tensor]]:
@@ -197,7 +277,8 @@ def locate_weights(model: Any, weights: dict[str, tuple[torch.Tensor, Pattern]])
     initializer's dtype); failing that, by its zero pattern among the Conv/Gemm/MatMul weights
     (a weight scaled by a folded constant keeps its zeros). A match counts only when a Conv, Gemm
     or MatMul consumes it and it is N:M along that consumer's reduction axis; anything else is
-    reported lost, with the reason.
+    reported lost, with the reason. A 3-D MoE expert stack that no initializer holds whole is
+    looked for expert by expert: one match per expert, named ``param[e]``.
 
     Args:
         model: an ``onnx.ModelProto`` (external data loaded).
@@ -215,8 +296,7 @@ def locate_weights(model: Any, weights: dict[str, tuple[torch.Tensor, Pattern]])
             cache[init.name] = _to_torch(init)
         return cache[init.name]
 
-    matches: list[WeightMatch] = []
-    for param, (weight, pattern) in weights.items():
+    def locate(param: str, weight: torch.Tensor, pattern: Pattern) -> WeightMatch:
         candidates = by_numel.get(weight.numel(), [])
         exact: list[tuple[Any, str]] = []
         zeros: list[tuple[Any, str]] = []
@@ -234,19 +314,16 @@ def locate_weights(model: Any, weights: dict[str, tuple[torch.Tensor, Pattern]])
         # Prefer a consumed exact match, then any consumed zero-pattern match, then an unconsumed one.
         ranked = [m for m in exact if m[0].name in consumed] + zeros + [m for m in exact if m[0].name not in consumed]
         if not ranked:
-            matches.append(
-                WeightMatch(
-                    param,
-                    None,
-                    "",
-                    "",
-                    -1,
-                    "",
-                    False,
-                    "no initializer holds its values or its zero pattern: the exporter folded, cast or fused it",
-                )
+            return WeightMatch(
+                param,
+                None,
+                "",
+                "",
+                -1,
+                "",
+                False,
+                "no initializer holds its values or its zero pattern: the exporter folded, cast or fused it",
             )
-            continue
         best: WeightMatch | None = None
         for init, how in ranked:
             use = consumed.get(init.name)
@@ -263,5 +340,16 @@ def locate_weights(model: Any, weights: dict[str, tuple[torch.Tensor, Pattern]])
             if not candidate.lost:
                 break
         assert best is not None
-        matches.append(best)
+        return best
+
+    matches: list[WeightMatch] = []
+    for param, (weight, pattern) in weights.items():
+        match = locate(param, weight, pattern)
+        if match.lost and weight.dim() == 3:
+            # An MoE expert stack [E, out, in]: exporters fold W[e] into one initializer per expert.
+            slices = [locate(f"{param}[{e}]", weight[e], pattern) for e in range(weight.shape[0])]
+            if not any(m.lost for m in slices):
+                matches.extend(slices)
+                continue
+        matches.append(match)
     return matches

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nmcli.bench.run import BenchPlan, Variant, spec_from_signature
+from nmcli.bench.types import BenchPlan, PlanRequest, Variant, spec_from_signature
 from nmcli.errors import BackendUnavailableError, InputError
 from nmcli.inputs import InputSpec, example_inputs
 from nmcli.patterns import TENSOR_CORE_PATTERN
@@ -46,21 +46,24 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def providers_for(device: str) -> list[str]:
-    """The execution providers for ``device``.
+def providers_for(device: str) -> list[Any]:
+    """The execution providers for ``device`` (``cpu``, ``cuda`` or ``cuda:N``; N is the CUDA provider's ``device_id``).
 
     Raises:
         BackendUnavailableError: ``cuda`` asked for and onnxruntime has no CUDA execution provider.
     """
+    from nmcli.bench.device import parse_device
+
     ort = _ort()
     available = ort.get_available_providers()
-    if device.startswith("cuda"):
+    kind, index = parse_device(device)
+    if kind == "cuda":
         if "CUDAExecutionProvider" not in available:
             raise BackendUnavailableError(
-                f"--device cuda needs onnxruntime's CUDAExecutionProvider, and this onnxruntime has only "
+                f"--device {device} needs onnxruntime's CUDAExecutionProvider, and this onnxruntime has only "
                 f"{', '.join(available)}: pip install onnxruntime-gpu on a GPU machine, or use --device cpu"
             )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"device_id": index or 0}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -176,24 +179,22 @@ class OnnxVariant(Variant):
         self._feeds.clear()
 
 
-def plan(
-    target: str,
-    *,
-    vs: str | None = None,
-    device: str | None = None,
-    batch_sizes: Sequence[int] | None = None,
-    input_shape: str | None = None,
-    precision: str | None = None,
-) -> BenchPlan:
+def plan(request: PlanRequest) -> BenchPlan:
     """``target`` (and ``vs``) as onnxruntime sessions on the CPU (or CUDA) execution provider.
 
     Raises:
         BackendUnavailableError: onnxruntime missing, or ``--device cuda`` without its CUDA provider.
         InputError: a missing or unreadable file, inputs that cannot be generated.
     """
+    from nmcli.bench.device import parse_device
+
+    target, vs, device = request.target, request.vs, request.device
+    batch_sizes, input_shape, precision = request.batch_sizes, request.input_shape, request.precision
     ort = _ort()
     dev = device or ("cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu")
     providers_for(dev)
+    kind, index = parse_device(dev)
+    dev = "cpu" if kind == "cpu" else f"cuda:{index or 0}"
     paths = [Path(p) for p in (target, vs) if p]
     for path in paths:
         if not path.is_file():
@@ -206,7 +207,9 @@ def plan(
             raise InputError(f"onnxruntime cannot load {path} ({type(exc).__name__}: {exc})") from exc
         signatures.append(probe.get_inputs())
         del probe
-    spec, sizes = session_spec(signatures[0], input_shape, batch_sizes)
+    from nmcli.onnx_layout import stored_input_spec  # the spec nmcli export recorded in metadata_props
+
+    spec, sizes = session_spec(signatures[0], input_shape or stored_input_spec(paths[0]), batch_sizes)
     if len(paths) == 2:
         mine, theirs = ([(i.name, i.type) for i in sig] for sig in signatures)
         if mine != theirs:

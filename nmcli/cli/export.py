@@ -24,7 +24,7 @@ def command(
     precision: str = typer.Option(
         "fp32",
         "--precision",
-        help="fp32, fp16, bf16 (ONNX weights in that dtype, zeros exact) or int8 (TensorRT 8-10).",
+        help="fp32, fp16 or bf16 (ONNX weights in that dtype, zeros exact); int8 is refused (no calibration data).",
     ),
     input_shape: str | None = typer.Option(
         None, "--input-shape", help="Input spec, e.g. 1x3x224x224 (default: the one stored in the checkpoint)."
@@ -147,8 +147,7 @@ def _render(result: ExportResult) -> None:
         v = result.verify
         if not v.skipped:  # a skipped verification is reported with the warnings
             verdict = "[green]passed[/green]" if v.passed else "[red]FAILED[/red]"
-            runs = "; ".join(f"{r.spec}: abs {r.max_abs_diff:.3g}, rel {r.max_rel_diff:.3g}" for r in v.runs)
-            stderr.print(f"onnxruntime vs torch {verdict} (atol {v.atol:g}, rtol {v.rtol:g}): {escape(runs)}")
+            stderr.print(f"onnxruntime vs torch {verdict}: {escape(v.summary())}")
     if result.engine is not None:
         e = result.engine
         stderr.print(
@@ -167,6 +166,6 @@ def _render(result: ExportResult) -> None:
                     escape(row["param"]),
                     escape(row["node"]),
                     "yes" if row["eligible"] else "no",
-                    "yes" if row["sparse_kernel"] else "no",
+                    {True: "yes", False: "no"}.get(row["sparse_kernel"], "fused (Myelin): not attributable"),
                 )
             stderr.print(table)

@@ -42,14 +42,22 @@ class ExportPaths:
 
 
 def export_paths(
-    checkpoint: str, *, onnx: bool, trt: bool, compress: bool, output: str | os.PathLike[str] | None
+    checkpoint: str,
+    *,
+    onnx: bool,
+    trt: bool,
+    compress: bool,
+    output: str | os.PathLike[str] | None,
+    precision: str = "fp32",
 ) -> ExportPaths:
     """The output paths for the requested artifacts (a pure function).
 
     With no artifact flag, ``--onnx`` is implied; ``--trt`` writes the ONNX too. ``-o`` names the
     main artifact: ``x.onnx`` (the engine goes to ``x.engine``), ``x.engine`` (the ONNX to
     ``x.onnx``), or ``x.safetensors`` for ``--compress`` alone. Defaults sit beside the checkpoint:
-    ``model-2of4.onnx``, ``model-2of4.engine``, ``model-2of4-compressed.safetensors``.
+    ``model-2of4.onnx``, ``model-2of4.engine``, ``model-2of4-compressed.safetensors``; other
+    precisions than fp32 name theirs (``model-2of4-fp16.onnx``, ``model-2of4-int8.engine``), so
+    exports in several precisions sit side by side.
 
     Raises:
         InputError: ``-o`` has a suffix that does not fit the requested artifacts.
@@ -57,7 +65,8 @@ def export_paths(
     from nmcli.sources import default_output_path
 
     want_onnx = onnx or trt or not compress
-    onnx_path = default_output_path(checkpoint, "", ".onnx") if want_onnx else None
+    onnx_tag = precision if precision in ("fp16", "bf16") else ""  # an int8 build starts from a float32 ONNX
+    onnx_path = default_output_path(checkpoint, onnx_tag, ".onnx") if want_onnx else None
     compressed = default_output_path(checkpoint, "compressed", ".safetensors") if compress else None
     if output is not None:
         out = Path(output)
@@ -72,7 +81,11 @@ def export_paths(
         else:
             wanted = ".onnx" + (" or .engine" if trt else "") if want_onnx else ".safetensors"
             raise InputError(f"-o {out} does not fit what you asked to export: give a path ending in {wanted}")
-    engine = onnx_path.with_suffix(".engine") if trt and onnx_path is not None else None
+    engine = None
+    if trt and onnx_path is not None:
+        engine = onnx_path.with_suffix(".engine")
+        if output is None and precision == "int8":
+            engine = default_output_path(checkpoint, "int8", ".engine")
     return ExportPaths(onnx_path, engine, compressed)
 
 
@@ -170,8 +183,7 @@ class ExportResult:
         """
         if self.verify is not None and self.verify.passed is False:
             raise CheckFailedError(
-                f"{self.paths.onnx} differs from the torch model: max abs diff {self.verify.max_abs_diff:.3g}, "
-                f"max rel diff {self.verify.max_rel_diff:.3g} (atol {self.verify.atol:g}, rtol {self.verify.rtol:g}); "
+                f"{self.paths.onnx} differs from the torch model: {self.verify.summary()}; "
                 "raise --atol/--rtol if that is expected for this precision"
             )
         if self.trt_missing is not None:
@@ -215,6 +227,7 @@ def run_export(
         OutputExistsError: an output exists without ``force`` or names the input.
     """
     from nmcli.export.onnx import export_onnx, max_sequence_of, precision_dtype, vocab_size_of
+    from nmcli.export.tensorrt import check_trt_precision
     from nmcli.export.verify import default_tolerances, verify_onnx
     from nmcli.inputs import parse_input_spec
     from nmcli.io import check_output_path
@@ -222,6 +235,7 @@ def run_export(
     from nmcli.sources import load_model
 
     dtype = precision_dtype(precision)
+    check_trt_precision(precision)  # int8 without calibration data: exit 2 before anything is written
     default_atol, default_rtol = default_tolerances(precision)
     if workspace_mb is not None and workspace_mb <= 0:
         raise InputError(f"--workspace {workspace_mb} must be a positive number of MiB")
@@ -229,7 +243,12 @@ def run_export(
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise InputError(f"{name} {value}: give a finite number >= 0")
     spec_override = parse_input_spec(input_shape) if input_shape else None
-    paths = export_paths(checkpoint, onnx=onnx, trt=trt, compress=compress, output=output)
+    if checkpoint.lower().endswith(".onnx") and not checkpoint.startswith(("hf:", "py:")):
+        raise InputError(
+            f"{checkpoint} is already an ONNX file: export takes an nmcli checkpoint or a model source; "
+            "inspect it with nmcli inspect, or time it with nmcli bench"
+        )
+    paths = export_paths(checkpoint, onnx=onnx, trt=trt, compress=compress, output=output, precision=precision)
     local_input = checkpoint[3:] if checkpoint.startswith("hf:") else checkpoint
     for path in paths.all():
         check_output_path(path, force=force, inputs=[local_input])

@@ -49,6 +49,7 @@ from torch import nn
 from nmcli.errors import InputError, NmcliError
 from nmcli.inputs import FLOAT_PRECISIONS, InputSpec, example_inputs
 from nmcli.io import atomic_output
+from nmcli.onnx_layout import clear_negative_zeros, set_input_spec
 
 DEFAULT_OPSET = 17
 DYNAMO_MIN_OPSET = 18
@@ -375,6 +376,13 @@ def export_onnx(
         if used == "dynamo" and opset is not None and opset < DYNAMO_MIN_OPSET:
             notes.append(f"opset raised from {opset} to {DYNAMO_MIN_OPSET}: the dynamo exporter needs it")
         proto = onnx.load(str(staged), load_external_data=True)
+        fixed = clear_negative_zeros(proto)
+        if fixed:
+            notes.append(
+                f"rewrote {sum(fixed.values()):,} -0.0 weight value(s) as +0.0 in {len(fixed)} initializer(s) "
+                "(folding a negative BatchNorm scale into pruned weights turns +0.0 into -0.0)"
+            )
+        set_input_spec(proto, str(spec))
         data_path: Path | None = None
         if _total_bytes(proto) > external_data_threshold:
             data_path = out.with_name(out.name + ".data")

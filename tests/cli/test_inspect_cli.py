@@ -149,13 +149,14 @@ def test_model_that_is_already_sparse(workdir: Path) -> None:
     assert not second["compliant"] and not second["tensorrt"]
 
 
-def test_negative_zero_is_not_sparse(workdir: Path) -> None:
+def test_negative_zero_counts_as_zero_and_is_reported(workdir: Path) -> None:
+    # issue 11: -0.0 is what BatchNorm folding leaves; Polygraphy counts it as zero, and so do we
     model = torch.nn.Linear(8, 4, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1.0, -0.0, -0.0, 1.0] * 2] * 4))
     torch.jit.script(model).save("negzero.pt")
     (layer,) = _json(invoke("inspect", "negzero.pt", "--json"))["layers"]
-    assert layer["sparsity"] == 0.0 and not layer["compliant"]
+    assert layer["sparsity"] == 0.5 and layer["compliant"] and layer["negative_zeros"] == 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +255,9 @@ def test_errors_exit_2_one_line(workdir: Path, args: list[str], message: str) ->
     torch.save(torch.nn.Linear(4, 4).state_dict(), workdir / "state.pt")
     before = sorted(p.name for p in workdir.iterdir())
     result = invoke("inspect", *args, "--json")
-    assert result.exit_code == 2 and result.stdout == ""
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)["error"]  # the one JSON object of a failure (issue 11)
+    assert error["code"] == 2 and message in error["message"]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
     assert sorted(p.name for p in workdir.iterdir()) == before
