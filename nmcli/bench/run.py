@@ -1,178 +1,80 @@
 """``nmcli bench``: pick the backend for a target, run every variant at every batch size, report.
 
-Each backend module turns a target into a :class:`BenchPlan`: the variants to time (``dense`` and
-``sparse`` for a checkpoint; the file as given, and ``--vs`` a second one, for ONNX and engines).
-This module runs them through the one timing helper (:func:`nmcli.bench.timing.measure`),
-checks that outputs agree, and computes the speed-ups.
+Each backend module (listed once, in :data:`REGISTRY`) turns a :class:`~nmcli.bench.types.PlanRequest`
+into a :class:`~nmcli.bench.types.BenchPlan`: the variants to time (``dense`` and ``sparse`` for a
+checkpoint; the file as given, and ``--vs`` a second one, for ONNX and engines). This module runs
+them through the one timing helper (:func:`nmcli.bench.timing.measure`) with the plan's device
+current (:func:`nmcli.bench.device.device_guard`), checks that outputs agree, and computes the
+speed-ups. The shared types live in :mod:`nmcli.bench.types`, below both this module and the backends.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
-from nmcli.bench.timing import DEFAULT_ITERS, DEFAULT_WARMUP, LatencyStats, check_settings, environment, measure
+from nmcli.bench.device import device_guard
+from nmcli.bench.timing import DEFAULT_ITERS, DEFAULT_WARMUP, check_settings, environment, measure
 from nmcli.bench.timing import throughput as samples_per_second
+from nmcli.bench.types import (
+    BenchPlan,
+    BenchReport,
+    PlanRequest,
+    ProgressCallback,
+    VariantResult,
+    max_abs_diff,
+)
 from nmcli.errors import InputError
-from nmcli.inputs import FLOAT_PRECISIONS, InputSpec, InputTensor, parse_input_spec
+from nmcli.inputs import FLOAT_PRECISIONS
 from nmcli.io import atomic_output, check_output_path
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-ONNX_SUFFIXES = (".onnx",)
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 PRECISIONS = tuple(FLOAT_PRECISIONS)
 MAX_BATCH = 1 << 20
+SOURCE_PREFIXES = ("hf:", "py:", "torchvision:", "timm:")
 
-ProgressCallback = Callable[..., None]
 
-
-class Variant:
-    """One thing to time: a model (or file) loaded on a device, run at several batch sizes.
-
-    Subclasses implement :meth:`open`, :meth:`step`, :meth:`outputs` and :meth:`close`.
+@dataclass(frozen=True)
+class Backend:
+    """One row of the backend table.
 
     Attributes:
-        name: ``dense``, ``sparse``, ``model``, ``target`` or ``vs``.
-        sparse: whether its weights are N:M sparse (``None``: unknown).
-        sparse_kernel: whether a sparse kernel runs (``None``: unknown, e.g. a TensorRT engine).
-        timer: ``cpu`` or ``cuda``, the clock :func:`~nmcli.bench.timing.measure` uses.
-        notes: plain statements about how it ran (shown under the table and in the JSON).
-        info: extra JSON facts (layers swapped to sparse kernels, the file, the precision).
+        name: ``--backend`` value.
+        module: the module with ``is_available()`` and ``plan(request) -> BenchPlan``, imported when used.
+        suffixes: target file suffixes it reads (empty: anything else, i.e. checkpoints and model sources).
+        reads: what it benchmarks, for messages.
+        compile: whether ``--compile`` applies.
     """
 
-    name: str = "model"
-    sparse: bool | None = None
-    sparse_kernel: bool | None = False
-    timer: str = "cpu"
-
-    def __init__(self) -> None:
-        self.notes: list[str] = []
-        self.info: dict[str, Any] = {}
-
-    def open(self, batch_sizes: Sequence[int]) -> None:
-        """Load onto the device (called once, before the first batch size)."""
-
-    def step(self, batch_size: int) -> Callable[[], Any]:
-        """Build inputs for ``batch_size`` and return one inference call."""
-        raise NotImplementedError
-
-    def outputs(self, batch_size: int) -> list[torch.Tensor]:
-        """The outputs of one call at ``batch_size`` (float32, CPU), on the same inputs as :meth:`step`."""
-        raise NotImplementedError
-
-    def reference(self, batch_size: int) -> list[torch.Tensor] | None:
-        """Outputs of the same weights run with dense kernels, to check a sparse kernel; None if no check."""
-        return None
-
-    def tolerance(self, reference: Sequence[torch.Tensor]) -> float:
-        """The largest acceptable ``max_abs_diff`` against :meth:`reference`."""
-        return 0.0
-
-    def close(self) -> None:
-        """Free the device memory this variant holds."""
+    name: str
+    module: str
+    suffixes: tuple[str, ...]
+    reads: str
+    compile: bool = False
 
 
-@dataclass
-class BenchPlan:
-    """What a backend hands to :func:`run_bench`."""
-
-    backend: str
-    device: str
-    precision: str
-    input_spec: str | None
-    variants: list[Variant]
-    batch_sizes: list[int]
-    notes: list[str] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
+REGISTRY: tuple[Backend, ...] = (
+    Backend("torch", "nmcli.bench.torch_backend", (), "a checkpoint or model source", compile=True),
+    Backend("onnxruntime", "nmcli.bench.onnxruntime_backend", (".onnx",), "an .onnx file"),
+    Backend(
+        "tensorrt", "nmcli.bench.tensorrt_backend", (".engine", ".plan", ".trt"), "a TensorRT engine (.engine/.plan)"
+    ),
+)
+BACKENDS = tuple(b.name for b in REGISTRY)
+_BY_NAME = {b.name: b for b in REGISTRY}
 
 
-@dataclass
-class VariantResult:
-    """One row of the results table."""
-
-    variant: str
-    batch_size: int
-    stats: LatencyStats
-    throughput: float
-    peak_memory_mb: float | None
-    sparse_kernel: bool | None
-    timer: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "variant": self.variant,
-            "batch_size": self.batch_size,
-            "latency_ms": self.stats.to_json(),
-            "throughput": self.throughput,
-            "peak_memory_mb": self.peak_memory_mb,
-            "sparse_kernel": self.sparse_kernel,
-            "iterations": self.stats.count,
-            "timer": self.timer,
-        }
-
-
-@dataclass
-class BenchReport:
-    """Everything ``bench`` measured, with :meth:`to_json` giving the ``--json`` object."""
-
-    target: str
-    vs: str | None
-    plan: BenchPlan
-    environment: dict[str, Any]
-    results: list[VariantResult]
-    speedup: list[dict[str, Any]]
-    agreement: list[dict[str, Any]]
-    output: Path | None = None
-
-    @property
-    def sparse_kernel(self) -> bool | None:
-        """Whether any variant ran a sparse kernel (None when unknown)."""
-        flags = [v.sparse_kernel for v in self.plan.variants]
-        if any(f is True for f in flags):
-            return True
-        return None if any(f is None for f in flags) else False
-
-    @property
-    def agreement_ok(self) -> bool:
-        """False when a sparse kernel's outputs differ from the dense-kernel reference beyond tolerance."""
-        return all(a.get("ok", True) is not False for a in self.agreement)
-
-    @property
-    def notes(self) -> list[str]:
-        seen: list[str] = []
-        for note in [*self.plan.notes, *(n for v in self.plan.variants for n in v.notes)]:
-            if note not in seen:
-                seen.append(note)
-        return seen
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "target": self.target,
-            "vs": self.vs,
-            "backend": self.plan.backend,
-            "device": self.plan.device,
-            "precision": self.plan.precision,
-            "input_spec": self.plan.input_spec,
-            "sparse_kernel": self.sparse_kernel,
-            "environment": self.environment,
-            "variants": [
-                {"variant": v.name, "sparse": v.sparse, "sparse_kernel": v.sparse_kernel, "notes": v.notes, **v.info}
-                for v in self.plan.variants
-            ],
-            "results": [r.to_json() for r in self.results],
-            "speedup": self.speedup,
-            "agreement": self.agreement,
-            "agreement_ok": self.agreement_ok,
-            "notes": self.notes,
-            "output": str(self.output) if self.output else None,
-        }
+def backend_module(name: str) -> ModuleType:
+    """The module of backend ``name`` (imported now: heavy packages load only for the backend used)."""
+    return importlib.import_module(_BY_NAME[name].module)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,105 +109,18 @@ def detect_backend(target: str, backend: str | None) -> str:
     Raises:
         InputError: an unknown backend, or one that cannot read this kind of target.
     """
-    suffix = Path(target).suffix.lower() if not target.startswith(("hf:", "py:", "torchvision:", "timm:")) else ""
-    by_suffix = "onnxruntime" if suffix in ONNX_SUFFIXES else "tensorrt" if suffix in ENGINE_SUFFIXES else "torch"
+    suffix = Path(target).suffix.lower() if not target.startswith(SOURCE_PREFIXES) else ""
+    by_suffix = next((b.name for b in REGISTRY if suffix and suffix in b.suffixes), None)
+    by_suffix = by_suffix or next(b.name for b in REGISTRY if not b.suffixes)
     if backend is None:
         return by_suffix
-    if backend not in BACKENDS:
+    if backend not in _BY_NAME:
         raise InputError(f"unknown --backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if backend != by_suffix:
-        wants = {
-            "torch": "a checkpoint or model source",
-            "onnxruntime": "an .onnx file",
-            "tensorrt": "a TensorRT engine (.engine/.plan)",
-        }[backend]
-        hint = " (make one with nmcli export)" if backend != "torch" else ""
-        raise InputError(f"--backend {backend} benchmarks {wants}, and {target} is not one{hint}")
+        entry = _BY_NAME[backend]
+        hint = " (make one with nmcli export)" if entry.suffixes else ""
+        raise InputError(f"--backend {backend} benchmarks {entry.reads}, and {target} is not one{hint}")
     return backend
-
-
-def flatten_outputs(obj: Any) -> list[torch.Tensor]:
-    """Every floating-point tensor in a model's output (tensors, tuples, lists, dicts, ModelOutputs)."""
-    found: list[torch.Tensor] = []
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point():
-            found.append(obj.detach().float().cpu())
-    elif isinstance(obj, Mapping):
-        for value in obj.values():
-            found.extend(flatten_outputs(value))
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            found.extend(flatten_outputs(value))
-    return found
-
-
-def max_abs_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float | None:
-    """The largest ``|a - b|`` over paired outputs (NaN-aware: a NaN in either gives ``inf``); None if they do not pair up."""
-    if len(a) != len(b) or not a:
-        return None
-    worst = 0.0
-    for x, y in zip(a, b, strict=True):
-        if x.shape != y.shape:
-            return None
-        if x.numel() == 0:
-            continue
-        diff = (x.float() - y.float()).abs()
-        if bool(torch.isnan(diff).any()):
-            return float("inf")
-        worst = max(worst, float(diff.max()))
-    return worst
-
-
-def spec_from_signature(
-    signature: Sequence[tuple[str, Sequence[int | None], torch.dtype]],
-    input_shape: str | None,
-    batch_sizes: Sequence[int] | None,
-) -> tuple[InputSpec, list[int]]:
-    """The input spec of a file's inputs ``(name, dims, dtype)`` (``None`` dims are dynamic) and the batch sizes.
-
-    ``--input-shape`` wins (an unnamed shape fits a single input); otherwise the file's own
-    shapes are used with a dynamic leading dimension taken as the batch.
-
-    Raises:
-        InputError: dynamic dimensions other than the batch without ``--input-shape``, names that do
-            not match the file's, or a fixed batch dimension asked to change.
-    """
-    names = [name for name, _, _ in signature]
-    dtypes = {name: dtype for name, _, dtype in signature}
-    fixed_batch: int | None = None
-    if input_shape:
-        given = parse_input_spec(input_shape)
-        if not given.named and len(given.tensors) == len(names) == 1:
-            tensors = [InputTensor(names[0], given.tensors[0].shape, dtypes[names[0]])]
-        else:
-            by_name = {t.name: t for t in given.tensors}
-            missing = [n for n in names if n not in by_name]
-            if missing:
-                raise InputError(
-                    f"--input-shape does not name the file's inputs {', '.join(missing)}: "
-                    f"write {','.join(f'{n}:1x...:TYPE' for n in names)}"
-                )
-            tensors = [InputTensor(n, by_name[n].shape, dtypes[n]) for n in names]
-    else:
-        tensors = []
-        for name, dims, dtype in signature:
-            if not dims:
-                raise InputError(f"input {name!r} is a scalar: pass --input-shape")
-            if any(d is None for d in dims[1:]):
-                shown = "x".join("?" if d is None else str(d) for d in dims)
-                raise InputError(f"input {name!r} has dynamic dimensions {shown}: pass --input-shape")
-            lead = dims[0]
-            if lead is not None:
-                fixed_batch = lead
-            tensors.append(InputTensor(name, (lead or 1, *(int(d or 1) for d in dims[1:])), dtype))
-    spec = InputSpec(tuple(tensors))
-    sizes = list(batch_sizes) if batch_sizes else [spec.batch_size]
-    if fixed_batch is not None and any(bs != fixed_batch for bs in sizes):
-        raise InputError(
-            f"the file's batch dimension is fixed at {fixed_batch}: export it with --dynamic-batch "
-            "to bench other batch sizes"
-        )
-    return spec, sizes
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,44 +141,30 @@ def make_plan(
     trust: bool = False,
 ) -> BenchPlan:
     """Resolve the backend and build its plan (loads models, checks the device)."""
+    from nmcli.bench.device import parse_device
+
     chosen = detect_backend(target, backend)
     if precision is not None and precision not in PRECISIONS:
         raise InputError(f"unknown --precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if device is not None and device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
-        raise InputError(f"unknown --device {device!r}: use cpu or cuda")
+    if device is not None:
+        parse_device(device)
     if vs is not None and detect_backend(vs, None) != chosen:
         raise InputError(f"--vs {vs} is not the same kind of file as {target}: compare two {chosen} targets")
-    if chosen == "torch":
-        from nmcli.bench import torch_backend
-
-        if vs is not None:
-            raise InputError(
-                "--vs compares two ONNX files or two engines; for a checkpoint, bench already times its "
-                "dense model against its sparse one"
-            )
-        return torch_backend.plan(
-            target,
-            device=device,
-            batch_sizes=batch_sizes,
-            input_shape=input_shape,
-            precision=precision,
-            compile=compile,
-            arch=arch,
-            trust=trust,
-        )
-    if compile:
-        raise InputError("--compile applies to the torch backend only")
-    if chosen == "onnxruntime":
-        from nmcli.bench import onnxruntime_backend
-
-        return onnxruntime_backend.plan(
-            target, vs=vs, device=device, batch_sizes=batch_sizes, input_shape=input_shape, precision=precision
-        )
-    from nmcli.bench import tensorrt_backend
-
-    return tensorrt_backend.plan(
-        target, vs=vs, device=device, batch_sizes=batch_sizes, input_shape=input_shape, precision=precision
+    if compile and not _BY_NAME[chosen].compile:
+        raise InputError(f"--compile applies to the torch backend only, not {chosen}")
+    request = PlanRequest(
+        target,
+        vs=vs,
+        device=device,
+        batch_sizes=batch_sizes,
+        input_shape=input_shape,
+        precision=precision,
+        compile=compile,
+        arch=arch,
+        trust=trust,
     )
+    plan: BenchPlan = backend_module(chosen).plan(request)
+    return plan
 
 
 def run_bench(
@@ -422,7 +223,28 @@ def run_bench(
         "input_spec": plan.input_spec,
         **plan.info,
     }
-    env = environment(plan.device, settings)
+    with device_guard(plan.device):  # cuda:N current: synchronize, events, peak memory and streams act on it
+        env = environment(plan.device, settings)
+        results, outputs, agreement = _run_variants(plan, warmup, iters, min_time, progress)
+    speedup = _speedups(plan, results, outputs, agreement)
+    load, cores = env.get("load_average"), env.get("cpu_affinity") or env.get("cpu_count")
+    if load and cores and load[0] > cores:
+        plan.notes.append(
+            f"the machine was busy (1-minute load {load[0]} on {cores} usable cores): CPU-side timings are noisy; "
+            "compare percentiles, not single runs"
+        )
+    report = BenchReport(target, vs, plan, env, results, speedup, agreement)
+    if output is not None:
+        with atomic_output(output, force=force, inputs=inputs) as tmp:
+            report.output = Path(output)
+            tmp.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
+    return report
+
+
+def _run_variants(
+    plan: BenchPlan, warmup: int, iters: int | None, min_time: float | None, progress: ProgressCallback | None
+) -> tuple[list[VariantResult], dict[tuple[str, int], list[torch.Tensor]], list[dict[str, Any]]]:
+    """Open, time and close each variant in turn; its outputs and the checks against its reference."""
     results: list[VariantResult] = []
     outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
     agreement: list[dict[str, Any]] = []
@@ -436,7 +258,10 @@ def run_bench(
             for bs in plan.batch_sizes:
                 update(done, total, f"{variant.name} batch {bs}")
                 fn = variant.step(bs)
-                measured = measure(fn, warmup=warmup, iters=iters, min_time=min_time, device=variant.timer)
+                clock = plan.device if variant.timer == "cuda" else "cpu"
+                measured = measure(
+                    fn, warmup=warmup, iters=iters, min_time=min_time, device=clock, stream=variant.stream
+                )
                 del fn
                 outs = variant.outputs(bs)
                 outputs[(variant.name, bs)] = outs
@@ -472,19 +297,7 @@ def run_bench(
             gc.collect()
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
-    speedup = _speedups(plan, results, outputs, agreement)
-    load, cores = env.get("load_average"), env.get("cpu_affinity") or env.get("cpu_count")
-    if load and cores and load[0] > cores:
-        plan.notes.append(
-            f"the machine was busy (1-minute load {load[0]} on {cores} usable cores): CPU-side timings are noisy; "
-            "compare percentiles, not single runs"
-        )
-    report = BenchReport(target, vs, plan, env, results, speedup, agreement)
-    if output is not None:
-        with atomic_output(output, force=force, inputs=inputs) as tmp:
-            report.output = Path(output)
-            tmp.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
-    return report
+    return results, outputs, agreement
 
 
 def _speedups(
@@ -528,15 +341,11 @@ def _speedups(
 __all__ = [
     "BACKENDS",
     "PRECISIONS",
-    "BenchPlan",
-    "BenchReport",
-    "Variant",
-    "VariantResult",
+    "REGISTRY",
+    "Backend",
+    "backend_module",
     "detect_backend",
-    "flatten_outputs",
     "make_plan",
-    "max_abs_diff",
     "parse_batch_sizes",
     "run_bench",
-    "spec_from_signature",
 ]

@@ -1,9 +1,14 @@
 """The tensorrt backend of ``nmcli bench``: a serialized TensorRT engine, and ``--vs`` a second one.
 
-Engines run on a CUDA GPU through TensorRT 10's ``execute_async_v3`` on torch-allocated
-buffers, timed with CUDA events. Whether an engine uses 2:4 sparse tensor-core kernels was
-decided when it was built (``nmcli export --trt --sparse`` sets ``SPARSE_WEIGHTS``), so it is
-reported as unknown here; compare a dense and a sparse engine with ``--vs``.
+Engines run on a CUDA GPU through ``execute_async_v3`` (TensorRT 8.5 and later) on torch-allocated
+buffers, on a dedicated CUDA stream: on the legacy default stream TensorRT adds
+``cudaStreamSynchronize`` calls of its own (it warns so), which would be timed too. The CUDA events
+of :func:`nmcli.bench.timing.measure` are recorded on that stream. The engine is loaded and run with
+its device current (``cuda:N``). TensorRT's warnings are kept in the variant's notes, not hidden.
+
+Whether an engine uses 2:4 sparse tensor-core kernels was decided when it was built
+(``nmcli export --trt --sparse`` sets ``SPARSE_WEIGHTS`` and reports the layers), so it is reported
+as unknown here; compare a dense and a sparse engine with ``--vs``.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from typing import Any
 
 import torch
 
-from nmcli.bench.run import BenchPlan, Variant, spec_from_signature
-from nmcli.errors import BackendUnavailableError, InputError
+from nmcli.bench.device import device_guard, resolve_device
+from nmcli.bench.types import BenchPlan, PlanRequest, Variant, spec_from_signature
+from nmcli.errors import InputError
+from nmcli.export.tensorrt import collecting_logger, import_tensorrt
 from nmcli.inputs import InputSpec, example_inputs
 
-INSTALL_HINT = "pip install 'nmcli[trt]' on a machine with an NVIDIA GPU"
 _TRT_DTYPES = {
     "FLOAT": torch.float32,
     "HALF": torch.float16,
@@ -37,20 +43,6 @@ def is_available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
-def _trt() -> Any:
-    if not is_available():
-        raise BackendUnavailableError(
-            f"the tensorrt backend needs the tensorrt package, which is not installed: {INSTALL_HINT}"
-        )
-    try:
-        import tensorrt
-    except Exception as exc:  # installed but broken (missing CUDA libraries)
-        raise BackendUnavailableError(
-            f"the tensorrt package is installed but cannot be imported ({exc}): {INSTALL_HINT}"
-        ) from exc
-    return tensorrt
-
-
 def _torch_dtype(trt_dtype: Any) -> torch.dtype:
     name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
     if name not in _TRT_DTYPES:
@@ -58,16 +50,17 @@ def _torch_dtype(trt_dtype: Any) -> torch.dtype:
     return _TRT_DTYPES[name]
 
 
-def _load_engine(trt: Any, path: Path) -> Any:
-    logger = trt.Logger(trt.Logger.ERROR)
+def _load_engine(trt: Any, path: Path, logger: Any) -> tuple[Any, Any]:
+    """``(runtime, engine)``: the runtime must outlive the engine."""
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(path.read_bytes())
     if engine is None:
+        said = "; ".join(logger.problems[-2:])
         raise InputError(
-            f"TensorRT {trt.__version__} cannot deserialize {path}: engines only load with the TensorRT version "
-            "and GPU model they were built with (rebuild it with nmcli export --trt)"
+            f"TensorRT {trt.__version__} cannot deserialize {path}{f' ({said})' if said else ''}: engines only load "
+            "with the TensorRT version and GPU model they were built with (rebuild it with nmcli export --trt)"
         )
-    return engine
+    return runtime, engine
 
 
 def _io(trt: Any, engine: Any) -> tuple[list[tuple[str, list[int | None], torch.dtype]], list[str]]:
@@ -95,6 +88,8 @@ class EngineVariant(Variant):
         self.timer = "cuda"
         self._device = device
         self._spec = spec
+        self._logger: Any = None
+        self._runtime: Any = None
         self._engine: Any = None
         self._context: Any = None
         self._outputs: list[str] = []
@@ -103,10 +98,12 @@ class EngineVariant(Variant):
         self.info["file"] = str(path)
 
     def open(self, batch_sizes: Sequence[int]) -> None:
-        trt = _trt()
-        torch.cuda.set_device(torch.device(self._device))
-        self._engine = _load_engine(trt, self.path)
-        self._context = self._engine.create_execution_context()
+        trt = import_tensorrt()
+        with device_guard(self._device):  # run_bench holds it too; open() is also called on its own
+            self._logger = collecting_logger(trt)
+            self._runtime, self._engine = _load_engine(trt, self.path, self._logger)
+            self._context = self._engine.create_execution_context()
+            self.stream = torch.cuda.Stream(device=self._device)
         _, self._outputs = _io(trt, self._engine)
         self.info["tensorrt"] = trt.__version__
 
@@ -130,57 +127,66 @@ class EngineVariant(Variant):
             out = torch.empty(shape, dtype=dtype, device=self._device)
             self._buffers[name] = out
             self._context.set_tensor_address(name, out.data_ptr())
+        # the buffers were filled on the current stream: the engine's stream must see them first
+        self.stream.wait_stream(torch.cuda.current_stream(self._device))
         self._batch = batch_size
 
     def step(self, batch_size: int) -> Callable[[], Any]:
         self._bind(batch_size)
         context = self._context
-        stream = torch.cuda.current_stream()
+        handle = self.stream.cuda_stream
 
         def call() -> None:
-            if not context.execute_async_v3(stream.cuda_stream):
+            if not context.execute_async_v3(handle):
                 raise RuntimeError("TensorRT execute_async_v3 failed")
 
         return call
 
     def outputs(self, batch_size: int) -> list[torch.Tensor]:
         self.step(batch_size)()
-        torch.cuda.synchronize()
+        self.stream.synchronize()
+        for line in self._logger.problems if self._logger is not None else []:
+            note = f"TensorRT ({self.name}): {line}"
+            if note not in self.notes:
+                self.notes.append(note)
         return [self._buffers[n].float().cpu() for n in self._outputs if self._buffers[n].is_floating_point()]
 
     def close(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
         self._buffers.clear()
         self._context = None
         self._engine = None
+        self._runtime = None
+        self.stream = None
         self._batch = None
 
 
-def plan(
-    target: str,
-    *,
-    vs: str | None = None,
-    device: str | None = None,
-    batch_sizes: Sequence[int] | None = None,
-    input_shape: str | None = None,
-    precision: str | None = None,
-) -> BenchPlan:
+def _signature(trt: Any, path: Path) -> list[tuple[str, list[int | None], torch.dtype]]:
+    logger = collecting_logger(trt)
+    _runtime, engine = _load_engine(trt, path, logger)
+    return _io(trt, engine)[0]
+
+
+def plan(request: PlanRequest) -> BenchPlan:
     """``target`` (and ``vs``) as TensorRT engines on the GPU.
 
     Raises:
         BackendUnavailableError: tensorrt is not installed, or torch sees no CUDA GPU.
         InputError: ``--device cpu``, a missing file, or an engine this TensorRT cannot load.
     """
-    if device is not None and not device.startswith("cuda"):
+    target, vs, device = request.target, request.vs, request.device
+    batch_sizes, input_shape, precision = request.batch_sizes, request.input_shape, request.precision
+    if device is not None and device.strip().lower() == "cpu":
         raise InputError("TensorRT engines run on CUDA GPUs only: use --device cuda, or bench the .onnx on the CPU")
-    trt = _trt()
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError("TensorRT engines need a CUDA GPU, and torch sees none: run on a GPU machine")
-    dev = device or "cuda"
+    trt = import_tensorrt()
+    dev = resolve_device(device or "cuda")  # cuda -> cuda:<current>; no CUDA is exit 3
     paths = [Path(p) for p in (target, vs) if p]
     for path in paths:
         if not path.is_file():
             raise InputError(f"{path} does not exist: give a TensorRT engine (make one with nmcli export --trt)")
-    signatures = [_io(trt, _load_engine(trt, p))[0] for p in paths]
+    with device_guard(dev):
+        signatures = [_signature(trt, p) for p in paths]
     if len(signatures) == 2 and [(n, d) for n, _, d in signatures[0]] != [(n, d) for n, _, d in signatures[1]]:
         raise InputError(f"{paths[0]} and {paths[1]} take different inputs: compare engines of one model")
     spec, sizes = spec_from_signature(signatures[0], input_shape, batch_sizes)
@@ -190,6 +196,7 @@ def plan(
         "whether an engine runs 2:4 sparse kernels was fixed when it was built (TensorRT's SPARSE_WEIGHTS flag); "
         "bench cannot tell from the engine file",
         "peak_memory_mb counts the torch-allocated input and output buffers, not TensorRT's own activation memory",
+        "engines run on a dedicated CUDA stream (not the legacy default stream), and are timed on it",
     ]
     if precision is not None:
         notes.append(f"--precision {precision} was ignored: an engine runs in the precision it was built with")

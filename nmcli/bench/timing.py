@@ -4,9 +4,12 @@ Honest timing means:
 
 * warm-up iterations that are run and thrown away (first calls pay for allocation, autotuning,
   lazy initialisation and compilation);
-* one sample per iteration: on a GPU from a pair of CUDA events around the call, read after one
-  ``torch.cuda.synchronize()`` at the end, so the samples are device time and queued work is not
-  missed; on the CPU from ``time.perf_counter_ns`` around a call that returns its outputs;
+* one sample per iteration: on a GPU from a pair of CUDA events around the call, recorded on the
+  stream the work is queued on and read after one ``torch.cuda.synchronize()`` at the end, so the
+  samples are device time and queued work is not missed; on the CPU from ``time.perf_counter_ns``
+  around a call that returns its outputs;
+* on ``cuda:N`` every CUDA call (synchronize, events, peak-memory reset and read) acts on device N,
+  which is made current for the measurement;
 * statistics computed from the samples (p50/p90/p99 by linear interpolation between closest
   ranks, the same rule as ``numpy.percentile``'s default, and the mean);
 * the peak device memory: on CUDA ``torch.cuda.max_memory_allocated`` since the variant was
@@ -17,6 +20,7 @@ Honest timing means:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import math
@@ -146,6 +150,7 @@ def measure(
     iters: int | None = None,
     min_time: float | None = None,
     device: str = "cpu",
+    stream: Any = None,
 ) -> Measurement:
     """Time ``fn()``: ``warmup`` discarded calls, then ``iters`` timed calls (or until ``min_time`` s).
 
@@ -155,8 +160,11 @@ def measure(
         warmup: calls run before timing starts.
         iters: timed calls (default :data:`DEFAULT_ITERS` when ``min_time`` is not given).
         min_time: keep timing until this many seconds of wall time have passed (at least one call).
-        device: ``cpu`` (``perf_counter_ns``) or ``cuda`` (CUDA events, one synchronize at the end,
-            peak memory from ``torch.cuda.max_memory_allocated`` since the call began).
+        device: ``cpu`` (``perf_counter_ns``), or ``cuda:N`` / ``cuda`` (the current device): CUDA
+            events, one synchronize at the end, peak memory from ``torch.cuda.max_memory_allocated``
+            since the call began, all on that device.
+        stream: the ``torch.cuda.Stream`` ``fn`` queues its work on, when it is not the current one
+            (a TensorRT engine's own stream): the events are recorded on it.
 
     Raises:
         InputError: bad settings (see :func:`check_settings`).
@@ -165,7 +173,7 @@ def measure(
     if iters is None and min_time is None:
         iters = DEFAULT_ITERS
     if device.startswith("cuda"):
-        return _measure_cuda(fn, warmup, iters, min_time)
+        return _measure_cuda(fn, warmup, iters, min_time, device, stream)
     return _measure_cpu(fn, warmup, iters, min_time)
 
 
@@ -188,27 +196,34 @@ def _measure_cpu(fn: Callable[[], Any], warmup: int, iters: int | None, min_time
     return Measurement(samples, summarize(samples), warmup, "perf_counter_ns")
 
 
-def _measure_cuda(fn: Callable[[], Any], warmup: int, iters: int | None, min_time: float | None) -> Measurement:
+def _measure_cuda(
+    fn: Callable[[], Any], warmup: int, iters: int | None, min_time: float | None, device: str, stream: Any
+) -> Measurement:
     import torch
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events: list[tuple[Any, Any]] = []
-    started = time.perf_counter_ns()
-    while _keep_going(len(events), iters, min_time, started):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        events.append((start, end))
-        if min_time is not None and len(events) % 64 == 0:
-            end.synchronize()  # the wall clock must see device time pass, not just queued calls
-    torch.cuda.synchronize()
-    samples = [float(start.elapsed_time(end)) for start, end in events]
-    peak = torch.cuda.max_memory_allocated() / 2**20
+    from nmcli.bench.device import cuda_index
+
+    index = torch.cuda.current_device() if device == "cuda" else cuda_index(device)
+    on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+    with torch.cuda.device(index), on_stream:
+        torch.cuda.synchronize(index)
+        torch.cuda.reset_peak_memory_stats(index)
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize(index)
+        events: list[tuple[Any, Any]] = []
+        started = time.perf_counter_ns()
+        while _keep_going(len(events), iters, min_time, started):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()  # on the current stream: ``stream`` when given
+            fn()
+            end.record()
+            events.append((start, end))
+            if min_time is not None and len(events) % 64 == 0:
+                end.synchronize()  # the wall clock must see device time pass, not just queued calls
+        torch.cuda.synchronize(index)
+        samples = [float(start.elapsed_time(end)) for start, end in events]
+        peak = torch.cuda.max_memory_allocated(index) / 2**20
     return Measurement(samples, summarize(samples), warmup, "cuda_events", peak_memory_mb=peak)
 
 
@@ -268,7 +283,10 @@ def environment(device: str, settings: Mapping[str, Any] | None = None) -> dict[
         "gpu": None,
     }
     if device.startswith("cuda") and torch.cuda.is_available():
-        index = torch.cuda.current_device()
+        from nmcli.bench.device import cuda_index
+
+        index = torch.cuda.current_device() if device == "cuda" else cuda_index(device)
+        env["gpu_index"] = index
         props = torch.cuda.get_device_properties(index)
         env["gpu"] = props.name
         env["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(index)))

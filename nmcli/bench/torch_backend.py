@@ -2,10 +2,12 @@
 
 * ``dense``: the original dense model, from the checkpoint's stored dense weights where it has
   them, else rebuilt from its source (same dtype and device as the sparse variant).
-* ``sparse``: the pruned model. On a CUDA GPU with compute capability >= 8.0, in fp16 or bf16,
-  every ``nn.Linear`` whose weight is 2:4 along its input dimension and fits the kernel's shape
-  rules gets ``torch.sparse.to_sparse_semi_structured`` weights (cuSPARSELt, falling back to
-  CUTLASS). Everywhere else it runs the masked weights with dense kernels, and says so.
+* ``sparse``: the pruned model. On a CUDA GPU where a 2:4 kernel runs
+  (:func:`nmcli.bench.sparse_kernels.semi_structured_backends`: cuSPARSELt on compute capability
+  >= 8.0, CUTLASS on 8.x only), in fp16 or bf16, every ``nn.Linear`` whose weight is 2:4 along its
+  input dimension and fits the kernel's shape rules gets semi-structured weights, layer by layer
+  (a layer whose kernels fail here keeps its dense weight and is listed). Everywhere else it runs
+  the masked weights with dense kernels, and says so.
 
 A model source that is not a checkpoint is timed as it is (one variant, ``model``).
 """
@@ -14,22 +16,26 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from nmcli.bench.run import BenchPlan, Variant, flatten_outputs
+from nmcli.bench.device import device_guard, resolve_device
+from nmcli.bench.sparse_kernels import (
+    device_backends,
+    precision_name,
+    semi_structured_support,
+    swap_plan,
+    to_semi_structured,
+    tolerance,
+)
+from nmcli.bench.types import BenchPlan, PlanRequest, Variant, flatten_outputs
 from nmcli.errors import BackendUnavailableError, InputError, NmcliError
 from nmcli.inputs import FLOAT_PRECISIONS, InputSpec, example_inputs, parse_input_spec
-from nmcli.patterns import TENSOR_CORE_PATTERN, is_compliant
+from nmcli.patterns import TENSOR_CORE_PATTERN
 
 DTYPES = FLOAT_PRECISIONS
-SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
-MIN_CAPABILITY = (8, 0)
-# max_abs_diff <= atol + rtol * max|reference|, sparse kernel vs dense kernel at the same precision
-TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (1e-1, 5e-2)}
 
 
 def is_available() -> bool:
@@ -37,138 +43,20 @@ def is_available() -> bool:
     return True
 
 
-def cuda_available() -> bool:
-    """Whether torch sees a CUDA device."""
-    return torch.cuda.is_available()
-
-
-def resolve_device(device: str | None) -> str:
-    """``None`` -> ``cuda`` when available, else ``cpu``.
-
-    Raises:
-        BackendUnavailableError: ``cuda`` asked for and torch sees no CUDA device.
-    """
-    if device is None:
-        return "cuda" if cuda_available() else "cpu"
-    if device.startswith("cuda") and not cuda_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"a CUDA {torch.version.cuda} build"
-        raise BackendUnavailableError(
-            f"--device {device} needs a CUDA GPU, and torch ({torch.__version__}, {build}) sees none: "
-            "run on a GPU machine with a CUDA build of torch, or use --device cpu"
-        )
-    return device
-
-
-def semi_structured_support(device: str, dtype: torch.dtype) -> str | None:
-    """Why torch's 2:4 semi-structured kernels cannot run here, or None when they can."""
-    if not device.startswith("cuda"):
-        return (
-            f"the device is {device}: torch's 2:4 semi-structured kernels need an NVIDIA GPU with compute "
-            "capability >= 8.0 (Ampere or later)"
-        )
-    capability = torch.cuda.get_device_capability(torch.device(device))
-    if capability < MIN_CAPABILITY:
-        return (
-            f"{torch.cuda.get_device_name(torch.device(device))} has compute capability "
-            f"{capability[0]}.{capability[1]}: 2:4 sparse tensor cores need 8.0 or later (Ampere)"
-        )
-    if dtype not in SEMI_STRUCTURED_DTYPES:
-        return f"precision is {_precision_name(dtype)}: torch's 2:4 semi-structured kernels need fp16 or bf16 (--precision fp16)"
-    return None
-
-
-def _precision_name(dtype: torch.dtype) -> str:
-    return next(k for k, v in DTYPES.items() if v == dtype)
-
-
-@dataclass
-class SwapReport:
-    """Which ``nn.Linear`` layers got semi-structured weights, and why the others did not."""
-
-    swapped: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-    backend: str | None = None
-
-
-def _mha_children(model: nn.Module) -> set[str]:
-    names: set[str] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            names.update(f"{name}.{child}" if name else child for child, _ in module.named_modules() if child)
-    return names
-
-
-def swap_plan(model: nn.Module) -> tuple[list[str], dict[str, str]]:
-    """The Linear layers whose weight could take semi-structured kernels, and why each other one cannot.
-
-    The weight must be 2-D fp16/bf16, 2:4 along its input dimension, and a multiple of the kernel's
-    minimum tile (cuSPARSELt: 16x16 fp16/bf16; CUTLASS: 32x64).
-    """
-    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
-
-    cls = (
-        SparseSemiStructuredTensorCUSPARSELT
-        if torch.backends.cusparselt.is_available() and not torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS
-        else SparseSemiStructuredTensorCUTLASS
-    )
-    inside_mha = _mha_children(model)
-    eligible: list[str] = []
-    skipped: dict[str, str] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        weight = module.weight
-        if name in inside_mha:
-            skipped[name] = "inside nn.MultiheadAttention, which calls its projections itself"
-        elif weight.dtype not in SEMI_STRUCTURED_DTYPES:
-            skipped[name] = f"dtype {weight.dtype}: kernels need fp16/bf16"
-        elif not is_compliant(weight.detach().ne(0), TENSOR_CORE_PATTERN, axis=1):  # -0.0 is a zero to the kernels
-            skipped[name] = "weight is not 2:4 along its input dimension"
-        else:
-            limits = cls._DTYPE_SHAPE_CONSTRAINTS[weight.dtype]
-            rows, cols = weight.shape
-            r, c = limits.sparse_min_rows, limits.sparse_min_cols
-            if rows % r or cols % c or rows < r or cols < c:
-                skipped[name] = f"shape {rows}x{cols}: {cls.BACKEND} needs multiples of {r}x{c}"
-            else:
-                eligible.append(name)
-    return eligible, skipped
-
-
-def to_semi_structured(model: nn.Module, *, force_cutlass: bool = False) -> SwapReport:
-    """Replace eligible Linear weights (see :func:`swap_plan`) by semi-structured sparse tensors, in place.
-
-    Args:
-        model: a model on a CUDA device, in fp16 or bf16.
-        force_cutlass: use CUTLASS kernels even where cuSPARSELt is available.
-    """
-    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
-
-    previous = SparseSemiStructuredTensor._FORCE_CUTLASS
-    SparseSemiStructuredTensor._FORCE_CUTLASS = force_cutlass or not torch.backends.cusparselt.is_available()
-    try:
-        eligible, skipped = swap_plan(model)
-        report = SwapReport(
-            skipped=skipped, backend="cutlass" if SparseSemiStructuredTensor._FORCE_CUTLASS else "cusparselt"
-        )
-        modules = dict(model.named_modules())
-        for name in eligible:
-            linear = modules[name]
-            assert isinstance(linear, nn.Linear)
-            weight = linear.weight.detach().contiguous()
-            linear.weight = nn.Parameter(to_sparse_semi_structured(weight), requires_grad=False)
-            report.swapped.append(name)
-    finally:
-        SparseSemiStructuredTensor._FORCE_CUTLASS = previous
-    return report
-
-
 def _max_abs(tensors: Sequence[torch.Tensor]) -> float:
     return max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
 
 
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 class TorchVariant(Variant):
-    """A torch model built by ``factory``, cast to ``dtype`` and moved to ``device`` when opened."""
+    """A torch model built by ``factory``, cast to ``dtype`` and moved to ``device`` when opened.
+
+    Args:
+        backends: the 2:4 kernels to try for the sparse variant (empty: dense kernels only).
+    """
 
     def __init__(
         self,
@@ -180,7 +68,7 @@ class TorchVariant(Variant):
         spec: InputSpec,
         compile: bool = False,
         sparse: bool | None = None,
-        semi_structured: bool = False,
+        backends: Sequence[str] = (),
         vocab_size: int = 1000,
     ) -> None:
         super().__init__()
@@ -193,7 +81,7 @@ class TorchVariant(Variant):
         self._dtype = dtype
         self._spec = spec
         self._compile = compile
-        self._semi_structured = semi_structured
+        self._backends = list(backends)
         self._vocab = vocab_size
         self._model: nn.Module | None = None
         self._runner: Callable[..., Any] | None = None
@@ -218,67 +106,135 @@ class TorchVariant(Variant):
         except Exception as exc:
             if self._compile and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
                 raise BackendUnavailableError(
-                    f"torch.compile failed on this machine ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
-                    "rerun without --compile"
+                    f"torch.compile failed on this machine ({_first_line(exc)}): rerun without --compile"
                 ) from exc
             raise InputError(
                 f"the {self.name} model rejected inputs {self._spec.with_batch(batch_size)} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): pass --input-shape"
+                f"({_first_line(exc)}): pass --input-shape"
             ) from exc
 
-    def open(self, batch_sizes: Sequence[int]) -> None:
+    def _load(self) -> nn.Module:
         # a copy, so that closing the variant frees its device memory and the original stays fp32 on the CPU
         model = copy.deepcopy(self._factory()).eval().to(device=self._device, dtype=self._dtype)
         for p in model.parameters():
             p.requires_grad_(False)
-        if self._semi_structured:
+        return model
+
+    def open(self, batch_sizes: Sequence[int]) -> None:
+        model = self._load()
+        if self._backends:
             model = self._swap(model, batch_sizes)
         self._model = model
         self._runner = torch.compile(model) if self._compile else model
-        self.info["precision"] = _precision_name(self._dtype)
+        self.info["precision"] = precision_name(self._dtype)
         self.info["compiled"] = self._compile
 
+    def _dense_weight(self, name: str) -> nn.Parameter:
+        """Layer ``name``'s masked weight from the CPU source, on the device (to undo a swap)."""
+        source = dict(self._factory().named_modules())[name]
+        assert isinstance(source, nn.Linear)
+        weight = source.weight.detach().to(device=self._device, dtype=self._dtype)
+        return nn.Parameter(weight, requires_grad=False)
+
     def _swap(self, model: nn.Module, batch_sizes: Sequence[int]) -> nn.Module:
-        """Reference outputs with dense kernels first, then semi-structured weights (cuSPARSELt, then CUTLASS)."""
-        for bs in batch_sizes:
-            self._refs[bs] = flatten_outputs(self._call(model, bs))
-        errors: list[str] = []
-        for force_cutlass in (False, True):
-            if force_cutlass and not torch.backends.cusparselt.is_available():
-                break  # the first try already used CUTLASS
-            candidate = copy.deepcopy(model)
-            try:
-                report = to_semi_structured(candidate, force_cutlass=force_cutlass)
-                if not report.swapped:
-                    break
-                with torch.inference_mode():
-                    args, kwargs = self._inputs_for(batch_sizes[0])
-                    candidate(*args, **kwargs)
-                    torch.cuda.synchronize()
-            except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here: try the next, then dense
-                errors.append(
-                    f"{'cutlass' if force_cutlass else 'cusparselt'}: {type(exc).__name__}: {exc}".splitlines()[0]
-                )
-                del candidate
-                continue
+        """Reference outputs with dense kernels first, then 2:4 weights layer by layer, then one checked forward."""
+        eligible, _ = swap_plan(model, self._backends)
+        modules = dict(model.named_modules())
+        rows: dict[str, int] = {}
+
+        def seen(name: str) -> Callable[..., None]:
+            def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+                x = args[0] if args else None
+                if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1]:
+                    rows[name] = max(rows.get(name, 0), x.numel() // x.shape[-1])
+
+            return hook
+
+        handles = [modules[name].register_forward_pre_hook(seen(name)) for name in eligible]
+        try:
+            for bs in batch_sizes:
+                self._refs[bs] = flatten_outputs(self._call(model, bs))
+        finally:
+            for handle in handles:
+                handle.remove()
+        report = to_semi_structured(model, backends=self._backends, probe_rows=rows)
+        reverted = self._check_forward(model, report.swapped, batch_sizes[0])
+        for name, why in reverted.items():
+            report.swapped.remove(name)
+            report.kernels.pop(name, None)
+            report.alg_ids.pop(name, None)
+            report.failed[name] = why
+        self.info.update(
+            sparse_backend=report.backend,
+            semi_structured_layers={name: report.kernels[name] for name in report.swapped},
+            cusparselt_alg_ids=report.alg_ids,
+            dense_kernel_layers=report.dense_layers,
+        )
+        self.notes.extend(report.notes)
+        total = len(report.swapped) + len(report.skipped) + len(report.failed)
+        if report.swapped:
             self.sparse_kernel = True
-            self.info.update(
-                sparse_backend=report.backend,
-                semi_structured_layers=report.swapped,
-                dense_kernel_layers=report.skipped,
+            line = (
+                f"sparse: {len(report.swapped)} of {total} Linear layers run 2:4 semi-structured kernels "
+                f"({report.backend}); other layers (convolutions included) run dense kernels"
+            )
+            if report.failed:
+                names = ", ".join(list(report.failed)[:5]) + (" ..." if len(report.failed) > 5 else "")
+                line += f"; {len(report.failed)} eligible layer(s) kept dense weights because their kernels failed here: {names}"
+            self.notes.append(line)
+        else:
+            reason = (
+                "; ".join(f"{k}: {v}" for k, v in list(report.failed.items())[:3])
+                if report.failed
+                else "no Linear layer is 2:4 with a shape the kernels accept"
             )
             self.notes.append(
-                f"sparse: {len(report.swapped)} of {len(report.swapped) + len(report.skipped)} Linear layers run "
-                f"2:4 semi-structured kernels ({report.backend}); other layers (convolutions included) run dense kernels"
+                f"no sparse kernel was used: {reason}. The sparse variant ran its masked weights with dense kernels"
             )
-            return candidate
-        _, skipped = swap_plan(model)
-        self.info["dense_kernel_layers"] = skipped
-        reason = "; ".join(errors) if errors else "no Linear layer is 2:4 with a shape the kernels accept"
-        self.notes.append(
-            f"no sparse kernel was used: {reason}. The sparse variant ran its masked weights with dense kernels"
-        )
         return model
+
+    def _check_forward(self, model: nn.Module, swapped: Sequence[str], batch_size: int) -> dict[str, str]:
+        """Run the swapped model once; a layer that fails inside the real forward goes back to dense."""
+        if not swapped:
+            return {}
+        modules = dict(model.named_modules())
+        inside: list[str] = []
+        handles = []
+
+        def enter(name: str) -> Callable[..., None]:
+            def hook(*_args: Any) -> None:
+                inside.append(name)
+
+            return hook
+
+        def leave(*_args: Any) -> None:  # returns None: a forward hook's return value replaces the output
+            if inside:
+                inside.pop()
+
+        for name in swapped:
+            handles.append(modules[name].register_forward_pre_hook(enter(name)))
+            handles.append(modules[name].register_forward_hook(leave))
+        reverted: dict[str, str] = {}
+        try:
+            for _ in range(len(swapped) + 1):
+                inside.clear()
+                try:
+                    with torch.inference_mode():
+                        args, kwargs = self._inputs_for(batch_size)
+                        model(*args, **kwargs)
+                        torch.cuda.synchronize()
+                    return reverted
+                except Exception as exc:  # noqa: BLE001 - the failing layer goes back to dense kernels
+                    culprits = [inside[-1]] if inside else [n for n in swapped if n not in reverted]
+                    for name in culprits:
+                        linear = modules[name]
+                        assert isinstance(linear, nn.Linear)
+                        linear.weight = self._dense_weight(name)
+                        reverted[name] = f"the model's forward failed in it ({_first_line(exc)})"
+        finally:
+            for handle in handles:
+                handle.remove()
+        return reverted
 
     def step(self, batch_size: int) -> Callable[[], Any]:
         runner = self._runner
@@ -300,8 +256,7 @@ class TorchVariant(Variant):
         return self._refs.get(batch_size) if self.sparse_kernel else None
 
     def tolerance(self, reference: Sequence[torch.Tensor]) -> float:
-        atol, rtol = TOLERANCES[self._dtype]
-        return atol + rtol * _max_abs(reference)
+        return tolerance(self._dtype, _max_abs(reference))
 
     def close(self) -> None:
         self._model = None
@@ -323,31 +278,27 @@ def _vocab_size(model: nn.Module) -> int:
     return int(vocab) if isinstance(vocab, int) and vocab > 0 else 1000
 
 
-def plan(
-    target: str,
-    *,
-    device: str | None = None,
-    batch_sizes: Sequence[int] | None = None,
-    input_shape: str | None = None,
-    precision: str | None = None,
-    compile: bool = False,
-    arch: str | None = None,
-    trust: bool = False,
-) -> BenchPlan:
+def plan(request: PlanRequest) -> BenchPlan:
     """The variants of a checkpoint (``dense``, ``sparse``) or of a model source (``model``).
 
     Raises:
         BackendUnavailableError: ``--device cuda`` without CUDA.
-        InputError: no input spec, or a model that cannot be loaded.
+        InputError: ``--vs``, a bad device, no input spec, or a model that cannot be loaded.
     """
     from nmcli.sources import load_model
 
-    dev = resolve_device(device)
-    prec = precision or ("fp16" if dev.startswith("cuda") else "fp32")
+    if request.vs is not None:
+        raise InputError(
+            "--vs compares two ONNX files or two engines; for a checkpoint, bench already times its "
+            "dense model against its sparse one"
+        )
+    target, arch, trust, compile = request.target, request.arch, request.trust, request.compile
+    dev = resolve_device(request.device)
+    prec = request.precision or ("fp16" if dev.startswith("cuda") else "fp32")
     dtype = DTYPES[prec]
     loaded = load_model(target, arch=arch, trust=trust)
-    spec = _input_spec(input_shape, loaded.input_spec, target)
-    sizes = list(batch_sizes) if batch_sizes else [spec.batch_size]
+    spec = _input_spec(request.input_shape, loaded.input_spec, target)
+    sizes = list(request.batch_sizes) if request.batch_sizes else [spec.batch_size]
     vocab = _vocab_size(loaded.model)
     notes: list[str] = []
     info: dict[str, Any] = {}
@@ -365,12 +316,16 @@ def plan(
             f"dense weights {how}: the dense variant runs the checkpoint's masked weights with dense kernels "
             "(the same dense-kernel work, but not the original model's outputs)"
         )
-    reason = semi_structured_support(dev, dtype)
+    with device_guard(dev):
+        reason = semi_structured_support(dev, dtype)
+        backends = device_backends(dev) if reason is None else []
     pattern = ckpt.pattern
     if reason is None and pattern is not None and pattern != TENSOR_CORE_PATTERN:
-        reason = f"the checkpoint's pattern is {pattern}: only 2:4 has sparse tensor-core kernels"
+        reason, backends = f"the checkpoint's pattern is {pattern}: only 2:4 has sparse tensor-core kernels", []
+    if backends:
+        info["semi_structured_kernels_to_try"] = backends
     dense = TorchVariant("dense", lambda: dense_model, sparse=False, **common)
-    sparse = TorchVariant("sparse", lambda: sparse_model, sparse=True, semi_structured=reason is None, **common)
+    sparse = TorchVariant("sparse", lambda: sparse_model, sparse=True, backends=backends, **common)
     if reason is not None:
         sparse.notes.append(
             f"no sparse kernel was used: {reason}. The sparse variant ran its masked weights with dense kernels, "
@@ -399,15 +354,4 @@ def _dense_model(loaded: Any, *, arch: str | None, trust: bool) -> tuple[nn.Modu
     return source.model.eval(), f"rebuilt from the source {ref.spec}"
 
 
-__all__ = [
-    "DTYPES",
-    "SwapReport",
-    "TorchVariant",
-    "cuda_available",
-    "is_available",
-    "plan",
-    "resolve_device",
-    "semi_structured_support",
-    "swap_plan",
-    "to_semi_structured",
-]
+__all__ = ["DTYPES", "TorchVariant", "is_available", "plan"]

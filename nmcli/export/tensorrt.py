@@ -8,13 +8,29 @@ Two API generations are supported, told apart by ``tensorrt.__version__``:
 * **TensorRT 11+**: every network is strongly typed (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``
   is accepted and set; ``BuilderFlag`` has no FP16/INT8/BF16 any more), so the precision must live
   in the ONNX itself: ``--precision fp16|bf16`` exports fp16/bf16 weights and the engine step adds
-  only ``SPARSE_WEIGHTS``. INT8 needs Q/DQ nodes in the ONNX there, which nmcli does not write.
+  only ``SPARSE_WEIGHTS``.
+
+**INT8 is refused** (:func:`check_trt_precision`, exit 2): a real INT8 engine needs calibration data
+(an ``IInt8EntropyCalibrator2``) or Q/DQ nodes in the ONNX, and nmcli has neither. Setting
+``BuilderFlag.INT8`` without dynamic ranges makes TensorRT fall back to FP16 for every tensor, and
+``trtexec --int8`` without a calibration cache uses placeholder dynamic ranges: neither is a
+calibrated INT8 engine, and the two are not even the same engine.
 
 2:4 sparse tactics exist only for FP16/INT8 (and BF16) kernels on Ampere and later GPUs; TensorRT
-picks a sparse kernel only where it is faster than the dense one. The build log says which layers
-were eligible (``(Sparsity) Layers eligible for sparse math: ...``) and which got sparse kernels
-(``(Sparsity) TRT inference plan picked sparse implementation for layers: ...``); the engine
-inspector (``ProfilingVerbosity.DETAILED``) names each layer's tactic.
+picks a sparse kernel only where it is faster than the dense one. Which layers run one is read from
+two sources (:func:`layer_status`):
+
+1. the **engine inspector** (``ProfilingVerbosity.DETAILED``,
+   ``IEngineInspector.get_engine_information(LayerInformationFormat.JSON)``): ``{"Layers": [...],
+   "Bindings": [...]}``, where a convolution/fully-connected layer carries ``HasSparseWeights``
+   (0/1), its ``TacticName``/``TacticValue`` and, from TensorRT 8.6, ``Metadata`` naming the ONNX
+   nodes it was built from (``[ONNX Layer: NAME]``, joined by ``\x1e``). TensorRT 10 compiles
+   transformer graphs into Myelin layers (``LayerType: Myelin``, named ``{ForeignNode[first...last]}``,
+   or Myelin's own lower-case ops such as ``gemm`` named ``..._mylN_M``) that carry no
+   ``HasSparseWeights``: a pruned MatMul fused into one is reported as *fused, not attributable*
+   (``sparse_kernel: null``), never silently missing;
+2. the **build log**: ``(Sparsity) Layers eligible for sparse math: ...`` and
+   ``(Sparsity) TRT inference plan picked sparse implementation for layers: ...``.
 
 :func:`builder_settings` computes the whole build configuration as plain data (tested without
 TensorRT); :func:`build_engine` applies it with the real ``tensorrt`` module, imported lazily;
@@ -25,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +55,25 @@ from nmcli.io import atomic_output
 TRT_HINT = "pip install 'nmcli[trt]' (the tensorrt wheel) on a machine with an NVIDIA GPU and driver"
 _ELIGIBLE = "Layers eligible for sparse math:"
 _PICKED = "TRT inference plan picked sparse implementation for layers:"
+_ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]*)\]")
+_FOREIGN_NODE = re.compile(r"\{ForeignNode\[(.*)\]\}")
+_MYELIN_OP = re.compile(r"_myl\d+_\d+$")
+INT8_REFUSED = (
+    "--precision int8 needs calibration data, which nmcli export does not take: TensorRT would fall back to "
+    "FP16 (no dynamic ranges), so the engine would not be INT8. Use --precision fp16 (2:4 sparse kernels run "
+    "in FP16), or quantize the ONNX to Q/DQ (onnxruntime.quantization.quantize_static or TensorRT Model "
+    "Optimizer) and build it with trtexec --onnx=MODEL_QDQ.onnx --int8 --sparsity=enable"
+)
+
+
+def check_trt_precision(precision: str) -> None:
+    """Refuse precisions nmcli cannot build honestly (int8 without calibration data).
+
+    Raises:
+        InputError: ``int8``.
+    """
+    if precision == "int8":
+        raise InputError(INT8_REFUSED)
 
 
 @dataclass(frozen=True)
@@ -100,7 +136,7 @@ def builder_settings(
 
     Args:
         trt_major: TensorRT major version (8, 9, 10 weakly typed; 11+ strongly typed).
-        precision: ``fp32``, ``fp16``, ``bf16`` or ``int8``.
+        precision: ``fp32``, ``fp16`` or ``bf16`` (``int8`` is refused: :func:`check_trt_precision`).
         sparse: enable 2:4 sparse weights (``BuilderFlag.SPARSE_WEIGHTS``).
         spec: the input spec the ONNX was exported with (the optimization profile's opt shapes).
         input_names: graph input names, in spec order.
@@ -110,8 +146,9 @@ def builder_settings(
         max_sequence: the profile's longest sequence (default: the spec's).
 
     Raises:
-        InputError: a precision this TensorRT generation cannot take from an nmcli ONNX.
+        InputError: a precision this TensorRT generation cannot take from an nmcli ONNX, or int8.
     """
+    check_trt_precision(precision)
     if trt_major < 8:
         raise InputError(f"TensorRT {trt_major} is too old: nmcli needs TensorRT 8.6 or newer")
     if workspace_mb is not None and workspace_mb <= 0:
@@ -125,23 +162,13 @@ def builder_settings(
     flags: list[str] = []
     notes: list[str] = []
     if strongly_typed:
-        if precision == "int8":
-            raise InputError(
-                "TensorRT 11 builds INT8 only from Q/DQ nodes in the ONNX, which nmcli does not write: "
-                "use --precision fp16, or quantize the ONNX with TensorRT Model Optimizer"
-            )
+        pass  # the precision is the ONNX's own
     elif precision == "fp16":
         flags.append("FP16")
     elif precision == "bf16":
         if trt_major < 9:
             raise InputError("bf16 engines need TensorRT 9 or newer: use --precision fp16")
         flags.append("BF16")
-    elif precision == "int8":
-        flags += ["INT8", "FP16"]
-        notes.append(
-            "int8 without calibration data: TensorRT falls back to FP16 for tensors without dynamic ranges; "
-            "for real INT8 give it a calibrated or Q/DQ ONNX"
-        )
     if sparse:
         flags.append("SPARSE_WEIGHTS")
         if precision == "fp32":
@@ -179,7 +206,7 @@ def trtexec_command(
     parts = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
     if "SPARSE_WEIGHTS" in settings.flags:
         parts.append("--sparsity=enable")
-    for flag, option in (("FP16", "--fp16"), ("BF16", "--bf16"), ("INT8", "--int8")):
+    for flag, option in (("FP16", "--fp16"), ("BF16", "--bf16")):
         if flag in settings.flags:
             parts.append(option)
     if "STRONGLY_TYPED" in settings.network_flags:
@@ -210,20 +237,171 @@ def _layer_parts(trt_layer: str) -> set[str]:
     return {part.strip() for part in trt_layer.split(" + ") if part.strip()}
 
 
-def layer_status(nodes: Mapping[str, str], eligible: Sequence[str], picked: Sequence[str]) -> list[dict[str, Any]]:
-    """Per pruned parameter: its ONNX node, and whether TensorRT found it eligible / picked a sparse kernel.
+@dataclass(frozen=True)
+class EngineLayer:
+    """One layer of the engine inspector's JSON.
+
+    Attributes:
+        name: the TensorRT layer name.
+        layer_type: ``LayerType`` (``CaskConvolution``, ``CaskGemmConvolution``, ``Myelin``, ``gemm``, ...).
+        onnx_nodes: the ONNX nodes it was built from (``Metadata``; else the ``" + "`` parts of its name).
+        has_sparse_weights: ``HasSparseWeights`` (None when the layer has no such field).
+        tactic_name: ``TacticName`` (None when absent).
+        tactic_value: ``TacticValue`` (``0x...``; None when absent).
+        myelin: a Myelin layer (a ``{ForeignNode[...]}`` region or one of its ops).
+        foreign_range: for a ForeignNode, its first and last ONNX node (the name only gives the range).
+    """
+
+    name: str
+    layer_type: str = ""
+    onnx_nodes: tuple[str, ...] = ()
+    has_sparse_weights: bool | None = None
+    tactic_name: str | None = None
+    tactic_value: str | None = None
+    myelin: bool = False
+    foreign_range: tuple[str, str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "layer_type": self.layer_type,
+            "onnx_nodes": list(self.onnx_nodes),
+            "has_sparse_weights": self.has_sparse_weights,
+            "tactic_name": self.tactic_name,
+            "tactic_value": self.tactic_value,
+            "myelin": self.myelin,
+        }
+
+
+def _flag(value: Any) -> bool | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value != 0
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no"):
+        return False
+    return None
+
+
+def _clean(text: str) -> str:
+    # TensorRT 8.6/10 separate records and units with \x1e / \x1f (trt-engine-explorer replaces them too)
+    return text.replace("\x1e", " ").replace("\x1f", " ")
+
+
+def parse_engine_information(info: str | Mapping[str, Any]) -> list[EngineLayer]:
+    """The layers of the engine inspector's JSON (``get_engine_information(LayerInformationFormat.JSON)``).
+
+    Accepts the JSON text or its parsed object. With ``ProfilingVerbosity.LAYER_NAMES_ONLY`` the
+    layers are bare names (no sparse information). Layers of further optimization profiles
+    (``... [profile N]``) are kept: they are the same ONNX nodes.
+
+    Raises:
+        ValueError: text that is not the inspector's JSON.
+    """
+    data = json.loads(info) if isinstance(info, str) else info
+    if not isinstance(data, Mapping) or not isinstance(data.get("Layers"), list):
+        raise ValueError('not an engine-inspector JSON: expected {"Layers": [...]}')
+    layers: list[EngineLayer] = []
+    for raw in data["Layers"]:
+        if isinstance(raw, str):
+            name = _clean(raw)
+            if _FOREIGN_NODE.search(name) or _MYELIN_OP.search(name):
+                layers.append(EngineLayer(name, myelin=True))
+            else:
+                layers.append(EngineLayer(name, onnx_nodes=tuple(sorted(_layer_parts(name)))))
+            continue
+        if not isinstance(raw, Mapping):
+            continue
+        name = _clean(str(raw.get("Name", "")))
+        layer_type = str(raw.get("LayerType", ""))
+        foreign = _FOREIGN_NODE.search(name)
+        myelin = layer_type == "Myelin" or foreign is not None or bool(_MYELIN_OP.search(name))
+        metadata = str(raw.get("Metadata") or "")
+        nodes = [n.strip() for n in _ONNX_LAYER.findall(metadata) if n.strip()]
+        if not nodes and not myelin:
+            nodes = sorted(_layer_parts(name))
+        span: tuple[str, str] | None = None
+        if foreign is not None:
+            first, _, last = foreign.group(1).partition("...")
+            span = (first.strip(), (last or first).strip())
+        tactic_value = raw.get("TacticValue", raw.get("Tactic"))
+        layers.append(
+            EngineLayer(
+                name=name,
+                layer_type=layer_type,
+                onnx_nodes=tuple(dict.fromkeys(nodes)),
+                has_sparse_weights=_flag(raw.get("HasSparseWeights")),
+                tactic_name=str(raw["TacticName"]) if raw.get("TacticName") else None,
+                tactic_value=str(tactic_value) if tactic_value is not None else None,
+                myelin=myelin,
+                foreign_range=span,
+            )
+        )
+    return layers
+
+
+def layer_status(
+    nodes: Mapping[str, str],
+    eligible: Sequence[str],
+    picked: Sequence[str],
+    inspector: Sequence[EngineLayer] = (),
+) -> list[dict[str, Any]]:
+    """Per pruned parameter: its ONNX node, whether TensorRT found it eligible, and whether it runs a sparse kernel.
+
+    The inspector's ``HasSparseWeights`` decides where the node is in a non-Myelin layer that has the
+    field; else the build log (``picked`` / ``eligible``). A node inside a Myelin layer (by its
+    ``Metadata``), or absent from every layer of an engine that has Myelin layers, is
+    ``sparse_kernel: None`` with the evidence "fused into a Myelin layer, not attributable".
 
     Args:
         nodes: pruned torch parameter -> the ONNX node consuming its weight.
-        eligible: TensorRT layer names eligible for sparse math.
-        picked: TensorRT layer names that run a sparse kernel.
+        eligible: TensorRT layer names eligible for sparse math (build log).
+        picked: TensorRT layer names that picked a sparse kernel (build log).
+        inspector: :func:`parse_engine_information` of the built engine (empty if unavailable).
     """
     eligible_parts = set().union(*(_layer_parts(n) for n in eligible)) if eligible else set()
     picked_parts = set().union(*(_layer_parts(n) for n in picked)) if picked else set()
-    return [
-        {"param": param, "node": node, "eligible": node in eligible_parts, "sparse_kernel": node in picked_parts}
-        for param, node in nodes.items()
-    ]
+    myelin_layers = [layer for layer in inspector if layer.myelin]
+    rows: list[dict[str, Any]] = []
+    for param, node in nodes.items():
+        holders = [layer for layer in inspector if node in layer.onnx_nodes]
+        direct = [layer for layer in holders if not layer.myelin and layer.has_sparse_weights is not None]
+        row: dict[str, Any] = {"param": param, "node": node, "eligible": node in eligible_parts}
+        if direct:
+            sparse = any(layer.has_sparse_weights for layer in direct)
+            layer = next((x for x in direct if x.has_sparse_weights), direct[0])
+            row.update(
+                sparse_kernel=sparse,
+                engine_layer=layer.name,
+                evidence=f"engine inspector: HasSparseWeights={int(sparse)}, tactic {layer.tactic_name or layer.tactic_value or '?'}",
+            )
+        elif node in picked_parts:
+            row.update(sparse_kernel=True, engine_layer=None, evidence="build log: picked a sparse implementation")
+        elif any(layer.myelin for layer in holders) or (myelin_layers and not holders):
+            fused = next((x for x in holders if x.myelin), myelin_layers[0] if myelin_layers else None)
+            where = f" {fused.name}" if fused is not None else ""
+            row.update(
+                sparse_kernel=None,
+                engine_layer=fused.name if fused is not None else None,
+                evidence=f"fused into a Myelin layer{where}: not attributable (Myelin reports no per-MatMul sparsity)",
+            )
+        elif node in eligible_parts:
+            row.update(
+                sparse_kernel=False, engine_layer=None, evidence="build log: eligible, a dense kernel was faster"
+            )
+        else:
+            row.update(
+                sparse_kernel=False,
+                engine_layer=holders[0].name if holders else None,
+                evidence="not eligible for sparse math (not in the build log's (Sparsity) lines)",
+            )
+        rows.append(row)
+    return rows
 
 
 @dataclass
@@ -238,6 +416,7 @@ class EngineBuild:
         picked: TensorRT layers that picked sparse kernels (build log and engine inspector).
         layers: per pruned parameter, see :func:`layer_status`.
         log: warnings and errors TensorRT logged.
+        inspector: the engine inspector's layers (empty when it was unavailable).
     """
 
     path: Path
@@ -247,6 +426,7 @@ class EngineBuild:
     picked: list[str] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    inspector: list[EngineLayer] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -256,6 +436,8 @@ class EngineBuild:
             "eligible": self.eligible,
             "picked": self.picked,
             "layers": self.layers,
+            "myelin_layers": [layer.name for layer in self.inspector if layer.myelin],
+            "warnings": self.log,
         }
 
 
@@ -277,7 +459,16 @@ def tensorrt_major(trt: Any) -> int:
     return int(str(trt.__version__).split(".")[0])
 
 
-def _make_logger(trt: Any) -> Any:
+def collecting_logger(trt: Any) -> Any:
+    """A ``trt.ILogger`` that prints nothing and keeps what TensorRT says.
+
+    ``lines``: INFO and more severe messages, and every ``(Sparsity)`` message whatever its level;
+    ``problems``: warnings and errors (shown to the user by the caller, never hidden).
+    Severities are compared as integers (``INTERNAL_ERROR`` 0 ... ``VERBOSE`` 4).
+    """
+    info_level = int(trt.ILogger.Severity.INFO)
+    warning_level = int(trt.ILogger.Severity.WARNING)
+
     class _Logger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
@@ -285,30 +476,25 @@ def _make_logger(trt: Any) -> Any:
             self.problems: list[str] = []
 
         def log(self, severity: Any, msg: str) -> None:
-            if "(Sparsity)" in msg or severity <= trt.ILogger.Severity.INFO:
+            level = int(severity)
+            if "(Sparsity)" in msg or level <= info_level:
                 self.lines.append(msg)
-            if severity <= trt.ILogger.Severity.WARNING:
+            if level <= warning_level:
                 self.problems.append(msg)
 
     return _Logger()
 
 
-def _inspector_sparse_layers(trt: Any, plan: bytes, logger: Any) -> list[str]:
-    """Layers whose tactic is a sparse kernel, from the engine inspector (empty if unavailable)."""
+def inspect_engine(trt: Any, plan: bytes, logger: Any) -> list[EngineLayer]:
+    """The engine inspector's layers of a serialized engine (empty if the inspector is unavailable)."""
     try:
         runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(plan)
         inspector = engine.create_engine_inspector()
-        info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+        text = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+        return parse_engine_information(text)
     except Exception:  # noqa: BLE001 - the inspector is a report, never a reason to fail a finished build
         return []
-    found = []
-    for layer in info.get("Layers", []):
-        if isinstance(layer, dict):
-            tactic = str(layer.get("TacticName", "")) + " " + str(layer.get("Tactic", ""))
-            if "sparse" in tactic.lower():
-                found.append(str(layer.get("Name", "")))
-    return found
 
 
 def build_engine(
@@ -335,7 +521,7 @@ def build_engine(
         InputError: TensorRT cannot parse the ONNX or build the engine (its errors are quoted).
     """
     trt = import_tensorrt()
-    logger = _make_logger(trt)
+    logger = collecting_logger(trt)
     builder = trt.Builder(logger)
     network_flags = 0
     for name in settings.network_flags:
@@ -368,15 +554,17 @@ def build_engine(
     with atomic_output(engine_path, force=force, inputs=inputs) as tmp:
         tmp.write_bytes(data)
     eligible, picked = parse_sparsity_log(logger.lines)
-    for name in _inspector_sparse_layers(trt, data, logger):
-        if name not in picked:
-            picked.append(name)
+    engine_layers = inspect_engine(trt, data, logger)
+    for layer in engine_layers:
+        if layer.has_sparse_weights and layer.name not in picked:
+            picked.append(layer.name)
     return EngineBuild(
         Path(engine_path),
         str(trt.__version__),
         settings,
         eligible,
         picked,
-        layer_status(pruned_nodes or {}, eligible, picked),
+        layer_status(pruned_nodes or {}, eligible, picked, engine_layers),
         [p for p in logger.problems if p][:20],
+        engine_layers,
     )

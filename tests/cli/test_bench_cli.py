@@ -1,6 +1,8 @@
 """``nmcli bench`` end to end on the CPU torch path: the JSON schema, the table, --output, exit codes.
 
-Tests check correctness and schema with tiny --iters; they never judge timings.
+Tests check correctness and schema with tiny --iters; they never judge timings. Every test that
+assumes the CPU says ``--device cpu`` (FAST carries it), so the suite passes on a CUDA machine too,
+where bench defaults to cuda and fp16.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from nmcli.prune import run_prune
 from tests.conftest import py_source
 
 runner = CliRunner()
-FAST = ("--iters", "3", "--warmup", "1")
+CPU = ("--device", "cpu")
+FAST = ("--iters", "3", "--warmup", "1", *CPU)
 
 
 def invoke(*args: str) -> Result:
@@ -99,7 +102,9 @@ def test_output_file_is_written_and_never_clobbered(ckpts: dict[str, Path], tmp_
     assert data["output"] == str(out)
     again = invoke("bench", str(ckpts["kept"]), "--output", str(out), *FAST)
     assert again.exit_code == 2 and "--force" in again.stderr
-    forced = invoke("bench", str(ckpts["kept"]), "--output", str(out), "--force", "--min-time", "0", "--warmup", "0")
+    forced = invoke(
+        "bench", str(ckpts["kept"]), "--output", str(out), "--force", "--min-time", "0", "--warmup", "0", *CPU
+    )
     assert forced.exit_code == 0, forced.output
     assert json.loads(out.read_text())["environment"]["settings"]["min_time_s"] == 0.0
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary files left
@@ -117,9 +122,17 @@ def test_plain_model_source_with_input_shape() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
 def test_device_cuda_without_cuda_is_exit_3(ckpts: dict[str, Path]) -> None:
-    result = invoke("bench", str(ckpts["kept"]), "--device", "cuda", *FAST)
-    assert result.exit_code == 3
-    assert "CUDA" in result.stderr and "Traceback" not in result.output
+    for device in ("cuda", "cuda:0", "cuda:1"):
+        result = invoke("bench", str(ckpts["kept"]), "--iters", "3", "--device", device)
+        assert result.exit_code == 3, result.output
+        assert "CUDA" in result.stderr and "--device cpu" in result.stderr and "Traceback" not in result.output
+
+
+def test_cuda_index_beyond_the_devices_is_exit_2(ckpts: dict[str, Path]) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("the no-CUDA path is exit 3 (test above)")
+    result = invoke("bench", str(ckpts["kept"]), "--iters", "3", "--device", f"cuda:{torch.cuda.device_count()}")
+    assert result.exit_code == 2 and "torch sees" in result.stderr
 
 
 def test_tensorrt_without_tensorrt_is_exit_3(tmp_path: Path) -> None:
@@ -129,7 +142,11 @@ def test_tensorrt_without_tensorrt_is_exit_3(tmp_path: Path) -> None:
         pytest.skip("tensorrt is installed here")
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not checked before the package")
-    for args in (("bench", str(engine)), ("bench", str(engine), "--backend", "tensorrt", "--device", "cuda")):
+    for args in (
+        ("bench", str(engine)),
+        ("bench", str(engine), "--backend", "tensorrt", "--device", "cuda"),
+        ("bench", str(engine), "--device", "cuda:1"),
+    ):
         result = invoke(*args)
         assert result.exit_code == 3, result.output
         assert "tensorrt" in result.stderr and "pip install" in result.stderr
@@ -142,13 +159,14 @@ def test_tensorrt_without_tensorrt_is_exit_3(tmp_path: Path) -> None:
         (("--batch-size", "0"), "--batch-size"),
         (("--precision", "int4"), "--precision"),
         (("--device", "tpu"), "--device"),
+        (("--device", "cuda:x"), "--device"),
         (("--backend", "onnxruntime"), "onnx"),
         (("--vs", "other.safetensors"), "--vs"),
         (("--warmup", "-1"), "--warmup"),
     ],
 )
 def test_bad_usage_is_exit_2(ckpts: dict[str, Path], args: tuple[str, ...], expected: str) -> None:
-    result = invoke("bench", str(ckpts["kept"]), *args)
+    result = invoke("bench", str(ckpts["kept"]), *args, *(() if "--device" in args else CPU))
     assert result.exit_code == 2, result.output
     assert expected in result.stderr
 

@@ -1,4 +1,4 @@
-"""bench's option parsing, backend choice, output comparison, input specs and 2:4 kernel eligibility."""
+"""bench's option parsing, backend table, output comparison, input specs and 2:4 kernel eligibility."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from nmcli.bench import onnxruntime_backend, tensorrt_backend, torch_backend
-from nmcli.bench.run import detect_backend, flatten_outputs, max_abs_diff, parse_batch_sizes, spec_from_signature
-from nmcli.bench.torch_backend import semi_structured_support, swap_plan
+from nmcli.bench.run import BACKENDS, REGISTRY, backend_module, detect_backend, make_plan, parse_batch_sizes
+from nmcli.bench.sparse_kernels import semi_structured_support, swap_plan
+from nmcli.bench.types import flatten_outputs, max_abs_diff, spec_from_signature
 from nmcli.errors import InputError
 from nmcli.patterns import TENSOR_CORE_PATTERN, nm_mask
 
@@ -33,6 +34,48 @@ def test_detect_backend_by_suffix_and_checks_explicit_choice() -> None:
         detect_backend("m.safetensors", "onnxruntime")
     with pytest.raises(InputError, match="unknown --backend"):
         detect_backend("m.onnx", "tvm")
+    with pytest.raises(InputError, match="a TensorRT engine"):
+        detect_backend("m.onnx", "tensorrt")
+
+
+def test_one_backend_table_names_every_backend_module() -> None:
+    assert BACKENDS == ("torch", "onnxruntime", "tensorrt")
+    modules = {b.name: backend_module(b.name) for b in REGISTRY}
+    assert modules == {"torch": torch_backend, "onnxruntime": onnxruntime_backend, "tensorrt": tensorrt_backend}
+    assert all(callable(m.plan) and callable(m.is_available) for m in modules.values())
+    assert [b.name for b in REGISTRY if b.compile] == ["torch"]
+
+
+def test_backends_do_not_import_run() -> None:
+    """The circle is gone: the shared types sit below run and the backends, which never import run."""
+    import ast
+    from pathlib import Path
+
+    import nmcli.bench as pkg
+
+    folder = Path(pkg.__file__).parent
+    for name in ("types", "device", "timing", "sparse_kernels", "torch_backend", "onnxruntime_backend", "tensorrt_backend"):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "nmcli.bench.run" not in imported, name
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"device": "tpu"}, "unknown --device"),
+        ({"device": "cuda:x"}, "unknown --device"),
+        ({"precision": "int4"}, "--precision"),
+        ({"vs": "b.safetensors"}, "--vs"),
+        ({"compile": True, "target": "m.onnx"}, "--compile applies to the torch backend only"),
+        ({"vs": "b.engine", "target": "m.onnx"}, "not the same kind"),
+    ],
+)
+def test_make_plan_rejects_bad_options_before_loading(kwargs: dict[str, object], message: str) -> None:
+    target = str(kwargs.pop("target", "missing.safetensors"))
+    with pytest.raises(InputError, match=message):
+        make_plan(target, **kwargs)  # type: ignore[arg-type]
 
 
 def test_flatten_outputs_and_max_abs_diff() -> None:

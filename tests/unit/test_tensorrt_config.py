@@ -1,4 +1,5 @@
-"""TensorRT builder configuration (pure), trtexec lines and sparsity-log parsing; real builds marked ``trt``."""
+"""TensorRT builder configuration (pure), trtexec lines, the int8 decision, build-log and engine-inspector
+parsing (against a realistic inspector JSON written from TensorRT's schema); real builds marked ``trt``."""
 
 from __future__ import annotations
 
@@ -7,8 +8,17 @@ from pathlib import Path
 import pytest
 
 from nmcli.errors import InputError
-from nmcli.export.tensorrt import builder_settings, layer_status, parse_sparsity_log, trtexec_command
+from nmcli.export.tensorrt import (
+    builder_settings,
+    check_trt_precision,
+    layer_status,
+    parse_engine_information,
+    parse_sparsity_log,
+    trtexec_command,
+)
 from nmcli.inputs import parse_input_spec
+
+INSPECTOR_JSON = Path(__file__).parent / "data" / "trt_engine_information.json"
 
 TEXT = parse_input_spec("input_ids:2x16:int64,attention_mask:2x16:int64")
 TEXT_AXES = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
@@ -29,9 +39,9 @@ def _settings(major: int, precision: str, sparse: bool = True, **kw: object):  #
 def test_weakly_typed_generations_take_precision_from_flags() -> None:
     eight = _settings(8, "fp16")
     assert eight.network_flags == ("EXPLICIT_BATCH",) and eight.flags == ("FP16", "SPARSE_WEIGHTS")
-    ten = _settings(10, "int8", workspace_mb=512)
-    assert ten.network_flags == () and ten.flags == ("INT8", "FP16", "SPARSE_WEIGHTS")
-    assert ten.workspace_bytes == 512 * 1024 * 1024 and any("calibration" in n for n in ten.notes)
+    ten = _settings(10, "fp16", workspace_mb=512)
+    assert ten.network_flags == () and ten.flags == ("FP16", "SPARSE_WEIGHTS")
+    assert ten.workspace_bytes == 512 * 1024 * 1024 and ten.notes == ()
     assert _settings(10, "bf16").flags == ("BF16", "SPARSE_WEIGHTS")
     with pytest.raises(InputError, match="TensorRT 9"):
         _settings(8, "bf16")
@@ -41,8 +51,17 @@ def test_tensorrt_11_is_strongly_typed_with_only_sparse_weights() -> None:
     for precision in ("fp16", "bf16", "fp32"):
         s = _settings(11, precision)
         assert s.network_flags == ("STRONGLY_TYPED",) and s.flags == ("SPARSE_WEIGHTS",)
-    with pytest.raises(InputError, match="Q/DQ"):
-        _settings(11, "int8")
+
+
+@pytest.mark.parametrize("major", [8, 9, 10, 11])
+def test_int8_without_calibration_data_is_refused_for_every_generation(major: int) -> None:
+    # BuilderFlag.INT8 without dynamic ranges falls back to FP16, and trtexec --int8 uses placeholder ranges:
+    # neither is a calibrated INT8 engine, so nmcli refuses rather than print a misleading line.
+    with pytest.raises(InputError, match="calibration data") as err:
+        _settings(major, "int8")
+    assert "--precision fp16" in str(err.value) and "Q/DQ" in str(err.value)
+    for ok in ("fp32", "fp16", "bf16"):
+        check_trt_precision(ok)
 
 
 def test_fp32_with_sparse_says_sparse_kernels_need_fp16_and_dense_has_no_flag() -> None:
@@ -110,6 +129,67 @@ def test_sparsity_log_lines_are_parsed_and_matched_to_pruned_nodes() -> None:
         ("b.weight", True, False),
         ("c.weight", False, False),
     ]
+    assert rows[0]["evidence"].startswith("build log: picked") and "dense kernel was faster" in rows[1]["evidence"]
+
+
+def test_engine_inspector_json_is_parsed() -> None:
+    layers = {layer.name: layer for layer in parse_engine_information(INSPECTOR_JSON.read_text())}
+    assert len(layers) == 7
+    stem = layers["/stem/conv/Conv + /stem/act/Relu"]
+    assert stem.layer_type == "CaskConvolution" and stem.has_sparse_weights is True and not stem.myelin
+    assert stem.onnx_nodes == ("/stem/conv/Conv", "/stem/act/Relu")  # from Metadata, split at \x1e
+    assert stem.tactic_value == "0x4d2d2a4a4ba2fa4e" and "sparse" in (stem.tactic_name or "")
+    fc1 = layers["/head/fc1/MatMul + /head/fc1/Add + /head/act/Relu"]
+    assert fc1.has_sparse_weights is False and "/head/fc1/MatMul" in fc1.onnx_nodes
+    fc2 = layers["/head/fc2/Gemm"]  # no Metadata (TensorRT < 8.6): the name's parts
+    assert fc2.onnx_nodes == ("/head/fc2/Gemm",) and fc2.has_sparse_weights is True
+    reformat = next(layer for layer in layers.values() if layer.layer_type == "Reformat")
+    assert reformat.has_sparse_weights is None and reformat.tactic_value == "0x00000000000003e8"
+    foreign = [layer for layer in layers.values() if layer.layer_type == "Myelin"]
+    assert len(foreign) == 2 and all(layer.myelin and layer.has_sparse_weights is None for layer in foreign)
+    assert foreign[0].foreign_range == (
+        "/encoder/layer.0/attention/self/query/MatMul",
+        "/encoder/layer.0/output/LayerNorm/Add_1",
+    )
+    assert "/encoder/layer.0/output/dense/MatMul" in foreign[0].onnx_nodes and foreign[1].onnx_nodes == ()
+    myelin_gemm = layers["/classifier/Gemm_myl9_4"]  # TensorRT 10 shows Myelin's own ops
+    assert myelin_gemm.myelin and myelin_gemm.layer_type == "gemm" and myelin_gemm.onnx_nodes == ("/classifier/Gemm",)
+
+
+def test_inspector_decides_and_myelin_fused_layers_are_reported_not_missing() -> None:
+    layers = parse_engine_information(INSPECTOR_JSON.read_text())
+    nodes = {
+        "stem.conv.weight": "/stem/conv/Conv",
+        "head.fc1.weight": "/head/fc1/MatMul",
+        "head.fc2.weight": "/head/fc2/Gemm",
+        "encoder.layer.0.attention.self.query.weight": "/encoder/layer.0/attention/self/query/MatMul",
+        "encoder.layer.1.attention.self.key.weight": "/encoder/layer.1/attention/self/key/MatMul",
+        "classifier.weight": "/classifier/Gemm",
+    }
+    # the log says fc1 picked a sparse kernel; the inspector (HasSparseWeights: 0) wins
+    eligible = ["/stem/conv/Conv + /stem/act/Relu", "/head/fc1/MatMul + /head/fc1/Add + /head/act/Relu"]
+    rows = {r["param"]: r for r in layer_status(nodes, eligible, [eligible[1]], layers)}
+    assert [rows[p]["sparse_kernel"] for p in nodes] == [True, False, True, None, None, None]
+    assert rows["stem.conv.weight"]["evidence"].startswith("engine inspector: HasSparseWeights=1")
+    assert rows["stem.conv.weight"]["eligible"] is True
+    assert rows["head.fc1.weight"]["evidence"].startswith("engine inspector: HasSparseWeights=0")
+    assert rows["head.fc2.weight"]["engine_layer"] == "/head/fc2/Gemm"
+    query = rows["encoder.layer.0.attention.self.query.weight"]
+    assert query["engine_layer"].startswith("{ForeignNode[/encoder/layer.0/") and "not attributable" in query["evidence"]
+    key = rows["encoder.layer.1.attention.self.key.weight"]  # in no layer's Metadata: a Myelin region holds it
+    assert "fused into a Myelin layer" in key["evidence"]
+    assert rows["classifier.weight"]["engine_layer"] == "/classifier/Gemm_myl9_4"
+
+
+def test_layer_names_only_and_bad_inspector_json() -> None:
+    names_only = parse_engine_information({"Layers": ["/fc/Gemm + /act/Relu", "{ForeignNode[/a/MatMul.../b/Add]}"]})
+    assert names_only[0].onnx_nodes == ("/act/Relu", "/fc/Gemm") and names_only[0].has_sparse_weights is None
+    assert names_only[1].myelin and names_only[1].onnx_nodes == ()
+    rows = layer_status({"fc.weight": "/fc/Gemm"}, [], [], names_only)
+    assert rows[0]["sparse_kernel"] is False  # in a plain layer, and not in the (Sparsity) log: dense
+    for bad in ("[]", '{"Bindings": []}', '{"Layers": 3}'):
+        with pytest.raises(ValueError, match="engine-inspector"):
+            parse_engine_information(bad)
 
 
 @pytest.mark.trt
@@ -125,6 +205,8 @@ def test_real_tensorrt_builds_a_sparse_engine(tmp_path: Path) -> None:
     assert result.engine is not None and result.engine.path.stat().st_size > 0
     assert "SPARSE_WEIGHTS" in result.engine.settings.flags
     assert {row["param"] for row in result.engine.layers} == {m.param for m in result.matches}
+    assert all(row["evidence"] and row["sparse_kernel"] in (True, False, None) for row in result.engine.layers)
+    assert result.engine.inspector, "ProfilingVerbosity.DETAILED gives the inspector's layers"
     import tensorrt as trt
 
     engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(result.engine.path.read_bytes())
