@@ -18,31 +18,40 @@ from nmcli.errors import OutputExistsError
 
 
 def check_output_path(
-    path: str | os.PathLike[str], *, force: bool, inputs: Iterable[str | os.PathLike[str]] = ()
+    path: str | os.PathLike[str],
+    *,
+    force: bool,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    option: str = "-o",
 ) -> Path:
     """Validate an output path before any work is done.
 
+    ``option`` is the option that named the path (``-o``, ``--plot``, ``--output``), for the messages.
+
     Raises:
-        OutputExistsError: the path is one of ``inputs``, or exists and ``force`` is false.
+        OutputExistsError: the path is one of ``inputs``, exists and ``force`` is false, or its
+            folder is missing or not writable.
     """
     out = Path(path)
     resolved = out.resolve()
     for inp in inputs:
         if Path(inp).resolve() == resolved:
             raise OutputExistsError(
-                f"output {out} is also an input: nmcli never overwrites an input; choose another -o"
+                f"output {out} is also an input: nmcli never overwrites an input; choose another {option}"
             )
     if out.is_dir():
-        raise OutputExistsError(f"output {out} is a directory: give a file path with -o")
+        raise OutputExistsError(f"output {out} is a directory: give a file path with {option}")
     if out.exists() and not force:
-        raise OutputExistsError(f"output {out} already exists: pass --force to overwrite it, or choose another -o")
+        raise OutputExistsError(
+            f"output {out} already exists: pass --force to overwrite it, or choose another {option}"
+        )
     if not out.parent.exists():
-        raise OutputExistsError(f"output folder {out.parent} does not exist: create it or choose another -o")
-    check_output_writable(out)
+        raise OutputExistsError(f"output folder {out.parent} does not exist: create it or choose another {option}")
+    check_output_writable(out, option=option)
     return out
 
 
-def check_output_writable(path: str | os.PathLike[str]) -> Path:
+def check_output_writable(path: str | os.PathLike[str], *, option: str = "-o") -> Path:
     """Check, before any work, that a file can be created in ``path``'s folder.
 
     A real probe (a temporary file created and removed) rather than ``os.access``, which is wrong
@@ -55,13 +64,13 @@ def check_output_writable(path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     folder = out.parent
     if not folder.is_dir():
-        raise OutputExistsError(f"output folder {folder} does not exist: create it or choose another -o")
+        raise OutputExistsError(f"output folder {folder} does not exist: create it or choose another {option}")
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{out.name[:64]}.", suffix=".probe", dir=folder)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise OutputExistsError(
-            f"cannot write {out}: folder {folder} is not writable ({reason}); choose another -o or fix its permissions"
+            f"cannot write {out}: folder {folder} is not writable ({reason}); choose another {option} or fix its permissions"
         ) from None
     os.close(fd)
     with contextlib.suppress(OSError):

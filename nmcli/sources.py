@@ -17,11 +17,15 @@ A checkpoint records its source; :func:`model_from_checkpoint` rebuilds the arch
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import logging
 import os
 import pickle
+import socket
 import sys
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -34,6 +38,14 @@ from torch import nn
 from nmcli.checkpoint import Checkpoint, CheckpointReader, SourceRef, sha256_file
 from nmcli.errors import BackendUnavailableError, NmcliError, SourceError, TrustRequiredError
 from nmcli.inputs import InputSpec, parse_input_spec
+from nmcli.statedicts import (
+    find_state_dict,
+    is_exported_program,
+    is_torchscript_archive,
+    load_exported_program,
+    looks_pickled,
+    strip_wrapper_prefixes,
+)
 
 PREFIXES = ("hf:", "torchvision:", "timm:", "py:")
 EXTRAS_HINT = {
@@ -126,6 +138,49 @@ def source_ref(spec: str, arch: str | None = None, trusted: bool = False) -> Sou
 
 
 # --------------------------------------------------------------------------------------------
+# Running user code
+
+
+@contextlib.contextmanager
+def user_code(spec: str) -> Iterator[None]:
+    """Run code that is the user's (a ``py:`` factory or module, a model's constructor, a
+    trusted pickle) so that it cannot take over the process.
+
+    Inside the block ``sys.argv`` is ``[spec]`` (an ``argparse`` in it sees no nmcli options),
+    anything it prints goes to stderr (stdout stays one JSON object under ``--json``), and its
+    ``SystemExit`` becomes a :class:`SourceError` naming ``spec`` (exit 2) instead of a silent exit.
+    """
+    saved = sys.argv
+    sys.argv = [spec]
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    except SystemExit as exc:
+        raise SourceError(
+            f"{spec}: the model code called sys.exit({exc.code!r}) while loading; a factory must return the "
+            "model (argparse in it sees no arguments: give defaults)"
+        ) from None
+    finally:
+        sys.argv = saved
+
+
+@contextlib.contextmanager
+def _torch_quiet() -> Iterator[None]:
+    """Silence torch's warnings and logged tracebacks while nmcli probes a file (it reports its own line)."""
+    loggers = [logging.getLogger(name) for name in ("torch", "torch.export", "torch._export", "torch.serialization")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+# --------------------------------------------------------------------------------------------
 # Loading each form
 
 
@@ -140,23 +195,8 @@ def import_factory(spec: str) -> Any:
     if not module_name or not factory_name:
         raise SourceError(f"malformed source {spec!r}: write py:package.module:factory or py:path/to/file.py:factory")
     try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise SourceError(f"{spec}: file {path} does not exist")
-            mod_name = f"nmcli_user_{path.stem}_{abs(hash(str(path.resolve())))}"
-            module = sys.modules.get(mod_name)
-            if module is None:
-                file_spec = importlib.util.spec_from_file_location(mod_name, path)
-                if file_spec is None or file_spec.loader is None:
-                    raise SourceError(f"{spec}: cannot import {path}")
-                module = importlib.util.module_from_spec(file_spec)
-                sys.modules[mod_name] = module
-                file_spec.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path and "" not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(module_name)
+        with user_code(spec):
+            module = _import_module(spec, module_name)
     except SourceError:
         raise
     except ModuleNotFoundError as exc:
@@ -171,15 +211,85 @@ def import_factory(spec: str) -> Any:
     return factory
 
 
+def _import_module(spec: str, module_name: str) -> Any:
+    """Import the module of a ``py:`` spec (a file path or a dotted name)."""
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise SourceError(f"{spec}: file {path} does not exist")
+        mod_name = f"nmcli_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+        module = sys.modules.get(mod_name)
+        if module is None:
+            file_spec = importlib.util.spec_from_file_location(mod_name, path)
+            if file_spec is None or file_spec.loader is None:
+                raise SourceError(f"{spec}: cannot import {path}")
+            module = importlib.util.module_from_spec(file_spec)
+            sys.modules[mod_name] = module
+            file_spec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(module_name)
+    return module
+
+
 def _from_py(spec: str) -> nn.Module:
     factory = import_factory(spec)
     try:
-        model = factory()
+        with user_code(spec):
+            model = factory()
+    except SourceError:
+        raise
     except Exception as exc:
         raise SourceError(f"{spec}: the factory raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
-        raise SourceError(f"{spec}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+        raise SourceError(f"{spec}: the factory returned {_a(type(model).__name__)}, not a torch.nn.Module")
     return model
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: ``an int``, ``a list``."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub endpoint answers a TCP connection within ``timeout`` seconds."""
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = urlparse(constants.ENDPOINT)
+    except Exception:  # noqa: BLE001 - no hub client: let transformers report it
+        return True
+    host = endpoint.hostname or ""
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_hub_id(spec: str, ident: str) -> None:
+    """Fail fast, in one line, for a hub id that is neither local, cached, nor reachable.
+
+    Offline, transformers retries the hub for half a minute before failing.
+    """
+    if Path(ident).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(ident, "config.json"), str):
+            return
+    except Exception:  # noqa: BLE001 - a malformed id: transformers gives the better message
+        return
+    if not _hub_reachable():
+        raise SourceError(
+            f"{spec}: no local directory {ident!r}, not in the Hugging Face cache, and the hub cannot be reached: "
+            "give a local directory (hf:./path, saved with save_pretrained) or go online"
+        )
 
 
 def _from_hf(spec: str, pretrained: bool = True) -> nn.Module:
@@ -192,14 +302,12 @@ def _from_hf(spec: str, pretrained: bool = True) -> nn.Module:
     transformers.utils.logging.disable_progress_bar()
     if not ident:
         raise SourceError("hf: needs a model id or a local directory, e.g. hf:./my-model")
+    _check_hub_id(spec, ident)
     try:
-        config = transformers.AutoConfig.from_pretrained(ident)
-        archs = getattr(config, "architectures", None) or []
-        cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
-        if pretrained:
-            model = cls.from_pretrained(ident)
-        else:
-            model = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+        with user_code(spec):
+            return _hf_model(transformers, ident, pretrained)
+    except SourceError:
+        raise
     except Exception as exc:
         hint = (
             "" if Path(ident).is_dir() else "; offline, give a local directory (hf:./path) saved with save_pretrained"
@@ -207,7 +315,16 @@ def _from_hf(spec: str, pretrained: bool = True) -> nn.Module:
         raise SourceError(
             f"{spec}: transformers could not load it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}){hint}"
         ) from exc
-    return model
+
+
+def _hf_model(transformers: Any, ident: str, pretrained: bool) -> nn.Module:
+    """The transformers model of ``ident``: the class from ``config.architectures``, else AutoModel."""
+    config = transformers.AutoConfig.from_pretrained(ident)
+    archs = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
+    if pretrained:
+        return cls.from_pretrained(ident)
+    return cls.from_config(config) if cls is transformers.AutoModel else cls(config)
 
 
 def _from_torchvision(spec: str, pretrained: bool = True) -> nn.Module:
@@ -217,7 +334,10 @@ def _from_torchvision(spec: str, pretrained: bool = True) -> nn.Module:
         raise _missing_backend("torchvision", spec) from exc
     name, _, weights = spec[len("torchvision:") :].partition(":")
     try:
-        return torchvision.models.get_model(name, weights=(weights or None) if pretrained else None)
+        with user_code(spec):
+            return torchvision.models.get_model(name, weights=(weights or None) if pretrained else None)
+    except SourceError:
+        raise
     except Exception as exc:
         raise SourceError(
             f"{spec}: torchvision could not build it ({exc}); list names with torchvision.models.list_models()"
@@ -230,59 +350,54 @@ def _from_timm(spec: str, pretrained: bool = True) -> nn.Module:
     except Exception as exc:
         raise _missing_backend("timm", spec) from exc
     try:
-        return timm.create_model(spec[len("timm:") :])
+        with user_code(spec):
+            return timm.create_model(spec[len("timm:") :])
+    except SourceError:
+        raise
     except Exception as exc:
         raise SourceError(f"{spec}: timm could not build it ({exc})") from exc
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
-
-
 def _state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:
-    if isinstance(obj, Mapping):
-        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            return dict(obj)
-        for key in ("state_dict", "model_state_dict", "model"):
-            inner = obj.get(key)
-            if isinstance(inner, Mapping):
-                found = _state_dict_of(inner)
-                if found is not None:
-                    return found
-    return None
-
-
-def _looks_pickled(path: Path) -> bool:
-    """A torch zip archive, or a raw pickle (protocol 2-5 header): not random bytes."""
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+    """The state dict in a loaded torch file (training-checkpoint wrappers and prefixes: nmcli.statedicts)."""
+    try:
+        state, _ = find_state_dict(obj)
+    except SourceError:
+        return None
+    return strip_wrapper_prefixes(state)[0]
 
 
 def _read_torch_file(path: Path, trust: bool) -> tuple[str, Any]:
-    """Classify a ``.pt``/``.pth`` file: ``("torchscript", module)``, ``("state_dict", dict)`` or ``("pickle", module)``."""
-    if _is_torchscript(path):
+    """Classify a ``.pt``/``.pth`` file: ``("torchscript", module)``, ``("exported", module)`` (a
+    ``torch.export`` archive saved as ``.pt``), ``("state_dict", dict)`` or ``("pickle", module)``."""
+    if is_exported_program(path):
+        try:
+            return "exported", load_exported_program(path).module()
+        except Exception as exc:
+            raise SourceError(f"{path} is not a readable torch.export program ({type(exc).__name__}: {exc})") from exc
+    if is_torchscript_archive(path):
         try:
             return "torchscript", torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise SourceError(f"{path}: a TorchScript archive that torch.jit.load cannot read ({exc})") from exc
+    if not looks_pickled(path):
+        raise SourceError(
+            f"{path} is not a torch file (neither a torch zip archive nor a pickle): it may be corrupt; re-create it"
+        )
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with _torch_quiet():
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not _looks_pickled(path):
-            raise SourceError(
-                f"{path} is not a readable torch file ({str(exc).splitlines()[0]}): it may be corrupt"
-            ) from exc
         if not trust:
             raise TrustRequiredError(
                 f"{path} is a pickled Python object, and unpickling runs the file's code: pass --trust if you "
                 "trust its author, or save a state dict or TorchScript instead"
             ) from exc
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+            with _torch_quiet(), user_code(str(path)):
+                obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except SourceError:
+            raise
         except Exception as exc2:
             raise SourceError(f"{path}: unpickling failed ({type(exc2).__name__}: {exc2})") from exc2
         if isinstance(obj, nn.Module):
@@ -308,6 +423,10 @@ def build_model(spec: str, *, trust: bool = False, pretrained: bool = True) -> t
     ``pretrained=False`` skips weight downloads where the source allows (hf, torchvision), for
     when the caller loads weights itself.
     """
+    if not spec.strip():
+        raise SourceError(
+            "empty model source: give a file (.safetensors, .pt, .pth, .pt2) or an hf:, torchvision:, timm:, py: source"
+        )
     if spec.startswith("py:"):
         return _from_py(spec), "py"
     if spec.startswith("hf:"):
@@ -331,10 +450,16 @@ def build_model(spec: str, *, trust: bool = False, pretrained: bool = True) -> t
             f"{spec} is a plain state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build)"
         )
     if suffix == ".pt2":
+        if not zipfile.is_zipfile(path):
+            raise SourceError(
+                f"{spec} is not a torch.export program (not a zip archive): it may be corrupt; re-create it"
+            )
         try:
-            return torch.export.load(str(path)).module(), "exported"
+            with _torch_quiet():
+                return torch.export.load(str(path)).module(), "exported"
         except Exception as exc:
-            raise SourceError(f"{spec} is not a readable torch.export program ({type(exc).__name__}: {exc})") from exc
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise SourceError(f"{spec} is not a readable torch.export program ({type(exc).__name__}: {first})") from exc
     if suffix in {".pt", ".pth", ".bin"}:
         kind, obj = _read_torch_file(path, trust)
         if kind == "state_dict":
@@ -487,6 +612,10 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
         CheckpointError: an nmcli checkpoint that fails validation.
         BackendUnavailableError: the package behind ``hf:``/``torchvision:``/``timm:`` is missing.
     """
+    if not spec.strip():
+        raise SourceError(
+            "empty model source: give a file (.safetensors, .pt, .pth, .pt2) or an hf:, torchvision:, timm:, py: source"
+        )
     path = None if spec.startswith(PREFIXES) else Path(spec)
     if spec.startswith("hf:") and Path(spec[3:]).exists():
         path = Path(spec[3:])
