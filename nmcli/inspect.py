@@ -241,6 +241,17 @@ def run_inspect(
         meta = read_meta(target)
         if meta is not None:
             return _run_checkpoint(target, meta, nm, arch=arch, trust=trust)
+    from nmcli.statedicts import infer_state_dict_layers, is_bare_state_dict
+
+    if arch is None and is_bare_state_dict(target):  # a training checkpoint or state dict: layers inferred
+        inferred = infer_state_dict_layers(target, pattern=nm, trust=trust)
+        tensors, nm = inferred.state.tensors, inferred.pattern
+        layers = [
+            _measure(c.param, tensors[c.param], c.axis, c.kind, c.eligible, c.reason, nm)
+            for c in inferred.candidates
+            if len(c.shape) >= 2
+        ]
+        return InspectReport(target, "inferred", nm, layers, inferred.notes)
     loaded = load_model(target, arch=arch, trust=trust)
     nm = nm or (loaded.checkpoint.meta.pattern if loaded.checkpoint else None) or TENSOR_CORE_PATTERN
     if loaded.checkpoint is not None:

@@ -537,15 +537,16 @@ class ZeroPattern:
     def pattern(self) -> Pattern | None:
         """The sparsest N:M that every checked layer already satisfies, or None.
 
-        Lowest density N/M first; among equals the M that covers more layers, then the smaller M
-        (so a 2:4 model is 2:4, not 4:8). Ms under which no layer qualifies are not considered.
+        Lowest density N/M first; among equals the M that covers more layers, then 2:4 (the
+        pattern tensor cores run), then the smaller M (so a 2:4 model is 2:4, not 4:8). Ms under
+        which no layer qualifies are not considered.
         """
         found = [
-            (n / m, -self.layers[m], m, Pattern(max(n, 1), m))
+            (n / m, -self.layers[m], Pattern(max(n, 1), m) != TENSOR_CORE_PATTERN, m, Pattern(max(n, 1), m))
             for m, n in self.densest.items()
             if self.layers.get(m) and n < m
         ]
-        return min(found)[3] if found else None
+        return min(found)[4] if found else None
 
 
 def zero_pattern(

@@ -508,20 +508,6 @@ def _model_input(spec: str, model: torch.nn.Module) -> WeightInput:
     )
 
 
-def _tied_to_embeddings(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Weights that share storage with a tensor the inferred rule skips by name (a tied LM head)."""
-    from nmcli.patterns import inferred_skip_reason
-
-    def by_name(name: str) -> bool:
-        return "by name" in inferred_skip_reason(name, (2, 2), True, Pattern(1, 2))
-
-    def where(t: torch.Tensor) -> tuple[int, int]:
-        return (t.untyped_storage().data_ptr(), int(t.storage_offset()))
-
-    skipped = {where(t) for n, t in state.items() if t.dim() >= 2 and by_name(n)}
-    return [n for n, t in state.items() if t.dim() >= 2 and not by_name(n) and where(t) in skipped]
-
-
 def open_input(
     spec: str, *, arch: str | None = None, trust: bool = False, key: str | None = None
 ) -> StoredMasks | WeightInput:
@@ -546,6 +532,7 @@ def open_input(
         is_training_checkpoint,
         load_training_state,
         safetensors_floating,
+        tied_to_embeddings,
     )
 
     if not spec.startswith(PREFIXES):
@@ -573,7 +560,7 @@ def open_input(
                 return _model_input(spec, state.module)
             shapes = {k: tuple(v.shape) for k, v in state.tensors.items()}
             floating = {k: v.is_floating_point() for k, v in state.tensors.items()}
-            tied = _tied_to_embeddings(state.tensors)
+            tied = tied_to_embeddings(state.tensors)
             candidates, layers_from = _state_candidates(spec, shapes, floating, arch, trust, tied)
             return WeightInput(
                 spec, shapes, state.tensors.__getitem__, candidates, layers_from, detail=state.describe()

@@ -308,3 +308,113 @@ def safetensors_floating(path: str | Path) -> dict[str, bool]:
         }
     except (OSError, ValueError, struct.error, AttributeError) as exc:
         raise SourceError(f"{path}: unreadable safetensors header ({exc}): it may be truncated or corrupt") from exc
+
+
+def tied_to_embeddings(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Weights that share storage with a tensor the inferred rule skips by name (a tied LM head).
+
+    A ``torch.save`` file keeps tied weights tied (one storage); safetensors files drop the copy.
+    """
+    from nmcli.patterns import Pattern, inferred_skip_reason
+
+    def by_name(name: str) -> bool:
+        return "by name" in inferred_skip_reason(name, (2, 2), True, Pattern(1, 2))
+
+    def where(t: torch.Tensor) -> tuple[int, int]:
+        return (t.untyped_storage().data_ptr(), int(t.storage_offset()))
+
+    skipped = {where(t) for n, t in state.items() if t.dim() >= 2 and by_name(n)}
+    return [n for n, t in state.items() if t.dim() >= 2 and not by_name(n) and where(t) in skipped]
+
+
+def is_bare_state_dict(target: str | Path) -> bool:
+    """Whether ``target`` is a file of weights without an architecture: a training checkpoint
+    (:data:`TRAINING_SUFFIXES`, not a TorchScript or torch.export archive) or a safetensors file
+    that is not an nmcli checkpoint. Its layers are inferred unless ``--arch`` is given."""
+    path = Path(target)
+    if str(target).startswith(("hf:", "py:", "torchvision:", "timm:")) or not path.is_file():
+        return False
+    if path.suffix.lower() == ".safetensors":
+        from nmcli.checkpoint import read_meta
+
+        return read_meta(path) is None
+    return is_training_checkpoint(path) and not (is_torchscript_archive(path) or _is_exported_program(path))
+
+
+@dataclass
+class InferredLayers:
+    """A bare state dict with its layers inferred (:func:`nmcli.patterns.infer_layers`).
+
+    Attributes:
+        state: the tensors and where they were found.
+        pattern: the pattern the layers were chosen for.
+        pattern_from: ``option`` (given), ``inferred`` (every candidate layer's stored zeros hold
+            it: an effective-weight checkpoint) or ``default`` (2:4).
+        candidates: one :class:`nmcli.patterns.LayerCandidate` per tensor (kind ``inferred``),
+            taken (``eligible``) or skipped with the reason, in the file's order.
+        notes: one-line remarks for stderr (how the pattern was chosen, where the weights were).
+    """
+
+    state: TrainingState
+    pattern: Any
+    pattern_from: str
+    candidates: list[Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[Any]:
+        """The candidates taken as sparse layers."""
+        return [c for c in self.candidates if c.eligible]
+
+
+def infer_state_dict_layers(
+    path: str | Path,
+    *,
+    pattern: Any = None,
+    key: str | None = None,
+    trust: bool = False,
+    include: tuple[str, ...] | list[str] = (),
+    exclude: tuple[str, ...] | list[str] = (),
+) -> InferredLayers:
+    """Load a bare state dict (:func:`is_bare_state_dict`) and infer its sparse layers.
+
+    The library side of ``inspect FILE.pt``, ``prune --infer-layers`` and ``sad`` without ``--arch``.
+    ``pattern`` (a :class:`nmcli.patterns.Pattern` or ``"N:M"``) is used when given; otherwise the
+    pattern every candidate layer's stored zeros already satisfy (:func:`nmcli.patterns.zero_pattern`),
+    else 2:4, with a note saying which. ``include``/``exclude`` are globs as for ``prune``.
+
+    Raises:
+        SourceError/TrustRequiredError: see :func:`load_training_state`; CheckpointError for an
+            unreadable safetensors file.
+    """
+    from nmcli.patterns import TENSOR_CORE_PATTERN, infer_layers, parse_pattern, zero_pattern
+
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from nmcli.checkpoint import read_state_dict
+
+        state = TrainingState(path, read_state_dict(path))
+    else:
+        state = load_training_state(path, key=key, trust=trust)
+    tensors = state.tensors
+    entries = [(n, tuple(t.shape), t.is_floating_point()) for n, t in tensors.items()]
+    tied = tied_to_embeddings(tensors)
+    notes = [f"{path.name}: {state.describe()}"] if state.key or state.stripped else []
+    if pattern is not None:
+        chosen, origin = parse_pattern(pattern), "option"
+    else:
+        found = zero_pattern(lambda p: infer_layers(entries, p, tied=tied), tensors.__getitem__).pattern()
+        if found is not None:
+            chosen, origin = found, "inferred"
+            notes.append(f"pattern {found} inferred from the zeros stored in {path.name} (-p overrides)")
+        else:
+            chosen, origin = TENSOR_CORE_PATTERN, "default"
+            notes.append(
+                f"the weights of {path.name} are not N:M-sparse for one pattern: using 2:4; pass -p N:M to choose"
+            )
+    candidates = infer_layers(entries, chosen, include, exclude, tied=tied)
+    notes.append(
+        f"layers inferred from the tensors (no --arch): {sum(c.eligible for c in candidates)} of {len(candidates)} "
+        "tensors taken; pass --arch SPEC to use the architecture's layers"
+    )
+    return InferredLayers(state, chosen, origin, candidates, notes)
