@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from nmcli.cli.app import emit_json, guarded, progress_bar, show_progress, stderr
+from nmcli.cli.options import number
 
 if TYPE_CHECKING:
     from nmcli.sad import SadReport, SadResult
@@ -41,7 +42,10 @@ def command(
     ),
     trust: bool = typer.Option(False, "--trust", help="Allow unpickling a pickled nn.Module (runs the file's code)."),
     fail_above: float | None = typer.Option(
-        None, "--fail-above", min=0.0, help="Exit 1 when a reported normalized SAD exceeds this (0..1), for CI."
+        None,
+        "--fail-above",
+        callback=number("--fail-above", minimum=0, maximum=1),
+        help="Exit 1 when a reported normalized SAD exceeds this (0..1), for CI.",
     ),
     plot: str | None = typer.Option(
         None, "--plot", help="Write a PNG: SAD per layer (two inputs) or over the sequence (several)."
@@ -67,7 +71,7 @@ def command(
     parsed = parse_pattern(pattern) if pattern else None
     if plot:
         require_matplotlib()
-        check_output_path(plot, force=force, inputs=inputs)
+        check_output_path(plot, force=force, inputs=inputs, option="--plot")
     with progress_bar("comparing masks", show_progress(json_output)) as update:
         report = sad_report(inputs, pattern=parsed, arch=arch, trust=trust, key=key, progress=update)
     if plot:

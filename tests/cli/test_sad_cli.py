@@ -167,3 +167,17 @@ def test_console_script_identical_checkpoints(nmcli_exe: str, trajectory: list[P
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["sad"] == 0 and data["total"] == sum(m.numel() for m in load_checkpoint(trajectory[0]).masks.values())
+
+
+def test_bad_input_messages_name_the_real_problem(trajectory: list[Path], tmp_path: Path) -> None:
+    """Issue 11 item 8: a directory, --fail-above nan, --plot onto an input."""
+    a, b = str(trajectory[0]), str(trajectory[0])
+    code, _, err = run("sad", str(tmp_path), a)
+    assert code == 2 and "is a directory" in err and "--pattern" not in err
+    for bad in ("nan", "inf", "-0.5", "1.5"):
+        code, out, err = run("sad", a, b, "--fail-above", bad)
+        assert code == 2 and out == "" and "--fail-above" in err and "should be" not in err
+    before = trajectory[0].read_bytes()
+    code, _, err = run("sad", a, b, "--plot", a)
+    assert code == 2 and "choose another --plot" in " ".join(err.split()) and "another -o" not in err
+    assert trajectory[0].read_bytes() == before
