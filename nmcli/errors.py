@@ -59,11 +59,23 @@ class BackendUnavailableError(NmcliError):
     exit_code = 3
 
 
+class ExportUnsupportedError(BackendUnavailableError):
+    """torch's ONNX exporters cannot export a model that runs in torch (exit 3).
+
+    Not exit 2: the input is valid; the backend (torch.onnx for this torch/transformers version)
+    lacks what the model needs, as with a missing package. Not exit 4: it is no bug of nmcli.
+    ``exporter_output`` holds what the exporters printed (kept off stdout).
+    """
+
+    exporter_output: str = ""
+
+
 __all__ = [
     "BackendUnavailableError",
     "CheckFailedError",
     "CheckpointError",
     "DataError",
+    "ExportUnsupportedError",
     "InputError",
     "MismatchError",
     "NmcliError",

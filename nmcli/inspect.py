@@ -11,8 +11,11 @@ What "eligible" means depends on the target:
 * a model source: every layer :func:`nmcli.patterns.find_layers` deems prunable;
 * an nmcli/1 checkpoint: the layers the checkpoint records as pruned (layers a prune left dense,
   e.g. with ``--exclude``, are listed but not eligible);
-* an ONNX file: every Conv (group 1), Gemm and MatMul weight initializer whose reduction axis is
-  a multiple of M (axes as :mod:`nmcli.onnx_layout` finds them).
+* an ONNX file written by ``nmcli export``: the initializers its ``nmcli.sparse`` metadata
+  records as the checkpoint's pruned layers (so eligibility follows the checkpoint);
+* any other ONNX file: every Conv (group 1), Gemm and MatMul weight initializer whose reduction
+  axis is a multiple of M (axes as :mod:`nmcli.onnx_layout` finds them), except embedding tables
+  (initializers that also feed a ``Gather``, e.g. a tied LM head).
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ from torch import nn
 
 from nmcli.checkpoint import Checkpoint, CheckpointMeta, is_safetensors, load_checkpoint, read_meta
 from nmcli.errors import BackendUnavailableError, InputError, SourceError
-from nmcli.onnx_layout import find_weights, initializer_tensor, load_onnx, negative_zeros, weight_compliance
+from nmcli.onnx_layout import (
+    find_weights,
+    gather_tables,
+    initializer_tensor,
+    load_onnx,
+    negative_zeros,
+    sparse_layers,
+    weight_compliance,
+)
 from nmcli.patterns import (
     TENSOR_CORE_PATTERN,
     LayerCandidate,
@@ -196,12 +207,24 @@ def _size_reason(shape: tuple[int, ...], axis: int, pattern: Pattern) -> str:
 
 
 def inspect_onnx(model: Any, pattern: Pattern, *, target: str = "") -> InspectReport:
-    """Inspect the Conv/Gemm/MatMul weight initializers of an ONNX model along their reduction axes."""
+    """Inspect the Conv/Gemm/MatMul weight initializers of an ONNX model along their reduction axes.
+
+    Eligible are the initializers that ``nmcli export`` recorded as pruned layers in the file's
+    ``metadata_props`` when it has that record; without it, every weight whose reduction axis
+    holds groups of M, except embedding tables (initializers that also feed a ``Gather``, such as
+    a tied LM head's).
+    """
+    recorded = sparse_layers(model)
+    tables = gather_tables(model) if recorded is None else set()
     layers: list[LayerInspection] = []
     for weight in find_weights(model):
         values = initializer_tensor(model, weight.name)
         if weight.groups != 1:
             reason = f"grouped or depthwise convolution (group={weight.groups})"
+        elif recorded is not None and weight.name not in recorded:
+            reason = "not a pruned layer of the exported checkpoint (nmcli.sparse metadata)"
+        elif weight.name in tables:
+            reason = "embedding table (it also feeds a Gather)"
         else:
             reason = _size_reason(weight.shape, weight.axis, pattern)
         layers.append(_measure(weight.name, values, weight.axis, weight.op_type, not reason, reason, pattern))

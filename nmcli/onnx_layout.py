@@ -10,7 +10,9 @@ swaps the axis). ``inspect`` and ``export`` both read ONNX weights through here.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -353,3 +355,126 @@ def locate_weights(model: Any, weights: dict[str, tuple[torch.Tensor, Pattern]])
                 continue
         matches.append(match)
     return matches
+
+
+# --------------------------------------------------------------------------------------------
+# What ``nmcli export`` records in the ONNX about its pruned layers, and embedding tables
+
+SPARSE_LAYERS_KEY = "nmcli.sparse"  # metadata_props key: which initializers hold which pruned layers
+
+
+def set_sparse_layers(model: Any, matches: Sequence[WeightMatch], patterns: Mapping[str, Pattern]) -> None:
+    """Record in ``metadata_props`` which initializers hold the pruned layers, with their pattern and axis.
+
+    The value is JSON: ``{"layers": [{"param", "initializer", "op", "axis", "n", "m"}, ...]}``, one
+    entry per match that reached a Conv/Gemm/MatMul (expert slices are named ``param[e]``).
+    ``patterns`` maps a torch parameter name to its pattern.
+    """
+    layers = []
+    for m in matches:
+        if m.initializer is None or m.axis < 0:
+            continue
+        pattern = patterns[m.param.split("[", 1)[0]]
+        layers.append(
+            {
+                "param": m.param,
+                "initializer": m.initializer,
+                "op": m.op_type,
+                "axis": m.axis,
+                "n": pattern.n,
+                "m": pattern.m,
+            }
+        )
+    value = json.dumps({"layers": layers}, separators=(",", ":"))
+    for prop in model.metadata_props:
+        if prop.key == SPARSE_LAYERS_KEY:
+            prop.value = value
+            return
+    entry = model.metadata_props.add()
+    entry.key, entry.value = SPARSE_LAYERS_KEY, value
+
+
+def sparse_layers(model: Any) -> dict[str, dict[str, Any]] | None:
+    """The pruned layers ``nmcli export`` recorded, by initializer name; None when the file has no record.
+
+    Raises:
+        InputError: the record is not the JSON :func:`set_sparse_layers` writes.
+    """
+    from nmcli.errors import InputError
+
+    value = next((p.value for p in model.metadata_props if p.key == SPARSE_LAYERS_KEY), None)
+    if value is None:
+        return None
+    try:
+        layers = json.loads(value)["layers"]
+        return {str(entry["initializer"]): dict(entry) for entry in layers}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(
+            f"the ONNX metadata {SPARSE_LAYERS_KEY!r} is corrupt ({exc}): re-export the model with nmcli export"
+        ) from exc
+
+
+def gather_tables(model: Any) -> set[str]:
+    """Initializers that feed the data input of a ``Gather`` (embedding tables), through Cast/Identity."""
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    found: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "Gather" or not node.input:
+            continue
+        name = node.input[0]
+        while name not in inits and name in producers and producers[name].op_type in _PASS_THROUGH:
+            name = producers[name].input[0]
+        if name in inits:
+            found.add(name)
+    return found
+
+
+def share_tied_tables(model: Any) -> dict[str, str]:
+    """Drop the copies exporters make of a tied embedding table (in place).
+
+    A tied LM head (``lm_head.weight is embed_tokens.weight``) reaches the graph twice: the table
+    feeding ``Gather`` and, constant-folded, its transpose feeding the head's ``MatMul``. Each
+    float initializer equal to a ``Gather`` table, or to its transpose, is removed and its
+    consumers read the table (through one ``Transpose`` node for a transposed copy).
+
+    Returns:
+        removed initializer name -> the table it duplicated.
+    """
+    import onnx
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    shared: dict[str, str] = {}
+    for table in sorted(gather_tables(model)):
+        base = inits[table]
+        if len(base.dims) != 2 or base.data_type not in _FLOAT_TYPES:
+            continue
+        rows, cols = (int(d) for d in base.dims)
+        values: torch.Tensor | None = None
+        for init in list(graph.initializer):
+            dims = tuple(int(d) for d in init.dims)
+            if init.name == table or init.name in shared or init.data_type != base.data_type:
+                continue
+            if dims not in ((cols, rows), (rows, cols)):
+                continue
+            values = _to_torch(base) if values is None else values
+            copy = _to_torch(init)
+            transposed = dims == (cols, rows) and torch.equal(copy, values.t())
+            if not transposed and not (dims == (rows, cols) and torch.equal(copy, values)):
+                continue
+            source = table
+            if transposed:
+                source = f"{init.name}__nmcli_tied"
+                graph.node.insert(0, onnx.helper.make_node("Transpose", [table], [source], perm=[1, 0], name=source))
+            for node in graph.node:
+                for i, name in enumerate(node.input):
+                    if name == init.name:
+                        node.input[i] = source
+            for listing in (graph.input, graph.value_info):
+                for entry in [e for e in listing if e.name == init.name]:
+                    listing.remove(entry)
+            graph.initializer.remove(init)
+            shared[init.name] = table
+    return shared

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import typer
@@ -66,11 +69,13 @@ def command(
     """Export CHECKPOINT to ONNX (pruned layers checked to stay N:M, verified in onnxruntime) and TensorRT.
 
     Exit codes: 1 when verification finds a difference outside --atol/--rtol; 3 when --trt is asked
-    without the tensorrt package (the ONNX is still written and the equivalent trtexec command printed).
+    without the tensorrt package (the ONNX is still written and the equivalent trtexec command printed),
+    or when torch cannot export a model that runs in torch (the exporters' own output goes to stderr).
     """
+    from nmcli.errors import ExportUnsupportedError
     from nmcli.export import run_export
 
-    with progress_bar("exporting", show_progress(json_output)) as update:
+    with progress_bar("exporting", show_progress(json_output)) as update, _exporter_output(ExportUnsupportedError):
         result = run_export(
             checkpoint,
             onnx=onnx,
@@ -169,3 +174,15 @@ def _render(result: ExportResult) -> None:
                     {True: "yes", False: "no"}.get(row["sparse_kernel"], "fused (Myelin): not attributable"),
                 )
             stderr.print(table)
+
+
+@contextmanager
+def _exporter_output(error: type[Exception]) -> Iterator[None]:
+    """On an export failure, show the output the exporters printed (captured off stdout) on stderr."""
+    try:
+        yield
+    except error as exc:
+        text = getattr(exc, "exporter_output", "")
+        if text:
+            sys.stderr.write(text if text.endswith("\n") else text + "\n")
+        raise

@@ -223,7 +223,8 @@ def run_export(
     (verification mismatch, missing tensorrt) are left to :meth:`ExportResult.raise_for_status`.
 
     Raises:
-        InputError: bad options, input, or a model that cannot be exported.
+        InputError: bad options or input.
+        ExportUnsupportedError: torch cannot export the model, which runs in torch (exit 3).
         OutputExistsError: an output exists without ``force`` or names the input.
     """
     from nmcli.export.onnx import export_onnx, max_sequence_of, precision_dtype, vocab_size_of
@@ -231,7 +232,6 @@ def run_export(
     from nmcli.export.verify import default_tolerances, verify_onnx
     from nmcli.inputs import parse_input_spec
     from nmcli.io import check_output_path
-    from nmcli.onnx_layout import load_onnx, locate_weights
     from nmcli.sources import load_model
 
     dtype = precision_dtype(precision)
@@ -288,6 +288,12 @@ def run_export(
     ckpt = loaded.checkpoint
     if ckpt is None or not ckpt.meta.layers:
         result.notes.append(f"{checkpoint} has no pruned layers: the export is dense")
+    # Located in the graph and recorded in its metadata_props by export_onnx (inspect reads them).
+    weights = (
+        {e.param: (_effective_in(ckpt.tensors[e.param], dtype), e.pattern) for e in ckpt.meta.layers}
+        if ckpt is not None
+        else {}
+    )
     result.onnx = export_onnx(
         loaded.model,
         spec,
@@ -298,13 +304,11 @@ def run_export(
         exporter=exporter,
         force=force,
         inputs=[local_input],
+        pruned=weights,
     )
     result.notes += result.onnx.notes
-    if ckpt is not None and ckpt.meta.layers:
-        proto = load_onnx(paths.onnx)
-        weights = {e.param: (_effective_in(ckpt.tensors[e.param], dtype), e.pattern) for e in ckpt.meta.layers}
-        result.matches = locate_weights(proto, weights)
-        del proto
+    if weights:
+        result.matches = result.onnx.matches
         lost = [m for m in result.matches if m.lost]
         if lost:
             names = ", ".join(f"{m.param} ({m.reason})" for m in lost[:10])

@@ -36,6 +36,8 @@ import inspect
 import io
 import logging
 import os
+import re
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,10 +48,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from nmcli.errors import InputError, NmcliError
+from nmcli.errors import ExportUnsupportedError, InputError, NmcliError
 from nmcli.inputs import FLOAT_PRECISIONS, InputSpec, example_inputs
 from nmcli.io import atomic_output
-from nmcli.onnx_layout import clear_negative_zeros, set_input_spec
+from nmcli.onnx_layout import (
+    WeightMatch,
+    clear_negative_zeros,
+    locate_weights,
+    set_input_spec,
+    set_sparse_layers,
+    share_tied_tables,
+)
+from nmcli.patterns import Pattern
 
 DEFAULT_OPSET = 17
 DYNAMO_MIN_OPSET = 18
@@ -182,6 +192,7 @@ class OnnxExport:
     dynamic_axes: dict[str, dict[int, str]]
     precision: str
     notes: list[str] = field(default_factory=list)
+    matches: list[WeightMatch] = field(default_factory=list)
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -280,6 +291,133 @@ def _quiet_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _captured_stdout(captured: list[str]) -> Iterator[None]:
+    """Capture everything written to stdout during one export, by Python or by native code.
+
+    The TorchScript exporter's C++ side prints a "Torch IR graph at exception" dump (about 200 KB
+    for a tiny Mixtral) on file descriptor 1 when it fails, and the dynamo exporter prints its
+    progress: none of it may reach stdout, which ``--json`` keeps for its one JSON object. The
+    text is appended to ``captured``; :func:`export_onnx` attaches it to its error when every exporter
+    failed (``exporter_output`` of the error; ``nmcli export`` shows it on stderr).
+    """
+    sys.stdout.flush()
+    buffer = io.StringIO()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (embedded interpreters): Python-level capture only
+        with contextlib.redirect_stdout(buffer):
+            yield
+        captured.append(buffer.getvalue())
+        return
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            with contextlib.redirect_stdout(buffer):
+                yield
+        finally:
+            _flush_c_stdio()
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(buffer.getvalue() + sink.read().decode("utf-8", "replace"))
+
+
+def _flush_c_stdio() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to flush (Windows without a CRT handle)
+        pass
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = _ANSI.sub("", str(exc)).strip()
+    first = text.splitlines()[0].strip() if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def exporter_error_line(exc: BaseException) -> str:
+    """An exporter's error in one line without ANSI colour codes: its first line, and its root cause's.
+
+    The dynamo exporter wraps the useful message (``No ONNX function found for aten._linalg_eigh``)
+    in generic ones (``Failed to convert the exported program ...``).
+    """
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    line = _first_line(exc)
+    return line if root is exc else f"{line} ... {_first_line(root)}"
+
+
+# --- MoE experts for export ------------------------------------------------------------------
+# transformers 5 runs MoE experts through a dispatchable implementation (``grouped_mm`` by
+# default), which neither exporter can trace (TorchScript: ``aten::histc``; dynamo: the grouped
+# GEMM). Its ``eager`` loop traces, but only over the experts the example input happened to hit
+# (``for expert_idx in expert_hit``): the graph then fails in onnxruntime (a Split of the wrong
+# size) on any input that hits fewer experts. For export nmcli installs a static loop over every
+# expert (tokens gathered with ``torch.where``: an empty expert is a zero-row MatMul), exact for
+# any input, and restores the model's own implementation afterwards. Each ``W[e]`` is constant-
+# folded into its own initializer, where TensorRT sees a plain 2:4 weight.
+
+EXPORT_EXPERTS = "nmcli_export"
+
+
+def _expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    out = x @ weight if transposed else nn.functional.linear(x, weight)
+    return out + bias if bias is not None else out
+
+
+def static_experts_forward(
+    self: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Every expert in turn on the tokens routed to it: the same result as transformers' implementations."""
+    has_gate = bool(getattr(self, "has_gate", True))
+    has_bias = bool(getattr(self, "has_bias", False))
+    transposed = bool(getattr(self, "is_transposed", False))
+    up = self.gate_up_proj if has_gate else self.up_proj
+    up_bias = (self.gate_up_proj_bias if has_gate else self.up_proj_bias) if has_bias else None
+    down_bias = self.down_proj_bias if has_bias else None
+    out = torch.zeros_like(hidden_states)
+    for e in range(int(self.num_experts)):
+        tokens, slot = torch.where(top_k_index == e)
+        h = _expert_linear(hidden_states[tokens], up[e], up_bias[e] if up_bias is not None else None, transposed)
+        h = self._apply_gate(h) if has_gate else self.act_fn(h)
+        h = _expert_linear(h, self.down_proj[e], down_bias[e] if down_bias is not None else None, transposed)
+        if getattr(self, "has_post_expert_norm", False):
+            h = self.post_expert_norm(h)
+        out.index_add_(0, tokens, (h * top_k_weights[tokens, slot, None]).to(out.dtype))
+    return out
+
+
+@contextlib.contextmanager
+def exportable_experts(model: nn.Module) -> Iterator[bool]:
+    """Switch a transformers MoE model to :func:`static_experts_forward` for export, then restore it.
+
+    Yields whether it switched (False for models without dispatchable experts).
+    """
+    getter = getattr(model, "get_experts_implementation", None)
+    setter = getattr(model, "set_experts_implementation", None)
+    dispatched = any(hasattr(m, "is_transposed") and hasattr(m, "num_experts") for m in model.modules())
+    if getter is None or setter is None or not dispatched:
+        yield False
+        return
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    previous = getter()
+    ALL_EXPERTS_FUNCTIONS[EXPORT_EXPERTS] = static_experts_forward
+    try:
+        setter(EXPORT_EXPERTS)
+        yield True
+    finally:
+        setter(previous)
+        del ALL_EXPERTS_FUNCTIONS[EXPORT_EXPERTS]
+
+
 def _total_bytes(proto: Any) -> int:
     return sum(len(init.raw_data) for init in proto.graph.initializer)
 
@@ -296,6 +434,7 @@ def export_onnx(
     force: bool = False,
     inputs: Sequence[str | os.PathLike[str]] = (),
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    pruned: Mapping[str, tuple[torch.Tensor, Pattern]] | None = None,
 ) -> OnnxExport:
     """Export ``model`` (effective weights) to ``path`` atomically.
 
@@ -310,9 +449,13 @@ def export_onnx(
         force: overwrite an existing output.
         inputs: input files that must not be overwritten.
         external_data_threshold: total initializer bytes above which tensors go to ``<path>.data``.
+        pruned: torch parameter name -> (effective weight in the export's dtype, pattern): located
+            in the graph (:attr:`OnnxExport.matches`) and recorded in the file's ``metadata_props``
+            (:func:`nmcli.onnx_layout.set_sparse_layers`), so ``inspect`` checks exactly those.
 
     Raises:
-        InputError: a bad option, or a model that neither exporter can export.
+        InputError: a bad option, or a model that does not run on the spec's inputs.
+        ExportUnsupportedError: the model runs in torch but neither exporter can export it (exit 3).
         OutputExistsError: the output exists without ``force``.
     """
     import onnx
@@ -349,6 +492,7 @@ def export_onnx(
     else:  # the TorchScript exporter mistypes fp16 LayerNormalization and fails on bf16 transformers
         order = ["dynamo", "torchscript"]
     errors: list[str] = []
+    captured: list[str] = []
     used = ""
     used_opset = opset or DEFAULT_OPSET
     with tempfile.TemporaryDirectory(prefix=".nmcli-export-", dir=out.parent if out.parent.exists() else None) as stage:
@@ -359,18 +503,24 @@ def export_onnx(
                 use_opset = DYNAMO_MIN_OPSET
             run = _torchscript_export if name == "torchscript" else _dynamo_export
             try:
-                # Both exporters warn and the dynamo one prints progress on stdout: keep them quiet.
-                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logs():
+                # Both exporters warn, the dynamo one prints progress and TorchScript's C++ side
+                # dumps its graph on failure: all of it is captured, never on stdout.
+                with warnings.catch_warnings(), _captured_stdout(captured):
                     warnings.simplefilter("ignore")
-                    with torch.no_grad():
+                    with _quiet_logs(), exportable_experts(exported), torch.no_grad():
                         run(wrapper, args, staged, names, outputs, axes, use_opset)
             except Exception as exc:  # noqa: BLE001 - any exporter failure: try the next one, report all
-                errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                errors.append(f"{name}: {exporter_error_line(exc)}")
                 continue
             used, used_opset = name, use_opset
             break
         if not used:
-            raise InputError(f"the model could not be exported to ONNX ({'; '.join(errors)})")
+            error = ExportUnsupportedError(
+                f"torch cannot export this model to ONNX, although it runs in torch ({'; '.join(errors)}): "
+                "try another torch or transformers version, or --opset"
+            )
+            error.exporter_output = "".join(captured)
+            raise error
         if errors:
             notes.append(f"the {order[0]} exporter failed ({errors[0]}); exported with the {used} exporter")
         if used == "dynamo" and opset is not None and opset < DYNAMO_MIN_OPSET:
@@ -383,6 +533,12 @@ def export_onnx(
                 "(folding a negative BatchNorm scale into pruned weights turns +0.0 into -0.0)"
             )
         set_input_spec(proto, str(spec))
+        tied = share_tied_tables(proto)
+        if tied:
+            notes.append(f"kept one copy of the tied embedding table(s) {', '.join(sorted(set(tied.values())))}")
+        matches = locate_weights(proto, dict(pruned)) if pruned else []
+        if matches and pruned:
+            set_sparse_layers(proto, matches, {param: pattern for param, (_, pattern) in pruned.items()})
         data_path: Path | None = None
         if _total_bytes(proto) > external_data_threshold:
             data_path = out.with_name(out.name + ".data")
@@ -403,4 +559,4 @@ def export_onnx(
         else:
             with atomic_output(out, force=force, inputs=inputs) as tmp:
                 onnx.save_model(proto, str(tmp))
-    return OnnxExport(out, data_path, used, used_opset, names, outputs, axes, precision, notes)
+    return OnnxExport(out, data_path, used, used_opset, names, outputs, axes, precision, notes, matches)
