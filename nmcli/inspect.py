@@ -46,7 +46,7 @@ from nmcli.patterns import (
     find_layers,
     parse_pattern,
     stored_nonzero,
-    tensorrt_usable,
+    tensorrt_reason,
 )
 from nmcli.sources import PREFIXES, load_model, model_from_checkpoint
 
@@ -82,6 +82,7 @@ class LayerInspection:
     tensorrt: bool
     reason: str = ""
     negative_zeros: int = 0
+    tensorrt_reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +96,7 @@ class LayerInspection:
             "kind": self.kind,
             "reason": self.reason,
             "negative_zeros": self.negative_zeros,
+            "tensorrt_reason": self.tensorrt_reason,
         }
 
 
@@ -135,6 +137,8 @@ class InspectReport:
             "target": self.target,
             "pattern": str(self.pattern),
             "compliant": self.compliant,
+            "eligible_layers": len(self.eligible),
+            "nothing_eligible": not self.eligible,
             "layers": [layer.to_json() for layer in self.layers],
         }
 
@@ -148,13 +152,14 @@ def _measure(
         return LayerInspection(param, shape, axis, kind, sparsity, False, eligible, False, reason)
     sparsity, compliant = weight_compliance(values, pattern, axis)
     negative = negative_zeros(values)
-    trt = False
+    trt_reason = reason
     if not any(word in reason for word in _STRUCTURAL_SKIPS):
         compliant_24 = (
             compliant if pattern == TENSOR_CORE_PATTERN else weight_compliance(values, TENSOR_CORE_PATTERN, axis)[1]
         )
-        trt = tensorrt_usable(shape, axis, compliant_24)
-    return LayerInspection(param, shape, axis, kind, sparsity, compliant, eligible, trt, reason, negative)
+        trt_reason = tensorrt_reason(shape, axis, compliant_24)
+    trt = not trt_reason
+    return LayerInspection(param, shape, axis, kind, sparsity, compliant, eligible, trt, reason, negative, trt_reason)
 
 
 def inspect_model(model: nn.Module, pattern: Pattern, *, target: str = "", kind: str = "model") -> InspectReport:
@@ -241,17 +246,22 @@ def run_inspect(
     pattern: str | Pattern | None = None,
     arch: str | None = None,
     trust: bool = False,
+    rebuild: bool = False,
 ) -> InspectReport:
     """``nmcli inspect``: inspect a checkpoint, any model source, or an ``.onnx`` file.
+
+    A checkpoint is read from its file only (its pruned layers); the model is rebuilt from its
+    source, to list the layers a prune left dense too, only with ``rebuild`` or ``arch``.
 
     Args:
         target: an nmcli/1 checkpoint, a model source (see :mod:`nmcli.sources`) or an ONNX file.
         pattern: the pattern to check; default the checkpoint's own pattern, else 2:4.
         arch: architecture source for a plain state dict, or to override a checkpoint's source.
         trust: allow unpickling a pickled ``nn.Module``.
+        rebuild: rebuild a checkpoint's model from its source.
 
     Raises:
-        InputError: a bad pattern, a missing or unreadable target (and the source errors of
+        InputError: a bad pattern, a missing, empty or unreadable target (and the source errors of
             :func:`nmcli.sources.load_model`).
         BackendUnavailableError: the package behind the source is missing.
     """
@@ -259,11 +269,16 @@ def run_inspect(
     if _is_onnx(target):
         if not Path(target).is_file():
             raise InputError(f"{target} does not exist: check the path")
-        return inspect_onnx(load_onnx(target), nm or TENSOR_CORE_PATTERN, target=target)
+        if Path(target).stat().st_size == 0:
+            raise InputError(f"{target} is empty (0 bytes), not an ONNX model: re-export it")
+        proto = load_onnx(target)
+        if not proto.graph.node:
+            raise InputError(f"{target} holds no ONNX graph (no nodes): it is not a model; re-export it")
+        return inspect_onnx(proto, nm or TENSOR_CORE_PATTERN, target=target)
     if is_safetensors(target) and Path(target).is_file():
         meta = read_meta(target)
         if meta is not None:
-            return _run_checkpoint(target, meta, nm, arch=arch, trust=trust)
+            return _run_checkpoint(target, meta, nm, arch=arch, trust=trust, rebuild=rebuild)
     from nmcli.statedicts import infer_state_dict_layers, is_bare_state_dict
 
     if arch is None and is_bare_state_dict(target):  # a training checkpoint or state dict: layers inferred
@@ -283,12 +298,20 @@ def run_inspect(
 
 
 def _run_checkpoint(
-    target: str | os.PathLike[str], meta: CheckpointMeta, nm: Pattern | None, *, arch: str | None, trust: bool
+    target: str | os.PathLike[str],
+    meta: CheckpointMeta,
+    nm: Pattern | None,
+    *,
+    arch: str | None,
+    trust: bool,
+    rebuild: bool = False,
 ) -> InspectReport:
     nm = nm or meta.pattern or TENSOR_CORE_PATTERN
     ckpt = load_checkpoint(target, dense=False)
     notes: list[str] = []
     model: nn.Module | None = None
+    if not (rebuild or arch):  # a CI gate on checkpoints reads the file only
+        return inspect_checkpoint(ckpt, nm, target=str(target))
     try:
         model = model_from_checkpoint(ckpt, arch=arch, trust=trust)
     except (SourceError, BackendUnavailableError) as exc:

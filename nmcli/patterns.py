@@ -414,14 +414,26 @@ def tensorrt_usable(shape: Sequence[int], axis: int, compliant_24: bool) -> bool
     We report the conservative condition: 2:4 compliant, reduction size a multiple of 32 and at
     least 64, and output size a multiple of 32.
     """
-    if not compliant_24 or len(shape) < 2:
-        return False
+    return not tensorrt_reason(shape, axis, compliant_24)
+
+
+def tensorrt_reason(shape: Sequence[int], axis: int, compliant_24: bool) -> str:
+    """Why TensorRT's 2:4 sparse kernels could not take this weight ("" when they could; the
+    conditions of :func:`tensorrt_usable`)."""
+    if len(shape) < 2:
+        return "not a matrix"
+    if not compliant_24:
+        return "not 2:4 along its input dimension"
     k = shape[axis]
     out_axis = 1 if axis == 0 else 0
     if len(shape) >= 3 and axis == len(shape) - 1:  # an expert stack [E, out, in]
         out_axis = axis - 1
     n_out = shape[out_axis]
-    return k % 32 == 0 and k >= 64 and n_out % 32 == 0
+    if k < 64 or k % 32:
+        return f"input size {k} is not a multiple of 32 that is at least 64"
+    if n_out % 32:
+        return f"output size {n_out} is not a multiple of 32"
+    return ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,12 @@ def command(
     ),
     trust: bool = typer.Option(False, "--trust", help="Allow unpickling a pickled nn.Module (runs the file's code)."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when an eligible layer is not N:M-compliant."),
+    rebuild: bool = typer.Option(
+        False,
+        "--rebuild",
+        help="For a checkpoint: rebuild the model from its source to list the layers a prune left dense too "
+        "(default: read the file only).",
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Check every layer of TARGET for N:M sparsity along its input dimension.
@@ -41,7 +47,12 @@ def command(
     from nmcli.inspect import run_inspect
     from nmcli.patterns import pattern_note
 
-    report = run_inspect(target, pattern=pattern, arch=arch, trust=trust)
+    report = run_inspect(target, pattern=pattern, arch=arch, trust=trust, rebuild=rebuild)
+    if not report.eligible:
+        report.notes.append(
+            f"nothing to check: {target} has no layer eligible for {report.pattern} "
+            "(--strict passes only because there is nothing to fail)"
+        )
     if json_output:
         emit_json(report.to_json())
     else:
@@ -83,7 +94,7 @@ def _render(report: InspectReport) -> None:
             f"{100 * layer.sparsity:.1f}",
             mark,
             eligible_mark,
-            "yes" if layer.tensorrt else "[dim]no[/dim]",
+            "yes" if layer.tensorrt else f"[dim]no: {escape(layer.tensorrt_reason)}[/dim]",
             escape(layer.reason),
         )
     stderr.print(table)

@@ -31,7 +31,7 @@ def invoke(*args: str) -> Result:
 def _json(result: Result) -> dict[str, Any]:
     assert result.stdout.count("\n") == 1, result.stdout
     report = json.loads(result.stdout)
-    assert set(report) == {"target", "pattern", "compliant", "layers"}
+    assert set(report) == {"target", "pattern", "compliant", "eligible_layers", "nothing_eligible", "layers"}
     assert all(set(layer) >= LAYER_KEYS for layer in report["layers"])
     return report
 
@@ -52,7 +52,7 @@ def cnn_ckpt(workdir: Path) -> Path:
 
 
 def test_checkpoint_strict_passes(cnn_ckpt: Path) -> None:
-    result = invoke("inspect", str(cnn_ckpt), "--strict", "--json")
+    result = invoke("inspect", str(cnn_ckpt), "--strict", "--rebuild", "--json")
     assert result.exit_code == 0, result.output
     report = _json(result)
     assert report["target"] == str(cnn_ckpt) and report["pattern"] == "2:4" and report["compliant"] is True
@@ -95,7 +95,7 @@ def test_stricter_pattern_fails(cnn_ckpt: Path) -> None:
 
 def test_layers_left_dense_are_not_eligible(workdir: Path) -> None:
     assert invoke("prune", py_source("tiny_cnn"), "--exclude", "10", "-o", "c.safetensors").exit_code == 0
-    result = invoke("inspect", "c.safetensors", "--strict", "--json")
+    result = invoke("inspect", "c.safetensors", "--strict", "--rebuild", "--json")
     assert result.exit_code == 0
     head = _layers(_json(result))["10.weight"]
     assert not head["eligible"] and not head["compliant"] and "not pruned" in head["reason"]
@@ -105,7 +105,7 @@ def test_checkpoint_whose_source_moved(workdir: Path) -> None:
     shutil.copy(MODELS_PY, workdir / "moved.py")
     assert invoke("prune", "py:moved.py:tiny_mlp", "-o", "m.safetensors").exit_code == 0
     (workdir / "moved.py").unlink()
-    result = invoke("inspect", "m.safetensors", "--strict", "--json")
+    result = invoke("inspect", "m.safetensors", "--strict", "--rebuild", "--json")
     assert result.exit_code == 0, result.output
     assert [layer["param"] for layer in _json(result)["layers"]] == ["0.weight", "2.weight", "4.weight"]
     assert "could not be rebuilt" in result.stderr and "--arch" in result.stderr
@@ -117,7 +117,7 @@ def test_checkpoint_whose_source_moved(workdir: Path) -> None:
 
 def test_tiny_gpt2_conv1d_along_dim_0(tiny_gpt2_dir: Path, workdir: Path) -> None:
     assert invoke("prune", f"hf:{tiny_gpt2_dir}", "-o", "g.safetensors").exit_code == 0
-    report = _json(invoke("inspect", "g.safetensors", "--strict", "--json"))
+    report = _json(invoke("inspect", "g.safetensors", "--strict", "--rebuild", "--json"))
     c_attn = _layers(report)["transformer.h.0.attn.c_attn.weight"]
     assert c_attn["axis"] == 0 and c_attn["shape"] == [32, 96] and c_attn["compliant"] and c_attn["eligible"]
     assert report["compliant"] is True
