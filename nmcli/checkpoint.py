@@ -27,15 +27,17 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from nmcli import __version__
 from nmcli.errors import CheckpointError
 from nmcli.io import atomic_output
 from nmcli.patterns import Pattern, group_counts, parse_pattern, stored_nonzero
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: headers and packed masks read without it
+    import torch
 
 FORMAT = "nmcli/1"
 COMPRESSED_FORMAT = "nmcli/1+compressed"  # nmcli.compressed: 2:4 values + indices, read back as nmcli/1
@@ -180,6 +182,8 @@ def history_record(
     command: str, arguments: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """One append-only history entry: command, arguments, nmcli and torch versions, UTC time, metrics."""
+    import torch
+
     return {
         "command": command,
         "arguments": {k: _jsonable(v) for k, v in arguments.items()},
@@ -215,13 +219,17 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Bit-pack a boolean mask: ``numpy.packbits(mask.reshape(-1), bitorder="little")`` as a uint8 tensor."""
+    import torch
+
     flat = mask.detach().to("cpu", torch.bool).reshape(-1).numpy()
     return torch.from_numpy(np.packbits(flat, bitorder="little"))
 
 
 def unpack_mask(packed: torch.Tensor | np.ndarray, shape: Sequence[int]) -> torch.Tensor:
     """Inverse of :func:`pack_mask`: a boolean tensor of ``shape``."""
-    array = packed.numpy() if isinstance(packed, torch.Tensor) else packed
+    import torch
+
+    array = packed if isinstance(packed, np.ndarray) else packed.numpy()
     count = math.prod(shape)
     bits = np.unpackbits(array.astype(np.uint8, copy=False), count=count, bitorder="little")
     return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
@@ -237,6 +245,8 @@ def packed_size(shape: Sequence[int]) -> int:
 
 
 def _nonfinite(tensor: torch.Tensor) -> bool:
+    import torch
+
     return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
 
 
@@ -267,6 +277,8 @@ def _check_layer(
     if mask is None:
         problems.append(f"{where}: mask {MASK_PREFIX}{entry.param} is missing")
         return
+    import torch
+
     if mask.dtype != torch.bool:
         if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != packed_size(entry.shape):
             problems.append(
@@ -364,6 +376,8 @@ def save_checkpoint(
     for name in ckpt.tensors:
         if name.startswith(RESERVED_PREFIX):
             raise CheckpointError(f"state dict key {name!r} uses the reserved prefix {RESERVED_PREFIX}")
+    import torch
+
     _raise_problems(path, validate_checkpoint(ckpt.tensors, ckpt.masks, ckpt.dense, ckpt.meta))
     payload: dict[str, torch.Tensor] = dict(ckpt.tensors)
     for name, mask in ckpt.masks.items():
@@ -377,20 +391,20 @@ def save_checkpoint(
     return Path(path)
 
 
-_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.complex64: "C64",
+_SAFETENSORS_DTYPES: dict[str, str] = {  # torch dtype name -> safetensors dtype code
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "complex64": "C64",
 }
 
 
@@ -407,10 +421,12 @@ def write_safetensors(
     Raises:
         CheckpointError: a tensor has a dtype that safetensors cannot store.
     """
+    import torch
+
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for name, value in tensors.items():
-        code = _SAFETENSORS_DTYPES.get(value.dtype)
+        code = _SAFETENSORS_DTYPES.get(str(value.dtype).removeprefix("torch."))
         if code is None:
             raise CheckpointError(f"tensor {name} has dtype {value.dtype}, which safetensors cannot store")
         size = value.numel() * value.element_size()
@@ -435,9 +451,13 @@ class CheckpointReader:
 
     Reads the header only; tensors are read one at a time, so files larger than memory work.
     Use as a context manager.
+
+    ``numpy=True`` opens the file without torch (``safe_open(framework="numpy")``): for the header,
+    shapes and packed masks (:meth:`packed_mask_array`), e.g. ``sad`` of checkpoints; its
+    :meth:`tensor` returns numpy arrays. A compressed checkpoint is decoded with torch either way.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, numpy: bool = False) -> None:
         from safetensors import safe_open
 
         self.path = Path(path)
@@ -446,11 +466,16 @@ class CheckpointReader:
         if self.path.is_dir():
             raise CheckpointError(f"{self.path} is a directory, not a .safetensors file")
         try:
-            self._handle = safe_open(str(self.path), framework="pt")
+            self._handle = safe_open(str(self.path), framework="numpy" if numpy else "pt")
             self._file = self._handle.__enter__()
             raw_meta = self._file.metadata() or {}
             if raw_meta.get("format") == COMPRESSED_FORMAT:  # nmcli export --compress: decode transparently
                 from nmcli.compressed import DecodedFile
+
+                if numpy:  # the decoder works in torch
+                    self._handle.__exit__(None, None, None)
+                    self._handle = safe_open(str(self.path), framework="pt")
+                    self._file = self._handle.__enter__()
 
                 self._file = DecodedFile(self._file)
                 raw_meta = self._file.metadata()
@@ -511,6 +536,11 @@ class CheckpointReader:
 
     def packed_mask(self, param: str) -> torch.Tensor:
         return self._file.get_tensor(MASK_PREFIX + param)
+
+    def packed_mask_array(self, param: str) -> np.ndarray:
+        """The packed mask of ``param`` as a 1-D numpy array (no torch needed with ``numpy=True``)."""
+        value = self._file.get_tensor(MASK_PREFIX + param)
+        return (value if isinstance(value, np.ndarray) else value.numpy()).reshape(-1)
 
     def mask(self, param: str) -> torch.Tensor:
         """The boolean mask of ``param`` (needs a layer entry for its shape)."""

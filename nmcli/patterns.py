@@ -12,11 +12,13 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from nmcli.errors import PatternError
+
+if TYPE_CHECKING:  # torch is imported where it is used: parsing patterns and reading headers stay torch-free
+    import torch
+    from torch import nn
 
 MAX_M = 32
 _PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -103,6 +105,8 @@ def nm_mask(weight: torch.Tensor, pattern: Pattern, axis: int) -> torch.Tensor:
     Ties go to the lower index (a stable descending sort keeps index order among equals). Large
     weights are sorted in slices of groups, so the temporaries stay small.
     """
+    import torch
+
     if weight.dim() == 0:
         raise PatternError("cannot compute an N:M mask for a scalar")
     groups, moved_shape = _grouped(weight.detach(), pattern.m, axis)
@@ -115,7 +119,7 @@ def nm_mask(weight: torch.Tensor, pattern: Pattern, axis: int) -> torch.Tensor:
     return keep.reshape(moved_shape).movedim(-1, axis % weight.dim()).contiguous()
 
 
-_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_SAME_SIZE_INT = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}  # torch dtype names, by element size
 
 
 def stored_nonzero(values: torch.Tensor) -> torch.Tensor:
@@ -123,13 +127,17 @@ def stored_nonzero(values: torch.Tensor) -> torch.Tensor:
 
     For floats this compares the bit patterns with zero: one pass, no temporaries beyond the result.
     """
+    import torch
+
     if values.is_floating_point() and values.element_size() in _SAME_SIZE_INT:
-        return values.view(_SAME_SIZE_INT[values.element_size()]).ne(0)
+        return values.view(getattr(torch, _SAME_SIZE_INT[values.element_size()])).ne(0)
     return values.ne(0)
 
 
 def group_counts(values: torch.Tensor, m: int, axis: int) -> torch.Tensor:
     """Number of non-zero elements (``-0.0`` counts as non-zero) in every group of ``m`` along ``axis``."""
+    import torch
+
     groups, _ = _grouped(stored_nonzero(values), m, axis)
     return groups.sum(dim=-1, dtype=torch.int32)
 
@@ -143,6 +151,8 @@ def is_compliant(values: torch.Tensor, pattern: Pattern, axis: int) -> bool:
 
 def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Effective weight: the kept values, and exact ``+0.0`` (never ``-0.0``) where pruned."""
+    import torch
+
     return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
 
 
@@ -183,6 +193,8 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 
 
 def _module_kind(module: nn.Module) -> str | None:
+    from torch import nn
+
     original = getattr(module, "original_name", None)  # TorchScript keeps the Python class name
     name = original if isinstance(original, str) else type(module).__name__
     if isinstance(module, nn.Linear) or name in {"Linear", "NonDynamicallyQuantizableLinear"}:
@@ -255,6 +267,8 @@ def expert_axis(module: nn.Module, ndim: int) -> int:
 
 def _router_modules(model: nn.Module, pattern: Pattern) -> set[str]:
     """Names of the routing modules of ``model`` (see the rule above)."""
+    from torch import nn
+
     routers: set[str] = set()
     for name, module in model.named_modules():
         if _class_name(module).endswith(("Router", "Gating")):
@@ -293,6 +307,9 @@ def _moe_candidates(module_name: str, module: nn.Module, pattern: Pattern, route
 
 
 def _candidates_from_modules(model: nn.Module, pattern: Pattern) -> Iterator[tuple[LayerCandidate, str]]:
+    import torch
+    from torch import nn
+
     embedding_params = {
         id(p) for mod in model.modules() if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) for p in mod.parameters()
     }
@@ -333,6 +350,8 @@ _FX_CONV = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
 
 
 def _candidates_from_graph(model: torch.fx.GraphModule, pattern: Pattern) -> Iterator[tuple[LayerCandidate, str]]:
+    import torch.fx
+
     params = dict(model.named_parameters())
     for node in model.graph.nodes:
         if node.op != "call_function" or len(node.args) < 2:
@@ -380,6 +399,8 @@ def find_layers(
     Biases, norms and embeddings are never candidates. Works on eager modules, TorchScript modules
     (by their original class names) and ``torch.export`` graph modules (by their aten calls).
     """
+    import torch.fx
+
     has_modules = any(_module_kind(m) is not None for m in model.modules())
     if not has_modules and isinstance(model, torch.fx.GraphModule):
         found = _candidates_from_graph(model, pattern)

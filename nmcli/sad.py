@@ -318,12 +318,11 @@ class StoredMasks(MaskSet):
     def packed(self, param: str) -> np.ndarray:
         layer = self.layers[param]
         try:
-            tensor = self._reader.packed_mask(param)
+            packed = self._reader.packed_mask_array(param)
         except Exception as exc:
             raise CheckpointError(
                 f"{self.label}: mask of {param} could not be read ({exc}): the file may be truncated; re-create it"
             ) from exc
-        packed = np.asarray(tensor if isinstance(tensor, np.ndarray) else tensor.numpy()).reshape(-1)
         if packed.dtype != np.uint8:
             raise CheckpointError(f"{self.label}: mask of {param} is {packed.dtype}, expected packed uint8")
         if layer.pattern is not None:
@@ -525,7 +524,6 @@ def open_input(
     Raises:
         SourceError/TrustRequiredError/CheckpointError: inputs that cannot be read.
     """
-    from nmcli.sources import PREFIXES, load_model
     from nmcli.statedicts import (
         is_exported_program,
         is_torchscript_archive,
@@ -535,8 +533,20 @@ def open_input(
         tied_to_embeddings,
     )
 
+    path = Path(spec)
+    if path.suffix.lower() == ".safetensors" and path.is_file():
+        # An nmcli checkpoint's masks are read with numpy: torch is not even imported.
+        reader = CheckpointReader(path, numpy=True)
+        if reader.is_nmcli:
+            try:
+                return StoredMasks(reader, spec)
+            except BaseException:
+                reader.close()
+                raise
+        reader.close()
+    from nmcli.sources import PREFIXES, load_model
+
     if not spec.startswith(PREFIXES):
-        path = Path(spec)
         if path.is_dir():
             hint = f": for a transformers model directory write hf:{spec}" if (path / "config.json").is_file() else ""
             raise SourceError(f"{spec} is a directory, not a checkpoint file{hint}")
@@ -545,8 +555,6 @@ def open_input(
         if path.suffix.lower() == ".safetensors":
             reader = CheckpointReader(path)
             try:
-                if reader.is_nmcli:
-                    return StoredMasks(reader, spec)
                 shapes = {name: reader.shape(name) for name in reader.state_names}
                 floating = safetensors_floating(path)
                 candidates, layers_from = _state_candidates(spec, shapes, floating, arch, trust)

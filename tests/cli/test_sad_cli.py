@@ -181,3 +181,19 @@ def test_bad_input_messages_name_the_real_problem(trajectory: list[Path], tmp_pa
     code, _, err = run("sad", a, b, "--plot", a)
     assert code == 2 and "choose another --plot" in " ".join(err.split()) and "another -o" not in err
     assert trajectory[0].read_bytes() == before
+
+
+def test_checkpoints_are_compared_without_importing_torch(trajectory: list[Path]) -> None:
+    """Issue 11 item 12: sad of nmcli checkpoints reads the masks with numpy; torch is never imported."""
+    a = str(trajectory[0])
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: sys.stderr.write('torch imported: %s\\n' % ('torch' in sys.modules)))\n"
+        "from nmcli.cli.app import main\n"
+        f"sys.argv = ['nmcli', 'sad', {a!r}, {a!r}, '--json']\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["sad"] == 0
+    assert "torch imported: False" in proc.stderr

@@ -279,3 +279,20 @@ def test_corrupt_mask_is_a_checkpoint_error(tmp_path: Path) -> None:
     save_file(tensors, str(bad), metadata=metadata)
     with pytest.raises(CheckpointError, match="packed mask has shape"):
         sad_report([str(good), str(bad)])
+
+
+def test_numpy_reader_reads_masks_and_compressed_files(tmp_path: Path) -> None:
+    from nmcli.checkpoint import CheckpointReader
+    from nmcli.compressed import compress_checkpoint
+
+    w, m = _random_24((8, 16), 3)
+    path = _write_ckpt(tmp_path / "a.safetensors", {"l.weight": w}, {"l.weight": m})
+    expected = pack_mask(m).numpy()
+    with CheckpointReader(path, numpy=True) as reader:
+        assert reader.is_nmcli and reader.shape("l.weight") == (8, 16)
+        got = reader.packed_mask_array("l.weight")
+        assert isinstance(got, np.ndarray) and got.dtype == np.uint8 and np.array_equal(got, expected)
+    packed = compress_checkpoint(path, tmp_path / "a-compressed.safetensors")
+    with CheckpointReader(packed, numpy=True) as reader:  # decoded with torch, same masks
+        assert np.array_equal(reader.packed_mask_array("l.weight"), expected)
+    assert sad_report([str(path), str(packed)]).pairs[0].sad == 0
