@@ -75,8 +75,19 @@ def _reduction_axis(node: Any, rank: int) -> int:
     return rank - 2
 
 
+def _picks_one(node: Any, inits: dict[str, Any]) -> bool:
+    """A ``Gather`` along axis 0 by one constant scalar index: ``W[e]`` of an MoE expert stack."""
+    index = inits.get(node.input[1]) if len(node.input) > 1 else None
+    return int(_attr(node, "axis", 0)) == 0 and index is not None and len(index.dims) == 0
+
+
 def find_weights(model: Any) -> list[OnnxWeight]:
-    """Every initializer feeding the weight input of a Conv, Gemm or MatMul node."""
+    """Every initializer feeding the weight input of a Conv, Gemm or MatMul node.
+
+    An MoE expert stack ``[E, out, in]`` that reaches its MatMul/Gemm through a ``Gather`` of one
+    expert (constant index, axis 0; the dynamo exporter keeps some stacks whole) is listed once,
+    with the reduction axis in the stack's own layout.
+    """
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
@@ -88,6 +99,7 @@ def find_weights(model: Any) -> list[OnnxWeight]:
         ref = node.input[1]
         through: list[str] = []
         swapped = False
+        picked = 0  # leading dims removed by a Gather of one expert from a stack [E, ...]
         name = ref
         while name not in inits and name in producers:
             producer = producers[name]
@@ -96,6 +108,9 @@ def find_weights(model: Any) -> list[OnnxWeight]:
             elif producer.op_type == "Transpose" and _swaps_last_two(list(_attr(producer, "perm", []))):
                 swapped = not swapped
                 through.append("Transpose")
+            elif producer.op_type == "Gather" and not picked and _picks_one(producer, inits):
+                picked = 1
+                through.append("Gather")
             else:
                 break
             name = producer.input[0]
@@ -103,11 +118,13 @@ def find_weights(model: Any) -> list[OnnxWeight]:
             continue
         seen.add(name)
         shape = tuple(int(d) for d in inits[name].dims)
-        if len(shape) < 2:
+        rank = len(shape) - picked
+        if rank < 2:
             continue
-        axis = _reduction_axis(node, len(shape))
+        axis = _reduction_axis(node, rank)
         if swapped:
-            axis = len(shape) - 1 if axis == len(shape) - 2 else len(shape) - 2
+            axis = rank - 1 if axis == rank - 2 else rank - 2
+        axis += picked
         found.append(
             OnnxWeight(name, node.op_type, node.name, shape, axis, int(_attr(node, "group", 1)), tuple(through))
         )
@@ -415,9 +432,9 @@ def sparse_layers(model: Any) -> dict[str, dict[str, Any]] | None:
 
 
 def gather_tables(model: Any) -> set[str]:
-    """Initializers that feed the data input of a ``Gather`` (embedding tables), through Cast/Identity."""
+    """2-D initializers that feed the data input of a ``Gather`` (embedding tables), through Cast/Identity."""
     graph = model.graph
-    inits = {i.name for i in graph.initializer}
+    inits = {i.name: i for i in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
     found: set[str] = set()
     for node in graph.node:
@@ -426,7 +443,7 @@ def gather_tables(model: Any) -> set[str]:
         name = node.input[0]
         while name not in inits and name in producers and producers[name].op_type in _PASS_THROUGH:
             name = producers[name].input[0]
-        if name in inits:
+        if name in inits and len(inits[name].dims) == 2:  # not a 3-D expert stack picked by Gather
             found.add(name)
     return found
 

@@ -382,7 +382,8 @@ def static_experts_forward(
     up = self.gate_up_proj if has_gate else self.up_proj
     up_bias = (self.gate_up_proj_bias if has_gate else self.up_proj_bias) if has_bias else None
     down_bias = self.down_proj_bias if has_bias else None
-    out = torch.zeros_like(hidden_states)
+    # Accumulated in float32: onnxruntime's CPU ScatterND has no float16 "add" reduction.
+    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     for e in range(int(self.num_experts)):
         tokens, slot = torch.where(top_k_index == e)
         h = _expert_linear(hidden_states[tokens], up[e], up_bias[e] if up_bias is not None else None, transposed)
@@ -391,7 +392,7 @@ def static_experts_forward(
         if getattr(self, "has_post_expert_norm", False):
             h = self.post_expert_norm(h)
         out.index_add_(0, tokens, (h * top_k_weights[tokens, slot, None]).to(out.dtype))
-    return out
+    return out.to(hidden_states.dtype)
 
 
 @contextlib.contextmanager

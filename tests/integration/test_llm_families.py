@@ -35,7 +35,7 @@ _LLAMA_LIKE = {
     "vocab_size": VOCAB,
     "hidden_size": 32,
     "intermediate_size": 64,
-    "num_hidden_layers": 2,
+    "num_hidden_layers": 1,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "max_position_embeddings": 64,
@@ -56,7 +56,7 @@ FAMILIES: dict[str, Callable[[], Any]] = {
         num_experts_per_tok=2,
     ),
     "llama_tied": lambda: _llama(True),
-    "gpt2": lambda: transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64),
+    "gpt2": lambda: transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64),
     "llama_untied": lambda: _llama(False),
     "qwen2": lambda: transformers.Qwen2Config(**_LLAMA_LIKE, tie_word_embeddings=True),
     "mistral": lambda: transformers.MistralConfig(**_LLAMA_LIKE),
@@ -174,3 +174,15 @@ def test_onnx_without_metadata_treats_a_gather_table_as_not_eligible(tmp_path: P
     table = next(iter(gather_tables(proto)))
     row = next(layer for layer in gate["layers"] if layer["param"] == table)
     assert not row["eligible"] and "Gather" in row["reason"]
+
+
+@pytest.mark.slow
+def test_moe_fp16_export_keeps_every_expert_sparse(tmp_path: Path) -> None:
+    """fp16 goes through the dynamo exporter, which may keep a stack whole and Gather each expert."""
+    src, _ = _build("mixtral", tmp_path)
+    pruned, onnx = tmp_path / "p.safetensors", tmp_path / "p16.onnx"
+    spec = f"input_ids:1x{SEQ}:int64,attention_mask:1x{SEQ}:int64"
+    _json(["prune", f"hf:{src}", "--input-shape", spec, "-o", str(pruned)])
+    exported = _json(["export", str(pruned), "--precision", "fp16", "-o", str(onnx)])
+    assert exported["verified"] is True and exported["lost_layers"] == []
+    assert _json(["inspect", str(onnx), "--strict"])["compliant"]
