@@ -125,7 +125,12 @@ def _mutate(data: bytes, mutation: tuple[Any, ...]) -> bytes:
         return data[:pos] + bytes([data[pos] ^ mutation[2]]) + data[pos + 1 :]
     try:  # structured mutations need a parseable header; after a truncation or flip, keep the bytes
         header, body = _split(data)
-        json.loads(header["__metadata__"]["nmcli"])["layers"][0]
+        layers = json.loads(header["__metadata__"]["nmcli"])["layers"]
+        names = [k for k in header if k != "__metadata__"]
+        if not (isinstance(layers, list) and layers and all(isinstance(e, dict) for e in layers) and names):
+            return data
+        if not all(isinstance(header[k], dict) for k in names):
+            return data
     except Exception:
         return data
     names = [k for k in header if k != "__metadata__"]
