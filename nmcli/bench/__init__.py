@@ -1,15 +1,21 @@
 """``nmcli bench``: dense vs sparse, timed honestly on torch, onnxruntime and TensorRT.
 
+* :mod:`nmcli.bench.types`: the shared types (``PlanRequest``, ``Variant``, ``BenchPlan``,
+  ``BenchReport``) and output helpers, below both ``run`` and the backends;
 * :mod:`nmcli.bench.timing`: the one timing helper (warm-up, CUDA events or ``perf_counter_ns``,
   per-iteration samples, percentiles, peak memory) and the environment record;
-* :mod:`nmcli.bench.run`: option parsing, the variant loop, output agreement and speed-ups;
+* :mod:`nmcli.bench.device`: ``--device`` resolution (``cuda`` -> ``cuda:N``) and the device guard;
+* :mod:`nmcli.bench.sparse_kernels`: which 2:4 kernels run on a GPU, and the per-layer swap;
+* :mod:`nmcli.bench.run`: the backend table, option parsing, the variant loop, output agreement
+  and speed-ups;
 * :mod:`nmcli.bench.torch_backend`, :mod:`nmcli.bench.onnxruntime_backend`,
-  :mod:`nmcli.bench.tensorrt_backend`: one module per backend, each with ``is_available()``;
-  heavy packages (onnxruntime, tensorrt) are imported only when that backend runs.
+  :mod:`nmcli.bench.tensorrt_backend`: one module per backend, each with ``is_available()`` and
+  ``plan(request)``; heavy packages (onnxruntime, tensorrt) are imported only when that backend runs.
 """
 
 from __future__ import annotations
 
-from nmcli.bench.run import BenchReport, run_bench
+from nmcli.bench.run import run_bench
+from nmcli.bench.types import BenchReport
 
 __all__ = ["BenchReport", "run_bench"]

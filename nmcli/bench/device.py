@@ -95,13 +95,17 @@ def cuda_index(device: str) -> int | None:
 
 @contextlib.contextmanager
 def device_guard(device: str) -> Iterator[None]:
-    """Make ``device`` (``cuda:N``) the current CUDA device inside the block; nothing for the CPU."""
-    index = cuda_index(device)
-    if index is None:
-        yield
-        return
+    """Make ``device`` (``cuda:N``) the current CUDA device inside the block.
+
+    Nothing for the CPU, nor when torch itself sees no CUDA (onnxruntime-gpu beside a CPU-only torch:
+    onnxruntime picks its device through the provider's ``device_id``).
+    """
     import torch
 
+    index = cuda_index(device)
+    if index is None or not torch.cuda.is_available():
+        yield
+        return
     with torch.cuda.device(index):
         yield
 

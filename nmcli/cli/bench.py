@@ -9,7 +9,7 @@ import typer
 from nmcli.cli.app import emit_json, guarded, progress_bar, show_progress, stderr
 
 if TYPE_CHECKING:
-    from nmcli.bench.run import BenchReport
+    from nmcli.bench.types import BenchReport
 
 
 @guarded
@@ -20,7 +20,9 @@ def command(
     backend: str | None = typer.Option(
         None, "--backend", help="torch, onnxruntime or tensorrt (default: from TARGET's file type)."
     ),
-    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    device: str | None = typer.Option(
+        None, "--device", help="cpu, cuda (the current CUDA device) or cuda:N (default: cuda when available)."
+    ),
     vs: str | None = typer.Option(None, "--vs", help="A second .onnx or engine file to compare against TARGET."),
     batch_size: str | None = typer.Option(
         None, "--batch-size", help="Batch sizes to sweep, e.g. 1,8,32 (default: the input spec's)."
@@ -46,10 +48,10 @@ def command(
     """Benchmark TARGET: its dense model against its sparse one, or one file against another (--vs).
 
     Latency percentiles (p50/p90/p99/mean) from per-iteration samples after warm-up, throughput,
-    peak device memory, and the sparse/dense speed-up at p50. On a CUDA GPU with compute
-    capability >= 8.0 in fp16/bf16, the sparse torch variant runs 2:4 Linear layers on
-    semi-structured sparse kernels, and its outputs are checked against dense kernels (exit 1 if
-    they disagree); elsewhere it runs masked weights with dense kernels, and says so.
+    peak device memory, and the sparse/dense speed-up at p50. On a CUDA GPU in fp16/bf16, the
+    sparse torch variant runs 2:4 Linear layers on semi-structured sparse kernels (cuSPARSELt on
+    compute capability >= 8.0, CUTLASS on 8.x), and its outputs are checked against dense kernels
+    (exit 1 if they disagree); elsewhere it runs masked weights with dense kernels, and says so.
     """
     from nmcli.bench.run import run_bench
     from nmcli.errors import CheckFailedError

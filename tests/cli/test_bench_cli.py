@@ -152,6 +152,14 @@ def test_tensorrt_without_tensorrt_is_exit_3(tmp_path: Path) -> None:
         assert "tensorrt" in result.stderr and "pip install" in result.stderr
 
 
+def test_tensorrt_engine_on_the_cpu_is_exit_2(tmp_path: Path) -> None:
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"never read: the device is checked first")
+    result = invoke("bench", str(engine), *CPU)
+    assert result.exit_code == 2, result.output
+    assert "CUDA GPUs only" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

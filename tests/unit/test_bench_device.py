@@ -73,6 +73,23 @@ def test_cpu_guard_is_a_no_op() -> None:
         assert torch.zeros(1).device.type == "cpu"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks torch without CUDA")
+def test_cuda_guard_without_torch_cuda_is_a_no_op() -> None:
+    # onnxruntime-gpu beside a CPU-only torch: the provider's device_id picks the GPU, torch has none to set
+    with device_guard("cuda:1"):
+        assert not torch.cuda.is_initialized()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_guard_sets_and_restores_the_current_device() -> None:
+    before = torch.cuda.current_device()
+    last = f"cuda:{torch.cuda.device_count() - 1}"
+    with device_guard(last):
+        assert torch.cuda.current_device() == torch.cuda.device_count() - 1
+        assert torch.zeros(1, device="cuda").device == torch.device(last)
+    assert torch.cuda.current_device() == before
+
+
 # The rule read from torch 2.13: cuSPARSELt on >= 8.0 when torch has it; CUTLASS on 8.x only.
 @pytest.mark.parametrize(
     ("capability", "cusparselt", "force_cutlass", "expected"),

@@ -54,7 +54,15 @@ def test_backends_do_not_import_run() -> None:
     import nmcli.bench as pkg
 
     folder = Path(pkg.__file__).parent
-    for name in ("types", "device", "timing", "sparse_kernels", "torch_backend", "onnxruntime_backend", "tensorrt_backend"):
+    for name in (
+        "types",
+        "device",
+        "timing",
+        "sparse_kernels",
+        "torch_backend",
+        "onnxruntime_backend",
+        "tensorrt_backend",
+    ):
         tree = ast.parse((folder / f"{name}.py").read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -144,3 +152,19 @@ def test_swap_plan_leaves_multihead_attention_alone() -> None:
         w.mul_(nm_mask(w, TENSOR_CORE_PATTERN, axis=1))
     eligible, skipped = swap_plan(model)
     assert eligible == [] and "MultiheadAttention" in skipped["out_proj"]
+
+
+def test_swap_falls_back_per_layer_and_keeps_dense_weights_where_kernels_fail() -> None:
+    """On the CPU every 2:4 kernel fails (torch: CUDA tensors only): each layer is listed, none lost."""
+    from nmcli.bench.sparse_kernels import to_semi_structured
+
+    model = nn.Sequential(_pruned_linear(64, 128), nn.ReLU(), _pruned_linear(32, 64), nn.Linear(32, 4).half())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = to_semi_structured(model, backends=["cusparselt", "cutlass"], probe_rows={"0": 5})
+    assert report.swapped == [] and report.backend is None
+    assert set(report.failed) == {"0", "2"} and "not 2:4" in report.skipped["3"]
+    assert all("cuSPARSELt" in why and "CUTLASS" in why for why in report.failed.values())
+    assert set(report.dense_layers) == {"0", "2", "3"}
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model(torch.randn(3, 128).half()).shape == (3, 4)

@@ -175,7 +175,9 @@ def test_inspector_decides_and_myelin_fused_layers_are_reported_not_missing() ->
     assert rows["head.fc1.weight"]["evidence"].startswith("engine inspector: HasSparseWeights=0")
     assert rows["head.fc2.weight"]["engine_layer"] == "/head/fc2/Gemm"
     query = rows["encoder.layer.0.attention.self.query.weight"]
-    assert query["engine_layer"].startswith("{ForeignNode[/encoder/layer.0/") and "not attributable" in query["evidence"]
+    assert (
+        query["engine_layer"].startswith("{ForeignNode[/encoder/layer.0/") and "not attributable" in query["evidence"]
+    )
     key = rows["encoder.layer.1.attention.self.key.weight"]  # in no layer's Metadata: a Myelin region holds it
     assert "fused into a Myelin layer" in key["evidence"]
     assert rows["classifier.weight"]["engine_layer"] == "/classifier/Gemm_myl9_4"
