@@ -663,8 +663,8 @@ def _layout(layer: MaskLayer) -> str:
     return f"{layer.pattern} along axis {layer.axis}" if layer.pattern is not None else "unknown"
 
 
-def mismatches(a: MaskSet, b: MaskSet) -> list[str]:
-    """Why ``a`` and ``b`` cannot be compared: parameter names, shapes, patterns (empty when they can)."""
+def shape_mismatches(a: MaskSet | WeightInput, b: MaskSet | WeightInput) -> list[str]:
+    """Why ``a`` and ``b`` cannot be compared by their headers alone: parameter names and shapes."""
     problems: list[str] = []
     only_a = [n for n in a.shapes if n not in b.shapes]
     only_b = [n for n in b.shapes if n not in a.shapes]
@@ -675,6 +675,26 @@ def mismatches(a: MaskSet, b: MaskSet) -> list[str]:
     shapes = [f"{n} {a.shapes[n]} vs {b.shapes[n]}" for n in a.shapes if n in b.shapes and a.shapes[n] != b.shapes[n]]
     if shapes:
         problems.append(f"{len(shapes)} shape(s) differ: {_listed(shapes)}")
+    return problems
+
+
+def _check_pairs(
+    items: Sequence[MaskSet | WeightInput],
+    pairs: Sequence[tuple[int, int]],
+    check: Callable[[Any, Any], list[str]],
+) -> None:
+    problems = []
+    for i, j in pairs:
+        found = check(items[i], items[j])
+        if found:
+            problems.append(f"{items[i].label} and {items[j].label} cannot be compared: {'; '.join(found)}")
+    if problems:
+        raise MismatchError(" | ".join(problems))
+
+
+def mismatches(a: MaskSet, b: MaskSet) -> list[str]:
+    """Why ``a`` and ``b`` cannot be compared: parameter names, shapes, patterns (empty when they can)."""
+    problems = shape_mismatches(a, b)
     patterns = []
     for name, la in a.layers.items():
         lb = b.layers.get(name)
@@ -696,13 +716,7 @@ def compare_sets(
         MismatchError: some pair differs in parameter names, shapes or layer patterns (all pairs
             are checked, on headers only, before any mask is read).
     """
-    problems = []
-    for i, j in pairs:
-        found = mismatches(sets[i], sets[j])
-        if found:
-            problems.append(f"{sets[i].label} and {sets[j].label} cannot be compared: {'; '.join(found)}")
-    if problems:
-        raise MismatchError(" | ".join(problems))
+    _check_pairs(sets, pairs, mismatches)
     order: list[str] = []
     seen: set[str] = set()
     for mask_set in sets:
@@ -799,6 +813,7 @@ def sad_report(
             item = open_input(spec, arch=arch, trust=trust, key=key)
             stack.callback(item.close)
             opened.append(item)
+        _check_pairs(opened, unique, shape_mismatches)  # before any weight or mask is read
         choice = choose_pattern(opened, pattern)
         sets: list[MaskSet] = []
         described: list[dict[str, Any]] = []

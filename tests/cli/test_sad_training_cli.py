@@ -201,3 +201,34 @@ def test_arch_takes_precedence(pair: tuple[Path, Path], tmp_path: Path) -> None:
 def test_directory_input_says_so(tmp_path: Path, pair: tuple[Path, Path]) -> None:
     code, _, err = run("sad", str(tmp_path), str(pair[0]))
     assert code == 2 and "is a directory" in err and "--pattern" not in err
+
+
+def test_mixes_with_an_nmcli_checkpoint(tmp_path: Path) -> None:
+    """A stored-mask checkpoint against a training checkpoint of effective weights: the pattern
+    comes from the zeros (it agrees with the stored one) and the SAD is the XOR of the two masks."""
+    from nmcli.checkpoint import load_checkpoint
+    from nmcli.prune import run_prune
+    from tests.conftest import py_source
+
+    a = tmp_path / "a.safetensors"
+    run_prune(py_source("tiny_mlp"), pattern="2:4", output=str(a))
+    stored = load_checkpoint(a)
+    state = {k: v.clone() for k, v in stored.tensors.items()}
+    torch.manual_seed(5)
+    masks_b = {}
+    for p in stored.masks:
+        dense = state[p] + 0.05 * torch.randn_like(state[p])
+        masks_b[p] = nm_mask(dense, Pattern(2, 4), 1)
+        state[p] = apply_mask(dense, masks_b[p])
+    torch.save({"epoch": 7, "state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "b.pth")
+    code, out, err = run("sad", str(a), str(tmp_path / "b.pth"), "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert (data["pattern"], data["pattern_from"]) == ("2:4", "inferred")
+    assert [m["layers_from"] for m in data["masks"]] == ["stored", "inferred"]
+    assert data["sad"] == sum(int((stored.masks[p] ^ masks_b[p]).sum()) for p in stored.masks) > 0
+    assert data["one_sided"] == []
+    state["extra.weight"] = torch.ones(4, 4)
+    torch.save({"state_dict": state}, tmp_path / "c.pth")
+    code, _, err = run("sad", str(a), str(tmp_path / "c.pth"))
+    assert code == 2 and "extra.weight" in err
