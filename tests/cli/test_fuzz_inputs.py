@@ -144,7 +144,10 @@ def _mutate(data: bytes, mutation: tuple[Any, ...]) -> bytes:
         meta[mutation[1]] = mutation[2]
     elif kind == "mask":  # set every bit of one byte of a mask: keeps more than N of M
         masks = [k for k in names if k.startswith("__nmcli__/mask/")]
-        start, end = header[masks[mutation[1] % len(masks)]]["data_offsets"]
+        try:  # an earlier mutation may have broken the mask's entry: then leave the bytes alone
+            start, end = (int(x) for x in header[masks[mutation[1] % len(masks)]]["data_offsets"])
+        except Exception:
+            return data
         pos = start + mutation[2] % max(1, end - start)
         body = body[:pos] + b"\xff" + body[pos + 1 :]
     header["__metadata__"]["nmcli"] = json.dumps(meta)
