@@ -1,13 +1,16 @@
 """Pruning: turn a dense model into an nmcli/1 checkpoint with N:M masks.
 
-Methods are pluggable: a method maps ``(weight, pattern, axis)`` to a boolean mask. ``magnitude``
-keeps the N largest-magnitude weights of every group (the one-shot start of SR-STE training).
+``magnitude`` keeps the N largest-magnitude weights of every group and needs no data;
+``wanda`` and ``sparsegpt`` (DESIGN.md section 3b) use calibration data and run block by block
+(:mod:`nmcli.oneshot`, which holds the one registry of methods). A model with BatchNorm pruned
+with calibration data gets its running statistics re-estimated on it.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +18,21 @@ import torch
 from torch import nn
 
 from nmcli.checkpoint import Checkpoint, CheckpointMeta, LayerEntry, SourceRef, history_record, save_checkpoint
+from nmcli.data import Batch
 from nmcli.errors import InputError
 from nmcli.inputs import InputSpec, parse_input_spec
 from nmcli.io import check_output_path
-from nmcli.patterns import Pattern, apply_mask, find_layers, nm_mask, parse_pattern
+from nmcli.oneshot import (
+    CALIBRATED,
+    SOLVERS,
+    CalibrationConfig,
+    calibration_batches,
+    has_batchnorm,
+    prune_calibrated,
+)
+from nmcli.patterns import LayerCandidate, Pattern, apply_mask, find_layers, nm_mask, parse_pattern
 from nmcli.sources import default_output_path, load_model
 
-MaskMethod = Callable[[torch.Tensor, Pattern, int], torch.Tensor]
 ProgressCallback = Callable[[int, int, str], None]
 
 
@@ -30,19 +41,27 @@ def magnitude_mask(weight: torch.Tensor, pattern: Pattern, axis: int) -> torch.T
     return nm_mask(weight, pattern, axis)
 
 
-METHODS: dict[str, MaskMethod] = {"magnitude": magnitude_mask}
+# The pruning methods (their solvers live in :data:`nmcli.oneshot.SOLVERS`): ``magnitude`` needs no
+# data; the calibrated ones need ``--calib``.
+METHODS: tuple[str, ...] = tuple(SOLVERS)
 
 
 @dataclass(frozen=True)
 class LayerReport:
-    """What happened to one candidate layer."""
+    """What happened to one candidate layer.
+
+    ``kept_magnitude`` is the share of the layer's L1 magnitude that the effective weight keeps;
+    ``recon_error`` is ``||W X - W~ X||^2 / ||W X||^2`` on the calibration inputs (None without them).
+    """
 
     name: str
     param: str
     shape: tuple[int, ...]
     status: str  # "pruned" or "skipped"
     reason: str
-    kept_magnitude: float | None  # share of the layer's L1 magnitude that the mask keeps
+    kept_magnitude: float | None
+    recon_error: float | None = None
+    note: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,6 +71,8 @@ class LayerReport:
             "status": self.status,
             "reason": self.reason,
             "kept_magnitude": self.kept_magnitude,
+            "recon_error": self.recon_error,
+            "note": self.note,
         }
 
 
@@ -60,7 +81,8 @@ class PruneResult:
     """The pruned checkpoint and the per-layer report.
 
     ``params_pruned`` counts the weights the masks set to zero; ``sparsity`` is that over
-    ``params_total``, every parameter of the model.
+    ``params_total``, every parameter of the model. ``notes`` say how a calibrated method
+    traversed the model and whether BatchNorm statistics were re-estimated.
     """
 
     checkpoint: Checkpoint
@@ -70,6 +92,9 @@ class PruneResult:
     params_total: int
     params_pruned: int
     output: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    bn_recalibrated: bool = False
+    calib_samples: int = 0
 
     @property
     def sparsity(self) -> float:
@@ -80,18 +105,30 @@ class PruneResult:
             "output": str(self.output) if self.output else None,
             "pattern": str(self.pattern),
             "method": self.method,
+            "calib_samples": self.calib_samples,
+            "bn_recalibrated": self.bn_recalibrated,
             "params_total": self.params_total,
             "params_pruned": self.params_pruned,
             "sparsity": self.sparsity,
+            "notes": self.notes,
             "layers": [layer.to_json() for layer in self.layers],
         }
 
 
-def get_method(name: str) -> MaskMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise InputError(f"unknown pruning method {name!r}: choose one of {', '.join(sorted(METHODS))}") from None
+def check_method(name: str, has_calibration: bool) -> None:
+    """Raise a clear :class:`InputError` for an unknown method, or a calibrated one without data."""
+    if name not in METHODS:
+        raise InputError(f"unknown pruning method {name!r}: choose one of {', '.join(METHODS)}")
+    if name in CALIBRATED and not has_calibration:
+        raise InputError(
+            f"--method {name} needs calibration data: pass --calib SPEC (tensors:FILE.safetensors, text:FILE.txt, "
+            "imagefolder:DIR or py:module:callable), or use --method magnitude"
+        )
+
+
+def _l1(weight: torch.Tensor) -> float:
+    # L1 norms accumulate in float32 (fast, and exact enough for a percentage).
+    return float(torch.linalg.vector_norm(weight, 1, dtype=torch.float32))
 
 
 def prune_model(
@@ -100,6 +137,8 @@ def prune_model(
     *,
     source: SourceRef,
     method: str = "magnitude",
+    calibration: CalibrationConfig | None = None,
+    batches: Sequence[Batch] | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     keep_dense: bool = False,
@@ -111,18 +150,23 @@ def prune_model(
 ) -> PruneResult:
     """Prune every eligible layer of ``model`` to ``pattern``; the model is not modified unless ``inplace``.
 
-    The checkpoint's tensors share memory with the model's (no copy of the state dict is made);
-    only the pruned weights are new tensors, or, with ``inplace``, the model's own weights zeroed
-    where pruned, which saves one copy of every pruned weight when the caller owns the model.
+    Without calibration batches every layer gets its magnitude mask, and the checkpoint's tensors
+    share memory with the model's (only the pruned weights are new tensors, or, with ``inplace``,
+    the model's own weights zeroed where pruned). With ``batches`` the model is pruned block by block
+    by :func:`nmcli.oneshot.prune_calibrated` (a copy of it, unless ``inplace``), and a model with
+    BatchNorm gets its running statistics re-estimated on them (``calibration.bn_recalibrate``).
 
     Args:
-        model: the dense model (its state dict is read).
+        model: the dense model (eval mode).
         pattern: the N:M pattern.
         source: where the architecture comes from, recorded in the checkpoint.
-        method: a key of :data:`METHODS`.
+        method: ``magnitude``, ``wanda`` or ``sparsegpt`` (the last two need ``batches``).
+        calibration: damping, block size, device and BatchNorm options of a calibrated prune.
+        batches: calibration batches (see :func:`nmcli.oneshot.calibration_batches`).
         include: module-name globs to prune (all eligible layers when empty).
         exclude: module-name globs to leave dense.
-        keep_dense: store the original dense weights of pruned layers (for SR-STE fine-tuning).
+        keep_dense: store dense weights of pruned layers for SR-STE fine-tuning: the original
+            weights, or after SparseGPT its updated weights where kept and the original ones where pruned.
         input_spec: stored in the checkpoint for later commands.
         start: the checkpoint the model was read from, if any: its dense weights are pruned
             instead of its effective ones, and its history is carried on.
@@ -130,12 +174,26 @@ def prune_model(
         progress: called as ``progress(done, total, param)`` after each layer.
         inplace: write the effective weights into the model's own tensors.
     """
-    mask_of = get_method(method)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    if start is not None:
-        state.update(start.dense)
+    check_method(method, batches is not None)
+    cfg = calibration or CalibrationConfig(spec="")
     candidates = find_layers(model, pattern, include, exclude)
     eligible = [c for c in candidates if c.eligible]
+    if batches is not None:
+        if not inplace:
+            model = copy.deepcopy(model)
+        state, outcomes, notes, bn_done = _prune_with_data(
+            model, eligible, pattern, method, batches, cfg, start, progress
+        )
+    else:
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        if start is not None:
+            state.update(start.dense)
+        outcomes, notes, bn_done = {}, [], False
+        if has_batchnorm(model):
+            notes.append(
+                "the model has BatchNorm and its running statistics were not re-estimated after pruning "
+                "(one-shot N:M can collapse such a model in eval mode): pass --calib SPEC to re-estimate them"
+            )
     masks: dict[str, torch.Tensor] = {}
     dense: dict[str, torch.Tensor] = {}
     entries: list[LayerEntry] = []
@@ -146,36 +204,48 @@ def prune_model(
             reports.append(LayerReport(cand.module, cand.param, cand.shape, "skipped", cand.reason, None))
             continue
         weight = state[cand.param]
-        mask = mask_of(weight, pattern, cand.axis)
-        # L1 norms accumulate in float32 (fast, and exact enough for a percentage).
-        total = float(torch.linalg.vector_norm(weight, 1, dtype=torch.float32))
-        if keep_dense:
-            dense[cand.param] = weight.clone() if inplace else weight
-        if inplace and (start is None or cand.param not in start.dense):
-            effective = weight.masked_fill_(~mask, 0)  # fills +0.0, never -0.0
+        outcome = outcomes.get(cand.param)
+        if outcome is None:  # data-free magnitude
+            mask = magnitude_mask(weight, pattern, cand.axis)
+            total = _l1(weight)
+            if keep_dense:
+                dense[cand.param] = weight.clone() if inplace else weight
+            if inplace and (start is None or cand.param not in start.dense):
+                effective = weight.masked_fill_(~mask, 0)  # fills +0.0, never -0.0
+            else:
+                effective = apply_mask(weight, mask)
+            error, note = None, ""
+            if progress is not None:
+                progress(len(masks) + 1, len(eligible), cand.param)
         else:
-            effective = apply_mask(weight, mask)
-        kept = float(torch.linalg.vector_norm(effective, 1, dtype=torch.float32)) / total if total > 0 else 1.0
+            mask, effective, total = outcome.mask, weight, outcome.l1_before
+            if keep_dense:
+                dense[cand.param] = torch.where(mask, outcome.weight, outcome.original)
+            error, note = outcome.recon_error, outcome.note
+        kept = _l1(effective) / total if total > 0 else 1.0
         state[cand.param] = effective
         masks[cand.param] = mask
         pruned_params += int(mask.numel() - int(mask.sum()))
         entries.append(LayerEntry(cand.param, cand.module, pattern.n, pattern.m, cand.axis, cand.shape))
-        reports.append(LayerReport(cand.module, cand.param, cand.shape, "pruned", "", kept))
-        if progress is not None:
-            progress(sum(1 for r in reports if r.status == "pruned"), len(eligible), cand.param)
+        reports.append(LayerReport(cand.module, cand.param, cand.shape, "pruned", "", kept, error, note))
     params_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    history = list(start.meta.history) if start is not None else []
-    history.append(
-        history_record(
-            "prune",
-            history_args or {"pattern": str(pattern), "method": method},
+    samples = sum(b.size for b in batches) if batches is not None else 0
+    metrics: dict[str, Any] = {
+        "layers_pruned": len(entries),
+        "params_pruned": pruned_params,
+        "sparsity": pruned_params / params_total if params_total else 0.0,
+    }
+    if batches is not None:
+        errors = [r.recon_error for r in reports if r.recon_error is not None]
+        metrics.update(
             {
-                "layers_pruned": len(entries),
-                "params_pruned": pruned_params,
-                "sparsity": pruned_params / params_total if params_total else 0.0,
-            },
+                "calib_samples": samples,
+                "bn_recalibrated": bn_done,
+                "mean_recon_error": sum(errors) / len(errors) if errors else None,
+            }
         )
-    )
+    history = list(start.meta.history) if start is not None else []
+    history.append(history_record("prune", history_args or {"pattern": str(pattern), "method": method}, metrics))
     meta = CheckpointMeta(
         source=source,
         pattern=pattern,
@@ -185,7 +255,45 @@ def prune_model(
         method=method,
     )
     ckpt = Checkpoint(tensors=state, masks=masks, meta=meta, dense=dense)
-    return PruneResult(ckpt, pattern, method, reports, params_total, pruned_params)
+    return PruneResult(ckpt, pattern, method, reports, params_total, pruned_params, None, notes, bn_done, samples)
+
+
+@dataclass
+class _CalibratedLayer:
+    mask: torch.Tensor
+    original: torch.Tensor  # the dense weight before pruning
+    weight: torch.Tensor  # the method's weight before masking (SparseGPT: updated)
+    l1_before: float
+    recon_error: float | None
+    note: str
+
+
+def _prune_with_data(
+    model: nn.Module,
+    eligible: Sequence[LayerCandidate],
+    pattern: Pattern,
+    method: str,
+    batches: Sequence[Batch],
+    cfg: CalibrationConfig,
+    start: Checkpoint | None,
+    progress: ProgressCallback | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, _CalibratedLayer], list[str], bool]:
+    """Run a calibrated prune on ``model`` (modified in place); returns its state, outcomes, notes and BN flag."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        if start is not None:  # prune the stored dense weights, not the effective ones
+            for name, value in start.dense.items():
+                if name in params:
+                    params[name].copy_(value)
+        originals = {c.param: params[c.param].detach().clone() for c in eligible}
+    l1_before = {name: _l1(value) for name, value in originals.items()}
+    result = prune_calibrated(model, eligible, pattern, method, batches, cfg, progress)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    outcomes = {
+        name: _CalibratedLayer(o.mask, originals[name], o.weight, l1_before[name], o.recon_error, o.note)
+        for name, o in result.outcomes.items()
+    }
+    return state, outcomes, result.notes, result.bn_recalibrated
 
 
 def run_prune(
@@ -193,6 +301,7 @@ def run_prune(
     *,
     pattern: str | Pattern = "2:4",
     method: str = "magnitude",
+    calibration: CalibrationConfig | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     arch: str | None = None,
@@ -206,24 +315,36 @@ def run_prune(
     """``nmcli prune``: load ``model_spec``, prune it, and write the checkpoint atomically.
 
     Options are validated and the output path checked before the model is loaded, so bad input
-    fails fast and no partial file is ever left.
+    fails fast and no partial file is ever left. ``calibration`` (``--calib`` and its options)
+    is required by ``wanda`` and ``sparsegpt``; with ``magnitude`` it only serves the BatchNorm
+    re-estimation and the per-layer reconstruction errors.
     """
     nm = parse_pattern(pattern)
-    get_method(method)
+    check_method(method, calibration is not None)
+    if calibration is not None:
+        calibration.validate()
     spec_input = parse_input_spec(input_shape) if input_shape else None
     out = Path(output) if output else default_output_path(model_spec, nm.slug)
     local_input = model_spec[3:] if model_spec.startswith("hf:") else model_spec
     check_output_path(out, force=force, inputs=[local_input])
     loaded = load_model(model_spec, arch=arch, trust=trust)
+    input_spec = spec_input or loaded.input_spec
+    batches = None
+    if calibration is not None:
+        source = loaded.source.arch or loaded.source.spec
+        shape = input_spec.tensors[0].shape if input_spec is not None else None
+        batches = calibration_batches(calibration, source_spec=source, input_shape=shape)
     result = prune_model(
         loaded.model,
         nm,
         source=loaded.source,
         method=method,
+        calibration=calibration,
+        batches=batches,
         include=include,
         exclude=exclude,
         keep_dense=keep_dense,
-        input_spec=spec_input or loaded.input_spec,
+        input_spec=input_spec,
         start=loaded.checkpoint,
         inplace=True,  # the model was loaded here and is not used again
         history_args={
@@ -234,6 +355,7 @@ def run_prune(
             "exclude": list(exclude),
             "arch": arch,
             "keep_dense": keep_dense,
+            **(_calibration_args(calibration) if calibration is not None else {}),
         },
         progress=progress,
     )
@@ -245,3 +367,14 @@ def run_prune(
     save_checkpoint(result.checkpoint, out, force=force, inputs=[local_input])
     result.output = out
     return result
+
+
+def _calibration_args(cfg: CalibrationConfig) -> dict[str, Any]:
+    return {
+        "calib": cfg.spec,
+        "calib_samples": cfg.samples,
+        "max_length": cfg.max_length,
+        "damp": cfg.damp,
+        "block_size": cfg.block_size,
+        "bn_recalibrate": cfg.bn_recalibrate,
+    }

@@ -46,3 +46,33 @@ class TinyAttention(nn.Module):
 
 def tiny_attention() -> nn.Module:
     return TinyAttention()
+
+
+def digits_bn_cnn() -> nn.Module:
+    """A BatchNorm CNN for scikit-learn's 8x8 digits (``1x1x8x8``): a stem conv (1 input channel:
+    skipped), prunable 3x3 and 1x1 convs, a depthwise conv (skipped), dropout and a Linear head."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.1),
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )

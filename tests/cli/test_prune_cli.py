@@ -116,11 +116,18 @@ def test_human_output_goes_to_stderr(workdir: Path) -> None:
 
 def test_json_is_exactly_one_object_on_stdout(workdir: Path) -> None:
     result = invoke("prune", py_source("tiny_cnn"), "-o", "cnn.safetensors", "--json")
-    assert result.exit_code == 0 and result.stderr == ""
+    assert result.exit_code == 0
+    assert "prune 2:4 (magnitude)" in result.stderr  # the table stays on stderr, like every command's
     assert result.stdout.count("\n") == 1
     report = json.loads(result.stdout)
-    assert set(report) == {"output", "pattern", "method", "params_total", "params_pruned", "sparsity", "layers"}
-    assert set(report["layers"][0]) == {"name", "param", "shape", "status", "reason", "kept_magnitude"}
+    assert set(report) == {
+        "output", "pattern", "method", "calib_samples", "bn_recalibrated", "params_total", "params_pruned",
+        "sparsity", "notes", "layers",
+    }  # fmt: skip
+    assert set(report["layers"][0]) == {
+        "name", "param", "shape", "status", "reason", "kept_magnitude", "recon_error", "note",
+    }  # fmt: skip
+    assert any("BatchNorm" in note and "--calib" in note for note in report["notes"])
     statuses = {layer["param"]: (layer["status"], layer["reason"]) for layer in report["layers"]}
     assert statuses["0.weight"] == ("skipped", "input dimension 3 is not a multiple of M=4")
     assert statuses["5.weight"][0] == "skipped" and statuses["8.weight"] == ("pruned", "")
@@ -196,9 +203,9 @@ ERRORS: list[tuple[str, Callable[[], list[str]], str]] = [
     ("bad-pattern", lambda: [py_source("tiny_mlp"), "-p", "2:5x"], "malformed pattern '2:5x'"),
     ("pattern-range", lambda: [py_source("tiny_mlp"), "-p", "4:2"], "0 < N < M <= 32"),
     ("missing-file", lambda: ["missing.pt"], "missing.pt does not exist"),
-    ("random-pt", lambda: ["noise.pt"], "not a readable torch file"),
+    ("random-pt", lambda: ["noise.pt"], "is not a torch file"),
     ("random-safetensors", lambda: ["noise.safetensors"], "not a readable safetensors file"),
-    ("random-pt2", lambda: ["noise.pt2"], "not a readable torch.export program"),
+    ("random-pt2", lambda: ["noise.pt2"], "is not a torch.export program"),
     ("truncated", lambda: ["truncated.safetensors"], "truncated"),
     ("unknown-factory", lambda: [py_source("no_such_factory")], "has no callable 'no_such_factory'"),
     ("unknown-module", lambda: ["py:no_such_pkg_xyz.models:build"], "module 'no_such_pkg_xyz' not found"),
@@ -247,7 +254,9 @@ def test_error_paths(error_dir: Path, case: str, args: Callable[[], list[str]], 
 
 def test_json_mode_errors_stay_off_stdout(error_dir: Path) -> None:
     result = invoke("prune", "missing.pt", "--json")
-    assert result.exit_code == 2 and result.stdout == ""
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)["error"]  # exactly one JSON object, on failure too
+    assert error["code"] == 2 and "missing.pt does not exist" in error["message"]
     _one_error_line(result)
 
 
