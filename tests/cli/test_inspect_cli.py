@@ -244,7 +244,8 @@ def test_onnx_core_matches_cli(workdir: Path) -> None:
         ([py_source("tiny_mlp"), "--pattern", "3:3"], "0 < N < M <= 32"),
         ([py_source("tiny_mlp"), "--pattern", "half"], "malformed pattern"),
         (["pickled.pt"], "pass --trust"),
-        (["state.pt"], "pass --arch"),
+        # a state dict without --arch is inspected with inferred layers (issue 13); with a wrong one:
+        (["state.pt", "--arch", py_source("tiny_cnn")], "does not fit the architecture"),
     ],
 )
 def test_errors_exit_2_one_line(workdir: Path, args: list[str], message: str) -> None:
