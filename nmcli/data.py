@@ -194,10 +194,19 @@ class TensorExamples:
 # The specs
 
 
-def _file(spec: str, prefix: str) -> Path:
+def _file(spec: str, prefix: str, *, folder: bool = False) -> Path:
     path = Path(spec[len(prefix) :]).expanduser()
     if not path.exists():
         raise DataError(f"--data {spec}: {path} does not exist")
+    if folder and not path.is_dir():
+        raise DataError(f"--data {spec}: {path} is not a directory of class sub-folders")
+    if not folder and not path.is_file():
+        raise DataError(f"--data {spec}: {path} is a directory, not a file: give the {prefix[:-1]} file itself")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise DataError(f"--data {spec}: {path} cannot be read ({exc.strerror})") from exc
     return path
 
 
@@ -290,9 +299,7 @@ def load_imagefolder(spec: str, input_shape: Sequence[int] | None) -> TrainData:
         raise BackendUnavailableError(
             f"--data {spec} needs torchvision, which is not installed: pip install 'nmcli[vision]'"
         ) from exc
-    path = _file(spec, "imagefolder:")
-    if not path.is_dir():
-        raise DataError(f"--data {spec}: {path} is not a directory of class sub-folders")
+    path = _file(spec, "imagefolder:", folder=True)
     if input_shape is None or len(input_shape) != 4:
         raise DataError(
             f"--data {spec} resizes images to the checkpoint's input shape, which it lacks: "
@@ -330,7 +337,7 @@ def load_py(spec: str) -> TrainData:
     if isinstance(produced, Iterable):
         return TrainData(spec, batches=produced, loss=loss)
     raise DataError(
-        f"--data {spec}: the callable returned a {type(produced).__name__}: return a torch Dataset, "
+        f"--data {spec}: the callable returned {_article(type(produced).__name__)}: return a torch Dataset, "
         "an iterable of batches, or (data, loss)"
     )
 
@@ -372,3 +379,51 @@ def load_data(
     raise DataError(
         f"unknown --data spec {spec!r}: use tensors:FILE.safetensors, text:FILE.txt, imagefolder:DIR or py:module:callable"
     )
+
+
+def _article(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+class SubsetExamples:
+    """The examples of a map-style data set at ``indices`` (a train or held-out split)."""
+
+    def __init__(self, data: TrainData, indices: Sequence[int]) -> None:
+        self.data, self.indices = data, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.data.examples[self.indices[i]]
+
+    def take(self, indices: Sequence[int]) -> Batch:
+        return self.data.take([self.indices[i] for i in indices])
+
+
+def split_data(data: TrainData, held_out: Sequence[int]) -> tuple[TrainData, TrainData]:
+    """``data`` split into (the rest, the examples at ``held_out``); both keep its collate and loss."""
+    held = sorted(set(held_out))
+    held_set = set(held)
+    rest = [i for i in range(len(data)) if i not in held_set]
+
+    def part(indices: list[int]) -> TrainData:
+        return TrainData(data.spec, examples=SubsetExamples(data, indices), loss=data.loss)
+
+    return part(rest), part(held)
+
+
+def batches_of(data: TrainData, batch_size: int, limit: int | None = None) -> list[Batch]:
+    """``data`` in order as batches of ``batch_size`` (pre-batched data: its own batches), at most ``limit`` of them."""
+    out: list[Batch] = []
+    if data.map_style:
+        for start in range(0, len(data), batch_size):
+            if limit is not None and len(out) >= limit:
+                break
+            out.append(data.take(range(start, min(start + batch_size, len(data)))))
+        return out
+    for batch in data.iter_batches():
+        if limit is not None and len(out) >= limit:
+            break
+        out.append(batch)
+    return out

@@ -10,6 +10,16 @@ gradients of all micro-batches (``grad_accum``) and all processes are summed and
 fp16 loss scaling is undone, so it is never repeated or scaled; weight decay (on weights of two or
 more dimensions only, never biases or norms) is the optimizer's own and is applied once, to ``W``.
 
+BatchNorm (``bn``): ``train`` runs BN layers in train mode with the model's own momentum;
+``freeze`` keeps their running statistics fixed (affine parameters still train). Either way the
+running statistics are re-estimated with the final masks on ``bn_batches`` training batches before
+every saved checkpoint (on a copy for the partial ones, so resuming stays exact). The model is
+evaluated in eval mode on held-out data (``eval_data``, else ``eval_split`` of the training data)
+before training, every ``eval_every`` steps and at the end (:mod:`nmcli.evaluation`).
+
+Ctrl-C stops at the next optimizer-step boundary and saves a resumable checkpoint; resuming it
+gives bit-identical weights, masks and BN statistics to the uninterrupted run.
+
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (nccl on
 CUDA, gloo on CPU); ``batch_size`` is the global batch, split evenly over the processes, and each
 global batch holds the same examples as the single-process run's, so both runs compute the same
@@ -22,6 +32,8 @@ import contextlib
 import io
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -32,9 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmcli.checkpoint import Checkpoint, CheckpointMeta, history_record, load_checkpoint, save_checkpoint
-from nmcli.data import Batch, TrainData, load_data
+from nmcli.batchnorm import batchnorm_buffers, has_batchnorm, recalibrate_batchnorm, restore_buffers
+from nmcli.checkpoint import Checkpoint, CheckpointMeta, history_record, load_checkpoint, save_checkpoint, sha256_file
+from nmcli.data import Batch, TrainData, batches_of, load_data, split_data
 from nmcli.errors import BackendUnavailableError, DataError, InputError, NmcliError, SourceError
+from nmcli.evaluation import evaluate, is_hidden_state, primary_output
 from nmcli.inputs import FLOAT_PRECISIONS, parse_input_spec
 from nmcli.io import atomic_write_bytes, check_output_path
 from nmcli.sad import SadResult, compare_masks
@@ -43,8 +57,11 @@ from nmcli.srste import DEFAULT_LAMBDA_W, SparseTraining
 
 TRAINSTATE_FORMAT = "nmcli-trainstate/1"
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-4}
+BN_MODES = ("train", "freeze")
 # Options that must not change between a run and its --resume.
-_RESUME_KEYS = ("data", "batch_size", "grad_accum", "optimizer", "schedule", "ste", "mask_interval", "seed")
+_RESUME_KEYS = (
+    "data", "batch_size", "grad_accum", "optimizer", "schedule", "ste", "mask_interval", "seed", "bn", "eval_split",
+)  # fmt: skip
 
 
 @dataclass
@@ -54,6 +71,8 @@ class FinetuneConfig:
     ``steps`` counts optimizer steps; when it is None, ``epochs`` (default 1) passes over the data
     set it. ``batch_size`` is the global batch of one micro-step (over all processes); an optimizer
     step sees ``batch_size * grad_accum`` examples. ``lr`` None is 0.01 for SGD and 1e-4 for AdamW.
+    ``bn_batches`` 0 turns the BatchNorm re-estimation off; ``eval_split`` 0 turns the held-out
+    split off (``eval_data`` replaces it); ``eval_every`` 0 evaluates only before and after.
     """
 
     data: str
@@ -80,6 +99,11 @@ class FinetuneConfig:
     max_length: int = 128
     temperature: float = 2.0
     log_every: int = 0
+    bn: str = "train"
+    bn_batches: int = 50
+    eval_data: str | None = None
+    eval_split: float = 0.05
+    eval_every: int = 0
 
     @property
     def effective_lambda(self) -> float:
@@ -93,39 +117,47 @@ class FinetuneConfig:
         """Check option values before any work is done.
 
         Raises:
-            InputError: an option is out of range or unknown.
+            InputError: an option is out of range, not finite, or unknown.
         """
-        problems = []
-        if self.optimizer not in DEFAULT_LR:
-            problems.append(f"--optimizer {self.optimizer!r}: choose sgd or adamw")
-        if self.schedule not in ("cosine", "constant"):
-            problems.append(f"--schedule {self.schedule!r}: choose cosine or constant")
-        if self.ste not in ("sr", "plain"):
-            problems.append(f"--ste {self.ste!r}: choose sr or plain")
-        if self.precision not in FLOAT_PRECISIONS:
-            problems.append(f"--precision {self.precision!r}: choose fp32, bf16 or fp16")
-        if self.steps is not None and self.epochs is not None:
-            problems.append("give --steps or --epochs, not both")
-        if self.steps is not None and self.steps < 1:
-            problems.append("--steps must be at least 1")
-        if self.epochs is not None and self.epochs <= 0:
-            problems.append("--epochs must be positive")
-        for name in ("batch_size", "grad_accum", "mask_interval", "max_length"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("warmup_steps", "save_every", "log_every"):
-            if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} must not be negative")
-        if self.lr is not None and self.lr <= 0:
-            problems.append("--lr must be positive")
-        if self.lambda_w < 0 or self.weight_decay < 0 or self.momentum < 0:
-            problems.append("--lambda-w, --weight-decay and --momentum must not be negative")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            problems.append("--max-grad-norm must be positive")
-        if self.temperature <= 0:
-            problems.append("--temperature must be positive")
+        problems = [p for p in (*self._choice_problems(), *self._number_problems()) if p]
         if problems:
             raise InputError("; ".join(problems))
+
+    def _choice_problems(self) -> list[str]:
+        choices = {
+            "optimizer": tuple(DEFAULT_LR), "schedule": ("cosine", "constant"), "ste": ("sr", "plain"),
+            "precision": tuple(FLOAT_PRECISIONS), "bn": BN_MODES,
+        }  # fmt: skip
+        problems = [
+            f"--{name} {getattr(self, name)!r}: choose {' or '.join(allowed)}"
+            for name, allowed in choices.items()
+            if getattr(self, name) not in allowed
+        ]
+        if self.steps is not None and self.epochs is not None:
+            problems.append("give --steps or --epochs, not both")
+        return problems
+
+    def _number_problems(self) -> list[str]:
+        def bad(name: str, value: float | None, low: float, high: float, open_low: bool = False) -> str:
+            if value is None:
+                return ""
+            finite = math.isfinite(value)
+            if finite and (value > low if open_low else value >= low) and value <= high:
+                return ""
+            bound = f"{'>' if open_low else '>='} {low:g} and <= {high:g}"
+            return f"--{name.replace('_', '-')} {value:g} is {'not finite' if not finite else 'out of range'}: give a number {bound}"
+
+        return [
+            bad("steps", self.steps, 1, 1e9), bad("epochs", self.epochs, 0, 1e6, True),
+            bad("batch_size", self.batch_size, 1, 1e7), bad("grad_accum", self.grad_accum, 1, 1e6),
+            bad("mask_interval", self.mask_interval, 1, 1e9), bad("max_length", self.max_length, 1, 1e6),
+            bad("warmup_steps", self.warmup_steps, 0, 1e9), bad("save_every", self.save_every, 0, 1e9),
+            bad("log_every", self.log_every, 0, 1e9), bad("eval_every", self.eval_every, 0, 1e9),
+            bad("bn_batches", self.bn_batches, 0, 1e7), bad("lr", self.lr, 0, 1e3, True),
+            bad("lambda_w", self.lambda_w, 0, 1e3), bad("weight_decay", self.weight_decay, 0, 1e3),
+            bad("momentum", self.momentum, 0, 1), bad("max_grad_norm", self.max_grad_norm, 0, 1e9, True),
+            bad("temperature", self.temperature, 0, 1e3, True), bad("eval_split", self.eval_split, 0, 0.5),
+        ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -142,7 +174,11 @@ class StepInfo:
 
 @dataclass
 class FinetuneResult:
-    """What a run produced. ``sad_vs_start`` compares the starting and final masks."""
+    """What a run produced. ``sad_vs_start`` compares the starting and final masks.
+
+    ``evals`` holds ``before``, ``after`` and ``during`` (a list of ``{"step", ...metrics}``) when
+    the run evaluated; ``notes`` say what the run decided on its own (held-out split, BN).
+    """
 
     output: Path | None
     steps: int
@@ -152,20 +188,28 @@ class FinetuneResult:
     seconds: float
     interrupted: bool = False
     losses: list[float] = field(default_factory=list)
+    evals: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    bn: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "output": str(self.output) if self.output else None,
             "steps": self.steps,
+            "total_steps": self.total_steps,
             "final_loss": self.final_loss,
             "sad_vs_start": self.sad_vs_start.sad,
             "sad_vs_start_normalized": self.sad_vs_start.normalized,
             "seconds": round(self.seconds, 3),
             "interrupted": self.interrupted,
+            "eval": self.evals,
+            "bn": self.bn,
+            "notes": self.notes,
         }
 
 
 StepCallback = Callable[[StepInfo], None]
+EvalCallback = Callable[[int, dict[str, float]], None]
 
 
 def trainstate_path(output: str | os.PathLike[str]) -> Path:
@@ -225,28 +269,15 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
 
 def _primary(out: Any) -> torch.Tensor:
     """The main output tensor: logits, else the last hidden state, else the first tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(out, name, None)
-        if value is None and isinstance(out, Mapping):
-            value = out.get(name)
-        if isinstance(value, torch.Tensor):
-            return value
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise DataError(f"cannot find an output tensor in the model's {type(out).__name__} output")
+    value = primary_output(out)
+    if value is None:
+        raise DataError(f"cannot find an output tensor in the model's {type(out).__name__} output")
+    return value
 
 
 def _has_logits(out: Any, targets: torch.Tensor | None) -> bool:
     """Whether the output is class scores (KL distillation) rather than features/regression (MSE)."""
-    if getattr(out, "logits", None) is not None:
-        return True
-    if getattr(out, "last_hidden_state", None) is not None:
-        return False
-    return targets is None or not targets.is_floating_point()
+    return not is_hidden_state(out, targets)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -448,7 +479,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# The run
+# Set-up: output, start or resume state, data, model
 
 
 def _precision(cfg: FinetuneConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -479,12 +510,34 @@ def _load_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def _find_resume(output: Path, checkpoint: Path) -> Path:
-    for candidate in (output, checkpoint):
-        if candidate.is_file() and trainstate_path(candidate).is_file():
-            return candidate
+def _partial_of(candidate: Path, input_sha: str) -> bool:
+    """Whether ``candidate`` is a partial checkpoint (with its sidecar) of a run on the input with ``input_sha``."""
+    sidecar = trainstate_path(candidate)
+    if not (candidate.is_file() and sidecar.is_file()):
+        return False
+    with contextlib.suppress(InputError):
+        state = _load_state(sidecar)
+        return state.get("input_sha256") in (None, input_sha) or candidate == Path(state.get("input", ""))
+    return False
+
+
+def _resume_source(out: Path, ckpt_path: Path, force: bool) -> Path | None:
+    """The partial checkpoint ``--resume`` continues from; None to start afresh (an unrelated ``out`` with ``force``)."""
+    input_sha = sha256_file(ckpt_path)
+    same = out.resolve() == ckpt_path.resolve()
+    if _partial_of(out, input_sha) or (same and trainstate_path(out).is_file()):
+        return out
+    if out.exists() and not force:
+        raise InputError(
+            f"--resume: {out} exists and is not a partial checkpoint of this run (no {trainstate_path(out).name} "
+            f"from an interrupted run on {ckpt_path}): choose another -o, or add --force to overwrite it with a new run"
+        )
+    if trainstate_path(ckpt_path).is_file():
+        return ckpt_path
+    if out.exists():  # --force: a fresh run replaces the unrelated file
+        return None
     raise InputError(
-        f"--resume: no resumable checkpoint ({output} with {trainstate_path(output).name}): "
+        f"--resume: no resumable checkpoint ({out} with {trainstate_path(out).name}): "
         "run without --resume (use --save-every N to write resumable checkpoints)"
     )
 
@@ -493,6 +546,386 @@ def _history_args(checkpoint: str, cfg: FinetuneConfig, arch: str | None) -> dic
     args = {k: v for k, v in asdict(cfg).items()}
     args.update({"checkpoint": checkpoint, "arch": arch, "lr": cfg.effective_lr})
     return args
+
+
+@dataclass
+class _Start:
+    """Where training starts: the model with its dense weights, masks, history and step."""
+
+    model: nn.Module
+    masks: Mapping[str, torch.Tensor]
+    start_masks: Mapping[str, torch.Tensor]
+    history: list[dict[str, Any]]
+    step: int
+    teacher_ckpt: Checkpoint
+    state: dict[str, Any] | None = None
+
+
+def _load_start(
+    start: Checkpoint, resume_from: Path | None, out: Path, cfg: FinetuneConfig, arch: str | None, trust: bool
+) -> _Start:
+    if resume_from is None:
+        model = model_from_checkpoint(start, arch=arch, trust=trust, weights="dense")
+        return _Start(model, start.masks, start.masks, list(start.meta.history), 0, start)
+    state = _load_state(trainstate_path(resume_from))
+    changed = [k for k in _RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]
+    if changed:
+        raise InputError(
+            f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ(s) from the "
+            "interrupted run: use the same options to resume"
+        )
+    partial = load_checkpoint(resume_from)
+    model = model_from_checkpoint(partial, arch=arch, trust=trust, weights="dense")
+    if state.get("train_buffers"):
+        restore_buffers(model, state["train_buffers"])  # the statistics before the save's re-estimation
+    teacher_ckpt = start if resume_from == out else partial
+    return _Start(
+        model, state["masks"], state["start_masks"], list(state["history"]), int(state["step"]), teacher_ckpt, state
+    )
+
+
+@dataclass
+class _Data:
+    train: TrainData
+    evaluation: list[Batch] | None
+    total: int
+    notes: list[str]
+
+
+def _load_data(cfg: FinetuneConfig, start: Checkpoint, model: nn.Module, arch: str | None) -> _Data:
+    source_spec = arch or start.meta.source.arch or start.meta.source.spec
+    input_shape = parse_input_spec(start.meta.input_spec).tensors[0].shape if start.meta.input_spec else None
+    causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) and cfg.teacher == "none"
+    kwargs = {"source_spec": source_spec, "input_shape": input_shape, "max_length": cfg.max_length, "causal_lm": causal}
+    data = load_data(cfg.data, **kwargs)  # type: ignore[arg-type]
+    notes: list[str] = []
+    evaluation: list[Batch] | None = None
+    if cfg.eval_data:
+        try:
+            held = load_data(cfg.eval_data, **kwargs)  # type: ignore[arg-type]
+        except DataError as exc:
+            raise DataError(str(exc).replace("--data", "--eval-data", 1)) from exc
+        evaluation = batches_of(held, cfg.batch_size)
+    elif cfg.eval_split > 0 and data.map_style and len(data) >= 2 * cfg.batch_size:
+        count = max(1, round(len(data) * cfg.eval_split))
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        data, held = split_data(data, order[:count])
+        evaluation = batches_of(held, cfg.batch_size)
+        notes.append(
+            f"held out {count} of {count + len(data)} training examples ({100 * cfg.eval_split:g}%, --eval-split) "
+            "to evaluate on; --eval-data SPEC evaluates on other data, --eval-split 0 trains on all"
+        )
+    elif cfg.eval_split > 0:
+        notes.append("no held-out evaluation: the data is too small or has no length to split; pass --eval-data SPEC")
+    per_epoch = _steps_per_epoch(data, cfg)
+    if cfg.steps is not None:
+        total = cfg.steps
+    elif per_epoch is None:
+        raise DataError(f"--data {cfg.data} is an iterable without a length: give --steps")
+    else:
+        total = max(1, math.ceil((cfg.epochs or 1.0) * per_epoch / cfg.grad_accum))
+    return _Data(data, evaluation, total, notes)
+
+
+def _bn_batches(data: TrainData, cfg: FinetuneConfig) -> list[Batch]:
+    """The training batches BatchNorm statistics are re-estimated on: a fixed seeded order, never the RNG's."""
+    if not data.map_style:
+        return batches_of(data, cfg.batch_size, cfg.bn_batches)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + 1)).tolist()
+    count = min(cfg.bn_batches, math.ceil(len(order) / cfg.batch_size))
+    return [data.take(order[i * cfg.batch_size : (i + 1) * cfg.batch_size]) for i in range(count)]
+
+
+def _check_fits(
+    model: nn.Module, teacher: nn.Module | None, batch: Batch, data: TrainData, cfg: FinetuneConfig, autocast: Any
+) -> None:
+    """Run the student and the teacher once, so data or a teacher that does not fit is exit 2 before training."""
+
+    def first_line(exc: Exception) -> str:
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        return f"{type(exc).__name__}: {text}"
+
+    model.eval()
+    with torch.no_grad(), autocast():
+        try:
+            model(*batch.args, **batch.kwargs)
+        except NmcliError:
+            raise
+        except Exception as exc:
+            raise DataError(f"--data {cfg.data} does not fit the model ({first_line(exc)})") from exc
+        if teacher is not None:
+            kwargs = {k: v for k, v in batch.kwargs.items() if k != "labels"}
+            try:
+                teacher(*batch.args, **kwargs)
+            except Exception as exc:
+                raise SourceError(
+                    f"the teacher (--teacher {cfg.teacher}) cannot run on --data {cfg.data} ({first_line(exc)}): "
+                    "give a --teacher that takes the student's inputs, or --teacher none"
+                ) from exc
+        compute_loss(model, teacher, batch, data, cfg.temperature)
+
+
+def _set_train_mode(model: nn.Module, bn: str) -> None:
+    """Train mode; with ``bn == "freeze"`` BatchNorm layers stay in eval mode (fixed running statistics)."""
+    model.train()
+    if bn == "freeze":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class _Session:
+    """Everything one run holds between its parts."""
+
+    cfg: FinetuneConfig
+    dist: _Dist
+    device: torch.device
+    model: nn.Module
+    trained: nn.Module
+    sparse: SparseTraining
+    teacher: nn.Module | None
+    data: _Data
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    autocast: Any
+    start: _Start
+    record_base: CheckpointMeta
+    history_args: dict[str, Any]
+    out: Path
+    ckpt_path: Path
+    input_sha: str
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    evals: dict[str, Any] = field(default_factory=dict)
+    bn_used: int = 0
+
+
+def _setup(
+    start_ckpt: Checkpoint, ckpt_path: Path, out: Path, resume_from: Path | None, cfg: FinetuneConfig,
+    dist: _Dist, arch: str | None, trust: bool,
+) -> _Session:  # fmt: skip
+    device = _resolve_device(cfg.device, dist.local_rank)
+    if cfg.batch_size % dist.world:
+        raise InputError(
+            f"--batch-size {cfg.batch_size} (the global batch) does not split evenly over {dist.world} processes"
+        )
+    autocast_dtype, use_scaler = _precision(cfg, device)
+    begin = _load_start(start_ckpt, resume_from, out, cfg, arch, trust)
+    data = _load_data(cfg, start_ckpt, begin.model, arch)
+    if begin.state is not None and int(begin.state["total_steps"]) != data.total:
+        raise InputError(
+            f"--resume: the interrupted run had {begin.state['total_steps']} steps, this one {data.total}: "
+            "use the same --steps/--epochs"
+        )
+    teacher = load_teacher(cfg.teacher, begin.teacher_ckpt, arch=arch, trust=trust)
+    torch.manual_seed(cfg.seed)
+    sparse = SparseTraining(
+        begin.model, start_ckpt.meta.layers, begin.masks, lambda_w=cfg.effective_lambda,
+        mask_interval=cfg.mask_interval, refine_in_backward=False, step=begin.step,
+    )  # fmt: skip
+    model = begin.model.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=autocast_dtype))
+        if autocast_dtype is not None
+        else contextlib.nullcontext
+    )
+    probe = next(_micro_batches(data.train, cfg, dist, begin.step * cfg.grad_accum)).to(device)
+    _check_fits(model, teacher, probe, data.train, cfg, autocast)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, data.total, cfg.warmup_steps, cfg.schedule)
+    )
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    if begin.state is not None:
+        optimizer.load_state_dict(begin.state["optimizer"])
+        scheduler.load_state_dict(begin.state["scheduler"])
+        if scaler is not None and begin.state.get("scaler"):
+            scaler.load_state_dict(begin.state["scaler"])
+        torch.set_rng_state(begin.state["rng"])
+    trained: nn.Module = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    meta = start_ckpt.meta
+    record_base = CheckpointMeta(meta.source, meta.pattern, meta.layers, meta.input_spec, begin.history, meta.method)
+    session = _Session(
+        cfg, dist, device, model, trained, sparse, teacher, data, optimizer, scheduler, scaler, autocast, begin,
+        record_base, _history_args(str(ckpt_path), cfg, arch), out, ckpt_path, sha256_file(ckpt_path), begin.step,
+    )  # fmt: skip
+    if begin.state is not None:
+        session.evals = dict(begin.state.get("evals") or {})
+    return session
+
+
+def _evaluate(session: _Session) -> dict[str, float] | None:
+    if not session.data.evaluation or not session.dist.main:
+        return None
+    metrics = evaluate(session.model, session.teacher, session.data.evaluation, session.device)
+    _set_train_mode(session.model, session.cfg.bn)
+    return metrics
+
+
+def _train_step(session: _Session, stream: Iterator[Batch]) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (over all processes)."""
+    cfg, device = session.cfg, session.device
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(cfg.grad_accum):
+        batch = next(stream).to(device)
+        last = micro == cfg.grad_accum - 1
+        sync = session.trained.no_sync() if session.dist.world > 1 and not last else contextlib.nullcontext()  # type: ignore[operator]
+        with sync:
+            with session.autocast():
+                loss = compute_loss(session.trained, session.teacher, batch, session.data.train, cfg.temperature)
+            scaled = loss / cfg.grad_accum
+            (session.scaler.scale(scaled) if session.scaler is not None else scaled).backward()
+        loss_sum += loss.detach().float()
+    if session.scaler is not None:
+        session.scaler.unscale_(session.optimizer)
+    session.sparse.add_refinement()
+    if cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in session.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+    if session.scaler is not None:
+        session.scaler.step(session.optimizer)
+        session.scaler.update()
+    else:
+        session.optimizer.step()
+    session.scheduler.step()
+    session.sparse.step()
+    session.optimizer.zero_grad(set_to_none=True)
+    mean_loss = loss_sum / cfg.grad_accum
+    if session.dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(mean_loss)
+        mean_loss /= session.dist.world
+    return float(mean_loss)
+
+
+class _StopRequest:
+    """The first Ctrl-C asks the loop to stop at the next step boundary; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _train(session: _Session, on_step: StepCallback | None, on_eval: EvalCallback | None) -> bool:
+    """The training loop; returns whether it was interrupted (it then stopped at a step boundary)."""
+    cfg, total = session.cfg, session.data.total
+    stream = _micro_batches(session.data.train, cfg, session.dist, session.step * cfg.grad_accum)
+    _set_train_mode(session.model, cfg.bn)
+    started, first = time.perf_counter(), session.step
+    with _StopRequest() as stop:
+        while session.step < total:
+            lr = session.optimizer.param_groups[0]["lr"]
+            loss = _train_step(session, stream)
+            session.step += 1
+            if not math.isfinite(loss):
+                raise DataError(f"the loss became {loss} at step {session.step}: lower --lr or set --max-grad-norm")
+            session.losses.append(loss)
+            if cfg.eval_every and session.step % cfg.eval_every == 0 and session.step < total:
+                metrics = _evaluate(session)
+                if metrics is not None:
+                    session.evals.setdefault("during", []).append({"step": session.step, **metrics})
+                    if on_eval is not None:
+                        on_eval(session.step, metrics)
+            if cfg.save_every and session.step % cfg.save_every == 0 and session.step < total:
+                _save(session, final=False)
+            try:
+                if on_step is not None and session.dist.main:
+                    elapsed = time.perf_counter() - started
+                    rate = (session.step - first) / max(elapsed, 1e-9)
+                    on_step(StepInfo(session.step, total, loss, lr, rate, elapsed))
+            except KeyboardInterrupt:
+                stop.requested = True
+            if stop.requested and session.step < total:
+                return True
+    return False
+
+
+def _save(session: _Session, *, final: bool) -> None:
+    """Write the checkpoint (and, unless ``final``, the resume sidecar), BN statistics re-estimated for it."""
+    if not session.dist.main:
+        return
+    cfg, sparse, model = session.cfg, session.sparse, session.model
+    train_buffers = batchnorm_buffers(model)
+    masks = sparse.final_masks()
+    if final:
+        sparse.update_masks()
+    recalibrate = cfg.bn_batches > 0 and has_batchnorm(model)
+    if recalibrate:
+        batches = [b.to(session.device) for b in _bn_batches(session.data.train, cfg)]
+        session.bn_used = recalibrate_batchnorm(model, batches)
+        _set_train_mode(model, cfg.bn)
+    if final and session.data.evaluation:
+        after = _evaluate(session)
+        if after is not None:
+            session.evals["after"] = after
+    loss = session.losses[-1] if session.losses else None
+    sad = compare_masks(session.start.start_masks, masks)
+    metrics: dict[str, Any] = {
+        "steps": session.step, "final_loss": loss, "sad_vs_start": sad.sad, "sad_vs_start_normalized": sad.normalized,
+        "bn": cfg.bn, "bn_recalibrated_batches": session.bn_used if recalibrate else 0,
+        "eval_before": session.evals.get("before"), "eval_after": session.evals.get("after"),
+    }  # fmt: skip
+    if not final:
+        metrics.update({"partial": True, "total_steps": session.data.total})
+    history = [*session.start.history, history_record("finetune", session.history_args, metrics)]
+    result = Checkpoint(
+        tensors=sparse.state_dict(masks), masks=masks, meta=replace(session.record_base, history=history),
+        dense=sparse.dense_weights() if not (final and cfg.no_dense) else {},
+    )  # fmt: skip
+    same = session.out.resolve() == session.ckpt_path.resolve()
+    save_checkpoint(result, session.out, force=True, inputs=[] if same else [session.ckpt_path])
+    sidecar = trainstate_path(session.out)
+    if final:
+        sidecar.unlink(missing_ok=True)
+        return
+    restore_buffers(model, train_buffers)  # training goes on with its own statistics
+    _save_state(sidecar, _trainstate(session, train_buffers))
+
+
+def _trainstate(session: _Session, train_buffers: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {
+        "format": TRAINSTATE_FORMAT,
+        "step": session.step,
+        "total_steps": session.data.total,
+        "optimizer": session.optimizer.state_dict(),
+        "scheduler": session.scheduler.state_dict(),
+        "scaler": session.scaler.state_dict() if session.scaler is not None else None,
+        "masks": session.sparse.masks(),
+        "start_masks": {k: v.cpu() for k, v in session.start.start_masks.items()},
+        "history": session.start.history,
+        "rng": torch.get_rng_state(),
+        "config": {k: getattr(session.cfg, k) for k in _RESUME_KEYS},
+        "input": str(session.ckpt_path),
+        "input_sha256": session.input_sha,
+        "train_buffers": {k: v.cpu() for k, v in train_buffers.items()},
+        "evals": {k: v for k, v in session.evals.items() if k != "after"},
+    }
 
 
 def run_finetune(
@@ -505,6 +938,7 @@ def run_finetune(
     trust: bool = False,
     resume: bool = False,
     on_step: StepCallback | None = None,
+    on_eval: EvalCallback | None = None,
 ) -> FinetuneResult:
     """``nmcli finetune``: train the checkpoint's sparse model with SR-STE and write the result.
 
@@ -512,273 +946,71 @@ def run_finetune(
         checkpoint: the nmcli/1 checkpoint to start from.
         config: the run's options.
         output: the output checkpoint (default ``<checkpoint>-ft.safetensors`` beside it).
-        force: overwrite an existing output.
+        force: overwrite an existing output (with ``resume``: one that is not a partial checkpoint of this run).
         arch: architecture source overriding the checkpoint's.
         trust: allow unpickling a pickled-module source.
-        resume: continue from the resumable checkpoint at ``output`` (or ``checkpoint``) and its sidecar.
+        resume: continue from the partial checkpoint at ``output`` (or ``checkpoint``) and its sidecar.
         on_step: called on rank 0 after every optimizer step; raising KeyboardInterrupt in it
-            stops the run like Ctrl-C does.
+            stops the run at that step, like Ctrl-C does.
+        on_eval: called on rank 0 with ``(step, metrics)`` after every ``eval_every`` evaluation.
 
     Raises:
         InputError, DataError, CheckpointError, SourceError: bad options, data, or files (exit 2).
         BackendUnavailableError: a missing device or optional package (exit 3).
-
-    Ctrl-C (KeyboardInterrupt) during training saves a resumable checkpoint at ``output`` and
-    returns a result with ``interrupted`` set.
     """
     started = time.perf_counter()
     cfg = config
     cfg.validate()
     ckpt_path = Path(checkpoint)
     out = Path(output) if output else default_output_path(str(ckpt_path), "ft")
-    check_output_path(out, force=force or resume, inputs=[] if resume else [ckpt_path])
     if out.resolve() == ckpt_path.resolve() and not resume:
         raise InputError(f"output {out} is also the input: choose another -o")
+    resume_from = _resume_source(out, ckpt_path, force) if resume else None
+    check_output_path(out, force=force or resume_from is not None, inputs=[] if resume_from else [ckpt_path])
     start = load_checkpoint(ckpt_path)
     if not start.masks:
         raise InputError(f"{ckpt_path} has no pruned layers: prune it first (nmcli prune)")
-
     dist = _init_distributed("cuda" if cfg.device.startswith("cuda") else "cpu")
     try:
-        device = _resolve_device(cfg.device, dist.local_rank)
-        if cfg.batch_size % dist.world:
-            raise InputError(
-                f"--batch-size {cfg.batch_size} (the global batch) does not split evenly over {dist.world} processes"
-            )
-        autocast_dtype, use_scaler = _precision(cfg, device)
-
-        state: dict[str, Any] | None = None
-        if resume:
-            source_path = _find_resume(out, ckpt_path)
-            state = _load_state(trainstate_path(source_path))
-            changed = [k for k in _RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]
-            if changed:
-                raise InputError(
-                    f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ(s) from the "
-                    "interrupted run: use the same options to resume"
-                )
-            partial = load_checkpoint(source_path)
-            model = model_from_checkpoint(partial, arch=arch, trust=trust, weights="dense")
-            masks_in_use: Mapping[str, torch.Tensor] = state["masks"]
-            start_masks: Mapping[str, torch.Tensor] = state["start_masks"]
-            base_history: list[dict[str, Any]] = list(state["history"])
-            step0 = int(state["step"])
-            teacher_ckpt = start if source_path == out else partial
-        else:
-            model = model_from_checkpoint(start, arch=arch, trust=trust, weights="dense")
-            masks_in_use = start.masks
-            start_masks = start.masks
-            base_history = list(start.meta.history)
-            step0 = 0
-            teacher_ckpt = start
-
-        source_spec = start.meta.source.arch or start.meta.source.spec
-        if arch:
-            source_spec = arch
-        input_shape = None
-        if start.meta.input_spec:
-            first = parse_input_spec(start.meta.input_spec).tensors[0]
-            input_shape = first.shape
-        causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) and cfg.teacher == "none"
-        data = load_data(
-            cfg.data, source_spec=source_spec, input_shape=input_shape, max_length=cfg.max_length, causal_lm=causal
-        )
-        per_epoch = _steps_per_epoch(data, cfg)
-        if cfg.steps is not None:
-            total = cfg.steps
-        elif per_epoch is None:
-            raise DataError(f"--data {cfg.data} is an iterable without a length: give --steps")
-        else:
-            total = max(1, math.ceil((cfg.epochs or 1.0) * per_epoch / cfg.grad_accum))
-        if resume and state is not None and int(state["total_steps"]) != total:
-            raise InputError(
-                f"--resume: the interrupted run had {state['total_steps']} steps, this one {total}: use the same --steps/--epochs"
-            )
-        teacher = load_teacher(cfg.teacher, teacher_ckpt, arch=arch, trust=trust)
-
-        torch.manual_seed(cfg.seed)
-        sparse = SparseTraining(
-            model,
-            start.meta.layers,
-            masks_in_use,
-            lambda_w=cfg.effective_lambda,
-            mask_interval=cfg.mask_interval,
-            refine_in_backward=False,
-            step=step0,
-        )
-        model.to(device)
-        if teacher is not None:
-            teacher.to(device)
-
-        autocast = (
-            (lambda: torch.autocast(device.type, dtype=autocast_dtype))
-            if autocast_dtype is not None
-            else contextlib.nullcontext
-        )
-        # Check that the data fits the model before training starts (exit 2, not a traceback later).
-        probe = next(_micro_batches(data, cfg, dist, step0 * cfg.grad_accum)).to(device)
-        model.eval()
-        try:
-            with torch.no_grad(), autocast():
-                compute_loss(model, teacher, probe, data, cfg.temperature)
-        except NmcliError:
-            raise
-        except Exception as exc:
-            raise DataError(
-                f"--data {cfg.data} does not fit the model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-            ) from exc
-        model.train()
-
-        optimizer = build_optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule)
-        )
-        scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-        if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng"])
-
-        trained: nn.Module = model
-        if dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-        history_args = _history_args(str(checkpoint), cfg, arch)
-        record_base = CheckpointMeta(
-            source=start.meta.source,
-            pattern=start.meta.pattern,
-            layers=start.meta.layers,
-            input_spec=start.meta.input_spec,
-            history=base_history,
-            method=start.meta.method,
-        )
-
-        def save(step: int, final: bool, loss: float | None) -> None:
-            if not dist.main:
-                return
-            masks = sparse.final_masks()
-            sad = compare_masks(start_masks, masks)
-            metrics: dict[str, Any] = {
-                "steps": step,
-                "final_loss": loss,
-                "sad_vs_start": sad.sad,
-                "sad_vs_start_normalized": sad.normalized,
-            }
-            if not final:
-                metrics["partial"] = True
-                metrics["total_steps"] = total
-            meta = replace(record_base, history=[*base_history, history_record("finetune", history_args, metrics)])
-            keep_dense = not (final and cfg.no_dense)
-            result_ckpt = Checkpoint(
-                tensors=sparse.state_dict(masks),
-                masks=masks,
-                meta=meta,
-                dense=sparse.dense_weights() if keep_dense else {},
-            )
-            same = out.resolve() == ckpt_path.resolve()
-            save_checkpoint(result_ckpt, out, force=True, inputs=[] if same else [ckpt_path])
-            sidecar = trainstate_path(out)
-            if final:
-                sidecar.unlink(missing_ok=True)
-                return
-            _save_state(
-                sidecar,
-                {
-                    "format": TRAINSTATE_FORMAT,
-                    "step": step,
-                    "total_steps": total,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "masks": sparse.masks(),
-                    "start_masks": {k: v.cpu() for k, v in start_masks.items()},
-                    "history": base_history,
-                    "rng": torch.get_rng_state(),
-                    "config": {k: getattr(cfg, k) for k in _RESUME_KEYS},
-                },
-            )
-
-        stream = _micro_batches(data, cfg, dist, step0 * cfg.grad_accum)
-        params = [p for p in model.parameters() if p.requires_grad]
-        losses: list[float] = []
-        last_loss: float | None = None
-        step = step0
-        loop_started = time.perf_counter()
-        interrupted = False
-        try:
-            while step < total:
-                loss_sum = torch.zeros((), device=device)
-                for micro in range(cfg.grad_accum):
-                    batch = next(stream).to(device)
-                    sync = (
-                        trained.no_sync()  # type: ignore[operator]
-                        if dist.world > 1 and micro < cfg.grad_accum - 1
-                        else contextlib.nullcontext()
-                    )
-                    with sync:
-                        with autocast():
-                            loss = compute_loss(trained, teacher, batch, data, cfg.temperature)
-                        scaled = loss / cfg.grad_accum
-                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    loss_sum += loss.detach().float()
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                sparse.add_refinement()
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                lr = optimizer.param_groups[0]["lr"]
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                sparse.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                mean_loss = loss_sum / cfg.grad_accum
-                if dist.world > 1:
-                    import torch.distributed as tdist
-
-                    tdist.all_reduce(mean_loss)
-                    mean_loss /= dist.world
-                last_loss = float(mean_loss)
-                if not math.isfinite(last_loss):
-                    raise DataError(f"the loss became {last_loss} at step {step}: lower --lr or set --max-grad-norm")
-                losses.append(last_loss)
-                if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                    save(step, False, last_loss)
-                if on_step is not None and dist.main:
-                    elapsed = time.perf_counter() - loop_started
-                    on_step(StepInfo(step, total, last_loss, lr, (step - step0) / max(elapsed, 1e-9), elapsed))
-        except KeyboardInterrupt:
-            interrupted = True
-            optimizer.zero_grad(set_to_none=True)
-            save(step, False, last_loss)
-        else:
-            save(step, True, last_loss)
+        session = _setup(start, ckpt_path, out, resume_from, cfg, dist, arch, trust)
+        if "before" not in session.evals:
+            before = _evaluate(session)
+            if before is not None:
+                session.evals["before"] = before
+        interrupted = _train(session, on_step, on_eval)
+        _save(session, final=not interrupted)
         if dist.world > 1 and not interrupted:
             import torch.distributed as tdist
 
             tdist.barrier()
-        sparse_final = compare_masks(start_masks, sparse.final_masks())
-        return FinetuneResult(
-            output=out if dist.main else None,
-            steps=step,
-            total_steps=total,
-            final_loss=last_loss,
-            sad_vs_start=sparse_final,
-            seconds=time.perf_counter() - started,
-            interrupted=interrupted,
-            losses=losses,
-        )
+        return _result(session, interrupted, time.perf_counter() - started)
     finally:
         if dist.owns_group:
             import torch.distributed as tdist
 
             with contextlib.suppress(Exception):
                 tdist.destroy_process_group()
+
+
+def _result(session: _Session, interrupted: bool, seconds: float) -> FinetuneResult:
+    notes = list(session.data.notes)
+    bn = {"mode": session.cfg.bn, "recalibrated_batches": session.bn_used}
+    if has_batchnorm(session.model) and session.bn_used:
+        notes.append(
+            f"BatchNorm running statistics re-estimated on {session.bn_used} training batches with the final masks"
+        )
+    elif has_batchnorm(session.model):
+        notes.append("BatchNorm running statistics were not re-estimated (--bn-batches 0)")
+    return FinetuneResult(
+        output=session.out if session.dist.main else None,
+        steps=session.step,
+        total_steps=session.data.total,
+        final_loss=session.losses[-1] if session.losses else None,
+        sad_vs_start=compare_masks(session.start.start_masks, session.sparse.final_masks()),
+        seconds=seconds,
+        interrupted=interrupted,
+        losses=session.losses,
+        evals=session.evals,
+        notes=notes,
+        bn=bn,
+    )

@@ -21,10 +21,8 @@ weights do not depend on the thread count.
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nmcli.batchnorm import has_batchnorm, model_call_kwargs, recalibrate_batchnorm
 from nmcli.data import Batch, load_data
 from nmcli.errors import DataError, InputError
 from nmcli.patterns import CONV, HF_CONV1D, LINEAR, MHA, LayerCandidate, Pattern, nm_mask
@@ -549,15 +548,6 @@ def _run(model: nn.Module, batch: Batch, collector: _Collector | None, extra: di
     return model(*batch.args, **batch.kwargs, **extra)
 
 
-def _model_kwargs(model: nn.Module) -> dict[str, Any]:
-    """``use_cache=False`` for models that take it: a KV cache must not carry over between block re-runs."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"use_cache": False} if "use_cache" in params else {}
-
-
 class _StopForward(Exception):
     """Raised by the capture hook once the first block's inputs are recorded."""
 
@@ -578,7 +568,7 @@ def _capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[
         raise _StopForward
 
     handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    extra = _model_kwargs(model)
+    extra = model_call_kwargs(model)
     try:
         for batch in batches:
             current["mask"] = batch.kwargs.get("attention_mask")
@@ -783,7 +773,7 @@ def _prune_stages(
 ) -> None:
     """Stage by stage: one pass of the whole (partly pruned) model per stage, in execution order."""
     stages = _execution_order(model, find_stages(model, layers), batches[0])
-    extra = _model_kwargs(model)
+    extra = model_call_kwargs(model)
     recalibrate = cfg.bn_recalibrate and has_batchnorm(model)
     for stage in stages:
         in_stage = [cand for cand in layers if _inside(cand.module, stage) and cand.param not in done]
@@ -822,55 +812,8 @@ def _execution_order(model: nn.Module, stages: list[str], batch: Batch) -> list[
 
         handles.append(modules[stage].register_forward_pre_hook(hook))
     try:
-        model(*batch.args, **batch.kwargs, **_model_kwargs(model))
+        model(*batch.args, **batch.kwargs, **model_call_kwargs(model))
     finally:
         for handle in handles:
             handle.remove()
     return sorted(stages, key=lambda s: (s not in first_seen, first_seen.get(s, 0)))
-
-
-# --------------------------------------------------------------------------------------------
-# BatchNorm
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    """Whether the model has BatchNorm layers that track running statistics."""
-    return any(_is_tracking_bn(m) for m in model.modules())
-
-
-def _is_tracking_bn(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and bool(module.track_running_stats)
-
-
-@contextmanager
-def _bn_only_training(model: nn.Module) -> Iterator[list[nn.modules.batchnorm._BatchNorm]]:
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and _is_tracking_bn(m)]
-    modes = {id(m): m.training for m in model.modules()}
-    momenta = [m.momentum for m in norms]
-    try:
-        model.eval()
-        for bn in norms:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average over all batches
-            bn.train()
-        yield norms
-    finally:
-        for bn, momentum in zip(norms, momenta, strict=True):
-            bn.momentum = momentum
-        for m in model.modules():
-            m.train(modes[id(m)])
-
-
-def recalibrate_batchnorm(model: nn.Module, batches: Iterator[Batch] | Sequence[Batch]) -> int:
-    """Re-estimate every BatchNorm's running statistics on ``batches`` (cumulative average, no gradients).
-
-    Only the BatchNorm layers run in train mode; dropout and everything else stay in eval mode.
-    Returns the number of batches used.
-    """
-    used = 0
-    extra = _model_kwargs(model)
-    with _bn_only_training(model), torch.no_grad():
-        for batch in batches:
-            model(*batch.args, **batch.kwargs, **extra)
-            used += 1
-    return used

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nmcli.batchnorm import has_batchnorm
 from nmcli.checkpoint import Checkpoint, CheckpointMeta, LayerEntry, SourceRef, history_record, save_checkpoint
 from nmcli.data import Batch
 from nmcli.errors import InputError
@@ -27,7 +28,6 @@ from nmcli.oneshot import (
     SOLVERS,
     CalibrationConfig,
     calibration_batches,
-    has_batchnorm,
     prune_calibrated,
 )
 from nmcli.patterns import LayerCandidate, Pattern, apply_mask, find_layers, nm_mask, parse_pattern

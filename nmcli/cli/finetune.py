@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from nmcli.cli.app import emit_json, guarded, show_progress, stderr
+from nmcli.cli.app import emit_json, esc, guarded, show_progress, stderr
+from nmcli.cli.options import number
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -25,29 +26,125 @@ def command(
     teacher: str = typer.Option(
         "auto", "--teacher", help="Distill from: auto (the dense model the checkpoint came from), none, or a MODEL."
     ),
-    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default: --epochs 1)."),
-    epochs: float | None = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Global batch per micro-step (split over processes)."),
-    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 0.01 for sgd, 1e-4 for adamw)."),
+    steps: int | None = typer.Option(
+        None,
+        "--steps",
+        help="Optimizer steps (default: --epochs 1).",
+        callback=number("--steps", minimum=1, maximum=1e9),
+    ),
+    epochs: float | None = typer.Option(
+        None,
+        "--epochs",
+        help="Passes over the data (instead of --steps).",
+        callback=number("--epochs", minimum=0, exclusive=True, maximum=1e6),
+    ),
+    batch_size: int = typer.Option(
+        32,
+        "--batch-size",
+        help="Global batch per micro-step (split over processes).",
+        callback=number("--batch-size", minimum=1, maximum=1e7),
+    ),
+    lr: float | None = typer.Option(
+        None,
+        "--lr",
+        help="Peak learning rate (default 0.01 for sgd, 1e-4 for adamw).",
+        callback=number("--lr", minimum=0, exclusive=True, maximum=1e3),
+    ),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adamw."),
     schedule: str = typer.Option("cosine", "--schedule", help="cosine or constant (after warm-up)."),
-    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Weight decay of weights (not biases/norms)."),
-    warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear learning-rate warm-up steps."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
-    max_grad_norm: float | None = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm to this."),
+    momentum: float = typer.Option(
+        0.9, "--momentum", help="SGD momentum.", callback=number("--momentum", minimum=0, maximum=1)
+    ),
+    weight_decay: float = typer.Option(
+        0.0,
+        "--weight-decay",
+        help="Weight decay of weights (not biases/norms).",
+        callback=number("--weight-decay", minimum=0, maximum=1e3),
+    ),
+    warmup_steps: int = typer.Option(
+        0,
+        "--warmup-steps",
+        help="Linear learning-rate warm-up steps.",
+        callback=number("--warmup-steps", minimum=0, maximum=1e9),
+    ),
+    grad_accum: int = typer.Option(
+        1,
+        "--grad-accum",
+        help="Micro-batches per optimizer step.",
+        callback=number("--grad-accum", minimum=1, maximum=1e6),
+    ),
+    max_grad_norm: float | None = typer.Option(
+        None,
+        "--max-grad-norm",
+        help="Clip the gradient norm to this.",
+        callback=number("--max-grad-norm", minimum=0, exclusive=True, maximum=1e9),
+    ),
     ste: str = typer.Option("sr", "--ste", help="sr (SR-STE) or plain (vanilla STE, lambda_w = 0)."),
-    lambda_w: float = typer.Option(2e-4, "--lambda-w", help="SR-STE decay of pruned weights."),
-    mask_interval: int = typer.Option(1, "--mask-interval", help="Recompute masks every K steps."),
+    lambda_w: float = typer.Option(
+        2e-4,
+        "--lambda-w",
+        help="SR-STE decay of pruned weights.",
+        callback=number("--lambda-w", minimum=0, maximum=1e3),
+    ),
+    mask_interval: int = typer.Option(
+        1,
+        "--mask-interval",
+        help="Recompute masks every K steps.",
+        callback=number("--mask-interval", minimum=1, maximum=1e9),
+    ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast; fp16 needs CUDA)."),
-    save_every: int = typer.Option(0, "--save-every", help="Write a resumable checkpoint every N steps."),
+    save_every: int = typer.Option(
+        0,
+        "--save-every",
+        help="Write a resumable checkpoint every N steps.",
+        callback=number("--save-every", minimum=0, maximum=1e9),
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the resumable checkpoint at -o."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order and initialisation."),
     no_dense: bool = typer.Option(False, "--no-dense", help="Do not store the dense weights in the output."),
-    max_length: int = typer.Option(128, "--max-length", help="Token limit per line of text: data."),
-    temperature: float = typer.Option(2.0, "--temperature", help="Distillation temperature on logits."),
-    log_every: int = typer.Option(0, "--log-every", help="Write a plain progress line to stderr every N steps."),
+    max_length: int = typer.Option(
+        128,
+        "--max-length",
+        help="Token limit per line of text: data.",
+        callback=number("--max-length", minimum=1, maximum=1e6),
+    ),
+    temperature: float = typer.Option(
+        2.0,
+        "--temperature",
+        help="Distillation temperature on logits.",
+        callback=number("--temperature", minimum=0, exclusive=True, maximum=1e3),
+    ),
+    log_every: int = typer.Option(
+        0,
+        "--log-every",
+        help="Write a plain progress line to stderr every N steps.",
+        callback=number("--log-every", minimum=0, maximum=1e9),
+    ),
+    bn: str = typer.Option(
+        "train", "--bn", help="BatchNorm while training: train (batch statistics) or freeze (running statistics fixed)."
+    ),
+    bn_batches: int = typer.Option(
+        50,
+        "--bn-batches",
+        help="Training batches to re-estimate BatchNorm statistics on before saving (0: off).",
+        callback=number("--bn-batches", minimum=0, maximum=1e7),
+    ),
+    eval_data: str | None = typer.Option(
+        None, "--eval-data", help="Held-out data (any --data spec) to evaluate on in eval mode."
+    ),
+    eval_split: float = typer.Option(
+        0.05,
+        "--eval-split",
+        help="Without --eval-data, hold out this share of the training data (0: off).",
+        callback=number("--eval-split", minimum=0, maximum=0.5),
+    ),
+    eval_every: int = typer.Option(
+        0,
+        "--eval-every",
+        help="Also evaluate every N steps (0: before and after only).",
+        callback=number("--eval-every", minimum=0, maximum=1e9),
+    ),
     arch: str | None = typer.Option(None, "--arch", help="Architecture source overriding the checkpoint's."),
     trust: bool = typer.Option(False, "--trust", help="Allow unpickling a pickled nn.Module source."),
     output: str | None = typer.Option(
@@ -60,7 +157,10 @@ def command(
 
     The forward pass uses the masked weights `M(W) ⊙ W`; the dense W gets the straight-through gradient
     plus `lambda_w (1 - M) ⊙ W`, and the masks are recomputed from W every --mask-interval steps. Runs
-    unchanged under torchrun (DistributedDataParallel). Ctrl-C saves a resumable checkpoint.
+    unchanged under torchrun (DistributedDataParallel). BatchNorm statistics are re-estimated with
+    the final masks before every save (--bn-batches); the model is evaluated in eval mode on held-out
+    data (--eval-data, else --eval-split of the training data) before, every --eval-every steps and
+    after. Ctrl-C stops at the next step boundary and saves a checkpoint that --resume continues exactly.
     """
     from nmcli.finetune import FinetuneConfig, run_finetune
 
@@ -89,6 +189,11 @@ def command(
         max_length=max_length,
         temperature=temperature,
         log_every=log_every,
+        bn=bn,
+        bn_batches=bn_batches,
+        eval_data=eval_data,
+        eval_split=eval_split,
+        eval_every=eval_every,
     )
     with _reporter(show_progress(json_output), log_every) as on_step:
         result = run_finetune(
@@ -100,18 +205,14 @@ def command(
             trust=trust,
             resume=resume,
             on_step=on_step,
+            on_eval=_eval_line,
         )
     if result.output is None:  # a non-zero rank under torchrun: rank 0 reports
         return
+    _render(result)
     if json_output:
         emit_json(result.to_json())
-    else:
-        _render(result)
     if result.interrupted:
-        stderr.print(
-            f"[yellow]interrupted[/yellow] at step {result.steps}/{result.total_steps}: resumable checkpoint "
-            f"saved to {result.output}; rerun the same command with --resume to continue"
-        )
         raise typer.Exit(130)
 
 
@@ -168,9 +269,46 @@ class _reporter:
 
 
 def _render(result: FinetuneResult) -> None:
+    for note in result.notes:
+        stderr.print(f"[dim]note:[/dim] {esc(note)}")
+    for when in ("before", "after"):
+        if when in result.evals:
+            stderr.print(f"eval {when}: {_metrics(result.evals[when])}", highlight=False)
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
-    stderr.print(
-        f"fine-tuned {result.steps} steps in {result.seconds:.1f}s: final loss {loss}, SAD vs start "
-        f"{result.sad_vs_start.sad:,} of {result.sad_vs_start.total:,} weights "
-        f"({100 * result.sad_vs_start.normalized:.2f}%) -> [bold]{result.output}[/bold]"
+    sad = (
+        f"SAD vs start {result.sad_vs_start.sad:,} of {result.sad_vs_start.total:,} weights "
+        f"({100 * result.sad_vs_start.normalized:.2f}%)"
     )
+    if result.interrupted:
+        stderr.print(
+            f"[yellow]interrupted[/yellow] at step {result.steps} of {result.total_steps} (loss {loss}, {sad}); "
+            f"resumable checkpoint saved to {esc(str(result.output))}; resume with: {esc(_resume_command())}"
+        )
+        return
+    stderr.print(
+        f"fine-tuned {result.steps} steps in {result.seconds:.1f}s: final loss {loss}, {sad} -> "
+        f"[bold]{esc(str(result.output))}[/bold]"
+    )
+
+
+def _metrics(metrics: dict[str, float]) -> str:
+    shown = []
+    for name, value in metrics.items():
+        if name == "examples":
+            continue
+        percent = name in ("accuracy", "teacher_top1", "teacher_cosine")
+        shown.append(f"{name} {100 * value:.2f}%" if percent else f"{name} {value:.4g}")
+    return ", ".join(shown) + f" ({int(metrics.get('examples', 0))} examples)"
+
+
+def _resume_command() -> str:
+    """The command line that was run, with --resume added (once)."""
+    import shlex
+    import sys
+
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    return shlex.join(["nmcli", *args, "--resume"])
+
+
+def _eval_line(step: int, metrics: dict[str, float]) -> None:
+    stderr.print(f"eval at step {step}: {_metrics(metrics)}", highlight=False)

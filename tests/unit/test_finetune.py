@@ -44,6 +44,7 @@ def data_file(tmp_path: Path) -> Path:
 def _plain_sgd(**overrides: object) -> FinetuneConfig:
     base: dict[str, object] = {
         "teacher": "none",
+        "eval_split": 0.0,
         "steps": 1,
         "batch_size": N_EXAMPLES,
         "lr": 0.5,

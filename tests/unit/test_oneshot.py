@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nmcli.batchnorm import recalibrate_batchnorm
 from nmcli.checkpoint import SourceRef
 from nmcli.data import Batch
 from nmcli.errors import InputError
@@ -14,7 +15,6 @@ from nmcli.oneshot import (
     CalibrationConfig,
     conv_columns,
     from_matrix,
-    recalibrate_batchnorm,
     reconstruction_error,
     refit_kept,
     sparsegpt,

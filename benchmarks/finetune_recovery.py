@@ -1,0 +1,121 @@
+"""Which fine-tuning settings recover accuracy: BatchNorm mode and re-estimation, optimizer and learning rate.
+
+Everything runs through ``run_finetune`` as ``nmcli finetune`` does, with distillation from the dense
+model (``--teacher auto``) and held-out test accuracy in eval mode (``--eval-data``):
+
+- a BatchNorm CNN trained here on scikit-learn's digits, pruned 2:4 by magnitude (no BN
+  re-estimation at prune time, the hard case): ``--bn train|freeze``, ``--bn-batches 50|0``;
+- the digits MLP (64-128-64-10), pruned 1:4: SGD and AdamW at several learning rates, over seeds.
+
+    python benchmarks/finetune_recovery.py [--steps 40] [--seeds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nmcli.errors import NmcliError  # noqa: E402
+from nmcli.finetune import FinetuneConfig, run_finetune  # noqa: E402
+from nmcli.prune import run_prune  # noqa: E402
+from tests.models import digits_bn_cnn, tiny_mlp  # noqa: E402
+
+
+def _digits(images: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    if images:
+        x = x.reshape(-1, 1, 8, 8)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    return x_train, x_test, y_train, y_test
+
+
+def _train_dense(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    per_epoch = (len(x) + 31) // 32
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=epochs * per_epoch)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), 32):
+            idx = order[i : i + 32]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def _setup(work: Path, name: str, factory: str, images: bool, pattern: str) -> tuple[Path, str, str, float]:
+    x_train, x_test, y_train, y_test = _digits(images)
+    model = _train_dense(digits_bn_cnn() if images else tiny_mlp(), x_train, y_train)
+    with torch.no_grad():
+        dense = float((model(x_test).argmax(-1) == y_test).float().mean())
+    weights = work / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    train, test = work / f"{name}-train.safetensors", work / f"{name}-test.safetensors"
+    save_file({"inputs": x_train, "targets": y_train}, str(train))
+    save_file({"inputs": x_test, "targets": y_test}, str(test))
+    pruned = work / f"{name}-pruned.safetensors"
+    arch = f"py:{ROOT / 'tests' / 'models.py'}:{factory}"
+    run_prune(str(weights), arch=arch, pattern=pattern, keep_dense=True, output=pruned, force=True)
+    return pruned, f"tensors:{train}", f"tensors:{test}", dense
+
+
+def _run(pruned: Path, data: str, test: str, out: Path, **options: object) -> tuple[float, float] | str:
+    cfg = FinetuneConfig(data=data, eval_data=test, device="cpu", **options)  # type: ignore[arg-type]
+    try:
+        result = run_finetune(pruned, cfg, output=out, force=True)
+    except NmcliError as exc:
+        return str(exc).split(":")[0]
+    return result.evals["before"]["accuracy"], result.evals["after"]["accuracy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        pruned, data, test, dense = _setup(work, "cnn", "digits_bn_cnn", True, "2:4")
+        print(f"\nBatchNorm CNN on digits, 2:4 magnitude, {args.steps} SGD steps, batch 32; dense {100 * dense:.2f}%")
+        print("| --bn | --lr | --bn-batches | one-shot % | after % |\n|---|---|---|---|---|")
+        for bn, lr, batches in [("train", 0.01, 50), ("train", 0.01, 0), ("train", 0.05, 50), ("freeze", 0.01, 50),
+                                ("freeze", 0.001, 50), ("freeze", 0.001, 0)]:  # fmt: skip
+            got = _run(pruned, data, test, work / "o.safetensors", steps=args.steps, lr=lr, bn=bn, bn_batches=batches)
+            cells = f"{100 * got[0]:.2f} | {100 * got[1]:.2f}" if isinstance(got, tuple) else f"- | failed: {got}"
+            print(f"| {bn} | {lr:g} | {batches} | {cells} |", flush=True)
+
+        pruned, data, test, dense = _setup(work, "mlp", "tiny_mlp", False, "1:4")
+        steps = 4 * args.steps
+        print(f"\ndigits MLP, 1:4 magnitude, {steps} steps, batch 32, cosine; dense {100 * dense:.2f}%")
+        print("| optimizer | --lr | after %, seeds | mean % |\n|---|---|---|---|")
+        for optimizer, lr in [("sgd", 0.01), ("sgd", 0.05), ("adamw", 1e-4), ("adamw", 1e-3)]:
+            scores = []
+            for seed in range(args.seeds):
+                got = _run(pruned, data, test, work / "o.safetensors", steps=steps, lr=lr, optimizer=optimizer, seed=seed)
+                if isinstance(got, tuple):
+                    scores.append(100 * got[1])
+            shown = ", ".join(f"{s:.2f}" for s in scores)
+            mean = f"{statistics.mean(scores):.2f}" if scores else "-"
+            print(f"| {optimizer} | {lr:g} | {shown} | {mean} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
