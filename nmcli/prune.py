@@ -194,6 +194,57 @@ def prune_model(
                 "the model has BatchNorm and its running statistics were not re-estimated after pruning "
                 "(one-shot N:M can collapse such a model in eval mode): pass --calib SPEC to re-estimate them"
             )
+    params_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return _assemble(
+        state, candidates, outcomes, pattern, params_total=params_total, source=source, method=method,
+        keep_dense=keep_dense, inplace=inplace, start=start, input_spec=input_spec, history_args=history_args,
+        progress=progress, notes=notes, bn_done=bn_done, samples=sum(b.size for b in batches) if batches else 0,
+        calibrated=batches is not None,
+    )  # fmt: skip
+
+
+def prune_state_dict(
+    state: dict[str, torch.Tensor],
+    candidates: Sequence[LayerCandidate],
+    pattern: Pattern,
+    *,
+    source: SourceRef,
+    keep_dense: bool = False,
+    notes: Sequence[str] = (),
+    history_args: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+) -> PruneResult:
+    """Magnitude-prune the ``candidates`` of a bare state dict (layers inferred from the tensors, no model)."""
+    params_total = sum(t.numel() for t in state.values() if t.is_floating_point())
+    return _assemble(
+        dict(state), candidates, {}, pattern, params_total=params_total, source=source, method="magnitude",
+        keep_dense=keep_dense, inplace=False, start=None, input_spec=None, history_args=history_args,
+        progress=progress, notes=list(notes), bn_done=False, samples=0, calibrated=False,
+    )  # fmt: skip
+
+
+def _assemble(
+    state: dict[str, torch.Tensor],
+    candidates: Sequence[LayerCandidate],
+    outcomes: dict[str, _CalibratedLayer],
+    pattern: Pattern,
+    *,
+    params_total: int,
+    source: SourceRef,
+    method: str,
+    keep_dense: bool,
+    inplace: bool,
+    start: Checkpoint | None,
+    input_spec: InputSpec | None,
+    history_args: dict[str, Any] | None,
+    progress: ProgressCallback | None,
+    notes: list[str],
+    bn_done: bool,
+    samples: int,
+    calibrated: bool,
+) -> PruneResult:
+    """Masks, effective weights, layer entries and the report, from magnitude or a calibrated method's outcomes."""
+    eligible = [c for c in candidates if c.eligible]
     masks: dict[str, torch.Tensor] = {}
     dense: dict[str, torch.Tensor] = {}
     entries: list[LayerEntry] = []
@@ -228,14 +279,12 @@ def prune_model(
         pruned_params += int(mask.numel() - int(mask.sum()))
         entries.append(LayerEntry(cand.param, cand.module, pattern.n, pattern.m, cand.axis, cand.shape))
         reports.append(LayerReport(cand.module, cand.param, cand.shape, "pruned", "", kept, error, note))
-    params_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    samples = sum(b.size for b in batches) if batches is not None else 0
     metrics: dict[str, Any] = {
         "layers_pruned": len(entries),
         "params_pruned": pruned_params,
         "sparsity": pruned_params / params_total if params_total else 0.0,
     }
-    if batches is not None:
+    if calibrated:
         errors = [r.recon_error for r in reports if r.recon_error is not None]
         metrics.update(
             {
@@ -310,9 +359,14 @@ def run_prune(
     keep_dense: bool = False,
     output: str | Path | None = None,
     force: bool = False,
+    infer_layers: bool = False,
     progress: ProgressCallback | None = None,
 ) -> PruneResult:
     """``nmcli prune``: load ``model_spec``, prune it, and write the checkpoint atomically.
+
+    ``infer_layers`` prunes a bare state dict (``.pt``/``.pth``/``.safetensors``) without ``--arch``:
+    its layers are inferred from the tensors (:func:`nmcli.patterns.infer_layers`), magnitude only,
+    and the checkpoint records that; commands that must run the model then need ``--arch``.
 
     Options are validated and the output path checked before the model is loaded, so bad input
     fails fast and no partial file is ever left. ``calibration`` (``--calib`` and its options)
@@ -326,7 +380,14 @@ def run_prune(
     spec_input = parse_input_spec(input_shape) if input_shape else None
     out = Path(output) if output else default_output_path(model_spec, nm.slug)
     local_input = model_spec[3:] if model_spec.startswith("hf:") else model_spec
+    if infer_layers:
+        if arch:
+            raise InputError("--infer-layers and --arch exclude each other: --arch gives the real layers")
+        if method != "magnitude" or calibration is not None:
+            raise InputError(f"--infer-layers prunes by magnitude only: {method} with --calib needs the model (--arch)")
     check_output_path(out, force=force, inputs=[local_input])
+    if infer_layers:
+        return _prune_inferred(model_spec, nm, out, include, exclude, keep_dense, trust, force, progress)
     loaded = load_model(model_spec, arch=arch, trust=trust)
     input_spec = spec_input or loaded.input_spec
     batches = None
@@ -378,3 +439,47 @@ def _calibration_args(cfg: CalibrationConfig) -> dict[str, Any]:
         "block_size": cfg.block_size,
         "bn_recalibrate": cfg.bn_recalibrate,
     }
+
+
+def _prune_inferred(
+    spec: str,
+    pattern: Pattern,
+    out: Path,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    keep_dense: bool,
+    trust: bool,
+    force: bool,
+    progress: ProgressCallback | None,
+) -> PruneResult:
+    from nmcli.checkpoint import sha256_file
+    from nmcli.sources import normalize_spec
+    from nmcli.statedicts import infer_state_dict_layers
+
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(f"--infer-layers needs a state-dict file (.pt, .pth, .bin, .safetensors); {spec} is not one")
+    found = infer_state_dict_layers(path, pattern=pattern, trust=trust, include=list(include), exclude=list(exclude))
+    result = prune_state_dict(
+        dict(found.state.tensors),
+        found.candidates,
+        pattern,
+        source=SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path)),
+        keep_dense=keep_dense,
+        notes=found.notes,
+        history_args={
+            "model": spec,
+            "pattern": str(pattern),
+            "method": "magnitude",
+            "infer_layers": True,
+            "include": list(include),
+            "exclude": list(exclude),
+            "keep_dense": keep_dense,
+        },
+        progress=progress,
+    )
+    if not result.checkpoint.masks:
+        raise InputError(f"no tensor of {spec} was inferred to be a prunable layer for {pattern}: pass --arch SPEC")
+    save_checkpoint(result.checkpoint, out, force=force, inputs=[spec])
+    result.output = out
+    return result

@@ -447,7 +447,7 @@ def build_model(spec: str, *, trust: bool = False, pretrained: bool = True) -> t
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         raise SourceError(
-            f"{spec} is a plain state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build)"
+            f"{spec} is a plain state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build), or prune it with --infer-layers"
         )
     if suffix == ".pt2":
         if not zipfile.is_zipfile(path):
@@ -464,7 +464,7 @@ def build_model(spec: str, *, trust: bool = False, pretrained: bool = True) -> t
         kind, obj = _read_torch_file(path, trust)
         if kind == "state_dict":
             raise SourceError(
-                f"{spec} is a state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build)"
+                f"{spec} is a state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build), or prune it with --infer-layers"
             )
         return obj, kind
     raise SourceError(
@@ -629,7 +629,7 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
                 return LoadedModel(model, ckpt.meta.source, "checkpoint", name, path, ckpt, input_spec)
             if not arch:
                 raise SourceError(
-                    f"{spec} is a plain state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build)"
+                    f"{spec} is a plain state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build), or prune it with --infer-layers"
                 )
             model, _ = build_model(normalize_spec(arch), trust=trust, pretrained=False)
             try:  # one tensor at a time: peak memory stays near one copy of the model

@@ -71,6 +71,11 @@ def command(
     input_shape: str | None = typer.Option(
         None, "--input-shape", help="Input spec stored for later commands, e.g. 1x3x224x224."
     ),
+    infer_layers: bool = typer.Option(
+        False,
+        "--infer-layers",
+        help="Prune a bare state dict without --arch: its layers are inferred from the tensors (magnitude only).",
+    ),
     keep_dense: bool = typer.Option(
         False, "--keep-dense", help="Store the dense weights of pruned layers (for SR-STE fine-tuning)."
     ),
@@ -119,6 +124,7 @@ def command(
             keep_dense=keep_dense,
             output=output,
             force=force,
+            infer_layers=infer_layers,
             progress=update,
         )
     _render(result)
