@@ -100,9 +100,13 @@ class SourceRef:
     sha256: str | None = None
     arch: str | None = None
     trusted: bool = False
+    shards: tuple[tuple[str, str], ...] = ()  # (file name, sha256) of every input shard (sharded layout)
 
     def to_json(self) -> dict[str, Any]:
-        return {"spec": self.spec, "sha256": self.sha256, "arch": self.arch, "trusted": self.trusted}
+        out: dict[str, Any] = {"spec": self.spec, "sha256": self.sha256, "arch": self.arch, "trusted": self.trusted}
+        if self.shards:
+            out["shards"] = dict(self.shards)
+        return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> SourceRef:
@@ -111,6 +115,7 @@ class SourceRef:
             sha256=obj.get("sha256"),
             arch=obj.get("arch"),
             trusted=bool(obj.get("trusted", False)),
+            shards=tuple((str(k), str(v)) for k, v in dict(obj.get("shards") or {}).items()),
         )
 
 
@@ -408,6 +413,27 @@ _SAFETENSORS_DTYPES: dict[str, str] = {  # torch dtype name -> safetensors dtype
 }
 
 
+def safetensors_dtype(dtype: Any) -> str | None:
+    """The safetensors dtype code (``BF16``) of a torch dtype, or None when safetensors cannot store it."""
+    return _SAFETENSORS_DTYPES.get(str(dtype).removeprefix("torch."))
+
+
+def safetensors_header(entries: Iterable[tuple[str, str, Sequence[int], int]], metadata: Mapping[str, str]) -> bytes:
+    """The bytes a safetensors file starts with, for tensors ``(name, dtype code, shape, nbytes)`` stored in that order.
+
+    8-byte little-endian header size, then the JSON header padded with spaces to 8 bytes; the data
+    section that follows holds the tensors back to back in the same order.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, code, shape, size in entries:
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
 def write_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str]
 ) -> None:
@@ -423,20 +449,14 @@ def write_safetensors(
     """
     import torch
 
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    offset = 0
+    entries = []
     for name, value in tensors.items():
-        code = _SAFETENSORS_DTYPES.get(str(value.dtype).removeprefix("torch."))
+        code = safetensors_dtype(value.dtype)
         if code is None:
             raise CheckpointError(f"tensor {name} has dtype {value.dtype}, which safetensors cannot store")
-        size = value.numel() * value.element_size()
-        header[name] = {"dtype": code, "shape": list(value.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)
+        entries.append((name, code, tuple(value.shape), value.numel() * value.element_size()))
     with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
+        fh.write(safetensors_header(entries, metadata))
         for value in tensors.values():
             if value.numel():
                 fh.write(value.detach().reshape(-1).contiguous().view(torch.uint8).numpy().data)
@@ -575,7 +595,15 @@ class CheckpointReader:
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, dense: bool = True) -> Checkpoint:
-    """Read and validate an nmcli/1 checkpoint (see :meth:`CheckpointReader.load`)."""
+    """Read and validate an nmcli/1 checkpoint (see :meth:`CheckpointReader.load`).
+
+    A directory in the sharded layout (:mod:`nmcli.sharded`) is loaded whole, when it fits in memory.
+    """
+    if Path(path).is_dir():
+        from nmcli.sharded import is_sharded_checkpoint, load_sharded
+
+        if is_sharded_checkpoint(path):
+            return load_sharded(path, dense=dense)
     with CheckpointReader(path) as reader:
         return reader.load(dense=dense)
 
@@ -590,7 +618,13 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 
 def read_meta(path: str | os.PathLike[str]) -> CheckpointMeta | None:
-    """The nmcli metadata of a safetensors file, or None for a plain state dict (header only)."""
+    """The nmcli metadata of a safetensors file or sharded checkpoint directory, or None for a plain state dict (header only)."""
+    if Path(path).is_dir():
+        from nmcli.sharded import is_sharded_checkpoint, sidecar_path
+
+        if not is_sharded_checkpoint(path):
+            return None
+        path = sidecar_path(path)
     with CheckpointReader(path) as reader:
         return reader.meta
 

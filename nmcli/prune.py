@@ -378,6 +378,20 @@ def run_prune(
     if calibration is not None:
         calibration.validate()
     spec_input = parse_input_spec(input_shape) if input_shape else None
+    if _streamed(model_spec, output):
+        return _run_prune_directory(
+            model_spec,
+            nm,
+            method=method,
+            calibration=calibration,
+            include=include,
+            exclude=exclude,
+            input_spec=spec_input,
+            keep_dense=keep_dense,
+            output=output,
+            force=force,
+            progress=progress,
+        )
     out = Path(output) if output else default_output_path(model_spec, nm.slug)
     local_input = model_spec[3:] if model_spec.startswith("hf:") else model_spec
     if infer_layers:
@@ -428,6 +442,84 @@ def run_prune(
     save_checkpoint(result.checkpoint, out, force=force, inputs=[local_input])
     result.output = out
     return result
+
+
+def _streamed(model_spec: str, output: str | Path | None) -> bool:
+    """Whether ``model_spec`` is pruned from its shards without loading it (:mod:`nmcli.sharded`).
+
+    A local HF directory with sharded safetensors (``hf:DIR`` or a bare ``DIR``) always is; one with a
+    single ``model.safetensors`` is when given as a bare ``DIR`` or with an ``-o`` that is not a
+    ``.safetensors`` file (``hf:DIR`` alone keeps writing one nmcli/1 file). Its output is a directory.
+    """
+    from nmcli.sharded import INDEX, is_hf_directory, is_sharded_checkpoint, local_directory
+
+    folder = local_directory(model_spec)
+    if folder is None or is_sharded_checkpoint(folder) or not is_hf_directory(folder):
+        return False
+    if (folder / INDEX).is_file() or not model_spec.startswith("hf:"):
+        return True
+    return output is not None and not str(output).endswith(".safetensors")
+
+
+def _run_prune_directory(
+    model_spec: str,
+    nm: Pattern,
+    *,
+    method: str,
+    calibration: CalibrationConfig | None,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    input_spec: InputSpec | None,
+    keep_dense: bool,
+    output: str | Path | None,
+    force: bool,
+    progress: ProgressCallback | None,
+) -> PruneResult:
+    """``run_prune`` of an HF directory: tensor by tensor (magnitude) or block by block, into a sharded checkpoint."""
+    from nmcli.sharded import build_skeleton, check_output_directory, local_directory, prune_directory
+    from nmcli.sources import guess_input_spec, source_ref
+
+    folder = local_directory(model_spec)
+    assert folder is not None
+    out = Path(output) if output else default_output_path(model_spec, nm.slug, suffix="")
+    if str(out).endswith(".safetensors"):
+        raise InputError(
+            f"{model_spec} is a sharded model and is written as a directory: give -o a directory name, not {out}"
+        )
+    check_output_directory(out, force=force, inputs=[folder])
+    spec = model_spec if model_spec.startswith("hf:") else f"hf:{model_spec}"
+    source = source_ref(spec)
+    if input_spec is None:
+        input_spec = guess_input_spec(build_skeleton(folder))
+    batches = None
+    if calibration is not None:
+        shape = input_spec.tensors[0].shape if input_spec is not None else None
+        batches = calibration_batches(calibration, source_spec=source.spec, input_shape=shape)
+    return prune_directory(
+        model_spec,
+        folder,
+        out,
+        nm,
+        source=source,
+        method=method,
+        calibration=calibration,
+        batches=batches,
+        include=include,
+        exclude=exclude,
+        keep_dense=keep_dense,
+        input_spec=str(input_spec) if input_spec else None,
+        history_args={
+            "model": model_spec,
+            "pattern": str(nm),
+            "method": method,
+            "include": list(include),
+            "exclude": list(exclude),
+            "keep_dense": keep_dense,
+            **(_calibration_args(calibration) if calibration is not None else {}),
+        },
+        force=force,
+        progress=progress,
+    )
 
 
 def _calibration_args(cfg: CalibrationConfig) -> dict[str, Any]:

@@ -620,6 +620,14 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
     if spec.startswith("hf:") and Path(spec[3:]).exists():
         path = Path(spec[3:])
     name = _short_name(spec)
+    if path is not None and path.is_dir():
+        from nmcli.sharded import is_sharded_checkpoint, load_sharded
+
+        if is_sharded_checkpoint(path):  # loaded whole (it must fit); rebuilt from its own config.json
+            ckpt = load_sharded(path)
+            model = model_from_checkpoint(ckpt, arch=arch or f"hf:{path.resolve()}", trust=trust)
+            input_spec = parse_input_spec(ckpt.meta.input_spec) if ckpt.meta.input_spec else guess_input_spec(model)
+            return LoadedModel(model, ckpt.meta.source, "checkpoint", name, path, ckpt, input_spec)
     if path is not None and path.suffix.lower() == ".safetensors" and path.is_file():
         with CheckpointReader(path) as reader:
             if reader.is_nmcli:

@@ -1,0 +1,914 @@
+"""Sharded nmcli/1: Hugging Face model directories larger than memory (DESIGN.md sections 2 and 3c).
+
+Input: a transformers model directory with ``model.safetensors`` or sharded
+``model-0000K-of-0000N.safetensors`` + ``model.safetensors.index.json``. The architecture is built
+from ``config.json`` with every parameter on the **meta** device (no weights allocated; buffers
+computed at construction, such as rotary frequencies, stay real), eligibility is decided from its
+modules as usual, and tensors are read from the shards through the safetensors memory map one at
+a time (magnitude) or one transformer block at a time (calibrated methods).
+
+Output: a directory that is still a plain HF model directory (the same shard files holding the
+same tensor names, dtypes and shapes, with effective weights, exact ``+0.0`` where pruned; the
+index rewritten; ``config.json``, tokenizer and other small files copied) plus one sidecar
+``nmcli.safetensors`` in the single-file format of :mod:`nmcli.checkpoint` without the state dict:
+packed masks, optional dense weights, and the ``nmcli`` metadata, whose source records the sha256
+of every input shard. The whole directory is written as ``OUT.tmp-*`` and renamed into place only
+when complete; an interrupted prune leaves nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from nmcli.checkpoint import (
+    DENSE_PREFIX,
+    FORMAT,
+    MASK_PREFIX,
+    Checkpoint,
+    CheckpointMeta,
+    CheckpointReader,
+    LayerEntry,
+    _raise_problems,
+    pack_mask,
+    safetensors_header,
+    sha256_file,
+    unpack_mask,
+    validate_checkpoint,
+)
+from nmcli.errors import CheckpointError, InputError, OutputExistsError, SourceError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from nmcli.checkpoint import SourceRef
+    from nmcli.data import Batch
+    from nmcli.oneshot import CalibrationConfig
+    from nmcli.patterns import LayerCandidate, Pattern
+    from nmcli.prune import PruneResult
+
+SIDECAR = "nmcli.safetensors"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+LAYOUT = "sharded"  # the sidecar's "layout" metadata entry
+# Files of other weight formats are never copied into the output: they would hold the dense weights.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx", ".gguf", ".pt2")
+_WEIGHT_INDEXES = ("pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json")
+_REOPEN_BYTES = 256 << 20  # a shard's memory map is reopened after this many bytes: RSS stays ~ one tensor
+_COPY_CHUNK = 16 << 20
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Recognizing directories
+
+
+def local_directory(spec: str) -> Path | None:
+    """The local directory behind ``hf:DIR`` or a bare ``DIR``, or None."""
+    path = Path(spec[3:] if spec.startswith("hf:") else spec).expanduser()
+    return path if spec and path.is_dir() else None
+
+
+def weight_files(folder: str | os.PathLike[str]) -> list[str] | None:
+    """The safetensors weight files of an HF model directory, in index order, or None when it has none."""
+    root = Path(folder)
+    if (root / INDEX).is_file():
+        try:
+            weight_map = json.loads((root / INDEX).read_text())["weight_map"]
+        except Exception as exc:  # malformed JSON or no weight_map: the same user problem
+            raise SourceError(f"{root / INDEX} is not a readable safetensors index ({exc}): re-save the model") from exc
+        return sorted({str(f) for f in weight_map.values()})
+    if (root / SINGLE).is_file():
+        return [SINGLE]
+    return None
+
+
+def is_hf_directory(path: str | os.PathLike[str]) -> bool:
+    """A directory with ``config.json`` and safetensors weights (single file or sharded)."""
+    root = Path(path)
+    return root.is_dir() and (root / "config.json").is_file() and weight_files(root) is not None
+
+
+def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """A directory written by nmcli in the sharded layout (it holds the ``nmcli.safetensors`` sidecar)."""
+    return Path(path).is_dir() and (Path(path) / SIDECAR).is_file()
+
+
+def sidecar_path(folder: str | os.PathLike[str]) -> Path:
+    return Path(folder) / SIDECAR
+
+
+# --------------------------------------------------------------------------------------------
+# Shard headers (plain JSON: no torch, no numpy)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its shard file, dtype code, shape and byte range in the data section."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass
+class ShardHeader:
+    """A safetensors file's header: its raw bytes (size prefix included), metadata and tensors by offset."""
+
+    raw: bytes
+    metadata: dict[str, str]
+    tensors: list[TensorInfo]
+
+
+def read_header(path: str | os.PathLike[str], file: str | None = None) -> ShardHeader:
+    """Parse the header of a safetensors file.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or not safetensors.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than 8 bytes")
+            (size,) = struct.unpack("<Q", head)
+            if size > 100 << 20:
+                raise ValueError(f"header of {size} bytes")
+            blob = fh.read(size)
+            if len(blob) != size:
+                raise ValueError("truncated header")
+        header = json.loads(blob)
+        metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        tensors = [
+            TensorInfo(
+                name,
+                file or path.name,
+                str(v["dtype"]),
+                tuple(int(d) for d in v["shape"]),
+                *map(int, v["data_offsets"]),
+            )
+            for name, v in header.items()
+        ]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist: the model directory is incomplete; re-save it") from None
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}): it may be truncated; re-save it"
+        ) from exc
+    tensors.sort(key=lambda t: t.begin)
+    return ShardHeader(head + blob, metadata, tensors)
+
+
+@dataclass
+class ShardedModel:
+    """The safetensors weights of an HF model directory: every tensor and which shard holds it."""
+
+    folder: Path
+    files: list[str]
+    headers: dict[str, ShardHeader]
+    tensors: dict[str, TensorInfo]
+    index_metadata: dict[str, Any]
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike[str]) -> ShardedModel:
+        """Read the index and every shard's header (no tensor is read).
+
+        Raises:
+            SourceError: the directory holds no safetensors weights.
+            CheckpointError: a shard is missing or unreadable, or a tensor is in two shards.
+        """
+        root = Path(folder)
+        files = weight_files(root)
+        if files is None:
+            raise SourceError(
+                f"{root} holds no safetensors weights ({SINGLE} or {INDEX}): save the model with "
+                "save_pretrained(..., safe_serialization=True)"
+            )
+        index_meta: dict[str, Any] = {}
+        if (root / INDEX).is_file():
+            index_meta = dict(json.loads((root / INDEX).read_text()).get("metadata") or {})
+        headers = {f: read_header(root / f, f) for f in files}
+        tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            for info in headers[f].tensors:
+                if info.name in tensors:
+                    raise CheckpointError(
+                        f"{root}: tensor {info.name} is stored in both {tensors[info.name].file} and {f}"
+                    )
+                tensors[info.name] = info
+        return cls(root, files, headers, tensors, index_meta)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+
+class ShardReader:
+    """Tensors of a :class:`ShardedModel`, read one at a time through safetensors' memory map.
+
+    A shard's map is closed and reopened after ``_REOPEN_BYTES`` read from it, so the pages already
+    read leave the process (its RSS stays near one tensor, not one shard).
+    """
+
+    def __init__(self, model: ShardedModel, *, numpy: bool = False) -> None:
+        self.model = model
+        self._framework = "numpy" if numpy else "pt"
+        self._file: str | None = None
+        self._handle: Any = None
+        self._open: Any = None
+        self._read = 0
+
+    def _handle_for(self, file: str) -> Any:
+        if self._file != file or self._read > _REOPEN_BYTES:
+            self.close()
+            from safetensors import safe_open
+
+            try:
+                self._handle = safe_open(str(self.model.folder / file), framework=self._framework)
+                self._open = self._handle.__enter__()
+            except Exception as exc:
+                raise CheckpointError(
+                    f"{self.model.folder / file} is not a readable safetensors file ({exc}): re-save the model"
+                ) from exc
+            self._file, self._read = file, 0
+        return self._open
+
+    def tensor(self, name: str) -> Any:
+        info = self.model.tensors[name]
+        handle = self._handle_for(info.file)
+        try:
+            value = handle.get_tensor(name)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{self.model.folder / info.file}: tensor {name} could not be read ({exc}): the shard may be truncated"
+            ) from exc
+        self._read += info.nbytes
+        return value
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.__exit__(None, None, None)
+        self._handle = self._open = self._file = None
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _raw_bytes(value: torch.Tensor) -> memoryview:
+    import torch
+
+    flat = value.detach().reshape(-1).contiguous()
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing: output shards, the sidecar, and the atomic directory
+
+
+class OutputShards:
+    """The output shards: the input's files, names, dtypes and shapes, filled tensor by tensor in any order.
+
+    Every file is created at its full size with its header up front; :meth:`put` writes one
+    tensor's bytes at its offset, so tensors can be written as soon as they are final (magnitude:
+    in file order; calibrated: block by block).
+    """
+
+    def __init__(self, source: ShardedModel, folder: Path) -> None:
+        self._infos = source.tensors
+        self._folder = folder
+        self._starts: dict[str, int] = {}
+        self._handles: dict[str, Any] = {}
+        self._pending = set(source.tensors)
+        for file in source.files:
+            header = source.headers[file]
+            entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in header.tensors]
+            blob = safetensors_header(entries, header.metadata)
+            fh = open(folder / file, "wb")  # noqa: SIM115 - closed in close()
+            fh.write(blob)
+            fh.truncate(len(blob) + sum(t.nbytes for t in header.tensors))
+            self._handles[file] = fh
+            self._starts[file] = len(blob)
+
+    def put(self, name: str, value: torch.Tensor) -> None:
+        info = self._infos[name]
+        data = _raw_bytes(value.to("cpu"))
+        if data.nbytes != info.nbytes:
+            raise CheckpointError(
+                f"tensor {name}: {data.nbytes} bytes to write where the shard holds {info.nbytes} (a bug)"
+            )
+        fh = self._handles[info.file]
+        fh.seek(self._starts[info.file] + info.begin)
+        fh.write(data)
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles.clear()
+
+    def finish(self) -> None:
+        """Close every file; every tensor must have been written."""
+        self.close()
+        if self._pending:
+            raise CheckpointError(
+                f"{len(self._pending)} tensor(s) were never written, e.g. {sorted(self._pending)[0]} (a bug)"
+            )
+
+
+class SidecarWriter:
+    """The ``nmcli.safetensors`` sidecar: packed masks and dense weights spooled to disk, header written last."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._spool_path = path.with_name(f".{path.name}.spool")
+        self._spool = open(self._spool_path, "wb")  # noqa: SIM115 - closed in finish()/close()
+        self._entries: list[tuple[str, str, tuple[int, ...], int]] = []
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        from nmcli.checkpoint import safetensors_dtype
+
+        code = safetensors_dtype(value.dtype)
+        if code is None:
+            raise CheckpointError(f"tensor {name} has dtype {value.dtype}, which safetensors cannot store")
+        data = _raw_bytes(value.to("cpu"))
+        self._spool.write(data)
+        self._entries.append((name, code, tuple(value.shape), data.nbytes))
+
+    def finish(self, metadata: Mapping[str, str]) -> None:
+        self._spool.close()
+        with open(self.path, "wb") as out, open(self._spool_path, "rb") as spool:
+            out.write(safetensors_header(self._entries, metadata))
+            shutil.copyfileobj(spool, out, _COPY_CHUNK)
+        self._spool_path.unlink()
+
+    def close(self) -> None:
+        self._spool.close()
+        with contextlib.suppress(FileNotFoundError):
+            self._spool_path.unlink()
+
+
+def check_output_directory(
+    out: str | os.PathLike[str], *, force: bool, inputs: Sequence[str | os.PathLike[str]] = ()
+) -> Path:
+    """Validate an output directory before any work.
+
+    Raises:
+        OutputExistsError: it is (or holds, or sits inside) an input; it exists without ``force``;
+            it exists and is not an nmcli sharded checkpoint (never replaced, even with ``force``);
+            its folder is missing or not writable.
+    """
+    from nmcli.io import check_output_writable
+
+    path = Path(out)
+    resolved = path.resolve()
+    for inp in inputs:
+        source = Path(inp).resolve()
+        if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
+            raise OutputExistsError(
+                f"output {path} is, holds or sits inside the input {inp}: nmcli never overwrites an input; choose another -o"
+            )
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise OutputExistsError(f"output {path} already exists: pass --force to overwrite it, or choose another -o")
+        if not is_sharded_checkpoint(path):
+            raise OutputExistsError(
+                f"output {path} exists and is not an nmcli sharded checkpoint (no {SIDECAR}): nmcli replaces only "
+                "its own outputs, even with --force; choose another -o"
+            )
+    check_output_writable(path)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    out: str | os.PathLike[str], *, force: bool, inputs: Sequence[str | os.PathLike[str]] = ()
+) -> Iterator[Path]:
+    """Yield a fresh ``OUT.tmp-*`` directory beside ``out``; rename it onto ``out`` when the block succeeds.
+
+    On any failure (Ctrl-C included) the temporary directory is removed; an existing ``out``
+    (``force``) is moved aside, replaced, and only then deleted.
+    """
+    path = check_output_directory(out, force=force, inputs=inputs)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        old = None
+        if path.exists():
+            old = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_side_files(source: Path, dest: Path) -> list[str]:
+    """Copy config, tokenizer and other small files of an HF directory (never weights, indexes or the sidecar)."""
+    copied = []
+    for entry in sorted(source.iterdir()):
+        name = entry.name
+        if name.startswith(".") or name in (INDEX, SIDECAR, *_WEIGHT_INDEXES) or name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dest / name, ignore=shutil.ignore_patterns(*(f"*{s}" for s in _WEIGHT_SUFFIXES)))
+        elif entry.is_file():
+            shutil.copy2(entry, dest / name)
+        else:
+            continue
+        copied.append(name)
+    return copied
+
+
+def write_index(source: ShardedModel, dest: Path) -> None:
+    """``model.safetensors.index.json`` for a sharded output (the input's, with its total size)."""
+    if source.files == [SINGLE] and not (source.folder / INDEX).is_file():
+        return
+    metadata = dict(source.index_metadata)
+    metadata["total_size"] = source.total_bytes
+    weight_map = {name: source.tensors[name].file for name in sorted(source.tensors)}
+    (dest / INDEX).write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# The meta-device skeleton
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every ``nn.Parameter`` registered inside the block is created on the meta device (buffers stay real)."""
+    from torch import nn
+
+    original = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(self, name, param)
+        if param is not None and param.device.type != "meta":
+            moved = self._parameters[name]
+            assert moved is not None
+            self._parameters[name] = type(moved)(moved.to("meta"), requires_grad=moved.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def build_skeleton(folder: Path) -> nn.Module:
+    """The architecture of an HF directory from its ``config.json``, parameters on the meta device, eval mode."""
+    from nmcli.sources import build_model
+
+    with parameters_on_meta():
+        model, _ = build_model(f"hf:{folder}", pretrained=False)
+    return model.eval()
+
+
+def file_keys(model: nn.Module, stored: Mapping[str, Any]) -> dict[str, str]:
+    """Each parameter and persistent buffer of ``model`` -> its name in the files (``base_model_prefix`` either way).
+
+    Tied parameters (one tensor under two names) map once, under the name the files hold.
+    """
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in model.named_buffers() if n in model.state_dict()]
+    mapping: dict[str, str] = {}
+    for name in names:
+        for key in (name, f"{prefix}.{name}", name[len(prefix) + 1 :] if name.startswith(prefix + ".") else None):
+            if key and key in stored:
+                mapping[name] = key
+                break
+    return mapping
+
+
+# --------------------------------------------------------------------------------------------
+# Pruning a directory
+
+
+@dataclass
+class _Plan:
+    source: ShardedModel
+    model: nn.Module
+    candidates: list[LayerCandidate]
+    keys: dict[str, str]  # model name -> file name
+    eligible: dict[str, LayerCandidate]  # file name -> candidate
+
+
+def _plan(folder: Path, pattern: Pattern, include: Sequence[str], exclude: Sequence[str]) -> _Plan:
+    from nmcli.patterns import LayerCandidate, find_layers
+
+    source = ShardedModel.open(folder)
+    model = build_skeleton(folder)
+    keys = file_keys(model, source.tensors)
+    missing = [n for n, _ in model.named_parameters() if n not in keys]
+    if missing:
+        raise SourceError(
+            f"{folder}: the weights do not fit the architecture of its config.json (missing "
+            f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): re-save the model with save_pretrained"
+        )
+    candidates = []
+    eligible: dict[str, LayerCandidate] = {}
+    for cand in find_layers(model, pattern, include, exclude):
+        if cand.eligible and (cand.param not in keys or keys[cand.param] in eligible):
+            cand = LayerCandidate(
+                cand.module, cand.param, cand.kind, cand.shape, cand.axis, False, "tied to another weight, left dense"
+            )
+        if cand.eligible:
+            info = source.tensors[keys[cand.param]]
+            if info.shape != cand.shape:
+                raise SourceError(f"{folder}: {info.name} has shape {info.shape}, the architecture says {cand.shape}")
+            eligible[keys[cand.param]] = cand
+        candidates.append(cand)
+    return _Plan(source, model, candidates, keys, eligible)
+
+
+def _no_layer_error(spec: str, pattern: Pattern, candidates: Sequence[LayerCandidate]) -> InputError:
+    reasons = "; ".join(sorted({c.reason for c in candidates})) or "it has no Linear, Conv or attention layers"
+    return InputError(f"no layer of {spec} can be pruned to {pattern}: {reasons}")
+
+
+class _Progress:
+    """``progress(MiB done, MiB total, label)`` with the throughput in the label."""
+
+    def __init__(self, callback: ProgressCallback | None, total_bytes: int) -> None:
+        self.callback, self.total, self.done, self.start = callback, total_bytes, 0, time.perf_counter()
+
+    def advance(self, nbytes: int, label: str) -> None:
+        self.done += nbytes
+        if self.callback is None:
+            return
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9) / 1e6
+        self.callback(self.done >> 20, max(self.total >> 20, 1), f"{label} {rate:,.0f} MB/s")
+
+
+def prune_directory(
+    spec: str,
+    folder: Path,
+    out: Path,
+    pattern: Pattern,
+    *,
+    source: SourceRef,
+    method: str = "magnitude",
+    calibration: CalibrationConfig | None = None,
+    batches: Sequence[Batch] | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    keep_dense: bool = False,
+    input_spec: str | None = None,
+    history_args: dict[str, Any] | None = None,
+    force: bool = False,
+    progress: ProgressCallback | None = None,
+) -> PruneResult:
+    """Prune the HF directory ``folder`` into the sharded checkpoint directory ``out`` without loading it whole.
+
+    Magnitude reads, prunes and writes one tensor at a time (and hashes every shard on the same
+    read); ``wanda``/``sparsegpt`` with ``batches`` materialize one block at a time
+    (:func:`_prune_blocks_sharded`). Masks and effective weights equal those of the in-memory path.
+
+    Raises:
+        InputError: nothing can be pruned. SourceError/CheckpointError: unreadable or inconsistent inputs.
+        OutputExistsError: ``out`` exists without ``force``, or is an input.
+    """
+    from nmcli.checkpoint import history_record
+    from nmcli.prune import LayerReport, PruneResult
+
+    plan = _plan(folder, pattern, include, exclude)
+    if not plan.eligible:
+        raise _no_layer_error(spec, pattern, plan.candidates)
+    outcomes: dict[str, _Outcome] = {}
+    notes: list[str] = []
+    with atomic_directory(out, force=force, inputs=[folder]) as tmp:
+        copy_side_files(folder, tmp)
+        shards = OutputShards(plan.source, tmp)
+        sidecar = SidecarWriter(tmp / SIDECAR)
+        try:
+            if batches is None:
+                hashes = _magnitude(plan, pattern, shards, sidecar, keep_dense, outcomes, progress)
+            else:
+                assert calibration is not None
+                from nmcli.sharded_calibrated import prune_blocks_sharded
+
+                notes = prune_blocks_sharded(
+                    plan, pattern, method, batches, calibration, shards, sidecar, keep_dense, outcomes, progress
+                )
+                hashes = {f: sha256_file(folder / f) for f in plan.source.files}
+            shards.finish()
+            write_index(plan.source, tmp)
+            reports, entries, pruned = [], [], 0
+            for cand in plan.candidates:
+                if not cand.eligible:
+                    reports.append(LayerReport(cand.module, cand.param, cand.shape, "skipped", cand.reason, None))
+                    continue
+                key = plan.keys[cand.param]
+                o = outcomes[key]
+                pruned += o.pruned
+                entries.append(LayerEntry(key, cand.module, pattern.n, pattern.m, cand.axis, cand.shape))
+                reports.append(LayerReport(cand.module, key, cand.shape, "pruned", "", o.kept, o.recon_error, o.note))
+            params_total = sum(p.numel() for p in plan.model.parameters())
+            samples = sum(b.size for b in batches) if batches is not None else 0
+            metrics: dict[str, Any] = {
+                "layers_pruned": len(entries),
+                "params_pruned": pruned,
+                "sparsity": pruned / params_total if params_total else 0.0,
+                "layout": LAYOUT,
+            }
+            if batches is not None:
+                errors = [r.recon_error for r in reports if r.recon_error is not None]
+                metrics.update(
+                    {
+                        "calib_samples": samples,
+                        "mean_recon_error": sum(errors) / len(errors) if errors else None,
+                    }
+                )
+            from dataclasses import replace
+
+            ref = replace(source, shards=tuple((f, hashes[f]) for f in plan.source.files))
+            meta = CheckpointMeta(
+                source=ref,
+                pattern=pattern,
+                layers=entries,
+                input_spec=input_spec,
+                history=[history_record("prune", history_args or {"pattern": str(pattern), "method": method}, metrics)],
+                method=method,
+            )
+            sidecar.finish(sidecar_metadata(meta))
+        finally:
+            shards.close()
+            sidecar.close()
+    ckpt = Checkpoint(tensors={}, masks={}, meta=meta)
+    result = PruneResult(ckpt, pattern, method, reports, params_total, pruned, out, notes, False, samples)
+    return result
+
+
+def sidecar_metadata(meta: CheckpointMeta) -> dict[str, str]:
+    return {"format": FORMAT, "layout": LAYOUT, "nmcli": json.dumps(meta.to_json(), separators=(",", ":"))}
+
+
+@dataclass
+class _Outcome:
+    kept: float
+    pruned: int
+    recon_error: float | None = None
+    note: str = ""
+
+
+def _l1(value: torch.Tensor) -> float:
+    import torch
+
+    return float(torch.linalg.vector_norm(value, 1, dtype=torch.float32))
+
+
+def finish_layer(
+    name: str,
+    cand: LayerCandidate,
+    pattern: Pattern,
+    original: torch.Tensor,
+    effective: torch.Tensor,
+    mask: torch.Tensor,
+    dense: torch.Tensor | None,
+    sidecar: SidecarWriter,
+    outcomes: dict[str, _Outcome],
+    *,
+    recon_error: float | None = None,
+    note: str = "",
+) -> None:
+    """Validate one pruned layer with the format's own checks and spool its packed mask (and dense weights)."""
+    entry = LayerEntry(name, cand.module, pattern.n, pattern.m, cand.axis, cand.shape)
+    packed = pack_mask(mask)
+    from nmcli.checkpoint import SourceRef
+
+    one = CheckpointMeta(source=SourceRef(spec=""), layers=[entry])
+    _raise_problems(name, validate_checkpoint({name: effective}, {name: packed}, {}, one))
+    sidecar.add(MASK_PREFIX + name, packed)
+    if dense is not None:
+        sidecar.add(DENSE_PREFIX + name, dense)
+    total = _l1(original)
+    kept = _l1(effective) / total if total > 0 else 1.0
+    outcomes[name] = _Outcome(kept, int(mask.numel() - int(mask.sum())), recon_error, note)
+
+
+def _magnitude(
+    plan: _Plan,
+    pattern: Pattern,
+    shards: OutputShards,
+    sidecar: SidecarWriter,
+    keep_dense: bool,
+    outcomes: dict[str, _Outcome],
+    progress: ProgressCallback | None,
+) -> dict[str, str]:
+    """Magnitude prune, one tensor at a time in file order; returns the sha256 of every shard (hashed on the same read)."""
+    from nmcli.patterns import apply_mask, nm_mask
+
+    source = plan.source
+    bar = _Progress(progress, source.total_bytes)
+    hashes: dict[str, str] = {}
+    with ShardReader(source) as reader:
+        for number, file in enumerate(source.files, 1):
+            header = source.headers[file]
+            digest = hashlib.sha256(header.raw)
+            for info in header.tensors:
+                value = reader.tensor(info.name)
+                digest.update(_raw_bytes(value))
+                cand = plan.eligible.get(info.name)
+                if cand is not None:
+                    mask = nm_mask(value, pattern, cand.axis)
+                    effective = apply_mask(value, mask)
+                    finish_layer(
+                        info.name,
+                        cand,
+                        pattern,
+                        value,
+                        effective,
+                        mask,
+                        value if keep_dense else None,
+                        sidecar,
+                        outcomes,
+                    )
+                    value = effective
+                shards.put(info.name, value)
+                del value
+                bar.advance(info.nbytes, f"shard {number}/{len(source.files)}")
+            hashes[file] = digest.hexdigest()
+    return hashes
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a sharded checkpoint
+
+
+class ShardedCheckpointReader:
+    """A sharded checkpoint directory read like :class:`nmcli.checkpoint.CheckpointReader`.
+
+    Masks and dense weights come from the sidecar (``numpy=True``: without torch), state-dict
+    names and shapes from the shard headers, tensors one at a time from the shards.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, numpy: bool = False) -> None:
+        self.path = Path(path)
+        if not is_sharded_checkpoint(self.path):
+            raise CheckpointError(f"{self.path} is not an nmcli sharded checkpoint: it has no {SIDECAR}")
+        self._sidecar = CheckpointReader(self.path / SIDECAR, numpy=numpy)
+        try:
+            if self._sidecar.meta is None:
+                raise CheckpointError(f"{self.path / SIDECAR} holds no nmcli metadata: re-create the checkpoint")
+            self.meta: CheckpointMeta | None = self._sidecar.meta
+            self.raw_metadata = self._sidecar.raw_metadata
+            self.model = ShardedModel.open(self.path)
+            self._reader = ShardReader(self.model, numpy=numpy)
+        except BaseException:
+            self._sidecar.close()
+            raise
+
+    def __enter__(self) -> ShardedCheckpointReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._reader.close()
+        self._sidecar.close()
+
+    @property
+    def is_nmcli(self) -> bool:
+        return True
+
+    @property
+    def state_names(self) -> list[str]:
+        return list(self.model.tensors)
+
+    @property
+    def mask_names(self) -> list[str]:
+        return self._sidecar.mask_names
+
+    @property
+    def dense_names(self) -> list[str]:
+        return self._sidecar.dense_names
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name.startswith(MASK_PREFIX) or name.startswith(DENSE_PREFIX):
+            return self._sidecar.shape(name)
+        if name not in self.model.tensors:
+            raise KeyError(name)
+        return self.model.tensors[name].shape
+
+    def tensor(self, name: str) -> Any:
+        return self._reader.tensor(name)
+
+    def packed_mask(self, param: str) -> Any:
+        return self._sidecar.packed_mask(param)
+
+    def packed_mask_array(self, param: str) -> np.ndarray:
+        return self._sidecar.packed_mask_array(param)
+
+    def mask(self, param: str) -> torch.Tensor:
+        assert self.meta is not None
+        return unpack_mask(self._sidecar.packed_mask_array(param), self.meta.layer(param).shape)
+
+    def dense(self, param: str) -> Any:
+        return self._sidecar.dense(param)
+
+    def iter_state(self) -> Iterator[tuple[str, Any]]:
+        for name in self.state_names:
+            yield name, self.tensor(name)
+
+    def load(self, *, dense: bool = True) -> Checkpoint:
+        """Read and validate the whole checkpoint into memory (see :func:`load_sharded`)."""
+        assert self.meta is not None
+        _check_fits(self.path, self.model.total_bytes)
+        try:
+            tensors = dict(self.iter_state())
+            packed = {name: self.packed_mask(name) for name in self.mask_names}
+            dense_tensors = {name: self.dense(name) for name in self.dense_names}
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{self.path} could not be read ({exc}): it may be truncated; re-create it") from exc
+        _raise_problems(self.path, validate_checkpoint(tensors, packed, dense_tensors, self.meta))
+        masks = {e.param: unpack_mask(packed[e.param], e.shape) for e in self.meta.layers}
+        return Checkpoint(tensors=tensors, masks=masks, meta=self.meta, dense=dense_tensors if dense else {})
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_fits(path: Path, nbytes: int) -> None:
+    """Loading a model whole needs about twice its size (tensors, then the model's copy)."""
+    available = _available_memory()
+    if available is not None and 2 * nbytes > available:
+        raise InputError(
+            f"{path} holds {nbytes / 1e9:.1f} GB of weights: loading it whole needs about {2 * nbytes / 1e9:.1f} GB "
+            f"and {available / 1e9:.1f} GB is available; this command needs the whole model in memory "
+            "(inspect and sad read sharded checkpoints without loading them)"
+        )
+
+
+def load_sharded(path: str | os.PathLike[str], *, dense: bool = True) -> Checkpoint:
+    """Read and validate a sharded checkpoint whole, when it fits in memory.
+
+    Raises:
+        CheckpointError: unreadable or invalid. InputError: it does not fit in memory.
+    """
+    with ShardedCheckpointReader(path) as reader:
+        return reader.load(dense=dense)
+
+
+def shard_count(path: str | os.PathLike[str]) -> int:
+    files = weight_files(path)
+    return len(files) if files else 0
+
+
+__all__ = [
+    "INDEX",
+    "SIDECAR",
+    "ShardedCheckpointReader",
+    "ShardedModel",
+    "atomic_directory",
+    "build_skeleton",
+    "is_hf_directory",
+    "is_sharded_checkpoint",
+    "load_sharded",
+    "prune_directory",
+]
