@@ -34,7 +34,7 @@ import numpy as np
 from nmcli import __version__
 from nmcli.errors import CheckpointError
 from nmcli.io import atomic_output
-from nmcli.patterns import Pattern, group_counts, parse_pattern, stored_nonzero
+from nmcli.patterns import Pattern, TensorBits, array_group_counts, parse_pattern
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: headers and packed masks read without it
     import torch
@@ -249,17 +249,11 @@ def packed_size(shape: Sequence[int]) -> int:
 # Validation
 
 
-def _nonfinite(tensor: torch.Tensor) -> bool:
-    import torch
-
-    return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-
-
 def _check_layer(
     entry: LayerEntry,
-    weight: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    dense: torch.Tensor | None,
+    weight: TensorBits | None,
+    mask: TensorBits | None,
+    dense: TensorBits | None,
     problems: list[str],
 ) -> None:
     where = f"layer {entry.param}"
@@ -271,52 +265,54 @@ def _check_layer(
     if weight is None:
         problems.append(f"{where}: no tensor {entry.param} in the file")
         return
-    if tuple(weight.shape) != entry.shape:
-        problems.append(f"{where}: tensor has shape {tuple(weight.shape)}, layer entry says {entry.shape}")
+    if weight.shape != entry.shape:
+        problems.append(f"{where}: tensor has shape {weight.shape}, layer entry says {entry.shape}")
         return
     if not (0 <= entry.axis < len(entry.shape)) or entry.shape[entry.axis] % entry.m:
         problems.append(f"{where}: axis {entry.axis} of shape {entry.shape} cannot hold groups of {entry.m}")
         return
-    if dense is not None and tuple(dense.shape) != entry.shape:
-        problems.append(f"{where}: dense weights have shape {tuple(dense.shape)}, expected {entry.shape}")
+    if dense is not None and dense.shape != entry.shape:
+        problems.append(f"{where}: dense weights have shape {dense.shape}, expected {entry.shape}")
     if mask is None:
         problems.append(f"{where}: mask {MASK_PREFIX}{entry.param} is missing")
         return
-    import torch
-
-    if mask.dtype != torch.bool:
-        if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != packed_size(entry.shape):
+    if mask.dtype != "bool":
+        if mask.dtype != "uint8" or len(mask.shape) != 1 or mask.size != packed_size(entry.shape):
             problems.append(
-                f"{where}: packed mask has {mask.dtype} shape {tuple(mask.shape)}, expected uint8 "
+                f"{where}: packed mask has {mask.dtype} shape {mask.shape}, expected uint8 "
                 f"of {packed_size(entry.shape)} bytes"
             )
             return
-        mask = unpack_mask(mask, entry.shape)
-    elif tuple(mask.shape) != entry.shape:
-        problems.append(f"{where}: mask has shape {tuple(mask.shape)}, expected {entry.shape}")
+        kept_mask = np.unpackbits(mask.bits, count=entry.numel, bitorder="little").view(bool).reshape(entry.shape)
+    elif mask.shape != entry.shape:
+        problems.append(f"{where}: mask has shape {mask.shape}, expected {entry.shape}")
         return
-    kept = group_counts(mask, entry.m, entry.axis)
-    if bool(kept.gt(entry.n).any()):
-        bad = int(kept.gt(entry.n).sum())
+    else:
+        kept_mask = mask.bits != 0
+    over = int(np.count_nonzero(array_group_counts(kept_mask, entry.m, entry.axis) > entry.n))
+    if over:
         problems.append(
-            f"{where}: mask keeps more than {entry.n} of {entry.m} in {bad} group(s), breaking {entry.pattern}"
+            f"{where}: mask keeps more than {entry.n} of {entry.m} in {over} group(s), breaking {entry.pattern}"
         )
-    pruned_nonzero = stored_nonzero(weight) & ~mask
-    if bool(pruned_nonzero.any()):
+    pruned_nonzero = int(np.count_nonzero(weight.stored_nonzero() & ~kept_mask))
+    if pruned_nonzero:
         problems.append(
-            f"{where}: {int(pruned_nonzero.sum())} effective weight(s) are non-zero (or -0.0) where the mask prunes them"
+            f"{where}: {pruned_nonzero} effective weight(s) are non-zero (or -0.0) where the mask prunes them"
         )
 
 
-def validate_checkpoint(
-    tensors: Mapping[str, torch.Tensor],
-    masks: Mapping[str, torch.Tensor],
-    dense: Mapping[str, torch.Tensor],
+def validate_bits(
+    tensors: Mapping[str, TensorBits],
+    masks: Mapping[str, TensorBits],
+    dense: Mapping[str, TensorBits],
     meta: CheckpointMeta,
 ) -> list[str]:
-    """Every problem of a checkpoint, as human sentences (empty when valid).
+    """Every problem of a checkpoint given as raw bits, as human sentences (empty when valid).
 
-    ``masks`` may hold boolean masks or packed uint8 masks.
+    The one validation rule of the format: missing or mis-shaped masks, masks that break their
+    N:M pattern, effective weights non-zero (or ``-0.0``) where the mask prunes them, entries
+    without tensors, masks or dense weights without entries, non-finite values. ``masks`` may
+    hold boolean masks or packed ``uint8`` masks. Runs on numpy only (no torch).
     """
     problems: list[str] = []
     layer_params = set()
@@ -332,9 +328,23 @@ def validate_checkpoint(
         problems.append(f"dense weights {DENSE_PREFIX}{name} have no layer entry")
     for kind, group in (("tensor", tensors), ("dense weights", dense)):
         for name, value in group.items():
-            if _nonfinite(value):
+            if value.nonfinite():
                 problems.append(f"{kind} {name} holds NaN or infinite values")
     return problems
+
+
+def validate_checkpoint(
+    tensors: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    dense: Mapping[str, torch.Tensor],
+    meta: CheckpointMeta,
+) -> list[str]:
+    """Every problem of a checkpoint held as torch tensors (see :func:`validate_bits`)."""
+
+    def bits(group: Mapping[str, torch.Tensor]) -> dict[str, TensorBits]:
+        return {name: TensorBits.of_tensor(value) for name, value in group.items()}
+
+    return validate_bits(bits(tensors), bits(masks), bits(dense), meta)
 
 
 def _raise_problems(path: str | os.PathLike[str], problems: list[str]) -> None:
@@ -466,6 +476,50 @@ def write_safetensors(
 # Reading
 
 
+_ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_ITEM_SIZES |= {"F8_E4M3": 1, "F8_E5M2": 1, "C64": 8, "U16": 2, "U32": 4, "U64": 8}
+_DTYPE_NAMES = {code: name for name, code in _SAFETENSORS_DTYPES.items()} | {
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+}
+_UNSIGNED_BY_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+class _DataLayout:
+    """Where each tensor's bytes sit in a safetensors file, and a read-only memory map of them."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        self._entries: dict[str, Any] = {k: v for k, v in header.items() if k != "__metadata__"}
+        self._start = 8 + length
+        self._path = path
+        self._map: np.ndarray | None = None
+
+    def bits(self, name: str) -> TensorBits:
+        info = self._entries[name]
+        code = str(info["dtype"])
+        size = _ITEM_SIZES.get(code)
+        if size is None:
+            raise CheckpointError(f"{self._path}: tensor {name} has dtype {code}, which nmcli cannot read")
+        shape = tuple(int(d) for d in info["shape"])
+        begin, end = (int(x) for x in info["data_offsets"])
+        if end - begin != math.prod(shape) * size:
+            raise CheckpointError(
+                f"{self._path}: tensor {name} has {end - begin} bytes for shape {shape}: re-create it"
+            )
+        if begin == end:
+            return TensorBits(_DTYPE_NAMES[code], np.zeros(shape, dtype=_UNSIGNED_BY_SIZE[size]))
+        if self._map is None:
+            self._map = np.memmap(self._path, dtype=np.uint8, mode="r")
+        raw = self._map[self._start + begin : self._start + end]
+        if raw.size != end - begin:
+            raise CheckpointError(f"{self._path} is truncated inside tensor {name}: re-create it")
+        return TensorBits(_DTYPE_NAMES[code], raw.view(_UNSIGNED_BY_SIZE[size]).reshape(shape))
+
+
 class CheckpointReader:
     """Lazy, memory-mapped access to a safetensors file, nmcli/1 or a plain state dict.
 
@@ -474,13 +528,17 @@ class CheckpointReader:
 
     ``numpy=True`` opens the file without torch (``safe_open(framework="numpy")``): for the header,
     shapes and packed masks (:meth:`packed_mask_array`), e.g. ``sad`` of checkpoints; its
-    :meth:`tensor` returns numpy arrays. A compressed checkpoint is decoded with torch either way.
+    :meth:`tensor` returns numpy arrays. :meth:`bits` and :meth:`check` read any tensor's raw bits
+    from a numpy memory map whatever ``numpy`` says (bfloat16 included), e.g. ``inspect`` of
+    checkpoints. A compressed checkpoint is decoded with torch either way.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, numpy: bool = False) -> None:
         from safetensors import safe_open
 
         self.path = Path(path)
+        self._decoded = False  # a compressed file, read through nmcli.compressed
+        self._layout: _DataLayout | None = None  # byte offsets for bits(), parsed on first use
         if not self.path.exists():
             raise CheckpointError(f"{self.path} does not exist: check the path")
         if self.path.is_dir():
@@ -498,6 +556,7 @@ class CheckpointReader:
                     self._file = self._handle.__enter__()
 
                 self._file = DecodedFile(self._file)
+                self._decoded = True
                 raw_meta = self._file.metadata()
             self._keys = list(self._file.keys())
         except CheckpointError:
@@ -553,6 +612,40 @@ class CheckpointReader:
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(name)
+
+    def bits(self, name: str) -> TensorBits:
+        """Tensor ``name`` as raw bits, memory-mapped from the file with numpy (no torch, no copy).
+
+        A compressed checkpoint's decoded tensors are the exception: they are decoded with torch.
+
+        Raises:
+            CheckpointError: the header names a dtype nmcli cannot read, or the data is short.
+        """
+        if self._decoded:
+            return TensorBits.of_tensor(self._file.get_tensor(name))
+        if self._layout is None:
+            self._layout = _DataLayout(self.path)
+        return self._layout.bits(name)
+
+    def check(self) -> None:
+        """Validate the whole nmcli/1 checkpoint on its memory-mapped bits (numpy; no torch).
+
+        The same rule, and the same messages, as :meth:`load` (:func:`validate_bits`).
+
+        Raises:
+            CheckpointError: the file is a plain state dict, or breaks the format (all problems listed).
+        """
+        if self.meta is None:
+            raise CheckpointError(f"{self.path} is a plain state dict, not an {FORMAT} checkpoint")
+        try:
+            tensors = {name: self.bits(name) for name in self.state_names}
+            masks = {name: self.bits(MASK_PREFIX + name) for name in self.mask_names}
+            dense = {name: self.bits(DENSE_PREFIX + name) for name in self.dense_names}
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{self.path} could not be read ({exc}): it may be truncated; re-create it") from exc
+        _raise_problems(self.path, validate_bits(tensors, masks, dense, self.meta))
 
     def packed_mask(self, param: str) -> torch.Tensor:
         return self._file.get_tensor(MASK_PREFIX + param)

@@ -1,10 +1,14 @@
 """``inspect``: N:M compliance of the weights of a checkpoint, any model source, or an ONNX file.
 
-For every weight N:M could apply to, the report gives its shape, its sparsity (the share of exact
-``+0.0``; ``-0.0`` counts as non-zero, as sparse compressors count it), whether it is N:M-compliant
-along its reduction axis, whether it is *eligible* (a layer the pattern should hold on), and
-whether TensorRT's 2:4 sparse kernels could use it. A report is compliant when every eligible
-layer is.
+For every weight N:M could apply to, the report gives its shape, its sparsity (the share of zeros),
+whether it is N:M-compliant along its reduction axis, whether it is *eligible* (a layer the pattern
+should hold on), and whether TensorRT's 2:4 sparse kernels could use it. ``-0.0`` counts as zero
+for sparsity and compliance (as Polygraphy and TensorRT count it) and is reported per layer in
+``negative_zeros`` (sparse compressors that compare bit patterns count it as non-zero). A report is
+compliant when every eligible layer is.
+
+An nmcli checkpoint is read from its file only, with numpy on the memory-mapped data: torch is not
+imported (:func:`inspect_checkpoint_file`); ``--rebuild`` and ``--arch`` rebuild the model.
 
 What "eligible" means depends on the target:
 
@@ -23,32 +27,26 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+import numpy as np
 
-from nmcli.checkpoint import Checkpoint, CheckpointMeta, is_safetensors, load_checkpoint, read_meta
+from nmcli.checkpoint import Checkpoint, CheckpointMeta, CheckpointReader, is_safetensors
 from nmcli.errors import BackendUnavailableError, InputError, SourceError
-from nmcli.onnx_layout import (
-    find_weights,
-    gather_tables,
-    initializer_tensor,
-    load_onnx,
-    negative_zeros,
-    sparse_layers,
-    weight_compliance,
-)
 from nmcli.patterns import (
     TENSOR_CORE_PATTERN,
     LayerCandidate,
     Pattern,
+    TensorBits,
+    bits_compliance,
     find_layers,
     parse_pattern,
-    stored_nonzero,
     tensorrt_reason,
 )
-from nmcli.sources import PREFIXES, load_model, model_from_checkpoint
+
+if TYPE_CHECKING:  # torch, onnx and the model sources are imported only where a model or an ONNX is read
+    import torch
+    from torch import nn
 
 # Skip reasons of layers whose structure (not just their size) rules out sparse kernels.
 _STRUCTURAL_SKIPS = ("grouped", "transposed", "has no input dimension")
@@ -63,7 +61,7 @@ class LayerInspection:
         shape: the weight's shape, in its own layout.
         axis: the reduction axis that N:M groups run along.
         kind: ``linear``, ``conv``, ``hf_conv1d``, ``attention`` or the ONNX op (``Conv``, ``Gemm``, ``MatMul``).
-        sparsity: the share of exact ``+0.0`` elements.
+        sparsity: the share of zero elements (``-0.0`` included).
         compliant: at most N non-zeros in every group of M along ``axis``.
         eligible: whether the pattern should hold on this layer (see the module doc).
         tensorrt: whether TensorRT's 2:4 sparse kernels could use the weight as it is.
@@ -146,20 +144,35 @@ class InspectReport:
 def _measure(
     param: str, values: torch.Tensor, axis: int, kind: str, eligible: bool, reason: str, pattern: Pattern
 ) -> LayerInspection:
-    shape = tuple(int(d) for d in values.shape)
-    if not 0 <= axis < values.dim():
-        sparsity = 1.0 - float(stored_nonzero(values).float().mean()) if values.numel() else 0.0
+    return _measure_bits(param, TensorBits.of_tensor(values), axis, kind, eligible, reason, pattern)
+
+
+def _measure_bits(
+    param: str, values: TensorBits, axis: int, kind: str, eligible: bool, reason: str, pattern: Pattern
+) -> LayerInspection:
+    """One layer's report from its raw bits (numpy): the one measuring rule of every inspect path."""
+    shape = values.shape
+    if not 0 <= axis < len(shape):
+        zeros = values.size - int(np.count_nonzero(values.stored_nonzero()))
+        sparsity = zeros / values.size if values.size else 0.0
         return LayerInspection(param, shape, axis, kind, sparsity, False, eligible, False, reason)
-    sparsity, compliant = weight_compliance(values, pattern, axis)
-    negative = negative_zeros(values)
+    state = bits_compliance(values, pattern, axis)
     trt_reason = reason
     if not any(word in reason for word in _STRUCTURAL_SKIPS):
-        compliant_24 = (
-            compliant if pattern == TENSOR_CORE_PATTERN else weight_compliance(values, TENSOR_CORE_PATTERN, axis)[1]
-        )
-        trt_reason = tensorrt_reason(shape, axis, compliant_24)
-    trt = not trt_reason
-    return LayerInspection(param, shape, axis, kind, sparsity, compliant, eligible, trt, reason, negative, trt_reason)
+        trt_reason = tensorrt_reason(shape, axis, state.compliant_24)
+    return LayerInspection(
+        param,
+        shape,
+        axis,
+        kind,
+        state.sparsity,
+        state.compliant,
+        eligible,
+        not trt_reason,
+        reason,
+        state.negative_zeros,
+        trt_reason,
+    )
 
 
 def inspect_model(model: nn.Module, pattern: Pattern, *, target: str = "", kind: str = "model") -> InspectReport:
@@ -205,6 +218,83 @@ def inspect_checkpoint(
     return InspectReport(target, "checkpoint", pattern, layers)
 
 
+def inspect_checkpoint_file(
+    path: str | os.PathLike[str], pattern: Pattern | None = None, *, target: str = ""
+) -> InspectReport:
+    """Inspect an nmcli/1 checkpoint from its file only, without torch: eligible are its pruned layers.
+
+    The file is validated first (:meth:`nmcli.checkpoint.CheckpointReader.check`: the problems
+    :func:`nmcli.checkpoint.load_checkpoint` reports), then every pruned layer is measured on the
+    memory-mapped bits. The report equals :func:`inspect_checkpoint` of the loaded checkpoint
+    without a model. A compressed checkpoint is decoded with torch.
+
+    Raises:
+        CheckpointError: a plain state dict, or a checkpoint that breaks the format.
+    """
+    with CheckpointReader(path, numpy=True) as reader:
+        reader.check()
+        assert reader.meta is not None  # check() raises for a plain state dict
+        nm = pattern or reader.meta.pattern or TENSOR_CORE_PATTERN
+        layers: list[LayerInspection] = []
+        for entry in reader.meta.layers:
+            reason = _size_reason(entry.shape, entry.axis, nm)
+            layers.append(
+                _measure_bits(entry.param, reader.bits(entry.param), entry.axis, "pruned", not reason, reason, nm)
+            )
+    return InspectReport(target or str(path), "checkpoint", nm, layers)
+
+
+def inspect_sharded(
+    folder: str | os.PathLike[str], pattern: Pattern | None = None, *, target: str = ""
+) -> InspectReport:
+    """Inspect a sharded checkpoint directory from its stored masks only (DESIGN.md section 3c).
+
+    Sparsity and compliance are those of the masks (the shards' weights are not read; the format
+    guarantees they are zero where the masks are); numpy only, no model is built.
+    """
+    from nmcli.patterns import Pattern as _Pattern
+    from nmcli.sharded import ShardedCheckpointReader, packed_mask_stats
+
+    with ShardedCheckpointReader(folder, numpy=True) as reader:
+        assert reader.meta is not None
+        nm = pattern or reader.meta.pattern or TENSOR_CORE_PATTERN
+        layers: list[LayerInspection] = []
+        for entry in reader.meta.layers:
+            packed = reader.packed_mask_array(entry.param)
+            reason = _size_reason(entry.shape, entry.axis, nm)
+            numel = entry.numel
+            kept, compliant = packed_mask_stats(packed, entry.shape, entry.axis, nm.n, nm.m) if not reason else (0, False)
+            if reason:
+                kept = packed_mask_stats(packed, entry.shape, entry.axis, entry.n, entry.m)[0]
+            tensor_core = _Pattern(2, 4)
+            compliant_24 = (
+                compliant
+                if (nm.n, nm.m) == (2, 4)
+                else entry.shape[entry.axis] % 4 == 0
+                and packed_mask_stats(packed, entry.shape, entry.axis, tensor_core.n, tensor_core.m)[1]
+            )
+            trt_reason = tensorrt_reason(entry.shape, entry.axis, compliant_24)
+            layers.append(
+                LayerInspection(
+                    param=entry.param,
+                    shape=entry.shape,
+                    axis=entry.axis,
+                    kind="pruned",
+                    sparsity=1.0 - kept / numel if numel else 0.0,
+                    compliant=compliant,
+                    eligible=not reason,
+                    tensorrt=not trt_reason,
+                    reason=reason,
+                    tensorrt_reason=trt_reason,
+                )
+            )
+    report = InspectReport(target or str(folder), "checkpoint", nm, layers)
+    report.notes.append(
+        "sharded checkpoint: measured on its stored masks (weights not read); --rebuild loads it whole"
+    )
+    return report
+
+
 def _size_reason(shape: tuple[int, ...], axis: int, pattern: Pattern) -> str:
     if shape[axis] % pattern.m:
         return f"input dimension {shape[axis]} is not a multiple of M={pattern.m}"
@@ -219,6 +309,8 @@ def inspect_onnx(model: Any, pattern: Pattern, *, target: str = "") -> InspectRe
     holds groups of M, except embedding tables (initializers that also feed a ``Gather``, such as
     a tied LM head's).
     """
+    from nmcli.onnx_layout import find_weights, gather_tables, initializer_tensor, sparse_layers
+
     recorded = sparse_layers(model)
     tables = gather_tables(model) if recorded is None else set()
     layers: list[LayerInspection] = []
@@ -236,8 +328,16 @@ def inspect_onnx(model: Any, pattern: Pattern, *, target: str = "") -> InspectRe
     return InspectReport(target, "onnx", pattern, layers)
 
 
+def _has_source_prefix(target: str) -> bool:
+    if ":" not in target:  # every source prefix ends with ":"; nmcli.sources (torch) stays unimported
+        return False
+    from nmcli.sources import PREFIXES
+
+    return target.startswith(PREFIXES)
+
+
 def _is_onnx(target: str) -> bool:
-    return not target.startswith(PREFIXES) and target.lower().endswith(".onnx")
+    return target.lower().endswith(".onnx") and not _has_source_prefix(target)
 
 
 def run_inspect(
@@ -250,8 +350,9 @@ def run_inspect(
 ) -> InspectReport:
     """``nmcli inspect``: inspect a checkpoint, any model source, or an ``.onnx`` file.
 
-    A checkpoint is read from its file only (its pruned layers); the model is rebuilt from its
-    source, to list the layers a prune left dense too, only with ``rebuild`` or ``arch``.
+    A checkpoint is read from its file only (its pruned layers, with numpy: torch is not imported);
+    the model is rebuilt from its source, to list the layers a prune left dense too, only with
+    ``rebuild`` or ``arch``.
 
     Args:
         target: an nmcli/1 checkpoint, a model source (see :mod:`nmcli.sources`) or an ONNX file.
@@ -266,18 +367,28 @@ def run_inspect(
         BackendUnavailableError: the package behind the source is missing.
     """
     nm = parse_pattern(pattern) if pattern is not None else None
+    from nmcli.sharded import is_sharded_checkpoint, local_directory
+
+    folder = local_directory(target)
+    if folder is not None and is_sharded_checkpoint(folder) and not (rebuild or arch):
+        return inspect_sharded(folder, nm, target=target)
     if _is_onnx(target):
         if not Path(target).is_file():
             raise InputError(f"{target} does not exist: check the path")
         if Path(target).stat().st_size == 0:
             raise InputError(f"{target} is empty (0 bytes), not an ONNX model: re-export it")
+        from nmcli.onnx_layout import load_onnx
+
         proto = load_onnx(target)
         if not proto.graph.node:
             raise InputError(f"{target} holds no ONNX graph (no nodes): it is not a model; re-export it")
         return inspect_onnx(proto, nm or TENSOR_CORE_PATTERN, target=target)
-    if is_safetensors(target) and Path(target).is_file():
-        meta = read_meta(target)
+    if is_safetensors(target) and Path(target).is_file() and not _has_source_prefix(target):
+        with CheckpointReader(target, numpy=True) as reader:
+            meta = reader.meta
         if meta is not None:
+            if not (rebuild or arch):  # a CI gate on checkpoints reads the file only, without torch
+                return inspect_checkpoint_file(target, nm, target=target)
             return _run_checkpoint(target, meta, nm, arch=arch, trust=trust, rebuild=rebuild)
     from nmcli.statedicts import infer_state_dict_layers, is_bare_state_dict
 
@@ -290,6 +401,8 @@ def run_inspect(
             if len(c.shape) >= 2
         ]
         return InspectReport(target, "inferred", nm, layers, inferred.notes)
+    from nmcli.sources import load_model
+
     loaded = load_model(target, arch=arch, trust=trust)
     nm = nm or (loaded.checkpoint.meta.pattern if loaded.checkpoint else None) or TENSOR_CORE_PATTERN
     if loaded.checkpoint is not None:
@@ -306,11 +419,14 @@ def _run_checkpoint(
     trust: bool,
     rebuild: bool = False,
 ) -> InspectReport:
+    from nmcli.checkpoint import load_checkpoint
+    from nmcli.sources import model_from_checkpoint
+
     nm = nm or meta.pattern or TENSOR_CORE_PATTERN
     ckpt = load_checkpoint(target, dense=False)
     notes: list[str] = []
     model: nn.Module | None = None
-    if not (rebuild or arch):  # a CI gate on checkpoints reads the file only
+    if not (rebuild or arch):
         return inspect_checkpoint(ckpt, nm, target=str(target))
     try:
         model = model_from_checkpoint(ckpt, arch=arch, trust=trust)
@@ -330,6 +446,7 @@ __all__ = [
     "InspectReport",
     "LayerInspection",
     "inspect_checkpoint",
+    "inspect_checkpoint_file",
     "inspect_model",
     "inspect_onnx",
     "run_inspect",

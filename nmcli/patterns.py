@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from nmcli.errors import PatternError
 
 if TYPE_CHECKING:  # torch is imported where it is used: parsing patterns and reading headers stay torch-free
@@ -154,6 +156,132 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     import torch
 
     return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+# --------------------------------------------------------------------------------------------
+# The same checks on raw bits, with numpy: a memory-mapped safetensors tensor (no torch needed,
+# bfloat16 and float8 included) or a torch tensor viewed as integers. ``-0.0`` is a bit pattern
+# here: ``stored_nonzero`` counts it, ``nonzero`` does not, ``negative_zeros`` reports it.
+
+# float dtype name -> (sign bit, bits that are all set in NaN and infinity and only there)
+FLOAT_BITS: dict[str, tuple[int, int]] = {
+    "float64": (1 << 63, 0x7FF0_0000_0000_0000),
+    "float32": (1 << 31, 0x7F80_0000),
+    "float16": (1 << 15, 0x7C00),
+    "bfloat16": (1 << 15, 0x7F80),
+    "float8_e5m2": (1 << 7, 0x7C),
+    "float8_e4m3fn": (1 << 7, 0x7F),  # no infinity; NaN is S.1111.111
+}
+_UNSIGNED = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
+
+
+@dataclass(frozen=True)
+class TensorBits:
+    """A tensor's elements as unsigned integers of the same size (``bits``), with its dtype name.
+
+    ``dtype`` is torch's name without ``torch.`` (``float32``, ``bfloat16``, ``uint8``, ``bool``).
+    """
+
+    dtype: str
+    bits: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.bits.shape)
+
+    @property
+    def floating(self) -> bool:
+        return self.dtype in FLOAT_BITS
+
+    @property
+    def size(self) -> int:
+        return int(self.bits.size)
+
+    @classmethod
+    def of_tensor(cls, tensor: torch.Tensor) -> TensorBits:
+        """The bits of a torch tensor (copied to the CPU and made contiguous only when needed)."""
+        import torch
+
+        value = tensor.detach().to("cpu").contiguous()
+        dtype = str(value.dtype).removeprefix("torch.")
+        flat = value.reshape(-1).view(torch.uint8).numpy()
+        return cls(dtype, flat.view(np.dtype(_UNSIGNED[value.element_size()])).reshape(tuple(value.shape)))
+
+    def stored_nonzero(self) -> np.ndarray:
+        """Elements that are not exactly ``+0.0`` (``-0.0`` counts as non-zero), like :func:`stored_nonzero`."""
+        return self.bits != 0
+
+    def nonzero(self) -> np.ndarray:
+        """Elements that are not zero, ``-0.0`` counting as zero."""
+        if self.floating:
+            return (self.bits & self.bits.dtype.type(~FLOAT_BITS[self.dtype][0] & _ones(self.bits))) != 0
+        return self.bits != 0
+
+    def negative_zeros(self) -> int:
+        """How many elements are ``-0.0`` (0 for integer tensors)."""
+        if not self.floating:
+            return 0
+        return int(np.count_nonzero(self.bits == self.bits.dtype.type(FLOAT_BITS[self.dtype][0])))
+
+    def nonfinite(self) -> bool:
+        """Whether a floating tensor holds a NaN or an infinity (checked in slices of 16M elements)."""
+        if not self.floating:
+            return False
+        special = self.bits.dtype.type(FLOAT_BITS[self.dtype][1])
+        flat = self.bits.reshape(-1)
+        step = 1 << 24
+        return any(bool(((flat[i : i + step] & special) == special).any()) for i in range(0, flat.size, step))
+
+
+def _ones(bits: np.ndarray) -> int:
+    return (1 << (8 * bits.dtype.itemsize)) - 1
+
+
+def array_group_counts(flags: np.ndarray, m: int, axis: int) -> np.ndarray:
+    """Number of true ``flags`` in every group of ``m`` along ``axis`` (numpy), shape ``[..., G]``.
+
+    Raises:
+        PatternError: the axis does not hold groups of ``m``.
+    """
+    axis = axis % flags.ndim
+    if flags.shape[axis] % m:
+        raise PatternError(
+            f"dimension {axis} of a {tuple(flags.shape)} tensor has size {flags.shape[axis]}, not a multiple of M={m}"
+        )
+    moved = np.moveaxis(flags, axis, -1)
+    return moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m).sum(axis=-1, dtype=np.int32)
+
+
+@dataclass(frozen=True)
+class BitsCompliance:
+    """N:M state of one weight: ``sparsity`` (share of zeros, ``-0.0`` included), ``compliant``
+    (every group of ``m`` along the axis has at most ``n`` non-zeros, ``-0.0`` counting as zero),
+    ``compliant_24`` (the same for 2:4) and ``negative_zeros``."""
+
+    sparsity: float
+    compliant: bool
+    compliant_24: bool
+    negative_zeros: int
+
+
+def bits_compliance(values: TensorBits, pattern: Pattern, axis: int) -> BitsCompliance:
+    """Sparsity and N:M (and 2:4) compliance of a weight along ``axis``; ``-0.0`` counts as zero.
+
+    ``-0.0`` is what folding a negative BatchNorm scale into a pruned weight gives, and Polygraphy
+    and TensorRT count it as zero; it is reported in ``negative_zeros`` (sparse compressors that
+    compare bit patterns count it as non-zero).
+    """
+    nonzero = values.nonzero()
+    sparsity = 1.0 - int(np.count_nonzero(nonzero)) / values.size if values.size else 0.0
+
+    def holds(p: Pattern) -> bool:
+        if nonzero.ndim == 0 or nonzero.shape[axis] % p.m:
+            return False
+        return bool((array_group_counts(nonzero, p.m, axis) <= p.n).all())
+
+    compliant = holds(pattern)
+    compliant_24 = compliant if pattern == TENSOR_CORE_PATTERN else holds(TENSOR_CORE_PATTERN)
+    return BitsCompliance(sparsity, compliant, compliant_24, values.negative_zeros())
 
 
 # --------------------------------------------------------------------------------------------

@@ -246,7 +246,7 @@ def _defective(tmp_path: Path, name: str, change: Any) -> Path:
         (
             "misshaped-mask",
             lambda p: p.__setitem__(MASK_PREFIX + "fc.weight", torch.zeros(3, dtype=torch.uint8)),
-            r"packed mask has torch.uint8 shape \(3,\), expected uint8 of 2 bytes",
+            r"packed mask has uint8 shape \(3,\), expected uint8 of 2 bytes",
         ),
         (
             "mask-breaks-pattern",
