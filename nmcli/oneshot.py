@@ -87,7 +87,7 @@ class LayerOutcome:
     """What a one-shot method decided for one weight."""
 
     mask: torch.Tensor
-    weight: torch.Tensor  # the method's weight before masking (SparseGPT: updated), in the original dtype
+    weight: torch.Tensor  # the method's weight (SparseGPT: updated), original dtype; after pruning, the model's own
     recon_error: float | None = None
     note: str = ""
 
@@ -370,7 +370,8 @@ def refit_kept(
     if iterations <= 0:
         return w
     mean_diag = float(gram.diagonal().mean())
-    system = gram + damp * mean_diag * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    system = gram.clone()
+    system.diagonal().add_(damp * mean_diag)
     target = (weight @ gram) * keep
     residual = target - (w @ system) * keep
     direction = residual.clone()
@@ -393,12 +394,15 @@ def refit_kept(
 def _dampened_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; the damping grows x10 until H is definite."""
     mean_diag = float(h.diagonal().mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     factor = damp if damp > 0 else 0.0
+    added = 0.0
     for _ in range(8):
-        lower, info = torch.linalg.cholesky_ex(h + factor * mean_diag * eye)
+        h.diagonal().add_(factor * mean_diag - added)  # in place: no identity or copy of H is made
+        added = factor * mean_diag
+        lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
                 return upper
@@ -477,7 +481,8 @@ def solve_layer(
     num = den = 0.0
     for seg in segments:
         assert seg.gram is not None
-        gram = seg.gram.to(matrix.device) / max(seg.count, 1)
+        gram = seg.gram.to(matrix.device).div_(max(seg.count, 1))
+        seg.gram = None  # the statistics are used once: free them with this layer
         part = matrix[seg.rows].to(torch.float64)
         mask, new = SOLVERS[method](part, gram, pattern, cfg)
         masks[seg.rows], updated[seg.rows] = mask.cpu(), new.cpu()
@@ -627,7 +632,8 @@ class _Pruner:
             )
             with torch.no_grad():
                 param.copy_(torch.where(outcome.mask.to(param.device), outcome.weight.to(param.device), 0))
-            outcome.mask, outcome.weight = outcome.mask.cpu(), outcome.weight.cpu()
+            # the effective weight now lives in the model: no second copy of it is kept
+            outcome.mask, outcome.weight = outcome.mask.cpu(), param.detach()
             self.result.outcomes[cand.param] = outcome
             if self.progress is not None:
                 self.progress(len(self.result.outcomes), self.total, cand.param)

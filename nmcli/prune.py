@@ -182,7 +182,7 @@ def prune_model(
         if not inplace:
             model = copy.deepcopy(model)
         state, outcomes, notes, bn_done = _prune_with_data(
-            model, eligible, pattern, method, batches, cfg, start, progress
+            model, eligible, pattern, method, batches, cfg, start, progress, keep_dense
         )
     else:
         state = {k: v.detach() for k, v in model.state_dict().items()}
@@ -270,7 +270,7 @@ def _assemble(
                 progress(len(masks) + 1, len(eligible), cand.param)
         else:
             mask, effective, total = outcome.mask, weight, outcome.l1_before
-            if keep_dense:
+            if keep_dense and outcome.original is not None:
                 dense[cand.param] = torch.where(mask, outcome.weight, outcome.original)
             error, note = outcome.recon_error, outcome.note
         kept = _l1(effective) / total if total > 0 else 1.0
@@ -310,7 +310,7 @@ def _assemble(
 @dataclass
 class _CalibratedLayer:
     mask: torch.Tensor
-    original: torch.Tensor  # the dense weight before pruning
+    original: torch.Tensor | None  # the dense weight before pruning (kept only for --keep-dense)
     weight: torch.Tensor  # the method's weight before masking (SparseGPT: updated)
     l1_before: float
     recon_error: float | None
@@ -326,6 +326,7 @@ def _prune_with_data(
     cfg: CalibrationConfig,
     start: Checkpoint | None,
     progress: ProgressCallback | None,
+    keep_dense: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, _CalibratedLayer], list[str], bool]:
     """Run a calibrated prune on ``model`` (modified in place); returns its state, outcomes, notes and BN flag."""
     params = dict(model.named_parameters())
@@ -334,12 +335,13 @@ def _prune_with_data(
             for name, value in start.dense.items():
                 if name in params:
                     params[name].copy_(value)
-        originals = {c.param: params[c.param].detach().clone() for c in eligible}
-    l1_before = {name: _l1(value) for name, value in originals.items()}
+        l1_before = {c.param: _l1(params[c.param].detach()) for c in eligible}
+        # the dense weights only for --keep-dense: without it no copy of the model is held
+        originals = {c.param: params[c.param].detach().clone() for c in eligible} if keep_dense else {}
     result = prune_calibrated(model, eligible, pattern, method, batches, cfg, progress)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     outcomes = {
-        name: _CalibratedLayer(o.mask, originals[name], o.weight, l1_before[name], o.recon_error, o.note)
+        name: _CalibratedLayer(o.mask, originals.get(name), o.weight, l1_before[name], o.recon_error, o.note)
         for name, o in result.outcomes.items()
     }
     return state, outcomes, result.notes, result.bn_recalibrated

@@ -82,6 +82,8 @@ def test_batchnorm_cnn_gets_its_statistics_reestimated(workdir: Path) -> None:
     assert off.exit_code == 0 and json.loads(off.stdout)["bn_recalibrated"] is False
     on_ckpt, off_ckpt = load_checkpoint(workdir / "on.safetensors"), load_checkpoint(workdir / "off.safetensors")
     assert not torch.equal(on_ckpt.tensors["1.running_mean"], off_ckpt.tensors["1.running_mean"])
+    # conv groups run along the input channels at every kernel position: inspect agrees
+    assert invoke("inspect", "on.safetensors", "--strict").exit_code == 0
     human = invoke("prune", *common[:-1], "-o", "human.safetensors")
     assert "BatchNorm running statistics re-estimated on 64 calibration samples" in human.stderr
 
