@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nmcli import __version__
+from nmcli.compressed import INDICES_PREFIX, VALUES_PREFIX, compress_weight, decompress_weight
 from nmcli.errors import CheckpointError
 from nmcli.io import atomic_output
 from nmcli.patterns import Pattern, TensorBits, array_group_counts, parse_pattern
@@ -40,7 +41,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: headers and packe
     import torch
 
 FORMAT = "nmcli/1"
-COMPRESSED_FORMAT = "nmcli/1+compressed"  # nmcli.compressed: 2:4 values + indices, read back as nmcli/1
+COMPRESSED_FORMAT = "nmcli/1+compressed"  # N:M values + indices (codec: nmcli.compressed), read back as nmcli/1
 MASK_PREFIX = "__nmcli__/mask/"
 DENSE_PREFIX = "__nmcli__/dense/"
 RESERVED_PREFIX = "__nmcli__/"
@@ -210,11 +211,17 @@ def _jsonable(value: Any) -> Any:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
+    """Hex sha256 of a file, read in 1 MiB chunks.
+
+    A sharded checkpoint directory (:mod:`nmcli.sharded`) hashes as its safetensors files (sidecar
+    and shards) in name order, one after the other.
+    """
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
+    for file in files:
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -520,6 +527,104 @@ class _DataLayout:
         return TensorBits(_DTYPE_NAMES[code], raw.view(_UNSIGNED_BY_SIZE[size]).reshape(shape))
 
 
+def _torch_from_bits(value: TensorBits) -> torch.Tensor:
+    """A torch tensor of ``value``'s dtype over its bits (no copy unless they are read-only)."""
+    import torch
+
+    signed = value.bits.view(np.dtype(f"int{8 * value.bits.dtype.itemsize}"))
+    if not signed.flags.writeable:  # a memory-mapped tensor: torch tensors are writable
+        signed = signed.copy()
+    return torch.from_numpy(signed).view(getattr(torch, value.dtype))
+
+
+class _Shape:
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self._shape = shape
+
+    def get_shape(self) -> list[int]:
+        return list(self._shape)
+
+
+class _CompressedView:
+    """A compressed file (:data:`COMPRESSED_FORMAT`) seen as the plain nmcli/1 file it encodes.
+
+    It answers ``metadata()``, ``keys()``, ``get_tensor()`` and ``get_slice().get_shape()`` as a
+    ``safe_open`` handle of the uncompressed checkpoint would, and :meth:`bits`; pruned weights
+    and their packed masks are decoded by :func:`nmcli.compressed.decompress_weight` on the
+    memory-mapped bits, one parameter at a time, on request.
+    """
+
+    def __init__(self, handle: Any, layout: _DataLayout, *, numpy: bool) -> None:
+        self._handle = handle
+        self._data = layout
+        self._numpy = numpy
+        raw = dict(handle.metadata() or {})
+        try:
+            meta = json.loads(raw["nmcli"])
+            self._layers = {str(e["param"]): LayerEntry.from_json(e) for e in meta.get("layers", [])}
+        except Exception as exc:  # malformed JSON or entry: one user problem
+            raise CheckpointError(
+                f"unreadable nmcli metadata in a compressed checkpoint ({exc}): re-create it"
+            ) from exc
+        self._raw = {**raw, "format": FORMAT, "compressed": COMPRESSED_FORMAT}
+        stored = list(handle.keys())
+        self._stored = set(stored)
+        keys: list[str] = []
+        for key in stored:
+            if key.startswith(VALUES_PREFIX):
+                keys.append(key[len(VALUES_PREFIX) :])
+            elif not key.startswith((INDICES_PREFIX, MASK_PREFIX)):
+                keys.append(key)
+        keys += [MASK_PREFIX + p for p in self._layers if INDICES_PREFIX + p in self._stored]
+        self._keys = keys
+        self._cache: dict[str, tuple[TensorBits, TensorBits]] = {}
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._raw)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def _decoded(self, param: str) -> tuple[TensorBits, TensorBits]:
+        """``(effective weight, packed mask)`` of a compressed parameter, as bits."""
+        if param not in self._cache:
+            entry = self._layers.get(param)
+            if entry is None:
+                raise CheckpointError(f"compressed weight {param} has no layer entry")
+            values = self._data.bits(VALUES_PREFIX + param)
+            indices = self._data.bits(INDICES_PREFIX + param)
+            weight, mask = decompress_weight(values.bits, indices.bits, entry)
+            if MASK_PREFIX + param in self._stored:
+                packed = self._data.bits(MASK_PREFIX + param)
+            else:
+                packed = TensorBits("uint8", np.packbits(mask.reshape(-1), bitorder="little"))
+            self._cache = {param: (TensorBits(values.dtype, weight), packed)}  # one: large files still stream
+        return self._cache[param]
+
+    def bits(self, name: str) -> TensorBits:
+        if VALUES_PREFIX + name in self._stored:
+            return self._decoded(name)[0]
+        if name.startswith(MASK_PREFIX) and INDICES_PREFIX + name[len(MASK_PREFIX) :] in self._stored:
+            return self._decoded(name[len(MASK_PREFIX) :])[1]
+        return self._data.bits(name)
+
+    def get_tensor(self, name: str) -> Any:
+        decoded = VALUES_PREFIX + name in self._stored or (
+            name.startswith(MASK_PREFIX) and INDICES_PREFIX + name[len(MASK_PREFIX) :] in self._stored
+        )
+        if not decoded:
+            return self._handle.get_tensor(name)
+        value = self.bits(name)
+        return value.bits.view(np.dtype(value.dtype)) if self._numpy else _torch_from_bits(value)
+
+    def get_slice(self, name: str) -> Any:
+        param = name[len(MASK_PREFIX) :] if name.startswith(MASK_PREFIX) else name
+        entry = self._layers.get(param)
+        if entry is not None and INDICES_PREFIX + param in self._stored:
+            return _Shape(entry.shape if param == name else (packed_size(entry.shape),))
+        return self._handle.get_slice(name)
+
+
 class CheckpointReader:
     """Lazy, memory-mapped access to a safetensors file, nmcli/1 or a plain state dict.
 
@@ -530,7 +635,8 @@ class CheckpointReader:
     shapes and packed masks (:meth:`packed_mask_array`), e.g. ``sad`` of checkpoints; its
     :meth:`tensor` returns numpy arrays. :meth:`bits` and :meth:`check` read any tensor's raw bits
     from a numpy memory map whatever ``numpy`` says (bfloat16 included), e.g. ``inspect`` of
-    checkpoints. A compressed checkpoint is decoded with torch either way.
+    checkpoints. A compressed checkpoint (:data:`COMPRESSED_FORMAT`) is decoded transparently by
+    the codec of :mod:`nmcli.compressed`, one weight at a time, without torch with ``numpy=True``.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, numpy: bool = False) -> None:
@@ -548,14 +654,8 @@ class CheckpointReader:
             self._file = self._handle.__enter__()
             raw_meta = self._file.metadata() or {}
             if raw_meta.get("format") == COMPRESSED_FORMAT:  # nmcli export --compress: decode transparently
-                from nmcli.compressed import DecodedFile
-
-                if numpy:  # the decoder works in torch
-                    self._handle.__exit__(None, None, None)
-                    self._handle = safe_open(str(self.path), framework="pt")
-                    self._file = self._handle.__enter__()
-
-                self._file = DecodedFile(self._file)
+                self._layout = _DataLayout(self.path)
+                self._file = _CompressedView(self._file, self._layout, numpy=numpy)
                 self._decoded = True
                 raw_meta = self._file.metadata()
             self._keys = list(self._file.keys())
@@ -616,13 +716,13 @@ class CheckpointReader:
     def bits(self, name: str) -> TensorBits:
         """Tensor ``name`` as raw bits, memory-mapped from the file with numpy (no torch, no copy).
 
-        A compressed checkpoint's decoded tensors are the exception: they are decoded with torch.
+        A compressed checkpoint's pruned weights and masks are decoded (with numpy too).
 
         Raises:
             CheckpointError: the header names a dtype nmcli cannot read, or the data is short.
         """
         if self._decoded:
-            return TensorBits.of_tensor(self._file.get_tensor(name))
+            return self._file.bits(name)
         if self._layout is None:
             self._layout = _DataLayout(self.path)
         return self._layout.bits(name)
@@ -720,6 +820,66 @@ def read_meta(path: str | os.PathLike[str]) -> CheckpointMeta | None:
         path = sidecar_path(path)
     with CheckpointReader(path) as reader:
         return reader.meta
+
+
+# --------------------------------------------------------------------------------------------
+# Compressed copies (nmcli export --compress): the file side of the codec in nmcli.compressed
+
+
+def compressed_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The tensors of the compressed file for ``ckpt`` (layout: :mod:`nmcli.compressed`)."""
+    out: dict[str, torch.Tensor] = {}
+    layers = {e.param: e for e in ckpt.meta.layers}
+    for name, value in ckpt.tensors.items():
+        entry = layers.get(name)
+        if entry is None:
+            out[name] = value
+            continue
+        weight = TensorBits.of_tensor(value)
+        mask = TensorBits.of_tensor(ckpt.masks[name]).bits.view(bool)
+        values, packed, exact = compress_weight(weight.bits, mask, entry)
+        out[VALUES_PREFIX + name] = _torch_from_bits(TensorBits(weight.dtype, values))
+        out[INDICES_PREFIX + name] = _torch_from_bits(TensorBits("uint8", packed))
+        if not exact:
+            out[MASK_PREFIX + name] = pack_mask(ckpt.masks[name])
+    for name, value in ckpt.dense.items():
+        out[DENSE_PREFIX + name] = value
+    return out
+
+
+def write_compressed(
+    ckpt: Checkpoint,
+    path: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    inputs: tuple[str | os.PathLike[str], ...] = (),
+    arguments: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the compressed copy of ``ckpt`` to ``path`` atomically (:data:`COMPRESSED_FORMAT`).
+
+    Raises:
+        CheckpointError: the checkpoint has no pruned layers (nothing to compress).
+        OutputExistsError: ``path`` exists without ``force``, or is one of ``inputs``.
+    """
+    if not ckpt.meta.layers:
+        raise CheckpointError("the checkpoint has no pruned layers: there is nothing to compress; prune it first")
+    tensors = _unshared(compressed_tensors(ckpt))
+    meta = ckpt.meta.to_json()
+    meta["history"] = [*meta["history"], history_record("export", {"compress": True, **(arguments or {})})]
+    metadata = {"format": COMPRESSED_FORMAT, "nmcli": json.dumps(meta, separators=(",", ":"))}
+    with atomic_output(path, force=force, inputs=inputs) as tmp:
+        write_safetensors(tensors, tmp, metadata)
+    return Path(path)
+
+
+def compress_checkpoint(source: str | os.PathLike[str], path: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Read an nmcli/1 checkpoint and write its compressed copy to ``path``."""
+    return write_compressed(load_checkpoint(source, dense=True), path, force=force, inputs=(source,))
+
+
+def is_compressed(metadata: Mapping[str, str] | None) -> bool:
+    """Whether a safetensors header's metadata marks an nmcli compressed file."""
+    return bool(metadata) and (metadata or {}).get("format") == COMPRESSED_FORMAT
 
 
 def is_safetensors(path: str | os.PathLike[str]) -> bool:

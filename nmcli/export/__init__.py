@@ -263,8 +263,7 @@ def run_export(
         done += 1
 
     if paths.compressed is not None:
-        from nmcli.checkpoint import read_meta
-        from nmcli.compressed import compress_checkpoint
+        from nmcli.checkpoint import compress_checkpoint, read_meta
 
         step("compressing")
         if not Path(checkpoint).is_file() or read_meta(checkpoint) is None:
@@ -305,6 +304,7 @@ def run_export(
         force=force,
         inputs=[local_input],
         pruned=weights,
+        also_runs_on=[second_spec(spec)] if dynamic_batch and verify else [],
     )
     result.notes += result.onnx.notes
     if weights:

@@ -1,48 +1,66 @@
-"""The compressed N:M codec: hand-computed layout, exact round trips, transparent reading."""
+"""The compressed N:M codec: hand-computed layout, exact round trips, transparent reading, layering."""
 
 from __future__ import annotations
 
+import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import nmcli.compressed
 from nmcli.checkpoint import (
+    COMPRESSED_FORMAT,
     Checkpoint,
     CheckpointMeta,
     CheckpointReader,
     LayerEntry,
     SourceRef,
+    compress_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from nmcli.compressed import (
-    COMPRESSED_FORMAT,
     INDICES_PREFIX,
     VALUES_PREFIX,
-    compress_checkpoint,
     compress_weight,
     decompress_weight,
     pack_indices,
     unpack_indices,
 )
 from nmcli.errors import CheckpointError
+from nmcli.inspect import inspect_checkpoint, inspect_checkpoint_file
 from nmcli.patterns import Pattern, apply_mask, nm_mask
 from nmcli.prune import prune_model
 from tests.models import tiny_mlp
 
 
 def test_two_of_four_layout_matches_the_documented_bits() -> None:
-    weight = torch.tensor([[0.0, 3.0, 0.0, 5.0, 7.0, 0.0, 0.0, 2.0]])
-    mask = weight.ne(0)
+    weight = np.array([[0.0, 3.0, 0.0, 5.0, 7.0, 0.0, 0.0, 2.0]], dtype=np.float32)
+    mask = weight != 0
     entry = LayerEntry("w", "", 2, 4, 1, (1, 8))
     values, packed, exact = compress_weight(weight, mask, entry)
     assert values.tolist() == [[3.0, 5.0, 7.0, 2.0]]
     # indices 1, 3 | 0, 3 at 2 bits each, least significant first: 1 + 3<<2 + 0<<4 + 3<<6
     assert packed.tolist() == [1 + (3 << 2) + (0 << 4) + (3 << 6)] and exact
     back, back_mask = decompress_weight(values, packed, entry)
-    assert torch.equal(back, weight) and torch.equal(back_mask, mask)
+    assert np.array_equal(back, weight) and np.array_equal(back_mask, mask)
+
+
+def test_bad_values_or_indices_are_checkpoint_errors() -> None:
+    entry = LayerEntry("w", "", 2, 4, 1, (1, 8))
+    values = np.zeros((1, 4), dtype=np.float32)
+    with pytest.raises(CheckpointError, match=r"compressed values of w have shape \(1, 3\), expected \(1, 4\)"):
+        decompress_weight(values[:, :3], np.zeros(1, np.uint8), entry)
+    with pytest.raises(CheckpointError, match="compressed indices of w have 2 bytes, expected 1"):
+        decompress_weight(values, np.zeros(2, np.uint8), entry)
+    entry36 = LayerEntry("w", "", 1, 6, 1, (1, 6))  # 3-bit index 7 is outside a group of 6
+    with pytest.raises(CheckpointError, match="point outside their groups of 6"):
+        decompress_weight(np.ones((1, 1), np.float32), np.array([7], np.uint8), entry36)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 5])
@@ -61,10 +79,10 @@ def test_weight_round_trip_any_pattern_and_axis(n: int, m: int, axis: int, shape
     mask = nm_mask(dense, Pattern(n, m), axis)
     weight = apply_mask(dense, mask)
     entry = LayerEntry("w", "", n, m, axis, shape)
-    values, packed, exact = compress_weight(weight, mask, entry)
-    assert exact and values.numel() == weight.numel() * n // m
+    values, packed, exact = compress_weight(weight.numpy(), mask.numpy(), entry)
+    assert exact and values.size == weight.numel() * n // m
     back, back_mask = decompress_weight(values, packed, entry)
-    assert torch.equal(back, weight) and torch.equal(back_mask, mask)
+    assert np.array_equal(back, weight.numpy()) and np.array_equal(back_mask, mask.numpy())
 
 
 def _checkpoint(dtype: torch.dtype, keep_dense: bool = False) -> Checkpoint:
@@ -114,3 +132,48 @@ def test_dense_weights_are_kept_and_plain_state_dicts_refused(tmp_path: Path) ->
     save_checkpoint(empty, tmp_path / "empty.safetensors")
     with pytest.raises(CheckpointError, match="nothing to compress"):
         compress_checkpoint(tmp_path / "empty.safetensors", tmp_path / "d.safetensors")
+
+
+def test_bf16_compressed_file_reads_back_exactly_and_inspects_without_torch(tmp_path: Path) -> None:
+    original = tmp_path / "bf16.safetensors"
+    save_checkpoint(_checkpoint(torch.bfloat16, keep_dense=True), original)
+    packed = compress_checkpoint(original, tmp_path / "bf16-compressed.safetensors")
+    a, b = load_checkpoint(original), load_checkpoint(packed)
+    for name in a.tensors:
+        assert b.tensors[name].dtype == torch.bfloat16 and torch.equal(a.tensors[name], b.tensors[name])
+    assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks) and b.dense.keys() == a.dense.keys()
+    expected = inspect_checkpoint(a, Pattern(2, 4), target=str(packed)).to_json()
+    assert inspect_checkpoint_file(packed).to_json() == expected
+    script = (
+        "import json, sys\n"
+        "from nmcli.inspect import inspect_checkpoint_file\n"
+        "report = inspect_checkpoint_file(sys.argv[1]).to_json()\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'report': report}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(packed)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"torch": False, "report": expected}
+
+
+def test_the_codec_is_a_layer_below_the_reader() -> None:
+    """compressed.py never imports checkpoint.py (nor torch): the reader calls the codec, not the reverse."""
+    tree = ast.parse(Path(nmcli.compressed.__file__).read_text())
+    imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "nmcli.checkpoint" not in imported and not any(m.split(".")[0] == "torch" for m in imported)
+    assert imported & {"nmcli.errors", "numpy"} == {"nmcli.errors", "numpy"}
+
+
+@pytest.mark.parametrize("order", [("nmcli.compressed", "nmcli.checkpoint"), ("nmcli.checkpoint", "nmcli.compressed")])
+def test_either_module_imports_first(order: tuple[str, str]) -> None:
+    script = (
+        "import importlib, sys\n"
+        f"first = importlib.import_module({order[0]!r})\n"
+        f"second = importlib.import_module({order[1]!r})\n"
+        "import nmcli.checkpoint as c, nmcli.compressed as z\n"
+        "assert c.decompress_weight is z.decompress_weight and c.VALUES_PREFIX == z.VALUES_PREFIX\n"
+        "print('nmcli.checkpoint' in sys.modules, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "False"]

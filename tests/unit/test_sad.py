@@ -282,8 +282,7 @@ def test_corrupt_mask_is_a_checkpoint_error(tmp_path: Path) -> None:
 
 
 def test_numpy_reader_reads_masks_and_compressed_files(tmp_path: Path) -> None:
-    from nmcli.checkpoint import CheckpointReader
-    from nmcli.compressed import compress_checkpoint
+    from nmcli.checkpoint import CheckpointReader, compress_checkpoint
 
     w, m = _random_24((8, 16), 3)
     path = _write_ckpt(tmp_path / "a.safetensors", {"l.weight": w}, {"l.weight": m})
@@ -293,6 +292,6 @@ def test_numpy_reader_reads_masks_and_compressed_files(tmp_path: Path) -> None:
         got = reader.packed_mask_array("l.weight")
         assert isinstance(got, np.ndarray) and got.dtype == np.uint8 and np.array_equal(got, expected)
     packed = compress_checkpoint(path, tmp_path / "a-compressed.safetensors")
-    with CheckpointReader(packed, numpy=True) as reader:  # decoded with torch, same masks
+    with CheckpointReader(packed, numpy=True) as reader:  # decoded with numpy, same masks
         assert np.array_equal(reader.packed_mask_array("l.weight"), expected)
     assert sad_report([str(path), str(packed)]).pairs[0].sad == 0
