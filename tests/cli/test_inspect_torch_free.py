@@ -28,6 +28,7 @@ from nmcli.checkpoint import (
 from nmcli.cli.app import app
 from nmcli.errors import CheckpointError
 from nmcli.inspect import inspect_checkpoint, inspect_checkpoint_file, run_inspect
+from nmcli.onnx_layout import negative_zeros, weight_compliance
 from nmcli.patterns import Pattern, parse_pattern
 from tests.conftest import py_source
 
@@ -80,6 +81,13 @@ def test_report_equals_the_torch_path(checkpoints: dict[str, Path], name: str, p
     fast = run_inspect(str(path), pattern=nm).to_json()
     assert fast == _torch_report(path, nm)
     assert fast["layers"], "the checkpoint has pruned layers"
+    # and against torch's own arithmetic (nmcli.onnx_layout), an implementation independent of the bits
+    ckpt = load_checkpoint(path, dense=False)
+    for layer in fast["layers"]:
+        values = ckpt.tensors[layer["param"]]
+        sparsity, compliant = weight_compliance(values, nm or Pattern(2, 4), layer["axis"])
+        assert layer["sparsity"] == pytest.approx(sparsity, abs=1e-6)
+        assert layer["compliant"] is compliant and layer["negative_zeros"] == negative_zeros(values)
 
 
 def test_hand_checked_negative_zeros(checkpoints: dict[str, Path]) -> None:
