@@ -52,7 +52,14 @@ from nmcli.evaluation import evaluate, is_hidden_state, primary_output
 from nmcli.inputs import FLOAT_PRECISIONS, parse_input_spec
 from nmcli.io import atomic_write_bytes, check_output_path
 from nmcli.sad import SadResult, compare_masks
-from nmcli.sources import default_output_path, load_model, load_source_model, model_from_checkpoint
+from nmcli.sources import (
+    default_output_path,
+    eval_mode,
+    fixed_graph_kind,
+    load_model,
+    load_source_model,
+    model_from_checkpoint,
+)
 from nmcli.srste import DEFAULT_LAMBDA_W, SparseTraining
 
 TRAINSTATE_FORMAT = "nmcli-trainstate/1"
@@ -446,7 +453,7 @@ def load_teacher(spec: str, ckpt: Checkpoint, *, arch: str | None = None, trust:
 
 
 def _frozen(model: nn.Module) -> nn.Module:
-    model.eval()
+    model = eval_mode(model)  # a torch.export teacher refuses eval(): it runs as exported
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -706,6 +713,23 @@ class _Session:
     bn_used: int = 0
 
 
+def _check_trainable(model: nn.Module, ckpt: Checkpoint, arch: str | None) -> None:
+    """Refuse a model whose graph was fixed when saved (TorchScript, torch.export): SR-STE needs to
+    re-parametrize its weights and run it in training mode.
+
+    Raises:
+        InputError: such a model, with the fix (``--arch`` building the architecture in Python).
+    """
+    kind = fixed_graph_kind(model)
+    if kind is not None:
+        raise InputError(
+            f"the checkpoint's source {arch or ckpt.meta.source.arch or ckpt.meta.source.spec} is a {kind} model, "
+            f"whose graph was fixed when it was saved: SR-STE must re-parametrize its weights and train it, which "
+            f"{kind} does not allow; pass --arch py:module:factory (or hf:, torchvision:, timm:) that builds the same "
+            "architecture in Python"
+        )
+
+
 def _setup(
     start_ckpt: Checkpoint, ckpt_path: Path, out: Path, resume_from: Path | None, cfg: FinetuneConfig,
     dist: _Dist, arch: str | None, trust: bool,
@@ -717,6 +741,7 @@ def _setup(
         )
     autocast_dtype, use_scaler = _precision(cfg, device)
     begin = _load_start(start_ckpt, resume_from, out, cfg, arch, trust)
+    _check_trainable(begin.model, start_ckpt, arch)
     data = _load_data(cfg, start_ckpt, begin.model, arch)
     if begin.state is not None and int(begin.state["total_steps"]) != data.total:
         raise InputError(

@@ -52,6 +52,8 @@ from nmcli.patterns import (
 if TYPE_CHECKING:
     import torch
 
+    from nmcli.sharded import ShardedCheckpointReader
+
 ProgressCallback = Callable[[int, int, str], None]
 _SHOWN = 3  # names shown per kind of mismatch
 _CHUNK_ELEMENTS = 1 << 22  # N:M rule runs on slices of about this many weights (bounds sort temporaries)
@@ -279,7 +281,7 @@ class StoredMasks(MaskSet):
 
     origin = "stored"
 
-    def __init__(self, reader: CheckpointReader, label: str) -> None:
+    def __init__(self, reader: CheckpointReader | ShardedCheckpointReader, label: str) -> None:
         assert reader.meta is not None
         self._reader = reader
         names = reader.state_names
@@ -544,6 +546,16 @@ def open_input(
                 reader.close()
                 raise
         reader.close()
+    from nmcli.sharded import ShardedCheckpointReader, is_sharded_checkpoint, local_directory
+
+    folder = local_directory(spec)
+    if folder is not None and is_sharded_checkpoint(folder):  # the sidecar's masks, read with numpy
+        sharded = ShardedCheckpointReader(folder, numpy=True)
+        try:
+            return StoredMasks(sharded, spec)
+        except BaseException:
+            sharded.close()
+            raise
     from nmcli.sources import PREFIXES, load_model
 
     if not spec.startswith(PREFIXES):

@@ -5,7 +5,7 @@ Input: a transformers model directory with ``model.safetensors`` or sharded
 from ``config.json`` with every parameter on the **meta** device (no weights allocated; buffers
 computed at construction, such as rotary frequencies, stay real), eligibility is decided from its
 modules as usual, and tensors are read from the shards through the safetensors memory map one at
-a time (magnitude) or one transformer block at a time (calibrated methods).
+a time (magnitude; calibrated methods still load the model whole).
 
 Output: a directory that is still a plain HF model directory (the same shard files holding the
 same tensor names, dtypes and shapes, with effective weights, exact ``+0.0`` where pruned; the
@@ -46,7 +46,6 @@ from nmcli.checkpoint import (
     _raise_problems,
     pack_mask,
     safetensors_header,
-    sha256_file,
     unpack_mask,
     validate_checkpoint,
 )
@@ -594,9 +593,8 @@ def prune_directory(
 ) -> PruneResult:
     """Prune the HF directory ``folder`` into the sharded checkpoint directory ``out`` without loading it whole.
 
-    Magnitude reads, prunes and writes one tensor at a time (and hashes every shard on the same
-    read); ``wanda``/``sparsegpt`` with ``batches`` materialize one block at a time
-    (:func:`_prune_blocks_sharded`). Masks and effective weights equal those of the in-memory path.
+    Magnitude only: reads, prunes and writes one tensor at a time, and hashes every shard on the
+    same read. Masks and effective weights equal those of the in-memory path.
 
     Raises:
         InputError: nothing can be pruned. SourceError/CheckpointError: unreadable or inconsistent inputs.
@@ -605,6 +603,11 @@ def prune_directory(
     from nmcli.checkpoint import history_record
     from nmcli.prune import LayerReport, PruneResult
 
+    if batches is not None or method != "magnitude":
+        raise InputError(
+            f"--method {method} with --calib on {spec}: calibrated pruning of a model directory streams no "
+            "blocks yet; it loads the model whole and writes one .safetensors file (give -o FILE.safetensors)"
+        )
     plan = _plan(folder, pattern, include, exclude)
     if not plan.eligible:
         raise _no_layer_error(spec, pattern, plan.candidates)
@@ -615,16 +618,7 @@ def prune_directory(
         shards = OutputShards(plan.source, tmp)
         sidecar = SidecarWriter(tmp / SIDECAR)
         try:
-            if batches is None:
-                hashes = _magnitude(plan, pattern, shards, sidecar, keep_dense, outcomes, progress)
-            else:
-                assert calibration is not None
-                from nmcli.sharded_calibrated import prune_blocks_sharded
-
-                notes = prune_blocks_sharded(
-                    plan, pattern, method, batches, calibration, shards, sidecar, keep_dense, outcomes, progress
-                )
-                hashes = {f: sha256_file(folder / f) for f in plan.source.files}
+            hashes = _magnitude(plan, pattern, shards, sidecar, keep_dense, outcomes, progress)
             shards.finish()
             write_index(plan.source, tmp)
             reports, entries, pruned = [], [], 0
@@ -862,6 +856,39 @@ class ShardedCheckpointReader:
         _raise_problems(self.path, validate_checkpoint(tensors, packed, dense_tensors, self.meta))
         masks = {e.param: unpack_mask(packed[e.param], e.shape) for e in self.meta.layers}
         return Checkpoint(tensors=tensors, masks=masks, meta=self.meta, dense=dense_tensors if dense else {})
+
+
+_LUTS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _byte_tables(m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per byte value: its popcount, and the largest popcount of its groups of ``m`` bits (``m`` divides 8)."""
+    if m not in _LUTS:
+        values = np.arange(256, dtype=np.uint16)
+        bits = ((values[:, None] >> np.arange(8)) & 1).astype(np.uint8)
+        _LUTS[m] = (bits.sum(1).astype(np.uint8), bits.reshape(256, 8 // m, m).sum(2).max(1).astype(np.uint8))
+    return _LUTS[m]
+
+
+def packed_mask_stats(packed: np.ndarray, shape: Sequence[int], axis: int, n: int, m: int) -> tuple[int, bool]:
+    """``(kept, compliant)`` of a packed mask (``pack_mask`` layout): how many weights it keeps, and
+    whether every group of ``m`` along ``axis`` keeps at most ``n``. Numpy only.
+
+    Along the last axis with ``m`` dividing 8 and rows of whole bytes, groups never straddle a byte:
+    two table lookups per byte. Other layouts are unpacked.
+    """
+    count = 1
+    for d in shape:
+        count *= int(d)
+    data = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if axis == len(shape) - 1 and 8 % m == 0 and int(shape[-1]) % 8 == 0:
+        popcount, group_max = _byte_tables(m)
+        kept = int(popcount[data].sum(dtype=np.int64))
+        return kept, not bool((group_max[data] > n).any())
+    mask = np.unpackbits(data, count=count, bitorder="little").reshape(tuple(shape))
+    moved = np.moveaxis(mask, axis, -1)
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m).sum(-1) if moved.shape[-1] % m == 0 else None
+    return int(mask.sum(dtype=np.int64)), groups is not None and not bool((groups > n).any())
 
 
 def _available_memory() -> int | None:

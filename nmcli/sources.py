@@ -581,8 +581,23 @@ def model_from_checkpoint(
     state = dict(ckpt.tensors)
     if weights == "dense":
         state.update(ckpt.dense)
+    _fill_tied(model, state)
     load_weights(model, state, f"the checkpoint's tensors ({ckpt.meta.source.spec})")
     return eval_mode(model)
+
+
+def _fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every name of a shared (tied) parameter the tensor that ``state`` stores under one of them.
+
+    Hugging Face directories store a tied LM head once (``save_pretrained`` drops the alias).
+    """
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    for names in groups.values():
+        stored = [name for name in names if name in state]
+        for name in names if stored else ():
+            state.setdefault(name, state[stored[0]])
 
 
 def _short_name(spec: str) -> str:

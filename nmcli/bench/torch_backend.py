@@ -14,7 +14,6 @@ A model source that is not a checkpoint is timed as it is (one variant, ``model`
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -115,7 +114,9 @@ class TorchVariant(Variant):
 
     def _load(self) -> nn.Module:
         # a copy, so that closing the variant frees its device memory and the original stays fp32 on the CPU
-        model = copy.deepcopy(self._factory()).eval().to(device=self._device, dtype=self._dtype)
+        from nmcli.sources import copy_model, eval_mode
+
+        model = eval_mode(copy_model(self._factory())).to(device=self._device, dtype=self._dtype)
         for p in model.parameters():
             p.requires_grad_(False)
         return model
@@ -336,7 +337,7 @@ def plan(request: PlanRequest) -> BenchPlan:
 
 def _dense_model(loaded: Any, *, arch: str | None, trust: bool) -> tuple[nn.Module, str]:
     """The original dense model of a checkpoint, and where its weights came from."""
-    from nmcli.sources import load_source_model, model_from_checkpoint
+    from nmcli.sources import copy_model, eval_mode, load_source_model, model_from_checkpoint
 
     ckpt = loaded.checkpoint
     if ckpt.dense:
@@ -346,12 +347,12 @@ def _dense_model(loaded: Any, *, arch: str | None, trust: bool) -> tuple[nn.Modu
     try:
         source = load_source_model(ref, arch=arch, trust=trust)
     except NmcliError as exc:
-        return copy.deepcopy(loaded.model), f"unavailable (rebuilding {ref.spec} failed: {exc})"
+        return copy_model(loaded.model), f"unavailable (rebuilding {ref.spec} failed: {exc})"
     want = {k: tuple(v.shape) for k, v in loaded.model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in source.model.state_dict().items()}
     if want != got:
-        return copy.deepcopy(loaded.model), f"unavailable ({ref.spec} no longer matches the checkpoint's architecture)"
-    return source.model.eval(), f"rebuilt from the source {ref.spec}"
+        return copy_model(loaded.model), f"unavailable ({ref.spec} no longer matches the checkpoint's architecture)"
+    return eval_mode(source.model), f"rebuilt from the source {ref.spec}"
 
 
 __all__ = ["DTYPES", "TorchVariant", "is_available", "plan"]

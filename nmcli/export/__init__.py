@@ -304,6 +304,7 @@ def run_export(
         force=force,
         inputs=[local_input],
         pruned=weights,
+        also_runs_on=[second_spec(spec)] if dynamic_batch and verify else [],
     )
     result.notes += result.onnx.notes
     if weights:

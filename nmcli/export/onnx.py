@@ -31,7 +31,6 @@ with their tensors in ``<name>.onnx.data`` beside the ``.onnx`` (ONNX's external
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import io
 import logging
@@ -60,6 +59,7 @@ from nmcli.onnx_layout import (
     share_tied_tables,
 )
 from nmcli.patterns import Pattern
+from nmcli.sources import copy_model, eval_mode, fixed_graph_kind
 
 DEFAULT_OPSET = 17
 DYNAMO_MIN_OPSET = 18
@@ -94,6 +94,20 @@ def _tensors_of(out: Any) -> list[tuple[str, torch.Tensor]]:
     raise InputError(f"the model returns a {type(out).__name__}, not tensors: it cannot be exported to ONNX")
 
 
+def _forward_parameters(model: nn.Module) -> set[str]:
+    """The parameter names of ``model.forward`` (a TorchScript method's from its schema)."""
+    forward = getattr(model, "forward", None)
+    if forward is None:
+        return set()
+    schema = getattr(forward, "schema", None)  # torch.ScriptMethod: no Python signature
+    if schema is not None:
+        return {argument.name for argument in schema.arguments}
+    try:
+        return set(inspect.signature(forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 class TensorModel(nn.Module):
     """Wraps a model: positional inputs in spec order, float32 I/O, a tuple of tensors out.
 
@@ -108,9 +122,19 @@ class TensorModel(nn.Module):
         self.model = model
         self.names = list(names) if names else None
         self.dtype = dtype
-        forward = getattr(model, "forward", None)
-        params = inspect.signature(forward).parameters if forward is not None else {}
-        self.extra: dict[str, Any] = {"use_cache": False} if "use_cache" in params else {}
+        self.extra: dict[str, Any] = {"use_cache": False} if "use_cache" in _forward_parameters(model) else {}
+
+    def train(self, mode: bool = True) -> TensorModel:
+        """Set the training flag; a ``torch.export`` module (which refuses ``train``/``eval``) keeps its own.
+
+        Its graph was fixed when it was exported, so the flag changes nothing it computes.
+        """
+        self.training = mode
+        try:
+            self.model.train(mode)
+        except NotImplementedError:
+            pass
+        return self
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cast = [x.to(self.dtype) if x.is_floating_point() else x for x in inputs]
@@ -202,7 +226,7 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """
     if dtype == torch.float32:
         return model
-    out = copy.deepcopy(model).to(dtype)
+    out = copy_model(model).to(dtype)
     with torch.no_grad():
         for tensor in [*out.parameters(), *out.buffers()]:
             if tensor.is_floating_point():
@@ -238,6 +262,11 @@ def _torchscript_export(
     axes: Any,
     opset: int,
 ) -> None:
+    if fixed_graph_kind(wrapper) == "TorchScript":
+        # The TorchScript exporter refuses a Python module that calls a loaded ScriptModule ("not
+        # part of the active trace"), but exports a ScriptModule: trace the wrapper into one first
+        # (the wrapped TorchScript code is kept as scripted, its shapes stay symbolic).
+        wrapper = torch.jit.trace(wrapper, args, check_trace=False)
     torch.onnx.export(
         wrapper,
         args,
@@ -341,6 +370,18 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def model_error_line(exc: BaseException) -> str:
+    """An error the model raised when run, in one line: a TorchScript interpreter error's last line
+    (the message; the lines before it are TorchScript's traceback), else its first line."""
+    text = _ANSI.sub("", str(exc)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if "Traceback of TorchScript" in text:
+        return lines[-1]
+    return f"{type(exc).__name__}: {lines[0]}"
+
+
 def exporter_error_line(exc: BaseException) -> str:
     """An exporter's error in one line without ANSI colour codes: its first line, and its root cause's.
 
@@ -436,6 +477,7 @@ def export_onnx(
     inputs: Sequence[str | os.PathLike[str]] = (),
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     pruned: Mapping[str, tuple[torch.Tensor, Pattern]] | None = None,
+    also_runs_on: Sequence[InputSpec] = (),
 ) -> OnnxExport:
     """Export ``model`` (effective weights) to ``path`` atomically.
 
@@ -453,6 +495,9 @@ def export_onnx(
         pruned: torch parameter name -> (effective weight in the export's dtype, pattern): located
             in the graph (:attr:`OnnxExport.matches`) and recorded in the file's ``metadata_props``
             (:func:`nmcli.onnx_layout.set_sparse_layers`), so ``inspect`` checks exactly those.
+        also_runs_on: other input specs the model must run on (the second shape a dynamic-batch
+            export is verified with), checked before anything is written: a ``torch.export``
+            program exported without dynamic shapes runs on its example shape only.
 
     Raises:
         InputError: a bad option, or a model that does not run on the spec's inputs.
@@ -469,7 +514,7 @@ def export_onnx(
     out = Path(path)
     check_spec_fits(model, spec)
     notes: list[str] = []
-    exported = cast_model(model, dtype).eval()
+    exported = eval_mode(cast_model(model, dtype))  # a torch.export module refuses eval(): kept as exported
     names = [t.name or (f"input_{i}" if len(spec.tensors) > 1 else "input") for i, t in enumerate(spec.tensors)]
     wrapper = TensorModel(exported, [t.name for t in spec.tensors] if spec.named else None, dtype).eval()
     args_, kwargs = example_inputs(spec, vocab_size=vocab_size_of(model) or 1000)
@@ -482,12 +527,25 @@ def export_onnx(
         raise
     except Exception as exc:
         raise InputError(
-            f"the model does not run on inputs {spec} ({type(exc).__name__}: {exc}): pass the right --input-shape"
+            f"the model does not run on inputs {spec} ({model_error_line(exc)}): pass the right --input-shape"
         ) from exc
+    for other in also_runs_on:
+        other_args, other_kwargs = example_inputs(other, vocab_size=vocab_size_of(model) or 1000)
+        try:
+            with torch.no_grad():
+                wrapper(*other_args, *(other_kwargs[t.name] for t in other.tensors if t.name))
+        except Exception as exc:
+            raise InputError(
+                f"the model runs on inputs {spec} but not on {other} ({model_error_line(exc)}): its batch size is "
+                "fixed (a torch.export program exported without dynamic shapes takes only its example shape), so "
+                "--dynamic-batch cannot be verified: drop --dynamic-batch"
+            ) from exc
     outputs = [n if n not in names else f"{n}_out" for n in outputs]
     axes = _dynamic_axes(spec, names, outputs, sample, dynamic_batch)
     if exporter != "auto":
         order = [exporter]
+    elif fixed_graph_kind(exported) == "TorchScript":  # torch.export (the dynamo exporter) refuses ScriptModules
+        order = ["torchscript"]
     elif dtype == torch.float32:
         order = ["torchscript", "dynamo"]
     else:  # the TorchScript exporter mistypes fp16 LayerNormalization and fails on bf16 transformers

@@ -2,7 +2,8 @@
 
 ``nmcli prune model.pt --pattern 2:4`` on a TorchScript archive and on an ExportedProgram saved
 as ``.pt``; ``nmcli inspect FILE.pt`` on a training checkpoint (a CI gate); ``nmcli export
---trt --sparse`` (exit 3 without TensorRT). ``nmcli sad a.pt b.pt``: tests/cli/test_sad_training_cli.py.
+--trt --sparse`` (exit 3 without TensorRT; on TorchScript/torch.export sources:
+tests/cli/test_card_export_cli.py). ``nmcli sad a.pt b.pt``: tests/cli/test_sad_training_cli.py.
 """
 
 from __future__ import annotations
@@ -128,7 +129,9 @@ def test_readme_card_lines_run_as_written(tmp_path: Path, monkeypatch: pytest.Mo
     assert card[0] == "nmcli prune model.pt --pattern 2:4" and card[2] == "nmcli sad a.pt b.pt"
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     monkeypatch.chdir(tmp_path)
-    torch.jit.save(torch.jit.script(Net().eval()), "model.pt")
+    # a torch.export archive saved as .pt records its input shape, so the export line needs no
+    # --input-shape (a TorchScript one: tests/cli/test_card_export_cli.py)
+    torch.export.save(torch.export.export(Net().eval(), (torch.randn(2, 16),)), "model.pt")
     net = Net()
     torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, "a.pt")
     with torch.no_grad():
@@ -143,3 +146,4 @@ def test_readme_card_lines_run_as_written(tmp_path: Path, monkeypatch: pytest.Mo
         assert got == code, f"{line}: {err}"
         assert "Traceback" not in err
     assert (tmp_path / "model-2of4.safetensors").is_file()
+    assert (tmp_path / "model-2of4.onnx").is_file()  # the card's export line exported the card's checkpoint
