@@ -18,6 +18,7 @@ A checkpoint records its source; :func:`model_from_checkpoint` rebuilds the arch
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import importlib.util
 import logging
@@ -531,6 +532,14 @@ def eval_mode(model: nn.Module) -> nn.Module:
         return model
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters stay leaves (a ScriptModule's deepcopy under autograd
+    makes them non-leaf), without torch's pytree deprecation warning for a ``torch.export`` module."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(model)
+
+
 def _may_unpickle(ref: SourceRef, spec: str, trust: bool) -> bool:
     """``--trust``, or a source the user trusted when pruning whose file still has the same sha256."""
     return trust or (ref.trusted and ref.sha256 is not None and _sha_matches(spec, ref.sha256))
@@ -611,11 +620,46 @@ def _short_name(spec: str) -> str:
 
 
 def guess_input_spec(model: nn.Module) -> InputSpec | None:
-    """The default input spec of transformers models (token ids and mask of 1x128), else None."""
+    """The default input spec of transformers models (token ids and mask of 1x128), the recorded
+    one of a ``torch.export`` program with one tensor input, else None."""
     config = getattr(model, "config", None)
     if config is not None and getattr(model, "main_input_name", None) == "input_ids":
         return parse_input_spec("input_ids:1x128:int64,attention_mask:1x128:int64")
+    return exported_input_spec(model)
+
+
+def fixed_graph_kind(model: nn.Module) -> str | None:
+    """``"TorchScript"`` for a ScriptModule (or a module holding one), ``"torch.export"`` for an
+    ExportedProgram's module, else None: models whose graph was fixed when they were saved. They run
+    and export, but cannot be re-parametrized (SR-STE) or switched to training mode."""
+    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        return "TorchScript"
+    if isinstance(model, torch.fx.GraphModule) and hasattr(model, "_in_spec"):
+        return "torch.export"
     return None
+
+
+def exported_input_spec(model: nn.Module) -> InputSpec | None:
+    """The input a ``torch.export`` module (``ExportedProgram.module()``) was exported with, when it
+    takes one tensor: its shape (a dynamic dimension at its example size) and dtype; else None.
+
+    Such a module checks its inputs against that shape, so it is the only one it runs on (bar
+    dynamic dimensions).
+    """
+    if not isinstance(model, torch.fx.GraphModule) or fixed_graph_kind(model) != "torch.export":
+        return None
+    values = [node.meta.get("val") for node in model.graph.nodes if node.op == "placeholder"]
+    if len(values) != 1 or not isinstance(values[0], torch.Tensor):
+        return None
+    dims = [d if isinstance(d, int) else getattr(getattr(d, "node", None), "hint", None) for d in values[0].shape]
+    if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+        return None
+    text = "x".join(str(d) for d in dims)
+    dtype = str(values[0].dtype).removeprefix("torch.")
+    try:
+        return parse_input_spec(text if dtype == "float32" else f"input:{text}:{dtype}")
+    except NmcliError:  # a dtype --input-shape cannot name
+        return None
 
 
 def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
