@@ -252,7 +252,6 @@ def inspect_sharded(
     Sparsity and compliance are those of the masks (the shards' weights are not read; the format
     guarantees they are zero where the masks are); numpy only, no model is built.
     """
-    from nmcli.patterns import Pattern as _Pattern
     from nmcli.sharded import ShardedCheckpointReader, packed_mask_stats
 
     with ShardedCheckpointReader(folder, numpy=True) as reader:
@@ -263,15 +262,12 @@ def inspect_sharded(
             packed = reader.packed_mask_array(entry.param)
             reason = _size_reason(entry.shape, entry.axis, nm)
             numel = entry.numel
-            kept, compliant = packed_mask_stats(packed, entry.shape, entry.axis, nm.n, nm.m) if not reason else (0, False)
-            if reason:
-                kept = packed_mask_stats(packed, entry.shape, entry.axis, entry.n, entry.m)[0]
-            tensor_core = _Pattern(2, 4)
+            kept, compliant = packed_mask_stats(packed, entry.shape, entry.axis, nm.n, nm.m)
+            compliant = compliant and not reason
             compliant_24 = (
                 compliant
-                if (nm.n, nm.m) == (2, 4)
-                else entry.shape[entry.axis] % 4 == 0
-                and packed_mask_stats(packed, entry.shape, entry.axis, tensor_core.n, tensor_core.m)[1]
+                if nm == TENSOR_CORE_PATTERN
+                else packed_mask_stats(packed, entry.shape, entry.axis, TENSOR_CORE_PATTERN.n, TENSOR_CORE_PATTERN.m)[1]
             )
             trt_reason = tensorrt_reason(entry.shape, entry.axis, compliant_24)
             layers.append(
