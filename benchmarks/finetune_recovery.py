@@ -18,9 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,44 +26,14 @@ sys.path.insert(0, str(ROOT))
 from nmcli.errors import NmcliError  # noqa: E402
 from nmcli.finetune import FinetuneConfig, run_finetune  # noqa: E402
 from nmcli.prune import run_prune  # noqa: E402
+from tests.digits import accuracy, digits_split, train_dense  # noqa: E402
 from tests.models import digits_bn_cnn, tiny_mlp  # noqa: E402
 
 
-def _digits(images: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    if images:
-        x = x.reshape(-1, 1, 8, 8)
-    y = torch.tensor(digits.target, dtype=torch.long)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
-    return x_train, x_test, y_train, y_test
-
-
-def _train_dense(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 10) -> nn.Module:
-    torch.manual_seed(0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    per_epoch = (len(x) + 31) // 32
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=epochs * per_epoch)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(x))
-        for i in range(0, len(x), 32):
-            idx = order[i : i + 32]
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
-
-
 def _setup(work: Path, name: str, factory: str, images: bool, pattern: str) -> tuple[Path, str, str, float]:
-    x_train, x_test, y_train, y_test = _digits(images)
-    model = _train_dense(digits_bn_cnn() if images else tiny_mlp(), x_train, y_train)
-    with torch.no_grad():
-        dense = float((model(x_test).argmax(-1) == y_test).float().mean())
+    x_train, x_test, y_train, y_test = digits_split(images)
+    model = train_dense(digits_bn_cnn() if images else tiny_mlp(), x_train, y_train)
+    dense = accuracy(model, x_test, y_test)
     weights = work / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     train, test = work / f"{name}-train.safetensors", work / f"{name}-test.safetensors"
@@ -109,7 +77,9 @@ def main() -> None:
         for optimizer, lr in [("sgd", 0.01), ("sgd", 0.05), ("adamw", 1e-4), ("adamw", 1e-3)]:
             scores = []
             for seed in range(args.seeds):
-                got = _run(pruned, data, test, work / "o.safetensors", steps=steps, lr=lr, optimizer=optimizer, seed=seed)
+                got = _run(
+                    pruned, data, test, work / "o.safetensors", steps=steps, lr=lr, optimizer=optimizer, seed=seed
+                )
                 if isinstance(got, tuple):
                     scores.append(100 * got[1])
             shown = ", ".join(f"{s:.2f}" for s in scores)

@@ -31,6 +31,7 @@ from nmcli.oneshot import CalibrationConfig  # noqa: E402
 from nmcli.prune import run_prune  # noqa: E402
 from nmcli.sources import load_model  # noqa: E402
 from tests.corpus import docstring_sentences, embed, mean_cosine  # noqa: E402
+from tests.digits import accuracy, digits_split, train_dense  # noqa: E402
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -69,48 +70,16 @@ def minilm(work: Path, samples: int) -> list[tuple[str, ...]]:
     return rows
 
 
-def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
-    return x_train, x_test, y_train, y_test
-
-
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
-    torch.manual_seed(0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x))
-        for i in range(0, len(x), 32):
-            idx = order[i : i + 32]
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            optimizer.step()
-    model.eval()
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model.eval()(x).argmax(-1) == y).float().mean())
-
-
 def digits_mlp(work: Path, samples: int) -> list[tuple[str, ...]]:
     from tests.models import tiny_mlp
 
-    x_train, x_test, y_train, y_test = _digits()
-    torch.manual_seed(0)
-    model = tiny_mlp()
-    _train(model, x_train, y_train, 30)
+    x_train, x_test, y_train, y_test = digits_split()
+    model = train_dense(tiny_mlp(), x_train, y_train, epochs=30)
     weights = work / "mlp.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     calib = work / "digits-calib.safetensors"
     save_file({"inputs": x_train[:samples].contiguous()}, str(calib))
-    rows = [("digits MLP", "dense", "-", f"acc {100 * _accuracy(model, x_test, y_test):.2f}", "")]
+    rows = [("digits MLP", "dense", "-", f"acc {100 * accuracy(model, x_test, y_test):.2f}", "")]
     print(*rows[-1], sep=" | ", flush=True)
     arch = f"py:{ROOT / 'tests' / 'models.py'}:tiny_mlp"
     for pattern in ("2:4", "1:4"):
@@ -120,7 +89,7 @@ def digits_mlp(work: Path, samples: int) -> list[tuple[str, ...]]:
             started = time.perf_counter()
             run_prune(str(weights), arch=arch, pattern=pattern, method=method, calibration=cfg, output=out, force=True)
             seconds = time.perf_counter() - started
-            acc = _accuracy(load_model(str(out)).model, x_test, y_test)
+            acc = accuracy(load_model(str(out)).model, x_test, y_test)
             rows.append(("digits MLP", pattern, method, f"acc {100 * acc:.2f}", f"{seconds:.1f}s"))
             print(*rows[-1], sep=" | ", flush=True)
     return rows
@@ -129,16 +98,13 @@ def digits_mlp(work: Path, samples: int) -> list[tuple[str, ...]]:
 def digits_cnn(work: Path, samples: int) -> list[tuple[str, ...]]:
     from tests.models import digits_bn_cnn
 
-    x_train, x_test, y_train, y_test = _digits()
-    images_train, images_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)
-    torch.manual_seed(0)
-    model = digits_bn_cnn()
-    _train(model, images_train, y_train, 20)
+    images_train, images_test, y_train, y_test = digits_split(images=True)
+    model = train_dense(digits_bn_cnn(), images_train, y_train)
     weights = work / "cnn.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     calib = work / "digits-images.safetensors"
     save_file({"inputs": images_train[:samples].contiguous()}, str(calib))
-    rows = [("digits BN-CNN", "dense", "-", f"acc {100 * _accuracy(model, images_test, y_test):.2f}", "")]
+    rows = [("digits BN-CNN", "dense", "-", f"acc {100 * accuracy(model, images_test, y_test):.2f}", "")]
     print(*rows[-1], sep=" | ", flush=True)
     arch = f"py:{ROOT / 'tests' / 'models.py'}:digits_bn_cnn"
     for method in METHODS:
@@ -150,7 +116,7 @@ def digits_cnn(work: Path, samples: int) -> list[tuple[str, ...]]:
             started = time.perf_counter()
             run_prune(str(weights), arch=arch, pattern="2:4", method=method, calibration=cfg, output=out, force=True)
             seconds = time.perf_counter() - started
-            acc = _accuracy(load_model(str(out)).model, images_test, y_test)
+            acc = accuracy(load_model(str(out)).model, images_test, y_test)
             label = f"{method} ({'BN re-estimated' if recal else 'BN as trained'})"
             rows.append(("digits BN-CNN", "2:4", label, f"acc {100 * acc:.2f}", f"{seconds:.1f}s"))
             print(*rows[-1], sep=" | ", flush=True)

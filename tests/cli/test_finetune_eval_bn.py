@@ -20,52 +20,24 @@ from nmcli.cli.app import app
 from nmcli.finetune import FinetuneConfig, run_finetune
 from nmcli.prune import run_prune
 from tests.conftest import MODELS_PY, py_source
+from tests.digits import accuracy, digits_split, train_dense
 from tests.models import digits_bn_cnn
 
 runner = CliRunner()
 
 
-def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    datasets = pytest.importorskip("sklearn.datasets")
-    model_selection = pytest.importorskip("sklearn.model_selection")
-    digits = datasets.load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    x_train, x_test, y_train, y_test = model_selection.train_test_split(
-        x, y, test_size=0.25, random_state=0, stratify=y
-    )
-    return x_train, x_test, y_train, y_test
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model.eval()(x).argmax(-1) == y).double().mean())
-
-
 @pytest.fixture(scope="module")
 def trained_cnn(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """A BatchNorm CNN trained on scikit-learn's digits (>= 97% test accuracy), its data, and its weights."""
-    x_train, x_test, y_train, y_test = _digits()
-    model = digits_bn_cnn()
-    torch.manual_seed(0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    epochs, per_epoch = 10, (len(x_train) + 31) // 32
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=epochs * per_epoch)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(x_train))
-        for i in range(0, len(x_train), 32):
-            idx = order[i : i + 32]
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-            optimizer.step()
-            schedule.step()
+    pytest.importorskip("sklearn")
+    x_train, x_test, y_train, y_test = digits_split(images=True)
+    model = train_dense(digits_bn_cnn(), x_train, y_train)
     folder = tmp_path_factory.mktemp("bncnn")
     weights = folder / "cnn.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     save_file({"inputs": x_train, "targets": y_train}, str(folder / "train.safetensors"))
     save_file({"inputs": x_test, "targets": y_test}, str(folder / "test.safetensors"))
-    dense = _accuracy(model, x_test, y_test)
+    dense = accuracy(model, x_test, y_test)
     assert dense >= 0.97, dense
     pruned = folder / "cnn-2of4.safetensors"
     run_prune(str(weights), arch=py_source("digits_bn_cnn"), pattern="2:4", keep_dense=True, output=pruned)
@@ -89,7 +61,7 @@ def test_saved_model_scores_in_eval_mode_what_finetune_reports(trained_cnn: dict
     model = digits_bn_cnn()
     state = {k: v for k, v in load_file(str(out)).items() if not k.startswith("__nmcli__")}
     model.load_state_dict(state)
-    plain = _accuracy(model, trained_cnn["x_test"], trained_cnn["y_test"])
+    plain = accuracy(model, trained_cnn["x_test"], trained_cnn["y_test"])
     assert abs(plain - after["accuracy"]) <= 1e-6
     assert plain >= trained_cnn["dense"] - 0.01, (plain, trained_cnn["dense"], before)
     record = load_checkpoint(out).meta.history[-1]["metrics"]
