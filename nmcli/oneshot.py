@@ -21,10 +21,11 @@ weights do not depend on the thread count.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,21 @@ class OneShotResult:
     outcomes: dict[str, LayerOutcome] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     bn_recalibrated: bool = False
+
+
+class BlockIO(Protocol):
+    """Where the blocks' weights live when the model is not in memory (:mod:`nmcli.sharded`).
+
+    With a ``BlockIO`` the blocks start on the meta device: :meth:`load` materializes one block's
+    weights before it is calibrated, :meth:`done` writes its pruned weights (``outcomes`` holds the
+    masks of every layer pruned so far) and frees it again. Everything outside the blocks must be
+    materialized by the caller; layers outside the blocks are pruned on passes of the model whose
+    blocks replay the last block's outputs.
+    """
+
+    def load(self, block: str) -> None: ...
+
+    def done(self, block: str, outcomes: Mapping[str, LayerOutcome]) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,10 +373,11 @@ def sparsegpt(
 def refit_kept(
     weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, *, damp: float, iterations: int
 ) -> torch.Tensor:
-    """The kept weights that minimize ``||W X - W~ X||^2`` for a fixed mask, by conjugate gradients over all rows at once.
+    """The kept weights that minimize SparseGPT's damped objective for a fixed mask, by conjugate gradients.
 
-    Each row ``r`` solves ``(H + d I)_KK w_K = (H w_r)_K`` on its kept columns ``K`` (``H = X^T X``,
-    ``d = damp * mean(diag H)``, the same ridge as SparseGPT's); the CG iterations on the masked
+    The objective is ``||W X - W~ X||^2 + d ||W - W~||^2`` (``H = X^T X``, ``d = damp * mean(diag H)``,
+    the damping SparseGPT's inverse Hessian uses): each row ``r`` solves
+    ``(H + d I)_KK w_K = ((H + d I) w_r)_K`` on its kept columns ``K``; the CG iterations on the masked
     system run for every row together as one ``[rows, cols] @ [cols, cols]`` product. SparseGPT's
     greedy OBS update only approximates this optimum, column by column. Starts from ``weight``
     masked, runs ``iterations`` steps (fewer when every row has converged). Float64 in, float64 out.
@@ -372,7 +389,7 @@ def refit_kept(
     mean_diag = float(gram.diagonal().mean())
     system = gram.clone()
     system.diagonal().add_(damp * mean_diag)
-    target = (weight @ gram) * keep
+    target = (weight @ system) * keep
     residual = target - (w @ system) * keep
     direction = residual.clone()
     norm = (residual * residual).sum(1, keepdim=True)
@@ -622,11 +639,10 @@ class _Pruner:
         self.model, self.pattern, self.method, self.cfg = model, pattern, method, cfg
         self.total, self.progress = total, progress
         self.result = OneShotResult()
-        self._params = dict(model.named_parameters())
 
     def prune(self, layers: Sequence[LayerCandidate], collector: _Collector) -> None:
         for cand in layers:
-            param = self._params[cand.param]
+            param = self.model.get_parameter(cand.param)  # looked up now: a BlockIO replaces a block's parameters
             outcome = solve_layer(
                 param.detach(), cand, collector.segments.get(cand.param, []), self.pattern, self.method, self.cfg
             )
@@ -647,6 +663,7 @@ def prune_calibrated(
     batches: Sequence[Batch],
     cfg: CalibrationConfig,
     progress: ProgressCallback | None = None,
+    block_io: BlockIO | None = None,
 ) -> OneShotResult:
     """Prune ``layers`` of ``model`` in place with a calibrated method, block by block with error propagation.
 
@@ -658,35 +675,99 @@ def prune_calibrated(
         batches: the calibration batches.
         cfg: damping, block size, device, BatchNorm recalibration.
         progress: called as ``progress(done, total, param)`` after each layer.
+        block_io: the blocks are on the meta device and loaded, written and freed one at a time
+            through it (the model must have chainable blocks and no BatchNorm; the model is not moved).
 
     Returns:
         Per-layer masks, weights and reconstruction errors, and notes on how the model was traversed.
+
+    Raises:
+        InputError: with ``block_io``, the model has no blocks that can be chained.
     """
     device = torch.device(cfg.device)
     was_training = model.training
     model.eval()
-    model.to(device)
+    if block_io is None:
+        model.to(device)
     moved = [b.to(device) for b in batches]
     pruner = _Pruner(model, pattern, method, cfg, len(layers), progress)
     try:
         with torch.no_grad():
             blocks = find_blocks(model, layers)
             done: set[str] = set()
-            if blocks is not None and _prune_blocks(model, blocks[1], layers, moved, pruner, done):
+            outputs: list[Any] | None = [] if block_io is not None else None
+            if blocks is not None and _prune_blocks(model, blocks[1], layers, moved, pruner, done, block_io, outputs):
                 pruner.result.notes.append(
                     f"{method}: calibrated block by block over the {len(blocks[1])} blocks of {blocks[0]}, "
                     f"each block's inputs produced by the pruned blocks before it"
                 )
+            elif block_io is not None:
+                raise InputError(
+                    "the model has no repeated blocks whose inputs can be captured and chained, so it cannot be "
+                    "calibrated block by block from its shards: load it whole (give -o FILE.safetensors)"
+                )
             rest = [cand for cand in layers if cand.param not in done]
-            if rest:
+            if rest and block_io is not None and blocks is not None and outputs is not None:
+                with _replaying(model, blocks[0], outputs, moved):
+                    _prune_stages(model, rest, moved, pruner, done, cfg)
+            elif rest:
                 _prune_stages(model, rest, moved, pruner, done, cfg)
-            if cfg.bn_recalibrate and has_batchnorm(model):
+            if block_io is None and cfg.bn_recalibrate and has_batchnorm(model):
                 recalibrate_batchnorm(model, moved)
                 pruner.result.bn_recalibrated = True
     finally:
-        model.to("cpu")
+        if block_io is None:
+            model.to("cpu")
         model.train(was_training)
     return pruner.result
+
+
+class _Replay(nn.Module):
+    """Stands in for every block on the final passes of a streamed prune: returns the last block's output."""
+
+    def __init__(self, outputs: Sequence[Any]) -> None:
+        super().__init__()
+        self.outputs = outputs
+        self.index = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.outputs[self.index]
+
+
+def _first_tensor(args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+@contextlib.contextmanager
+def _replaying(model: nn.Module, list_name: str, outputs: Sequence[Any], batches: Sequence[Batch]) -> Iterator[None]:
+    """The blocks of ``list_name`` replaced by :class:`_Replay`; each call of the model on one of ``batches``
+    replays that batch's output of the last (pruned) block, so the layers after the blocks see exactly
+    what they would see on the pruned model, with no block in memory."""
+    container = model.get_submodule(list_name)
+    assert isinstance(container, nn.ModuleList)
+    originals = list(container)
+    replay = _Replay(outputs)
+    firsts = [_first_tensor(b.args, b.kwargs) for b in batches]
+
+    def pick(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        first = _first_tensor(args, kwargs)
+        matches = [i for i, f in enumerate(firsts) if f is first]
+        if not matches:
+            raise InputError("a pass of the model on inputs other than the calibration batches (a bug)")
+        replay.index = matches[0]
+
+    for i in range(len(container)):
+        container[i] = replay
+    handle = model.register_forward_pre_hook(pick, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, block in enumerate(originals):
+            container[i] = block
 
 
 def _prune_blocks(
@@ -696,14 +777,22 @@ def _prune_blocks(
     batches: Sequence[Batch],
     pruner: _Pruner,
     done: set[str],
+    block_io: BlockIO | None = None,
+    outputs: list[Any] | None = None,
 ) -> bool:
-    """Block-by-block pruning; False (nothing pruned) when the blocks cannot be chained."""
+    """Block-by-block pruning; False (nothing pruned) when the blocks cannot be chained.
+
+    With ``block_io`` each block is loaded before and written and freed after it is pruned;
+    ``outputs``, when given, receives the last block's outputs on every batch.
+    """
     modules = dict(model.named_modules())
     inputs = _capture_block_inputs(model, modules[block_names[0]], batches)
     if len(inputs) != len(batches):
         return False
     for name in block_names:
         block = modules[name]
+        if block_io is not None:
+            block_io.load(name)
         in_block = [cand for cand in layers if _inside(cand.module, name)]
         for group in _sequential_groups(model, block, in_block, inputs[0]):
             collector = _Collector(model, group)
@@ -717,7 +806,8 @@ def _prune_blocks(
             done.update(cand.param for cand in group)
         next_inputs = []
         for inp in inputs:
-            hidden = _primary_output(block(*inp.args, **inp.kwargs))
+            out = block(*inp.args, **inp.kwargs)
+            hidden = _primary_output(out)
             first = inp.args[0] if inp.args else inp.kwargs.get("hidden_states")
             if hidden is None or not isinstance(first, torch.Tensor) or hidden.shape != first.shape:
                 raise InputError(
@@ -725,6 +815,11 @@ def _prune_blocks(
                     "report this model to nmcli"
                 )
             next_inputs.append(_next_input(inp, hidden))
+            if outputs is not None and name == block_names[-1]:
+                outputs.append(out)
+            del out
+        if block_io is not None:
+            block_io.done(name, pruner.result.outcomes)
         inputs = next_inputs
     return True
 

@@ -459,7 +459,7 @@ def _streamed(model_spec: str, output: str | Path | None) -> bool:
     if folder is None or is_sharded_checkpoint(folder) or not is_hf_directory(folder):
         return False
     if output is not None and str(output).endswith(".safetensors"):
-        return False  # loaded whole by transformers, written as one file (calibrated methods need this)
+        return False  # loaded whole by transformers, written as one nmcli/1 file
     if (folder / INDEX).is_file() or not model_spec.startswith("hf:"):
         return True
     return output is not None and not str(output).endswith(".safetensors")
@@ -485,11 +485,6 @@ def _run_prune_directory(
 
     folder = local_directory(model_spec)
     assert folder is not None
-    if calibration is not None:
-        raise InputError(
-            f"--calib on the model directory {model_spec}: calibrated pruning does not stream blocks from shards yet; "
-            "it loads the model whole and writes one file: give -o FILE.safetensors"
-        )
     out = Path(output) if output else default_output_path(model_spec, nm.slug, suffix="")
     if str(out).endswith(".safetensors"):
         raise InputError(

@@ -5,7 +5,8 @@ Input: a transformers model directory with ``model.safetensors`` or sharded
 from ``config.json`` with every parameter on the **meta** device (no weights allocated; buffers
 computed at construction, such as rotary frequencies, stay real), eligibility is decided from its
 modules as usual, and tensors are read from the shards through the safetensors memory map one at
-a time (magnitude; calibrated methods still load the model whole).
+a time (magnitude) or one block at a time (wanda, sparsegpt: the blocks are materialized, calibrated,
+written and freed one after the other; everything outside them stays materialized for the run).
 
 Output: a directory that is still a plain HF model directory (the same shard files holding the
 same tensor names, dtypes and shapes, with effective weights, exact ``+0.0`` where pruned; the
@@ -593,21 +594,21 @@ def prune_directory(
 ) -> PruneResult:
     """Prune the HF directory ``folder`` into the sharded checkpoint directory ``out`` without loading it whole.
 
-    Magnitude only: reads, prunes and writes one tensor at a time, and hashes every shard on the
-    same read. Masks and effective weights equal those of the in-memory path.
+    Magnitude reads, prunes and writes one tensor at a time, and hashes every shard on the same
+    read; wanda and sparsegpt (``batches``) go block by block (:func:`_calibrated`). Masks and
+    effective weights equal those of the in-memory path.
 
     Raises:
-        InputError: nothing can be pruned. SourceError/CheckpointError: unreadable or inconsistent inputs.
+        InputError: nothing can be pruned; a calibrated method on a model without repeated blocks or
+            with BatchNorm (those are loaded whole: ``-o FILE.safetensors``).
+        SourceError/CheckpointError: unreadable or inconsistent inputs.
         OutputExistsError: ``out`` exists without ``force``, or is an input.
     """
     from nmcli.checkpoint import history_record
     from nmcli.prune import LayerReport, PruneResult
 
-    if batches is not None or method != "magnitude":
-        raise InputError(
-            f"--method {method} with --calib on {spec}: calibrated pruning of a model directory streams no "
-            "blocks yet; it loads the model whole and writes one .safetensors file (give -o FILE.safetensors)"
-        )
+    if (batches is None) != (method == "magnitude"):
+        raise InputError(f"--method {method} on {spec}: calibration batches are needed for wanda and sparsegpt only")
     plan = _plan(folder, pattern, include, exclude)
     if not plan.eligible:
         raise _no_layer_error(spec, pattern, plan.candidates)
@@ -618,7 +619,15 @@ def prune_directory(
         shards = OutputShards(plan.source, tmp)
         sidecar = SidecarWriter(tmp / SIDECAR)
         try:
-            hashes = _magnitude(plan, pattern, shards, sidecar, keep_dense, outcomes, progress)
+            if batches is not None:
+                from nmcli.oneshot import CalibrationConfig
+
+                cfg = calibration or CalibrationConfig(spec="")
+                hashes = _calibrated(
+                    plan, pattern, method, cfg, batches, shards, sidecar, keep_dense, outcomes, notes, progress
+                )
+            else:
+                hashes = _magnitude(plan, pattern, shards, sidecar, keep_dense, outcomes, progress)
             shards.finish()
             write_index(plan.source, tmp)
             reports, entries, pruned = [], [], 0
@@ -757,6 +766,180 @@ def _magnitude(
                 bar.advance(info.nbytes, f"shard {number}/{len(source.files)}")
             hashes[file] = digest.hexdigest()
     return hashes
+
+
+_Slot = tuple["nn.Module", str, bool, str]  # (module, attribute, is a parameter, full model name)
+
+
+def _slots(model: nn.Module, blocks: Sequence[str]) -> tuple[dict[str, list[_Slot]], list[_Slot]]:
+    """Every parameter and buffer attribute of ``model``: per block, and those outside the blocks."""
+    inside: dict[str, list[_Slot]] = {b: [] for b in blocks}
+    outside: list[_Slot] = []
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        owner = next((b for b in blocks if module_name == b or module_name.startswith(b + ".")), None)
+        for table, is_param in ((module._parameters, True), (module._buffers, False)):
+            for attr, value in table.items():
+                if value is None:
+                    continue
+                slot = (module, attr, is_param, f"{module_name}.{attr}" if module_name else attr)
+                (inside[owner] if owner is not None else outside).append(slot)
+    return inside, outside
+
+
+class _StreamedBlocks:
+    """The :class:`nmcli.oneshot.BlockIO` of a sharded prune: blocks materialized from the input shards,
+    written into the output shards (masks into the sidecar) and sent back to the meta device."""
+
+    def __init__(
+        self,
+        plan: _Plan,
+        pattern: Pattern,
+        reader: ShardReader,
+        shards: OutputShards,
+        sidecar: SidecarWriter,
+        keep_dense: bool,
+        outcomes: dict[str, _Outcome],
+        device: str,
+        bar: _Progress,
+        blocks: dict[str, list[_Slot]],
+    ) -> None:
+        self.plan, self.pattern, self.reader, self.shards, self.sidecar = plan, pattern, reader, shards, sidecar
+        self.keep_dense, self.outcomes, self.device, self.bar, self.blocks = keep_dense, outcomes, device, bar, blocks
+        self.written: set[str] = set()
+
+    def materialize(self, slots: Sequence[_Slot]) -> None:
+        """Read the slots' tensors from the shards (in the files' dtype); tied parameters stay tied."""
+        from torch import nn
+
+        made: dict[int, Any] = {}
+        for module, attr, is_param, full in slots:
+            table = module._parameters if is_param else module._buffers
+            old = table[attr]
+            assert old is not None
+            if id(old) in made:
+                table[attr] = made[id(old)]
+                continue
+            key = self.plan.keys.get(full)
+            if key is None:
+                if is_param:
+                    raise CheckpointError(f"parameter {full} is in no shard (a bug: the plan checks this)")
+                continue  # a buffer the files do not hold: computed at construction, already real
+            value = self.reader.tensor(key).to(self.device)
+            new = nn.Parameter(value, requires_grad=old.requires_grad) if is_param else value
+            table[attr] = made[id(old)] = new
+
+    def write(self, slots: Sequence[_Slot], layer_outcomes: Mapping[str, Any]) -> int:
+        """Write the slots' final tensors (pruned layers: effective weights, masks to the sidecar); returns bytes."""
+        import torch
+
+        nbytes = 0
+        for module, attr, is_param, full in slots:
+            key = self.plan.keys.get(full)
+            if key is None or key in self.written:
+                continue
+            table = module._parameters if is_param else module._buffers
+            value = table[attr]
+            assert value is not None
+            value = value.detach()
+            cand = self.plan.eligible.get(key)
+            if cand is not None:
+                outcome = layer_outcomes[cand.param]
+                original = self.reader.tensor(key)
+                mask = outcome.mask.to("cpu")
+                effective = value.to("cpu")
+                dense = torch.where(mask, effective, original) if self.keep_dense else None
+                finish_layer(
+                    key, cand, self.pattern, original, effective, mask, dense, self.sidecar, self.outcomes,
+                    recon_error=outcome.recon_error, note=outcome.note,
+                )  # fmt: skip
+                # the block is freed next: the outcome keeps no reference to its tensors
+                outcome.mask = outcome.weight = torch.empty(0)
+                del original, dense
+            self.shards.put(key, value)
+            self.written.add(key)
+            nbytes += self.plan.source.tensors[key].nbytes
+        return nbytes
+
+    @staticmethod
+    def free(slots: Sequence[_Slot]) -> None:
+        """Send the slots' tensors back to the meta device (buffers the files do not hold stay)."""
+        from torch import nn
+
+        made: dict[int, Any] = {}
+        for module, attr, is_param, _ in slots:
+            table = module._parameters if is_param else module._buffers
+            old = table[attr]
+            assert old is not None
+            if old.device.type == "meta":
+                continue
+            if id(old) not in made:
+                meta = old.detach().to("meta")
+                made[id(old)] = nn.Parameter(meta, requires_grad=old.requires_grad) if is_param else meta
+            table[attr] = made[id(old)]
+
+    def load(self, block: str) -> None:
+        self.materialize(self.blocks[block])
+
+    def done(self, block: str, outcomes: Mapping[str, Any]) -> None:
+        slots = self.blocks[block]
+        nbytes = self.write(slots, outcomes)
+        self.free([s for s in slots if s[3] in self.plan.keys or s[2]])
+        number = list(self.blocks).index(block) + 1
+        self.bar.advance(nbytes, f"block {number}/{len(self.blocks)}")
+
+
+def _calibrated(
+    plan: _Plan,
+    pattern: Pattern,
+    method: str,
+    cfg: CalibrationConfig,
+    batches: Sequence[Batch],
+    shards: OutputShards,
+    sidecar: SidecarWriter,
+    keep_dense: bool,
+    outcomes: dict[str, _Outcome],
+    notes: list[str],
+    progress: ProgressCallback | None,
+) -> dict[str, str]:
+    """Wanda/SparseGPT block by block from the shards (:func:`nmcli.oneshot.prune_calibrated` with a BlockIO).
+
+    Everything outside the blocks (embeddings, rotary buffers, final norm, heads) is materialized
+    for the whole run; one block at a time besides. Returns the sha256 of every input shard.
+    """
+    from nmcli.batchnorm import has_batchnorm
+    from nmcli.checkpoint import sha256_file
+    from nmcli.oneshot import find_blocks, prune_calibrated
+
+    model = plan.model
+    layers = [c for c in plan.candidates if c.eligible]
+    found = find_blocks(model, layers)
+    if found is None or has_batchnorm(model):
+        why = "it has BatchNorm layers" if found is not None else "it has no repeated blocks"
+        raise InputError(
+            f"{plan.source.folder} cannot be calibrated block by block from its shards ({why}): "
+            "load it whole instead (give -o FILE.safetensors)"
+        )
+    inside, outside = _slots(model, found[1])
+    bar = _Progress(progress, plan.source.total_bytes)
+    with ShardReader(plan.source) as reader:
+        io = _StreamedBlocks(plan, pattern, reader, shards, sidecar, keep_dense, outcomes, cfg.device, bar, inside)
+        io.materialize(outside)
+        try:
+            result = prune_calibrated(model, layers, pattern, method, batches, cfg, None, block_io=io)
+            bar.advance(io.write(outside, result.outcomes), "outside the blocks")
+        finally:
+            io.free(outside)
+            for slots in inside.values():
+                io.free(slots)
+        for name in plan.source.tensors:  # tensors the architecture does not name: copied as they are
+            if name not in io.written:
+                shards.put(name, reader.tensor(name))
+    notes.extend(result.notes)
+    notes.append(
+        f"streamed from {len(plan.source.files)} shard(s): one block of {found[0]} in memory at a time, "
+        "the layers outside the blocks on passes that replay the last block's outputs"
+    )
+    return {f: sha256_file(plan.source.folder / f) for f in plan.source.files}
 
 
 # --------------------------------------------------------------------------------------------
