@@ -813,7 +813,7 @@ class _StreamedBlocks:
 
         made: dict[int, Any] = {}
         for module, attr, is_param, full in slots:
-            table = module._parameters if is_param else module._buffers
+            table: dict[str, Any] = module._parameters if is_param else module._buffers
             old = table[attr]
             assert old is not None
             if id(old) in made:
@@ -823,7 +823,9 @@ class _StreamedBlocks:
             if key is None:
                 if is_param:
                     raise CheckpointError(f"parameter {full} is in no shard (a bug: the plan checks this)")
-                continue  # a buffer the files do not hold: computed at construction, already real
+                if old.device.type != "meta":  # a buffer the files do not hold, computed at construction
+                    table[attr] = made[id(old)] = old.to(self.device)
+                continue
             value = self.reader.tensor(key).to(self.device)
             new = nn.Parameter(value, requires_grad=old.requires_grad) if is_param else value
             table[attr] = made[id(old)] = new
