@@ -826,7 +826,8 @@ class _StreamedBlocks:
                 if old.device.type != "meta":  # a buffer the files do not hold, computed at construction
                     table[attr] = made[id(old)] = old.to(self.device)
                 continue
-            value = self.reader.tensor(key).to(self.device)
+            # a copy: the pruner writes into it, and the map must keep the originals (kept |w|, --keep-dense)
+            value = self.reader.tensor(key).to(self.device, copy=True)
             new = nn.Parameter(value, requires_grad=old.requires_grad) if is_param else value
             table[attr] = made[id(old)] = new
 

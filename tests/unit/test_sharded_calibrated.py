@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from nmcli.checkpoint import Checkpoint, load_checkpoint, read_meta
 from nmcli.errors import InputError
 from nmcli.oneshot import CalibrationConfig
-from nmcli.prune import run_prune
+from nmcli.prune import PruneResult, run_prune
 from nmcli.sharded import ShardedModel, copy_side_files, is_sharded_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -37,6 +37,20 @@ def _same(single: Checkpoint, sharded: Path) -> None:
         assert torch.allclose(other.double(), value.double(), rtol=0, atol=1e-6), name
         if name in single.masks:  # pruned weights are exact +0.0 in both
             assert not bool(torch.signbit(other[~single.masks[name]]).any())
+    assert sorted(streamed.dense) == sorted(single.dense)  # --keep-dense: the same dense weights
+    for name, value in single.dense.items():
+        assert torch.allclose(streamed.dense[name].double(), value.double(), rtol=0, atol=1e-6), name
+
+
+def _same_reports(whole: PruneResult, streamed: PruneResult) -> None:
+    """Per layer: the same status, kept share of |w| (against the dense weights) and reconstruction error."""
+    assert [(r.param, r.status) for r in streamed.layers] == [(r.param, r.status) for r in whole.layers]
+    for a, b in zip(whole.layers, streamed.layers, strict=True):
+        if a.status == "pruned":
+            assert a.kept_magnitude is not None and a.kept_magnitude < 0.999, a.param
+            assert b.kept_magnitude == pytest.approx(a.kept_magnitude, abs=1e-6), a.param
+            assert b.recon_error == pytest.approx(a.recon_error, rel=1e-6, abs=1e-12), a.param
+    assert streamed.params_pruned == whole.params_pruned
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +83,10 @@ def test_minilm_streamed_equals_in_memory(
         return CalibrationConfig(spec=f"text:{text}", samples=16, max_length=24)
 
     single = tmp_path / "single.safetensors"
-    run_prune(f"hf:{minilm.get_model_path()}", method=method, calibration=cfg(), include=include, output=single)
+    whole = run_prune(f"hf:{minilm.get_model_path()}", method=method, calibration=cfg(), include=include, output=single)
     out = tmp_path / "streamed"
     result = run_prune(f"hf:{sharded}", method=method, calibration=cfg(), include=include, output=out)
+    _same_reports(whole, result)
     assert result.output == out and result.calib_samples == 16
     assert any("one block of encoder.layer in memory at a time" in note for note in result.notes)
     reference = load_checkpoint(single)
@@ -118,13 +133,13 @@ def test_tiny_llama_streamed_equals_in_memory(tiny_llama: tuple[Path, Path, Path
         return CalibrationConfig(spec=f"tensors:{calib}", samples=16)
 
     single = tmp_path / "single.safetensors"
-    run_prune(f"hf:{single_dir}", method="sparsegpt", calibration=cfg(), output=single)
+    whole = run_prune(f"hf:{single_dir}", method="sparsegpt", calibration=cfg(), keep_dense=True, output=single)
     out = tmp_path / "streamed"
-    result = run_prune(str(sharded), method="sparsegpt", calibration=cfg(), output=out)
+    result = run_prune(str(sharded), method="sparsegpt", calibration=cfg(), keep_dense=True, output=out)
+    _same_reports(whole, result)
     reference = load_checkpoint(single)
     assert "lm_head.weight" in reference.masks  # untied: pruned after the blocks, on their replayed outputs
     _same(reference, out)
-    assert result.params_pruned == sum(int((~m).sum()) for m in reference.masks.values())
 
 
 def test_model_without_blocks_says_how_to_load_it_whole(tmp_path: Path) -> None:
