@@ -151,6 +151,32 @@ def is_compliant(values: torch.Tensor, pattern: Pattern, axis: int) -> bool:
     return bool(group_counts(values, pattern.m, axis).le(pattern.n).all())
 
 
+# Elements per slice in l1_norm: bounds its float64 temporaries to 8 MiB whatever the tensor's size.
+_NORM_CHUNK = 1 << 20
+
+
+def l1_norm(values: torch.Tensor) -> float:
+    """``sum |x|`` of a tensor of any size and dtype, in float64 over slices.
+
+    One float32 reduction over a whole large tensor both copies it (4 bytes per element) and loses
+    accuracy (about 30% low on 131M elements); float64 slices keep both small.
+    """
+    import torch
+
+    flat = values.detach().reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), _NORM_CHUNK):
+        total += float(torch.linalg.vector_norm(flat[start : start + _NORM_CHUNK], 1, dtype=torch.float64))
+    return total
+
+
+def count_kept(mask: torch.Tensor) -> int:
+    """The number of set elements of a boolean mask, without the int64 copy ``mask.sum()`` makes."""
+    import torch
+
+    return int(torch.count_nonzero(mask))
+
+
 def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Effective weight: the kept values, and exact ``+0.0`` (never ``-0.0``) where pruned."""
     import torch

@@ -30,7 +30,16 @@ from nmcli.oneshot import (
     calibration_batches,
     prune_calibrated,
 )
-from nmcli.patterns import LayerCandidate, Pattern, apply_mask, find_layers, nm_mask, parse_pattern
+from nmcli.patterns import (
+    LayerCandidate,
+    Pattern,
+    apply_mask,
+    count_kept,
+    find_layers,
+    l1_norm,
+    nm_mask,
+    parse_pattern,
+)
 from nmcli.sources import default_output_path, load_model
 
 ProgressCallback = Callable[[int, int, str], None]
@@ -127,8 +136,7 @@ def check_method(name: str, has_calibration: bool) -> None:
 
 
 def _l1(weight: torch.Tensor) -> float:
-    # L1 norms accumulate in float32 (fast, and exact enough for a percentage).
-    return float(torch.linalg.vector_norm(weight, 1, dtype=torch.float32))
+    return l1_norm(weight)
 
 
 def prune_model(
@@ -276,7 +284,7 @@ def _assemble(
         kept = _l1(effective) / total if total > 0 else 1.0
         state[cand.param] = effective
         masks[cand.param] = mask
-        pruned_params += int(mask.numel() - int(mask.sum()))
+        pruned_params += int(mask.numel()) - count_kept(mask)
         entries.append(LayerEntry(cand.param, cand.module, pattern.n, pattern.m, cand.axis, cand.shape))
         reports.append(LayerReport(cand.module, cand.param, cand.shape, "pruned", "", kept, error, note))
     metrics: dict[str, Any] = {

@@ -689,9 +689,9 @@ class _Outcome:
 
 
 def _l1(value: torch.Tensor) -> float:
-    import torch
+    from nmcli.patterns import l1_norm
 
-    return float(torch.linalg.vector_norm(value, 1, dtype=torch.float32))
+    return l1_norm(value)
 
 
 def finish_layer(
@@ -720,7 +720,9 @@ def finish_layer(
         sidecar.add(DENSE_PREFIX + name, dense)
     total = _l1(original)
     kept = _l1(effective) / total if total > 0 else 1.0
-    outcomes[name] = _Outcome(kept, int(mask.numel() - int(mask.sum())), recon_error, note)
+    from nmcli.patterns import count_kept
+
+    outcomes[name] = _Outcome(kept, int(mask.numel()) - count_kept(mask), recon_error, note)
 
 
 def _magnitude(

@@ -297,3 +297,15 @@ def test_gpt2_conv1d_eligible_along_dim_0(tiny_gpt2_dir: Path) -> None:
 )
 def test_tensorrt_usable(shape: tuple[int, ...], axis: int, compliant: bool, usable: bool) -> None:
     assert tensorrt_usable(shape, axis, compliant) is usable
+
+
+def test_l1_norm_is_exact_across_slices_and_count_kept_counts() -> None:
+    from nmcli.patterns import count_kept, l1_norm
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(5_000_001, generator=g).to(torch.bfloat16)  # more than one slice, a ragged last one
+    exact = float(values.double().abs().sum())
+    assert abs(l1_norm(values) - exact) <= 1e-6 * exact
+    assert l1_norm(torch.zeros(0)) == 0.0
+    mask = values > 0
+    assert count_kept(mask) == int(mask.long().sum())
