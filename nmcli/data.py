@@ -14,6 +14,7 @@ is a :class:`Batch`: positional inputs, keyword inputs and optional targets.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,12 +203,36 @@ def _file(spec: str, prefix: str, *, folder: bool = False) -> Path:
         raise DataError(f"--data {spec}: {path} is not a directory of class sub-folders")
     if not folder and not path.is_file():
         raise DataError(f"--data {spec}: {path} is a directory, not a file: give the {prefix[:-1]} file itself")
+    if folder:
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise DataError(f"--data {spec}: {path} cannot be read (permission denied)")
+        return path
     try:
         with path.open("rb"):
             pass
     except OSError as exc:
         raise DataError(f"--data {spec}: {path} cannot be read ({exc.strerror})") from exc
     return path
+
+
+def check_data_spec(spec: str, option: str = "--data") -> None:
+    """Fail fast on a data spec whose file or folder is missing or unreadable, before any model is loaded.
+
+    Raises:
+        DataError: unknown prefix, or a missing/unreadable path (the message names ``option``).
+    """
+    try:
+        if spec.startswith(("tensors:", "text:")):
+            _file(spec, spec.split(":", 1)[0] + ":")
+        elif spec.startswith("imagefolder:"):
+            _file(spec, "imagefolder:", folder=True)
+        elif not spec.startswith("py:"):
+            raise DataError(
+                f"unknown --data spec {spec!r}: use tensors:FILE.safetensors, text:FILE.txt, imagefolder:DIR "
+                "or py:module:callable"
+            )
+    except DataError as exc:
+        raise DataError(str(exc).replace("--data", option, 1)) from exc
 
 
 def load_tensors(spec: str) -> TrainData:

@@ -46,7 +46,7 @@ from torch import nn
 
 from nmcli.batchnorm import batchnorm_buffers, has_batchnorm, recalibrate_batchnorm, restore_buffers
 from nmcli.checkpoint import Checkpoint, CheckpointMeta, history_record, load_checkpoint, save_checkpoint, sha256_file
-from nmcli.data import Batch, TrainData, batches_of, load_data, split_data
+from nmcli.data import Batch, TrainData, batches_of, check_data_spec, load_data, split_data
 from nmcli.errors import BackendUnavailableError, DataError, InputError, NmcliError, SourceError
 from nmcli.evaluation import evaluate, is_hidden_state, primary_output
 from nmcli.inputs import FLOAT_PRECISIONS, parse_input_spec
@@ -524,7 +524,7 @@ def _partial_of(candidate: Path, input_sha: str) -> bool:
         return False
     with contextlib.suppress(InputError):
         state = _load_state(sidecar)
-        return state.get("input_sha256") in (None, input_sha) or candidate == Path(state.get("input", ""))
+        return state.get("input_sha256") in (None, input_sha)
     return False
 
 
@@ -986,6 +986,9 @@ def run_finetune(
     started = time.perf_counter()
     cfg = config
     cfg.validate()
+    check_data_spec(cfg.data)
+    if cfg.eval_data:
+        check_data_spec(cfg.eval_data, "--eval-data")
     ckpt_path = Path(checkpoint)
     out = Path(output) if output else default_output_path(str(ckpt_path), "ft")
     if out.resolve() == ckpt_path.resolve() and not resume:

@@ -891,7 +891,7 @@ def _prune_stages(
         if recalibrate:
             recalibrate_batchnorm(model, batches)
     if pruner.result.notes:
-        pruner.result.notes.append(f"{len(stages)} layer(s) outside the blocks pruned on passes of the whole model")
+        pruner.result.notes.append(f"{len(layers)} layer(s) outside the blocks pruned on passes of the whole model")
     else:
         pruner.result.notes.append(
             f"{pruner.method}: no repeated blocks found: calibrated stage by stage ({len(stages)} stages, "

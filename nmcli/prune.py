@@ -19,7 +19,7 @@ from torch import nn
 
 from nmcli.batchnorm import has_batchnorm
 from nmcli.checkpoint import Checkpoint, CheckpointMeta, LayerEntry, SourceRef, history_record, save_checkpoint
-from nmcli.data import Batch
+from nmcli.data import Batch, check_data_spec
 from nmcli.errors import InputError
 from nmcli.inputs import InputSpec, parse_input_spec
 from nmcli.io import check_output_path
@@ -387,6 +387,7 @@ def run_prune(
     check_method(method, calibration is not None)
     if calibration is not None:
         calibration.validate()
+        check_data_spec(calibration.spec, "--calib")
     spec_input = parse_input_spec(input_shape) if input_shape else None
     if _streamed(model_spec, output):
         return _run_prune_directory(

@@ -94,6 +94,7 @@ def test_batchnorm_cnn_gets_its_statistics_reestimated(workdir: Path) -> None:
         (["--method", "sparsegpt"], "--method sparsegpt needs calibration data: pass --calib"),
         (["--method", "obs"], "unknown pruning method 'obs'"),
         (["--method", "wanda", "--calib", "tensors:missing.safetensors"], "--calib tensors:missing.safetensors"),
+        (["--method", "wanda", "--calib", "csv:x.csv"], "unknown --calib spec 'csv:x.csv'"),
         (["--method", "wanda", "--calib", "tensors:x", "--damp", "nan"], "--damp"),
         (["--method", "wanda", "--calib", "tensors:x", "--calib-samples", "0"], "--calib-samples"),
         (["--method", "wanda", "--calib", "tensors:x", "--device", "tpu"], "--device 'tpu'"),
