@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from nmcli.errors import PatternError
@@ -167,7 +169,7 @@ def test_sorting_in_slices_equals_one_sort(monkeypatch: pytest.MonkeyPatch, patt
 
     w = torch.randn(8, 64, 3, generator=torch.Generator().manual_seed(2)).round(decimals=1)  # many ties
     whole = nm_mask(w, pattern, 1)
-    monkeypatch.setattr(nmcli.patterns, "_SORT_CHUNK_GROUPS", 5)  # slices that split rows
+    monkeypatch.setattr(nmcli.patterns, "_MASK_CHUNK_GROUPS", 5)  # slices that split rows
     assert torch.equal(nm_mask(w, pattern, 1), whole)
     assert torch.equal(
         group_counts(whole, pattern.m, 1), torch.full((8, 3, 64 // pattern.m), pattern.n, dtype=torch.int32)
@@ -309,3 +311,41 @@ def test_l1_norm_is_exact_across_slices_and_count_kept_counts() -> None:
     assert l1_norm(torch.zeros(0)) == 0.0
     mask = values > 0
     assert count_kept(mask) == int(mask.long().sum())
+
+
+def _sorted_mask(w: torch.Tensor, pattern: Pattern, axis: int) -> torch.Tensor:
+    """The N:M rule written the obvious way: a stable descending sort of |w| per group (the reference)."""
+    moved = w.movedim(axis, -1)
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // pattern.m, pattern.m)
+    order = torch.sort(groups.abs(), dim=-1, descending=True, stable=True).indices[..., : pattern.n]
+    keep = torch.zeros(groups.shape, dtype=torch.bool).scatter_(-1, order, True)
+    return keep.reshape(moved.shape).movedim(-1, axis)
+
+
+_EDGE_VALUES = [0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, float("inf"), float("-inf"), float("nan"), 0.5, -0.5, 65504.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("pattern", [P24, P14, P28, P48, Pattern(3, 4), Pattern(1, 2), Pattern(5, 32)])
+def test_key_selection_equals_a_stable_sort(dtype: torch.dtype, pattern: Pattern) -> None:
+    gen = torch.Generator().manual_seed(pattern.m * 7 + pattern.n)
+    w = torch.randn(32, 4 * 32, generator=gen).round(decimals=1).to(dtype)  # many ties in magnitude
+    edges = torch.tensor(_EDGE_VALUES, dtype=torch.float32).to(dtype)
+    w.view(-1)[: 3 * len(edges) : 3] = edges  # zeros of both signs, subnormals, inf and NaN mixed in
+    w[3] = w[3, 0]  # a row of equal values: the lowest indices win
+    for axis in (0, 1):
+        assert torch.equal(nm_mask(w, pattern, axis), _sorted_mask(w, pattern, axis)), (dtype, pattern, axis)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.lists(st.integers(0, 0xFFFF), min_size=8, max_size=64),
+    n=st.integers(1, 7),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+)
+def test_key_selection_equals_a_stable_sort_for_any_bit_pattern(bits: list[int], n: int, dtype: torch.dtype) -> None:
+    # Every 16-bit pattern is a value: NaNs with any payload, infinities, subnormals, -0.0.
+    usable = len(bits) // 8 * 8
+    values = torch.tensor(bits[:usable], dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 8)
+    pattern = Pattern(n, 8)
+    assert torch.equal(nm_mask(values, pattern, 1), _sorted_mask(values, pattern, 1))
