@@ -23,7 +23,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nmcli import __version__
-from nmcli.compressed import INDICES_PREFIX, VALUES_PREFIX, compress_weight, decompress_weight
+from nmcli.compressed import INDICES_PREFIX, VALUES_PREFIX, compress_weight, decompress_mask, decompress_weight
 from nmcli.errors import CheckpointError
 from nmcli.io import atomic_output
 from nmcli.patterns import Pattern, TensorBits, array_group_counts, parse_pattern
@@ -493,6 +493,22 @@ _DTYPE_NAMES = {code: name for name, code in _SAFETENSORS_DTYPES.items()} | {
 _UNSIGNED_BY_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code (``BF16`` -> ``torch.bfloat16``).
+
+    Raises:
+        CheckpointError: a code torch has no dtype for.
+    """
+    import torch
+
+    dtype = getattr(torch, _DTYPE_NAMES.get(code, ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(
+            f"safetensors dtype {code} has no torch equivalent here: re-save the weights as F16/BF16/F32"
+        )
+    return dtype
+
+
 class _DataLayout:
     """Where each tensor's bytes sit in a safetensors file, and a read-only memory map of them."""
 
@@ -591,14 +607,9 @@ class _CompressedView:
             entry = self._layers.get(param)
             if entry is None:
                 raise CheckpointError(f"compressed weight {param} has no layer entry")
-            values = self._data.bits(VALUES_PREFIX + param)
-            indices = self._data.bits(INDICES_PREFIX + param)
-            weight, mask = decompress_weight(values.bits, indices.bits, entry)
-            if MASK_PREFIX + param in self._stored:
-                packed = self._data.bits(MASK_PREFIX + param)
-            else:
-                packed = TensorBits("uint8", np.packbits(mask.reshape(-1), bitorder="little"))
-            self._cache = {param: (TensorBits(values.dtype, weight), packed)}  # one: large files still stream
+            weight, packed = decode_compressed(entry, self._data.bits, self._stored)
+            assert weight is not None
+            self._cache = {param: (weight, packed)}  # one: large files still stream
         return self._cache[param]
 
     def bits(self, name: str) -> TensorBits:
@@ -832,19 +843,50 @@ def compressed_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     layers = {e.param: e for e in ckpt.meta.layers}
     for name, value in ckpt.tensors.items():
         entry = layers.get(name)
-        if entry is None:
-            out[name] = value
-            continue
-        weight = TensorBits.of_tensor(value)
-        mask = TensorBits.of_tensor(ckpt.masks[name]).bits.view(bool)
-        values, packed, exact = compress_weight(weight.bits, mask, entry)
-        out[VALUES_PREFIX + name] = _torch_from_bits(TensorBits(weight.dtype, values))
-        out[INDICES_PREFIX + name] = _torch_from_bits(TensorBits("uint8", packed))
-        if not exact:
-            out[MASK_PREFIX + name] = pack_mask(ckpt.masks[name])
+        out.update(compressed_entries(name, value, ckpt.masks[name], entry) if entry else {name: value})
     for name, value in ckpt.dense.items():
         out[DENSE_PREFIX + name] = value
     return out
+
+
+def compressed_entries(
+    name: str, value: torch.Tensor, mask: torch.Tensor, entry: LayerEntry
+) -> dict[str, torch.Tensor]:
+    """The stored tensors of one pruned weight in a compressed file: its values and indices, and its
+    packed mask only when the indices do not name it exactly (layout: :mod:`nmcli.compressed`)."""
+    weight = TensorBits.of_tensor(value)
+    values, packed, exact = compress_weight(weight.bits, TensorBits.of_tensor(mask).bits.view(bool), entry)
+    out = {
+        VALUES_PREFIX + name: _torch_from_bits(TensorBits(weight.dtype, values)),
+        INDICES_PREFIX + name: _torch_from_bits(TensorBits("uint8", packed)),
+    }
+    if not exact:
+        out[MASK_PREFIX + name] = pack_mask(mask)
+    return out
+
+
+def decode_compressed(
+    entry: LayerEntry, bits: Callable[[str], TensorBits], stored: Container[str], *, weight: bool = True
+) -> tuple[TensorBits | None, TensorBits]:
+    """``(effective weight, packed mask)`` of one compressed parameter, as bits, from its stored tensors.
+
+    ``bits(name)`` reads a stored tensor's bits and ``stored`` holds the stored names (one file,
+    or the shards of a directory). With ``weight=False`` only the indices (and a stored mask) are
+    read and the weight is None: the mask alone, e.g. for ``inspect`` and ``sad``.
+    """
+    param = entry.param
+    if not weight:
+        if MASK_PREFIX + param in stored:
+            return None, bits(MASK_PREFIX + param)
+        mask = decompress_mask(bits(INDICES_PREFIX + param).bits, entry)
+        return None, TensorBits("uint8", np.packbits(mask.reshape(-1), bitorder="little"))
+    values = bits(VALUES_PREFIX + param)
+    dense, mask = decompress_weight(values.bits, bits(INDICES_PREFIX + param).bits, entry)
+    if MASK_PREFIX + param in stored:
+        packed = bits(MASK_PREFIX + param)
+    else:
+        packed = TensorBits("uint8", np.packbits(mask.reshape(-1), bitorder="little"))
+    return TensorBits(values.dtype, dense), packed
 
 
 def write_compressed(

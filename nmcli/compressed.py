@@ -50,6 +50,7 @@ from nmcli.errors import CheckpointError
 
 VALUES_PREFIX = "__nmcli__/nm/values/"
 INDICES_PREFIX = "__nmcli__/nm/indices/"
+_CHUNK_ELEMENTS = 1 << 22  # weights encoded per step of compress_weight (bounds its temporaries)
 
 
 class NMLayout(Protocol):
@@ -107,20 +108,64 @@ def compress_weight(weight: np.ndarray, mask: np.ndarray, layout: NMLayout) -> t
     its boolean mask. ``exact_from_indices`` is False when some group keeps fewer than ``n``
     values, in which case the mask must be stored beside the indices; the padded slots hold the
     all-zero element (``+0.0``).
+
+    Rows are encoded ``_CHUNK_ELEMENTS`` weights at a time, a multiple of 8 rows each (so every
+    chunk's indices fill whole bytes of the stream): the temporaries stay small beside the weight.
     """
     n, m = layout.n, layout.m
     w_rows = _rows(weight, layout.axis)
     k_rows = _rows(mask.astype(bool, copy=False), layout.axis)
     rows, k = w_rows.shape
-    groups_mask = k_rows.reshape(rows, k // m, m)
-    # Kept positions first (in index order), then pruned ones: a stable sort on "not kept".
-    order = np.argsort(~groups_mask, axis=-1, kind="stable")[..., :n]
-    values = np.take_along_axis(w_rows.reshape(rows, k // m, m), order, axis=-1)
-    exact = bool((groups_mask.sum(axis=-1) == n).all())
-    if not exact:  # padded slots point at pruned positions, whose effective value is +0.0
-        values = np.where(np.take_along_axis(groups_mask, order, axis=-1), values, np.zeros((), values.dtype))
-    packed = pack_indices(order.astype(np.uint8), index_bits(m))
-    return np.ascontiguousarray(values.reshape(rows, -1)), packed, exact
+    bits = index_bits(m)
+    per_row = k // m * n  # kept values per row
+    values = np.empty((rows, per_row), dtype=w_rows.dtype)
+    packed = np.empty((rows * per_row * bits + 7) // 8, dtype=np.uint8)
+    step = max(8, _CHUNK_ELEMENTS // max(k, 1) // 8 * 8)
+    exact = True
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        groups_mask = k_rows[start:stop].reshape(stop - start, k // m, m)
+        # Kept positions first (in index order), then pruned ones: a stable sort on "not kept".
+        order = np.argsort(~groups_mask, axis=-1, kind="stable")[..., :n]
+        chunk = np.take_along_axis(w_rows[start:stop].reshape(stop - start, k // m, m), order, axis=-1)
+        if not bool((groups_mask.sum(axis=-1) == n).all()):  # padded slots point at pruned positions: +0.0
+            exact = False
+            chunk = np.where(np.take_along_axis(groups_mask, order, axis=-1), chunk, np.zeros((), chunk.dtype))
+        values[start:stop] = chunk.reshape(stop - start, per_row)
+        stream = pack_indices(order.astype(np.uint8), bits)
+        offset = start * per_row * bits // 8  # whole bytes: ``start`` is a multiple of 8 rows
+        packed[offset : offset + stream.size] = stream
+    return values, packed, exact
+
+
+def _group_indices(packed: np.ndarray, layout: NMLayout) -> np.ndarray:
+    """The in-group index of every kept value, ``[R, G, n]``, checked against the layout."""
+    n, m, shape, axis = layout.n, layout.m, layout.shape, layout.axis
+    k = shape[axis]
+    rows = math.prod(shape) // k if k else 0
+    count = rows * (k // m) * n
+    bits = index_bits(m)
+    if packed.ndim != 1 or packed.size != (count * bits + 7) // 8:
+        raise CheckpointError(
+            f"compressed indices of {layout.param} have {packed.size} bytes, expected {(count * bits + 7) // 8}"
+        )
+    indices = unpack_indices(packed, count, bits)
+    if count and int(indices.max()) >= m:
+        raise CheckpointError(f"compressed indices of {layout.param} point outside their groups of {m}")
+    return indices.reshape(rows, k // m, n)
+
+
+def decompress_mask(packed: np.ndarray, layout: NMLayout) -> np.ndarray:
+    """The boolean mask the indices of one compressed parameter name (its values are not needed).
+
+    Raises:
+        CheckpointError: the indices do not fit the layout.
+    """
+    index = _group_indices(packed, layout)
+    rows, groups, _ = index.shape
+    mask = np.zeros((rows, groups, layout.m), dtype=bool)
+    np.put_along_axis(mask, index, True, axis=-1)
+    return _unrows(mask.reshape(rows, groups * layout.m), layout.shape, layout.axis)
 
 
 def decompress_weight(values: np.ndarray, packed: np.ndarray, layout: NMLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -138,16 +183,7 @@ def decompress_weight(values: np.ndarray, packed: np.ndarray, layout: NMLayout) 
         raise CheckpointError(
             f"compressed values of {layout.param} have shape {tuple(values.shape)}, expected {(rows, k // m * n)}"
         )
-    count = rows * (k // m) * n
-    bits = index_bits(m)
-    if packed.ndim != 1 or packed.size != (count * bits + 7) // 8:
-        raise CheckpointError(
-            f"compressed indices of {layout.param} have {packed.size} bytes, expected {(count * bits + 7) // 8}"
-        )
-    indices = unpack_indices(packed, count, bits)
-    if count and int(indices.max()) >= m:
-        raise CheckpointError(f"compressed indices of {layout.param} point outside their groups of {m}")
-    index = indices.reshape(rows, k // m, n)
+    index = _group_indices(packed, layout)
     dense = np.zeros((rows, k // m, m), dtype=values.dtype)
     np.put_along_axis(dense, index, values.reshape(rows, k // m, n), axis=-1)
     mask = np.zeros((rows, k // m, m), dtype=bool)
@@ -160,6 +196,7 @@ __all__ = [
     "VALUES_PREFIX",
     "NMLayout",
     "compress_weight",
+    "decompress_mask",
     "decompress_weight",
     "index_bits",
     "pack_indices",

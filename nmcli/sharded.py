@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from nmcli.checkpoint import SourceRef
+    from nmcli.compressed_shards import CompressedShards
     from nmcli.data import Batch
     from nmcli.oneshot import CalibrationConfig
     from nmcli.patterns import LayerCandidate, Pattern
@@ -970,6 +971,12 @@ class ShardedCheckpointReader:
             self.raw_metadata = self._sidecar.raw_metadata
             self.model = ShardedModel.open(self.path)
             self._reader = ShardReader(self.model, numpy=numpy)
+            self._numpy = numpy
+            self._compressed: CompressedShards | None = None
+            if self.raw_metadata.get("compressed"):  # nmcli export --compress: decoded transparently
+                from nmcli.compressed_shards import CompressedShards
+
+                self._compressed = CompressedShards(self.model, self.meta.layers)
         except BaseException:
             self._sidecar.close()
             raise
@@ -992,17 +999,20 @@ class ShardedCheckpointReader:
 
     @property
     def state_names(self) -> list[str]:
-        return list(self.model.tensors)
+        return self._compressed.state_names if self._compressed else list(self.model.tensors)
 
     @property
     def mask_names(self) -> list[str]:
-        return self._sidecar.mask_names
+        return list(self._compressed.layers) if self._compressed else self._sidecar.mask_names
 
     @property
     def dense_names(self) -> list[str]:
         return self._sidecar.dense_names
 
     def shape(self, name: str) -> tuple[int, ...]:
+        decoded = self._compressed.shape(name) if self._compressed else None
+        if decoded is not None:
+            return decoded
         if name.startswith(MASK_PREFIX) or name.startswith(DENSE_PREFIX):
             return self._sidecar.shape(name)
         if name not in self.model.tensors:
@@ -1010,17 +1020,28 @@ class ShardedCheckpointReader:
         return self.model.tensors[name].shape
 
     def tensor(self, name: str) -> Any:
+        if self._compressed and self._compressed.is_compressed(name):
+            return self._compressed.tensor(name, numpy=self._numpy)
         return self._reader.tensor(name)
 
     def packed_mask(self, param: str) -> Any:
+        if self._compressed:
+            packed = self._compressed.packed_mask_array(param)
+            if self._numpy:
+                return packed
+            import torch
+
+            return torch.from_numpy(packed.copy())
         return self._sidecar.packed_mask(param)
 
     def packed_mask_array(self, param: str) -> np.ndarray:
+        if self._compressed:
+            return self._compressed.packed_mask_array(param)
         return self._sidecar.packed_mask_array(param)
 
     def mask(self, param: str) -> torch.Tensor:
         assert self.meta is not None
-        return unpack_mask(self._sidecar.packed_mask_array(param), self.meta.layer(param).shape)
+        return unpack_mask(self.packed_mask_array(param), self.meta.layer(param).shape)
 
     def dense(self, param: str) -> Any:
         return self._sidecar.dense(param)

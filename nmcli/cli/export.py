@@ -61,7 +61,10 @@ def command(
         False, "--compress", help="Write a compressed copy of the checkpoint (kept values + in-group indices)."
     ),
     output: str | None = typer.Option(
-        None, "-o", "--output", help="Output .onnx (or .engine with --trt; .safetensors with --compress alone)."
+        None,
+        "-o",
+        "--output",
+        help="Output .onnx (or .engine with --trt; .safetensors with --compress alone, a directory for a sharded one).",
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),

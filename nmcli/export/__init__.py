@@ -54,20 +54,26 @@ def export_paths(
 
     With no artifact flag, ``--onnx`` is implied; ``--trt`` writes the ONNX too. ``-o`` names the
     main artifact: ``x.onnx`` (the engine goes to ``x.engine``), ``x.engine`` (the ONNX to
-    ``x.onnx``), or ``x.safetensors`` for ``--compress`` alone. Defaults sit beside the checkpoint:
-    ``model-2of4.onnx``, ``model-2of4.engine``, ``model-2of4-compressed.safetensors``; other
+    ``x.onnx``), or ``x.safetensors`` for ``--compress`` alone (a directory name when the checkpoint
+    is a sharded directory). Defaults sit beside the checkpoint: ``model-2of4.onnx``,
+    ``model-2of4.engine``, ``model-2of4-compressed.safetensors`` (``DIR-compressed/`` for a sharded
+    directory ``DIR``); other
     precisions than fp32 name theirs (``model-2of4-fp16.onnx``, ``model-2of4-int8.engine``), so
     exports in several precisions sit side by side.
 
     Raises:
         InputError: ``-o`` has a suffix that does not fit the requested artifacts.
     """
+    from nmcli.sharded import is_sharded_checkpoint, local_directory
     from nmcli.sources import default_output_path
 
     want_onnx = onnx or trt or not compress
     onnx_tag = precision if precision in ("fp16", "bf16") else ""  # an int8 build starts from a float32 ONNX
     onnx_path = default_output_path(checkpoint, onnx_tag, ".onnx") if want_onnx else None
-    compressed = default_output_path(checkpoint, "compressed", ".safetensors") if compress else None
+    folder = local_directory(checkpoint)
+    sharded = folder is not None and is_sharded_checkpoint(folder)  # compressed into a directory
+    compressed_suffix = "" if sharded else ".safetensors"
+    compressed = default_output_path(checkpoint, "compressed", compressed_suffix) if compress else None
     if output is not None:
         out = Path(output)
         suffix = out.suffix.lower()
@@ -76,10 +82,12 @@ def export_paths(
         elif suffix in (".engine", ".plan", ".trt") and trt:
             onnx_path = out.with_suffix(".onnx")
             return ExportPaths(onnx_path, out, compressed)
-        elif suffix == ".safetensors" and compress and not want_onnx:
+        elif compress and not want_onnx and (suffix == ".safetensors") != sharded:
             compressed = out
         else:
             wanted = ".onnx" + (" or .engine" if trt else "") if want_onnx else ".safetensors"
+            if not want_onnx and sharded:
+                wanted = "a directory name (not .safetensors: the checkpoint is a sharded directory)"
             raise InputError(f"-o {out} does not fit what you asked to export: give a path ending in {wanted}")
     engine = None
     if trt and onnx_path is not None:
@@ -232,6 +240,7 @@ def run_export(
     from nmcli.export.verify import default_tolerances, verify_onnx
     from nmcli.inputs import parse_input_spec
     from nmcli.io import check_output_path
+    from nmcli.sharded import check_output_directory, is_sharded_checkpoint
     from nmcli.sources import load_model
 
     dtype = precision_dtype(precision)
@@ -250,8 +259,12 @@ def run_export(
         )
     paths = export_paths(checkpoint, onnx=onnx, trt=trt, compress=compress, output=output, precision=precision)
     local_input = checkpoint[3:] if checkpoint.startswith("hf:") else checkpoint
+    sharded = Path(local_input).is_dir() and is_sharded_checkpoint(local_input)
     for path in paths.all():
-        check_output_path(path, force=force, inputs=[local_input])
+        if sharded and path == paths.compressed:  # a directory, replaced only if it is nmcli's
+            check_output_directory(path, force=force, inputs=[local_input])
+        else:
+            check_output_path(path, force=force, inputs=[local_input])
     result = ExportResult(paths, precision, sparse)
     steps = sum(1 for p in (paths.compressed, paths.onnx, paths.onnx if verify else None, paths.engine) if p)
     done = 0
@@ -266,13 +279,21 @@ def run_export(
         from nmcli.checkpoint import compress_checkpoint, read_meta
 
         step("compressing")
-        if not Path(checkpoint).is_file() or read_meta(checkpoint) is None:
-            raise InputError(
-                f"--compress needs an nmcli checkpoint (.safetensors written by nmcli prune): {checkpoint} is not one"
-            )
-        compress_checkpoint(checkpoint, paths.compressed, force=force)
-        result.original_bytes = os.path.getsize(checkpoint)
-        result.compressed_bytes = os.path.getsize(paths.compressed)
+        if sharded:  # shard by shard, one tensor at a time
+            from nmcli.compressed_shards import compress_directory, directory_bytes
+
+            compress_directory(local_input, paths.compressed, force=force)
+            result.original_bytes = directory_bytes(local_input)
+            result.compressed_bytes = directory_bytes(paths.compressed)
+        else:
+            if not Path(checkpoint).is_file() or read_meta(checkpoint) is None:
+                raise InputError(
+                    "--compress needs an nmcli checkpoint (.safetensors written by nmcli prune, or a sharded "
+                    f"checkpoint directory): {checkpoint} is not one"
+                )
+            compress_checkpoint(checkpoint, paths.compressed, force=force)
+            result.original_bytes = os.path.getsize(checkpoint)
+            result.compressed_bytes = os.path.getsize(paths.compressed)
     if paths.onnx is None:
         return result
 

@@ -177,3 +177,26 @@ def test_either_module_imports_first(order: tuple[str, str]) -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "False"]
+
+
+@pytest.mark.parametrize(("n", "m", "shape", "axis"), [(2, 4, (37, 16), 1), (3, 8, (21, 24), 1), (2, 4, (16, 9), 0)])
+def test_encoding_in_row_chunks_gives_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch, n: int, m: int, shape: tuple[int, int], axis: int
+) -> None:
+    """Rows are encoded a chunk (a multiple of 8 rows) at a time: the stream is the one-step stream."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal(shape).astype(np.float32)
+    moved = np.moveaxis(weight, axis, -1)
+    groups = np.abs(moved).reshape(*moved.shape[:-1], -1, m)
+    keep = groups >= np.sort(groups, axis=-1)[..., m - n : m - n + 1]
+    keep[0, 0] = False  # one group keeps none: not exact
+    mask = np.moveaxis(keep.reshape(moved.shape), -1, axis)
+    entry = LayerEntry("w", "", n, m, axis, shape)
+    whole = compress_weight(np.where(mask, weight, 0).view(np.uint32), mask, entry)
+    monkeypatch.setattr(nmcli.compressed, "_CHUNK_ELEMENTS", 1)  # 8 rows per step
+    chunked = compress_weight(np.where(mask, weight, 0).view(np.uint32), mask, entry)
+    assert np.array_equal(whole[0], chunked[0]) and np.array_equal(whole[1], chunked[1]) and not chunked[2]
+    back, back_mask = decompress_weight(chunked[0], chunked[1], entry)
+    assert np.array_equal(back_mask | ~mask, np.ones(shape, bool))  # the indices name every kept weight
+    assert np.array_equal(back.view(np.float32), np.where(mask, weight, 0))
+    assert np.array_equal(nmcli.compressed.decompress_mask(chunked[1], entry), back_mask)
