@@ -22,6 +22,7 @@ masks: ``inspect`` and ``sad`` stay torch-free).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,6 +73,12 @@ class CompressedShards:
                 f"{model.folder}: pruned weight {missing[0]} has neither its tensor nor its compressed values and "
                 "indices in the shards: the directory is incomplete; re-create it"
             )
+        unlisted = [n for n in stored if n.startswith(VALUES_PREFIX) and n[len(VALUES_PREFIX) :] not in self.layers]
+        if unlisted:
+            raise CheckpointError(
+                f"{model.folder}: compressed weight {unlisted[0][len(VALUES_PREFIX) :]} has no layer entry in "
+                "the sidecar's metadata: re-create the directory with nmcli export --compress"
+            )
         self.state_names = [
             name[len(VALUES_PREFIX) :] if name.startswith(VALUES_PREFIX) else name
             for name in stored
@@ -92,6 +99,19 @@ class CompressedShards:
             cached = decode_compressed(self.layers[param], self._bits, self.model.tensors, weight=weight)
             self._cache = {param: cached}  # one: large directories still stream
         return cached
+
+    @property
+    def decoded_bytes(self) -> int:
+        """The size of the tensors once decoded (what loading the checkpoint whole holds)."""
+        total = 0
+        for name, info in self.model.tensors.items():
+            if name.startswith(VALUES_PREFIX):
+                entry = self.layers[name[len(VALUES_PREFIX) :]]
+                per_value = info.nbytes // max(1, math.prod(info.shape))
+                total += math.prod(entry.shape) * per_value
+            elif not name.startswith((INDICES_PREFIX, MASK_PREFIX)):
+                total += info.nbytes
+        return total
 
     def is_compressed(self, param: str) -> bool:
         return param in self.layers

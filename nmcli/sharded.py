@@ -1053,7 +1053,7 @@ class ShardedCheckpointReader:
     def load(self, *, dense: bool = True) -> Checkpoint:
         """Read and validate the whole checkpoint into memory (see :func:`load_sharded`)."""
         assert self.meta is not None
-        _check_fits(self.path, self.model.total_bytes)
+        _check_fits(self.path, self._compressed.decoded_bytes if self._compressed else self.model.total_bytes)
         try:
             tensors = dict(self.iter_state())
             packed = {name: self.packed_mask(name) for name in self.mask_names}

@@ -85,9 +85,12 @@ def export_paths(
         elif compress and not want_onnx and (suffix == ".safetensors") != sharded:
             compressed = out
         else:
-            wanted = ".onnx" + (" or .engine" if trt else "") if want_onnx else ".safetensors"
             if not want_onnx and sharded:
-                wanted = "a directory name (not .safetensors: the checkpoint is a sharded directory)"
+                raise InputError(
+                    f"-o {out}: {checkpoint} is a sharded checkpoint directory and is compressed into a "
+                    "directory: give -o a directory name, not a .safetensors file"
+                )
+            wanted = ".onnx" + (" or .engine" if trt else "") if want_onnx else ".safetensors"
             raise InputError(f"-o {out} does not fit what you asked to export: give a path ending in {wanted}")
     engine = None
     if trt and onnx_path is not None:

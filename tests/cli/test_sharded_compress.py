@@ -120,6 +120,8 @@ def test_layout_of_the_compressed_directory(
     assert after is not None
     assert after.history[-1]["command"] == "export" and after.history[-1]["arguments"]["compress"] is True
     assert after.history[:-1] == meta.history and after.layers == meta.layers
+    with ShardedCheckpointReader(source) as x, ShardedCheckpointReader(folder) as y:
+        assert y._compressed is not None and y._compressed.decoded_bytes == x.model.total_bytes  # load's memory check
 
 
 def test_inspect_strict_and_sad_without_torch(
@@ -162,7 +164,7 @@ def test_refuses_without_force_and_never_overwrites_an_input(
     code, out, _ = run("export", str(source), "--compress", "-o", str(source), "--force", "--json")
     assert code == 2 and "input" in json.loads(out)["error"]["message"]
     code, out, _ = run("export", str(source), "--compress", "-o", str(tmp_path / "x.safetensors"), "--json")
-    assert code == 2 and "directory" in json.loads(out)["error"]["message"]
+    assert code == 2 and "give -o a directory name" in json.loads(out)["error"]["message"]
     (tmp_path / "not-ours").mkdir()
     code, out, _ = run("export", str(source), "--compress", "-o", str(tmp_path / "not-ours"), "--force", "--json")
     assert code == 2 and "replaces only" in json.loads(out)["error"]["message"]
