@@ -502,8 +502,9 @@ def _run_prune_directory(
     check_output_directory(out, force=force, inputs=[folder])
     spec = model_spec if model_spec.startswith("hf:") else f"hf:{model_spec}"
     source = source_ref(spec)
+    skeleton = build_skeleton(folder)
     if input_spec is None:
-        input_spec = guess_input_spec(build_skeleton(folder))
+        input_spec = guess_input_spec(skeleton)
     batches = None
     if calibration is not None:
         shape = input_spec.tensors[0].shape if input_spec is not None else None
@@ -521,6 +522,7 @@ def _run_prune_directory(
         exclude=exclude,
         keep_dense=keep_dense,
         input_spec=str(input_spec) if input_spec else None,
+        skeleton=skeleton,
         history_args={
             "model": model_spec,
             "pattern": str(nm),

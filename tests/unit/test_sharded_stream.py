@@ -1,0 +1,140 @@
+"""The streamed magnitude prune's I/O parts (nmcli.sharded): the O_DIRECT writer, the hashing reader,
+and a prune with tiny slices and buffers that equals the default one byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import nmcli.sharded as sharded
+from nmcli.checkpoint import load_checkpoint, sha256_file
+from nmcli.patterns import Pattern, nm_mask
+from nmcli.prune import run_prune
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_sequential_file_holds_exactly_the_bytes_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    monkeypatch.setattr(sharded, "_STAGE_BYTES", 3 * 4096)
+    if not direct:  # a platform without O_DIRECT: buffered writes
+        monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    rng = random.Random(0)
+    for folder in [tmp_path]:
+        path = folder / "out.bin"
+        expected = bytearray()
+        writer = sharded._SequentialFile(path)
+        try:
+            for _ in range(60):
+                size = rng.choice([1, 7, 100, 4096, 5000, 3 * 4096, 3 * 4096 + 1])
+                data = bytes(rng.getrandbits(8) for _ in range(size))
+                staged = writer.reserve(size, 2) if rng.random() < 0.5 else None
+                if staged is not None:
+                    staged[:] = data
+                    writer.commit(size)
+                else:
+                    writer.write(data)
+                expected += data
+            writer.finish()
+        finally:
+            writer.close()
+        assert path.read_bytes() == bytes(expected), folder
+        assert writer.size == len(expected)
+        assert writer._direct is (direct and hasattr(os, "O_DIRECT"))
+
+
+def test_reserve_refuses_misaligned_or_overflowing_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sharded, "_STAGE_BYTES", 4096)
+    writer = sharded._SequentialFile(tmp_path / "x.bin")
+    try:
+        writer.write(b"abc")
+        assert writer.reserve(4, 2) is None  # position 3 is not 2-aligned
+        assert writer.reserve(4, 1) is not None
+        assert writer.reserve(4094, 1) is None  # does not fit in the buffer
+    finally:
+        writer.close()
+
+
+def test_file_hasher_equals_sha256_and_feeds_the_reader_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sharded, "_HASH_READ", 1000)
+    monkeypatch.setattr(sharded, "_HASH_LEAD", 2500)
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(10_007))
+    hasher = sharded._FileHasher(path)
+    for position in range(0, 10_007, 777):
+        hasher.wait_for(position)
+        hasher.allow(position)
+    hasher.wait_for(10_007)
+    assert hasher.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest() == sha256_file(path)
+    stopped = sharded._FileHasher(path)  # cancelling a hasher that is waiting on its lead returns
+    stopped.cancel()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():  # ties in magnitude: bf16 rounding of a coarse grid
+        for p in model.parameters():
+            p.copy_((p * 50).round() / 50)
+    folder = tmp_path_factory.mktemp("llama") / "tiny-llama"
+    model.save_pretrained(folder, max_shard_size="60KB")
+    return folder
+
+
+def test_streaming_with_tiny_slices_and_buffers_changes_nothing(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = tmp_path / "reference"
+    run_prune(str(tiny_llama_dir), output=reference, keep_dense=True)
+    monkeypatch.setattr(sharded, "_STAGE_BYTES", 4096)  # tensors straddle staging buffers
+    monkeypatch.setattr(sharded, "_STREAM_GROUPS", 6)  # slices of 24 weights split rows
+    monkeypatch.setattr(sharded, "_HASH_READ", 999)
+    monkeypatch.setattr(sharded, "_HASH_LEAD", 3000)
+    monkeypatch.setattr(sharded, "_RELEASE_BYTES", 1)
+    small = tmp_path / "small"
+    run_prune(str(tiny_llama_dir), output=small, keep_dense=True)
+    shards = sorted(p.name for p in tiny_llama_dir.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    for name in shards:
+        assert (small / name).read_bytes() == (reference / name).read_bytes(), name
+    ckpt = load_checkpoint(small)
+    meta = ckpt.meta
+    assert dict(meta.source.shards) == {name: sha256_file(tiny_llama_dir / name) for name in shards}
+    for entry in meta.layers:  # the N:M rule, checked against the dense weights kept beside
+        dense = ckpt.dense[entry.param]
+        assert torch.equal(ckpt.masks[entry.param], nm_mask(dense, Pattern(2, 4), entry.axis)), entry.param
+        assert not bool(torch.signbit(ckpt.tensors[entry.param][~ckpt.masks[entry.param]]).any())
+
+
+def test_truncated_shard_is_a_checkpoint_error(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from nmcli.errors import CheckpointError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    last = sorted(broken.glob("model-*.safetensors"))[-1]
+    last.write_bytes(last.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        run_prune(str(broken), output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob("out.tmp-*"))
