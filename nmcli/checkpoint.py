@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nmcli import __version__
-from nmcli.compressed import INDICES_PREFIX, VALUES_PREFIX, compress_weight, decompress_mask, decompress_weight
+from nmcli.compressed import (
+    INDICES_PREFIX,
+    VALUES_PREFIX,
+    compress_weight,
+    decompress_packed_mask,
+    decompress_weight,
+)
 from nmcli.errors import CheckpointError
 from nmcli.io import atomic_output
 from nmcli.patterns import Pattern, TensorBits, array_group_counts, parse_pattern
@@ -878,8 +884,7 @@ def decode_compressed(
     if not weight:
         if MASK_PREFIX + param in stored:
             return None, bits(MASK_PREFIX + param)
-        mask = decompress_mask(bits(INDICES_PREFIX + param).bits, entry)
-        return None, TensorBits("uint8", np.packbits(mask.reshape(-1), bitorder="little"))
+        return None, TensorBits("uint8", decompress_packed_mask(bits(INDICES_PREFIX + param).bits, entry))
     values = bits(VALUES_PREFIX + param)
     dense, mask = decompress_weight(values.bits, bits(INDICES_PREFIX + param).bits, entry)
     if MASK_PREFIX + param in stored:

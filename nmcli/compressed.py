@@ -50,7 +50,7 @@ from nmcli.errors import CheckpointError
 
 VALUES_PREFIX = "__nmcli__/nm/values/"
 INDICES_PREFIX = "__nmcli__/nm/indices/"
-_CHUNK_ELEMENTS = 1 << 22  # weights encoded per step of compress_weight (bounds its temporaries)
+_CHUNK_ELEMENTS = 1 << 20  # weights encoded per step of compress_weight (bounds its temporaries)
 
 
 class NMLayout(Protocol):
@@ -168,6 +168,47 @@ def decompress_mask(packed: np.ndarray, layout: NMLayout) -> np.ndarray:
     return _unrows(mask.reshape(rows, groups * layout.m), layout.shape, layout.axis)
 
 
+_MASK_TABLES: dict[tuple[int, int], np.ndarray | None] = {}
+
+
+def _mask_table(n: int, m: int) -> np.ndarray | None:
+    """Per index-stream byte, the packed mask bytes of the groups it holds; None when a byte does not
+    hold whole groups that fill whole mask bytes (then masks are decoded index by index)."""
+    key = (n, m)
+    if key not in _MASK_TABLES:
+        bits = index_bits(m)
+        table = None
+        if m & (m - 1) == 0 and 8 % (n * bits) == 0 and (8 // (n * bits)) * m % 8 == 0:
+            groups = 8 // (n * bits)  # 2 for 2:4: one byte of indices is one byte of mask
+            index = unpack_indices(np.arange(256, dtype=np.uint8), 256 * groups * n, bits).reshape(256, groups, n)
+            mask = np.zeros((256, groups, m), dtype=bool)
+            np.put_along_axis(mask, index, True, axis=-1)
+            table = np.packbits(mask.reshape(256, groups * m), axis=1, bitorder="little")
+        _MASK_TABLES[key] = table
+    return _MASK_TABLES[key]
+
+
+def decompress_packed_mask(packed: np.ndarray, layout: NMLayout) -> np.ndarray:
+    """:func:`decompress_mask` bit-packed as ``numpy.packbits(mask.reshape(-1), bitorder="little")``.
+
+    Groups along the last axis whose indices fill whole bytes (2:4, 1:4, 1:2, 1:16, 2:16) take one
+    table lookup per byte of indices; other layouts are decoded index by index.
+
+    Raises:
+        CheckpointError: the indices do not fit the layout.
+    """
+    n, m, shape, axis = layout.n, layout.m, layout.shape, layout.axis
+    table = _mask_table(n, m)
+    k = shape[axis]
+    groups = math.prod(shape) // m if k else 0
+    if table is not None and axis == len(shape) - 1 and groups % (table.shape[1] * 8 // m) == 0:
+        expected = (groups * n * index_bits(m) + 7) // 8
+        if packed.ndim != 1 or packed.size != expected:
+            raise CheckpointError(f"compressed indices of {layout.param} have {packed.size} bytes, expected {expected}")
+        return table[packed.astype(np.uint8, copy=False)].reshape(-1)
+    return np.packbits(decompress_mask(packed, layout).reshape(-1), bitorder="little")
+
+
 def decompress_weight(values: np.ndarray, packed: np.ndarray, layout: NMLayout) -> tuple[np.ndarray, np.ndarray]:
     """Rebuild ``(effective weight, boolean mask from the indices)`` of one compressed parameter.
 
@@ -197,6 +238,7 @@ __all__ = [
     "NMLayout",
     "compress_weight",
     "decompress_mask",
+    "decompress_packed_mask",
     "decompress_weight",
     "index_bits",
     "pack_indices",

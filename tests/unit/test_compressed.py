@@ -200,3 +200,32 @@ def test_encoding_in_row_chunks_gives_the_same_bytes(
     assert np.array_equal(back_mask | ~mask, np.ones(shape, bool))  # the indices name every kept weight
     assert np.array_equal(back.view(np.float32), np.where(mask, weight, 0))
     assert np.array_equal(nmcli.compressed.decompress_mask(chunked[1], entry), back_mask)
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "shape", "axis"),
+    [(2, 4, (6, 16), 1), (1, 4, (3, 32), 1), (1, 2, (5, 8), 1), (2, 16, (2, 64), 1), (1, 16, (4, 32), 1),
+     (4, 8, (3, 16), 1), (2, 4, (16, 6), 0), (2, 4, (3, 4), 1), (2, 4, (2, 3, 8), 2)],
+)  # fmt: skip
+def test_packed_mask_from_the_indices_alone(n: int, m: int, shape: tuple[int, ...], axis: int) -> None:
+    """The table lookup (whole bytes of indices along the last axis) gives the packed mask of the slow path."""
+    rng = np.random.default_rng(1)
+    scores = np.moveaxis(rng.random(shape), axis, -1)
+    groups = scores.reshape(*scores.shape[:-1], -1, m)
+    keep = groups >= np.sort(groups, axis=-1)[..., m - n : m - n + 1]
+    mask = np.moveaxis(keep.reshape(scores.shape), -1, axis)
+    entry = LayerEntry("w", "", n, m, axis, shape)
+    _, packed, exact = compress_weight(rng.random(shape).astype(np.float32), mask, entry)
+    assert exact
+    expected = np.packbits(mask.reshape(-1), bitorder="little")
+    assert np.array_equal(nmcli.compressed.decompress_packed_mask(packed, entry), expected)
+    assert np.array_equal(nmcli.compressed.decompress_mask(packed, entry), mask)
+    with pytest.raises(CheckpointError, match="compressed indices of w have"):
+        nmcli.compressed.decompress_packed_mask(packed[:-1], entry)
+
+
+def test_packed_mask_table_by_hand() -> None:
+    # indices 1, 3 | 0, 3 (the documented byte) keep positions 1, 3, 4, 7: mask byte 0b10011010
+    entry = LayerEntry("w", "", 2, 4, 1, (1, 8))
+    byte = np.array([1 + (3 << 2) + (0 << 4) + (3 << 6)], dtype=np.uint8)
+    assert nmcli.compressed.decompress_packed_mask(byte, entry).tolist() == [0b10011010]
