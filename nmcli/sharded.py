@@ -72,6 +72,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".
 _WEIGHT_INDEXES = ("pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json")
 _REOPEN_BYTES = 256 << 20  # a shard's memory map is reopened after this many bytes: RSS stays ~ one tensor
 _COPY_CHUNK = 16 << 20
+_HEADER_RESERVE = 4096  # header bytes a SidecarWriter reserves by default (a larger header costs a copy)
 
 ProgressCallback = Callable[[int, int, str], None]
 
@@ -346,12 +347,19 @@ class OutputShards:
 
 
 class SidecarWriter:
-    """The ``nmcli.safetensors`` sidecar: packed masks and dense weights spooled to disk, header written last."""
+    """A safetensors file whose tensors arrive one by one (the ``nmcli.safetensors`` sidecar, compressed shards).
 
-    def __init__(self, path: Path) -> None:
+    The data section streams to disk through :class:`_SequentialFile` behind a header region
+    reserved up front; :meth:`finish` writes the header into it, padded with spaces (the format
+    allows trailing whitespace in the header), so the data is written once. A header larger than
+    the reservation goes in front of a copy of the data instead.
+    """
+
+    def __init__(self, path: Path, reserve: int = _HEADER_RESERVE) -> None:
         self.path = path
-        self._spool_path = path.with_name(f".{path.name}.spool")
-        self._spool = open(self._spool_path, "wb")  # noqa: SIM115 - closed in finish()/close()
+        self._reserve = -(-reserve // 8) * 8
+        self._file = _SequentialFile(path)
+        self._file.write(bytes(8 + self._reserve))
         self._entries: list[tuple[str, str, tuple[int, ...], int]] = []
 
     def add(self, name: str, value: torch.Tensor) -> None:
@@ -361,20 +369,26 @@ class SidecarWriter:
         if code is None:
             raise CheckpointError(f"tensor {name} has dtype {value.dtype}, which safetensors cannot store")
         data = _raw_bytes(value.to("cpu"))
-        self._spool.write(data)
+        self._file.write(data)
         self._entries.append((name, code, tuple(value.shape), data.nbytes))
 
     def finish(self, metadata: Mapping[str, str]) -> None:
-        self._spool.close()
-        with open(self.path, "wb") as out, open(self._spool_path, "rb") as spool:
+        self._file.finish()
+        body = safetensors_header(self._entries, metadata)[8:].rstrip(b" ")
+        if len(body) <= self._reserve:
+            with open(self.path, "r+b") as fh:
+                fh.write(struct.pack("<Q", self._reserve) + body + b" " * (self._reserve - len(body)))
+            return
+        spilled = self.path.with_name(f".{self.path.name}.data")
+        self.path.rename(spilled)
+        with open(self.path, "wb") as out, open(spilled, "rb") as data:
             out.write(safetensors_header(self._entries, metadata))
-            shutil.copyfileobj(spool, out, _COPY_CHUNK)
-        self._spool_path.unlink()
+            data.seek(8 + self._reserve)
+            shutil.copyfileobj(data, out, _COPY_CHUNK)
+        spilled.unlink()
 
     def close(self) -> None:
-        self._spool.close()
-        with contextlib.suppress(FileNotFoundError):
-            self._spool_path.unlink()
+        self._file.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -879,7 +893,7 @@ def prune_directory(
     with atomic_directory(out, force=force, inputs=[folder]) as tmp:
         copy_side_files(folder, tmp)
         shards = OutputShards(plan.source, tmp) if batches is not None else None
-        sidecar = SidecarWriter(tmp / SIDECAR)
+        sidecar = SidecarWriter(tmp / SIDECAR, reserve=16384 + 1024 * len(plan.candidates))
         try:
             if shards is not None and batches is not None:
                 from nmcli.oneshot import CalibrationConfig

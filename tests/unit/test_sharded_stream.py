@@ -138,3 +138,26 @@ def test_truncated_shard_is_a_checkpoint_error(tiny_llama_dir: Path, tmp_path: P
         run_prune(str(broken), output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob("out.tmp-*"))
+
+
+@pytest.mark.parametrize("reserve", [0, 64, 1 << 16])
+def test_sidecar_writer_header_in_place_or_spilled(tmp_path: Path, reserve: int) -> None:
+    from safetensors import safe_open
+
+    tensors = {f"t{i}": torch.arange(i * 10, dtype=torch.float32).reshape(-1, 2) for i in range(1, 5)}
+    tensors["bf"] = torch.tensor([1.5, -0.0], dtype=torch.bfloat16)
+    path = tmp_path / f"side-{reserve}.safetensors"
+    writer = sharded.SidecarWriter(path, reserve=reserve)
+    try:
+        for name, value in tensors.items():
+            writer.add(name, value)
+        writer.finish({"format": "x", "long": "y" * 300})
+    finally:
+        writer.close()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no spill file left behind
+    with safe_open(str(path), "pt") as fh:
+        assert fh.metadata() == {"format": "x", "long": "y" * 300}
+        assert sorted(fh.keys()) == sorted(tensors)
+        for name, value in tensors.items():
+            assert torch.equal(fh.get_tensor(name), value), name
+    assert sharded.read_header(path).metadata["format"] == "x"
