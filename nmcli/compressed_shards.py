@@ -41,7 +41,7 @@ from nmcli.checkpoint import (
     history_record,
     packed_size,
 )
-from nmcli.compressed import INDICES_PREFIX, VALUES_PREFIX
+from nmcli.compressed import INDICES_PREFIX, VALUES_PREFIX, index_bits
 from nmcli.errors import CheckpointError
 from nmcli.patterns import TensorBits
 
@@ -172,6 +172,7 @@ def compress_directory(
         _Progress,
         atomic_directory,
         copy_side_files,
+        read_header,
     )
 
     folder = Path(source)
@@ -192,7 +193,10 @@ def compress_directory(
             total = 0  # bytes of tensor data in the shards (the index's total_size)
             for number, file in enumerate(model.files, 1):
                 header = model.headers[file]
-                shard = SidecarWriter(tmp / file)  # the spooling safetensors writer: sizes are known only at the end
+                metadata = {**header.metadata, "format": COMPRESSED_FORMAT}
+                # tensors arrive one by one (whether a mask is stored is known only once encoded): the
+                # header is reserved at its largest, every mask stored, and padded when fewer are
+                shard = SidecarWriter(tmp / file, reserve=_header_reserve(header.tensors, layers, metadata))
                 try:
                     # the input's own names, in file order (an input that is itself compressed is decoded)
                     for name in _decoded_names(header.tensors, reader):
@@ -204,22 +208,23 @@ def compress_directory(
                             weight_map[key] = file
                             total += tensor.numel() * tensor.element_size()
                         del value, stored
-                    shard.finish({**header.metadata, "format": COMPRESSED_FORMAT})
+                    shard.finish(metadata)
                 finally:
                     shard.close()
                 bar.advance(sum(t.nbytes for t in header.tensors), f"shard {number}/{len(model.files)}")
-            sidecar = SidecarWriter(tmp / SIDECAR)
+            record = meta.to_json()
+            record["history"] = [*record["history"], history_record("export", {"compress": True, **(arguments or {})})]
+            metadata = {
+                "format": COMPRESSED_FORMAT,
+                "layout": LAYOUT,
+                "nmcli": json.dumps(record, separators=(",", ":")),
+            }
+            dense = [t for t in read_header(folder / SIDECAR).tensors if t.name.startswith(DENSE_PREFIX)]
+            sidecar = SidecarWriter(tmp / SIDECAR, reserve=_header_reserve(dense, {}, metadata))  # the exact header
             try:
-                for name in reader.dense_names:
-                    sidecar.add(DENSE_PREFIX + name, reader.dense(name))
-                record = meta.to_json()
-                record["history"] = [
-                    *record["history"],
-                    history_record("export", {"compress": True, **(arguments or {})}),
-                ]
-                sidecar.finish(
-                    {"format": COMPRESSED_FORMAT, "layout": LAYOUT, "nmcli": json.dumps(record, separators=(",", ":"))}
-                )
+                for info in dense:
+                    sidecar.add(info.name, reader.dense(info.name[len(DENSE_PREFIX) :]))
+                sidecar.finish(metadata)
             finally:
                 sidecar.close()
             if (folder / INDEX).is_file() or len(model.files) > 1:
@@ -230,6 +235,28 @@ def compress_directory(
                     + "\n"
                 )
     return Path(out)
+
+
+def _header_reserve(tensors: Sequence[Any], layers: dict[str, LayerEntry], metadata: dict[str, str]) -> int:
+    """The largest header the compressed form of a shard's tensors can have (every mask stored), less its size prefix."""
+    from nmcli.checkpoint import safetensors_header
+
+    entries: list[tuple[str, str, tuple[int, ...], int]] = []
+    for info in tensors:
+        entry = layers.get(info.name)
+        if entry is None or info.name.startswith((VALUES_PREFIX, INDICES_PREFIX, MASK_PREFIX)):
+            entries.append((info.name, info.dtype, info.shape, info.nbytes))
+            continue
+        rows = math.prod(entry.shape) // entry.shape[entry.axis] if entry.shape[entry.axis] else 0
+        per_row = entry.shape[entry.axis] // entry.m * entry.n
+        itemsize = info.nbytes // max(1, math.prod(info.shape))
+        indices = (rows * per_row * index_bits(entry.m) + 7) // 8
+        entries += [
+            (VALUES_PREFIX + info.name, info.dtype, (rows, per_row), rows * per_row * itemsize),
+            (INDICES_PREFIX + info.name, "U8", (indices,), indices),
+            (MASK_PREFIX + info.name, "U8", (packed_size(entry.shape),), packed_size(entry.shape)),
+        ]
+    return len(safetensors_header(entries, metadata)) - 8
 
 
 def _decoded_names(tensors: Sequence[Any], reader: Any) -> list[str]:
