@@ -167,6 +167,15 @@ def timed(cmd: str) -> dict[str, Any]:
     }
 
 
+def _calibration_tokens(path: Path, sequences: int, length: int, vocab: int) -> None:
+    """A ``tensors:`` calibration file of uniformly random token ids (a stand-in: the model is random too)."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (sequences, length), generator=gen)
+    save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, str(path))
+
+
 def output_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")
 
@@ -185,6 +194,20 @@ def main() -> None:
         help="decoder layers (default: the size's own); fewer keeps every tensor shape, for peak memory and rates",
     )
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument(
+        "--second-pattern",
+        default=None,
+        help="prune OUT2 to this pattern instead of 2:4 --keep-dense (the full 7B with its dense copy needs ~55 GB of disk)",
+    )
+    parser.add_argument("--compress", action="store_true", help="also time `nmcli export OUT1 --compress`")
+    parser.add_argument(
+        "--calibrated",
+        type=int,
+        default=0,
+        metavar="SEQUENCES",
+        help="instead: time `prune --method sparsegpt` with this many random-token calibration sequences",
+    )
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (--calibrated)")
     args = parser.parse_args()
     model, out1, out2 = args.dir / f"llama-{args.size}", args.dir / "out-2of4", args.dir / "out-2of4-dense"
     if args.dir.exists():
@@ -214,15 +237,38 @@ def main() -> None:
         )
         quoted = " ".join(str(p) for p in shards)
         measure("read the input shards once", f"cat {quoted} > /dev/null", shards)
+        if args.calibrated:
+            calib = args.dir / "calib.safetensors"
+            _calibration_tokens(calib, args.calibrated, args.seq_len, SIZES[args.size][5])
+            measure(
+                f"prune --method sparsegpt, {args.calibrated} x {args.seq_len} tokens",
+                f"nmcli prune {model} -p 2:4 --method sparsegpt --calib tensors:{calib} "
+                f"--calib-samples {args.calibrated} -o {out1}",
+                shards,
+            )
+            print(
+                json.dumps([{"what": w, "cmd": c, **{k: v for k, v in r.items() if k != "stdout"}} for w, c, r in rows])
+            )
+            return
         measure("prune -p 2:4", f"nmcli prune {model} -p 2:4 -o {out1}", shards)
-        measure("prune -p 2:4 --keep-dense", f"nmcli prune {model} -p 2:4 --keep-dense -o {out2}", shards)
+        if args.second_pattern:
+            second = f"prune -p {args.second_pattern}"
+            measure(second, f"nmcli prune {model} -p {args.second_pattern} -o {out2}", shards)
+        else:
+            measure("prune -p 2:4 --keep-dense", f"nmcli prune {model} -p 2:4 --keep-dense -o {out2}", shards)
         outs = output_files(out1) + output_files(out2)
         measure("read both outputs once", f"cat {' '.join(map(str, outs))} > /dev/null", outs)
         sad = measure("sad OUT1 OUT2", f"nmcli sad {out1} {out2} --json", outs)
         print(sad["stdout"][:400])
         measure("inspect OUT1 --strict", f"nmcli inspect {out1} --strict", output_files(out1))
         side1, side2 = ((o / "nmcli.safetensors").stat().st_size / 1e6 for o in (out1, out2))
-        print(f"sidecar nmcli.safetensors: {side1:.0f} MB; with --keep-dense: {side2:.0f} MB")
+        print(f"sidecar nmcli.safetensors: {side1:.0f} MB; OUT2's: {side2:.0f} MB")
+        if args.compress:
+            shutil.rmtree(out2)  # disk room for the compressed copy
+            packed = args.dir / "out-2of4-compressed"
+            measure("export OUT1 --compress", f"nmcli export {out1} --compress -o {packed}", output_files(out1))
+            size = sum(p.stat().st_size for p in packed.iterdir())
+            print(f"compressed: {size / 1e9:.2f} GB, {100 * size / sum(p.stat().st_size for p in out1.iterdir()):.1f}%")
         print(json.dumps([{"what": w, "cmd": c, **{k: v for k, v in r.items() if k != "stdout"}} for w, c, r in rows]))
     finally:
         if not args.keep:

@@ -361,6 +361,7 @@ class SidecarWriter:
         self._file = _SequentialFile(path)
         self._file.write(bytes(8 + self._reserve))
         self._entries: list[tuple[str, str, tuple[int, ...], int]] = []
+        self._open: tuple[str, str, tuple[int, ...], int] | None = None
 
     def add(self, name: str, value: torch.Tensor) -> None:
         from nmcli.checkpoint import safetensors_dtype
@@ -371,6 +372,24 @@ class SidecarWriter:
         data = _raw_bytes(value.to("cpu"))
         self._file.write(data)
         self._entries.append((name, code, tuple(value.shape), data.nbytes))
+
+    def begin(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> None:
+        """Start a tensor whose bytes come in pieces (:meth:`extend`), ended by :meth:`end`."""
+        from nmcli.checkpoint import safetensors_dtype
+
+        code = safetensors_dtype(dtype)
+        if code is None:
+            raise CheckpointError(f"tensor {name} has dtype {dtype}, which safetensors cannot store")
+        self._open = (name, code, tuple(int(d) for d in shape), self._file.size)
+
+    def extend(self, data: Any) -> None:
+        self._file.write(data)
+
+    def end(self) -> None:
+        assert self._open is not None
+        name, code, shape, start = self._open
+        self._entries.append((name, code, shape, self._file.size - start))
+        self._open = None
 
     def finish(self, metadata: Mapping[str, str]) -> None:
         self._file.finish()
@@ -398,93 +417,140 @@ class SidecarWriter:
 
 _STAGE_BYTES = 32 << 20  # one staging buffer of the output writer (two of them alternate)
 _DIRECT_ALIGN = 4096  # O_DIRECT offsets, sizes and buffer addresses are multiples of this
-_HASH_READ = 16 << 20  # the hashing thread reads the shard in pieces of this size
-_HASH_LEAD = 1 << 30  # and runs at most this far ahead of the prune (the page cache holds the lead)
-_RELEASE_BYTES = 64 << 20  # mapped shard pages are dropped from the process every this many bytes
+_STREAM_PIECE = 16 << 20  # a shard is read in pieces of this size
+_STREAM_RING = 8  # pieces in flight between the reading thread and the prune
+_READ_AHEAD = 256 << 20  # the kernel is asked to read this far ahead of the reading thread
 _STREAM_GROUPS = 1 << 16  # groups of m per slice of the streamed mask
 
 
-class _FileHasher:
-    """The sha256 of a whole file, computed on a thread that also reads the file for the prune.
+class _ShardStream:
+    """A file read front to back by a thread into a ring of buffers and hashed on the way; the
+    prune takes its bytes in order from the same buffers.
 
-    The thread reads the file front to back with plain reads (the kernel reading ahead on a
-    ``POSIX_FADV_WILLNEED`` hint) and hashes it; the prune then touches only pages already in the
-    page cache (:meth:`wait_for`): page faults on a cold memory map cost a disk round trip per few
-    pages (measured here: ~50 MB/s against ~1-2 GB/s for sequential reads). It stays at most
-    ``_HASH_LEAD`` bytes ahead of :meth:`allow`; ``hashlib`` releases the GIL on large buffers.
+    The reading thread does the I/O (the kernel reading ahead on a ``POSIX_FADV_WILLNEED`` hint)
+    and the sha256 (``hashlib`` releases the GIL), the main thread only computes: no page faults on
+    a memory map (cold faults ran at ~50 MB/s here, warm ones still cost a fault per 4 KiB), no
+    second read, and memory fixed at ``_STREAM_RING`` pieces of ``_STREAM_PIECE`` bytes.
     """
 
     def __init__(self, path: Path) -> None:
+        import queue
         import threading
 
         self.path = path
+        self._pieces = [bytearray(_STREAM_PIECE) for _ in range(_STREAM_RING)]
+        self._free: queue.Queue[int] = queue.Queue()
+        self._full: queue.Queue[tuple[int, int] | None] = queue.Queue()
+        for index in range(_STREAM_RING):
+            self._free.put(index)
         self._digest = hashlib.sha256()
-        self._limit = _HASH_LEAD
-        self._done = 0
-        self._finished = False
-        self._cond = threading.Condition()
-        self._stop = False
         self._error: OSError | None = None
-        self._thread = threading.Thread(target=self._run, name=f"sha256 {path.name}", daemon=True)
+        self._stop = False
+        self._current: tuple[int, int] | None = None  # (piece index, bytes in it) being consumed
+        self._position = 0  # consumed bytes of the current piece
+        self._ended = False
+        self._scratch = bytearray(0)
+        self._thread = threading.Thread(target=self._run, name=f"read {path.name}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        buffer = bytearray(_HASH_READ)
-        view = memoryview(buffer)
         try:
             with open(self.path, "rb", buffering=0) as fh:
+                offset = 0
                 while True:
-                    with self._cond:
-                        while self._done >= self._limit and not self._stop:
-                            self._cond.wait()
-                        if self._stop:
-                            return
-                        position = self._done
-                    with contextlib.suppress(AttributeError, OSError):
-                        os.posix_fadvise(fh.fileno(), position + _HASH_READ, 4 * _HASH_READ, os.POSIX_FADV_WILLNEED)
-                    count = fh.readinto(view)
-                    if not count:
+                    index = self._free.get()
+                    if self._stop:
                         return
-                    self._digest.update(view[:count])
-                    with self._cond:
-                        self._done += count
-                        self._cond.notify_all()
-        except OSError as exc:  # reported by wait_for() and hexdigest() on the main thread
+                    with contextlib.suppress(AttributeError, OSError):
+                        os.posix_fadvise(fh.fileno(), offset, _READ_AHEAD, os.POSIX_FADV_WILLNEED)
+                    view = memoryview(self._pieces[index])
+                    count = 0
+                    while count < _STREAM_PIECE:  # whole pieces: a short read is not the end of the file
+                        got = fh.readinto(view[count:])
+                        if not got:
+                            break
+                        count += got
+                    if count:
+                        self._digest.update(view[:count])
+                        offset += count
+                        self._full.put((index, count))
+                    if count < _STREAM_PIECE:
+                        return
+        except OSError as exc:  # reported to the consumer by take() and hexdigest()
             self._error = exc
         finally:
-            with self._cond:
-                self._finished = True
-                self._cond.notify_all()
+            self._full.put(None)
 
-    def allow(self, position: int) -> None:
-        """The prune has reached ``position``: the hash may read up to ``_HASH_LEAD`` beyond it."""
-        with self._cond:
-            self._limit = position + _HASH_LEAD
-            self._cond.notify_all()
+    def _next_piece(self) -> bool:
+        if self._current is not None:
+            self._free.put(self._current[0])
+            self._current = None
+        if self._ended:
+            return False
+        item = self._full.get()
+        if item is None:
+            self._ended = True
+            if self._error is not None:
+                raise CheckpointError(f"{self.path} could not be read ({self._error})") from self._error
+            return False
+        self._current, self._position = item, 0
+        return True
 
-    def wait_for(self, position: int) -> None:
-        """Block until the file's first ``position`` bytes are read (so in the page cache)."""
-        if self._done >= position:
-            return
-        with self._cond:
-            self._limit = max(self._limit, position + _HASH_LEAD)
-            self._cond.notify_all()
-            while self._done < position and not self._finished:
-                self._cond.wait()
-        if self._error is not None:
-            raise CheckpointError(f"{self.path} could not be read ({self._error})") from self._error
+    def take(self, nbytes: int) -> memoryview:
+        """The next ``nbytes`` of the file, valid until the next call.
+
+        Raises:
+            CheckpointError: the file ends first (truncated) or cannot be read.
+        """
+        if self._current is not None and self._position + nbytes <= self._current[1]:
+            start = self._position
+            self._position += nbytes
+            return memoryview(self._pieces[self._current[0]])[start : start + nbytes]
+        if len(self._scratch) < nbytes:  # the range straddles pieces: assembled in a scratch buffer
+            self._scratch = bytearray(nbytes)
+        out = memoryview(self._scratch)[:nbytes]
+        filled = 0
+        while filled < nbytes:
+            if self._current is None or self._position == self._current[1]:
+                if not self._next_piece():
+                    raise CheckpointError(
+                        f"{self.path} ends before its header says it should: it is truncated; re-save it"
+                    )
+                continue
+            assert self._current is not None
+            step = min(nbytes - filled, self._current[1] - self._position)
+            out[filled : filled + step] = memoryview(self._pieces[self._current[0]])[
+                self._position : self._position + step
+            ]
+            filled += step
+            self._position += step
+        return out
+
+    def skip(self, nbytes: int) -> None:
+        """Consume ``nbytes`` without using them (the header, gaps between tensors)."""
+        while nbytes:
+            step = min(nbytes, _STREAM_PIECE)
+            self.take(step)
+            nbytes -= step
 
     def hexdigest(self) -> str:
-        self.allow(1 << 62)
+        """The whole file's sha256, once the rest of it (if any) is read."""
+        while self._next_piece():
+            pass
         self._thread.join()
         if self._error is not None:
             raise CheckpointError(f"{self.path} could not be read ({self._error})") from self._error
         return self._digest.hexdigest()
 
     def cancel(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
+        self._stop = True
+        self._free.put(0)
+        while not self._ended:  # unblock a reader waiting for a free piece
+            item = self._full.get()
+            if item is None:
+                self._ended = True
+            else:
+                self._free.put(item[0])
         self._thread.join()
 
 
@@ -596,55 +662,6 @@ class _SequentialFile:
             with contextlib.suppress(BufferError):  # a view still alive: the map is freed when it is collected
                 buffer.close()
         self._buffers = []
-
-
-class _MappedShard:
-    """A shard mapped read-only, with zero-copy torch views of its tensors and pages released behind."""
-
-    def __init__(self, path: Path, data_start: int) -> None:
-        import mmap
-
-        self.path = path
-        self.data_start = data_start
-        with open(path, "rb") as fh:
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        with contextlib.suppress(AttributeError, OSError):
-            self._map.madvise(mmap.MADV_SEQUENTIAL)
-        self._array = np.frombuffer(self._map, dtype=np.uint8)
-        self._released = 0
-
-    def tensor(self, info: TensorInfo) -> torch.Tensor:
-        """The tensor's bytes in the map as a flat torch tensor of its dtype (read-only: never written)."""
-        import warnings
-
-        import torch
-
-        from nmcli.checkpoint import torch_dtype
-
-        start = self.data_start + info.begin
-        if start + info.nbytes > len(self._array):
-            raise CheckpointError(
-                f"{self.path}: tensor {info.name} runs past the end of the file: it is truncated; re-save it"
-            )
-        raw = self._array[start : start + info.nbytes]
-        with warnings.catch_warnings():  # torch warns that the array is read-only; nothing writes to it
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(raw).view(torch_dtype(info.dtype))
-
-    def release(self, position: int) -> None:
-        """Drop the mapped pages before data offset ``position`` from the process (the page cache keeps them)."""
-        import mmap
-
-        end = (self.data_start + position) // mmap.PAGESIZE * mmap.PAGESIZE
-        if end - self._released >= _RELEASE_BYTES:
-            with contextlib.suppress(AttributeError, OSError, ValueError):
-                self._map.madvise(mmap.MADV_DONTNEED, self._released, end - self._released)
-            self._released = end
-
-    def close(self) -> None:
-        self._array = np.empty(0, dtype=np.uint8)
-        with contextlib.suppress(BufferError):  # a view still alive: the map closes when it is collected
-            self._map.close()
 
 
 def check_output_directory(
@@ -1013,10 +1030,10 @@ def _magnitude(
 ) -> dict[str, str]:
     """Magnitude prune, shard by shard in file order; returns the sha256 of every input shard.
 
-    Each shard is mapped read-only and streamed: tensors in file order, pruned weights in slices of
+    Each shard is streamed once: tensors in file order, pruned weights in slices of
     groups (:func:`_prune_streamed`), everything written front to back into the output shard of the
-    same name (:class:`_SequentialFile`), while :class:`_FileHasher` hashes the file on another
-    thread. Memory stays at a few slices plus one layer's packed mask, whatever the shard's size.
+    same name (:class:`_SequentialFile`), while :class:`_ShardStream` reads and hashes the file on
+    another thread. Memory stays at the read pieces plus one layer's packed mask, whatever the shard's size.
     """
     import torch
 
@@ -1043,61 +1060,60 @@ def _magnitude_shards(
     bar: _Progress,
     hashes: dict[str, str],
 ) -> dict[str, str]:
+    from nmcli.checkpoint import torch_dtype
+
     source = plan.source
     for number, file in enumerate(source.files, 1):
         header = source.headers[file]
-        hasher = _FileHasher(source.folder / file)
-        shard: _MappedShard | None = None
+        stream = _ShardStream(source.folder / file)
         writer: _SequentialFile | None = None
         try:
-            shard = _MappedShard(source.folder / file, len(header.raw))
             writer = _SequentialFile(folder / file)
             entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in header.tensors]
             writer.write(safetensors_header(entries, header.metadata))
+            stream.skip(len(header.raw))
+            position = 0  # in the data section
             for info in header.tensors:
-                value = shard.tensor(info)
+                stream.skip(info.begin - position)  # a gap some writers leave
+                position = info.end
                 cand = plan.eligible.get(info.name)
                 if cand is None:
-                    hasher.wait_for(len(header.raw) + info.end)
-                    writer.write(_raw_bytes(value))
+                    for start in range(0, info.nbytes, _STREAM_PIECE):
+                        writer.write(stream.take(min(_STREAM_PIECE, info.nbytes - start)))
                 else:
-                    _prune_streamed(info, cand, value, pattern, writer, sidecar, keep_dense, outcomes, shard, hasher)
-                del value
-                shard.release(info.end)
-                hasher.allow(len(header.raw) + info.end)
+                    dtype = torch_dtype(info.dtype)
+                    _prune_streamed(info, cand, dtype, stream, pattern, writer, sidecar, keep_dense, outcomes)
                 bar.advance(info.nbytes, f"shard {number}/{len(source.files)}")
             writer.finish()
-            hashes[file] = hasher.hexdigest()
+            hashes[file] = stream.hexdigest()
         except BaseException:
-            hasher.cancel()
+            stream.cancel()
             raise
         finally:
             if writer is not None:
                 writer.close()
-            if shard is not None:
-                shard.close()
     return hashes
 
 
 def _prune_streamed(
     info: TensorInfo,
     cand: LayerCandidate,
-    flat: torch.Tensor,
+    dtype: torch.dtype,
+    stream: _ShardStream,
     pattern: Pattern,
     writer: _SequentialFile,
     sidecar: SidecarWriter,
     keep_dense: bool,
     outcomes: dict[str, _Outcome],
-    shard: _MappedShard,
-    hasher: _FileHasher,
 ) -> None:
-    """Prune one weight from its mapped bytes ``flat`` and write its effective bytes to ``writer``.
+    """Prune one weight as its bytes come from ``stream`` and write its effective bytes to ``writer``.
 
     Groups along the last axis (Linear weights) go in slices of ``_STREAM_GROUPS`` groups: the mask
-    of :class:`nmcli.patterns.TopNSelector`, effective weights as bits times the mask, the packed
-    mask slice by slice (slices hold a multiple of 8 weights), L1 sums in float64 across slices.
-    The packed mask is then checked with the format's N:M rule (:func:`packed_mask_stats`: exactly
-    ``n`` kept in every group). Other layouts (convs, GPT-2 Conv1D) take the whole-tensor path.
+    of :class:`nmcli.patterns.TopNSelector`, effective weights as bits times the mask (computed
+    into the writer's staging buffer), the packed mask slice by slice (slices hold a multiple of 8
+    weights), L1 sums in float64 across slices, ``--keep-dense`` bytes appended to the sidecar as
+    they pass. The packed mask is then checked against the N:M rule (exactly ``n`` kept in every
+    group). Other layouts (convs, GPT-2 Conv1D) and dtypes are read whole and take the in-memory path.
     """
     import torch
 
@@ -1105,32 +1121,33 @@ def _prune_streamed(
 
     name, shape, (n, m) = info.name, tuple(cand.shape), (pattern.n, pattern.m)
     axis = cand.axis % len(shape)
-    dtype_name = str(flat.dtype).removeprefix("torch.")
+    dtype_name = str(dtype).removeprefix("torch.")
     if axis != len(shape) - 1 or dtype_name not in _KEY_TYPES or shape[-1] % m:
-        hasher.wait_for(shard.data_start + info.end)
-        weight = flat.reshape(shape)
+        weight = torch.frombuffer(stream.take(info.nbytes), dtype=dtype).reshape(shape)
         mask = nm_mask(weight, pattern, axis)
         effective = apply_mask(weight, mask)
         finish_layer(name, cand, pattern, weight, effective, mask, weight if keep_dense else None, sidecar, outcomes)
         writer.write(_raw_bytes(effective))
         return
     bits = getattr(torch, _KEY_TYPES[dtype_name][0])
-    groups = flat.view(-1, m)
-    count = groups.shape[0]
+    size_of = torch.empty((), dtype=dtype).element_size()
+    count = info.nbytes // size_of // m  # groups
     step = min(_STREAM_GROUPS, max(count, 1))
-    select = TopNSelector(pattern, flat.dtype, "cpu", step)
+    select = TopNSelector(pattern, dtype, "cpu", step)
     keep = torch.empty(step, m, dtype=torch.bool)
     effective_bits = torch.empty(step, m, dtype=bits)
-    packed = np.empty((flat.numel() + 7) // 8, dtype=np.uint8)
+    packed = np.empty((count * m + 7) // 8, dtype=np.uint8)
     total = kept = 0.0
+    if keep_dense:
+        sidecar.begin(DENSE_PREFIX + name, dtype, shape)
     for start in range(0, count, step):
-        part = groups[start : start + step]
-        size = part.shape[0]
-        hasher.wait_for(shard.data_start + info.begin + (start + size) * m * flat.element_size())
+        size = min(step, count - start)
+        nbytes = size * m * size_of
+        raw = stream.take(nbytes)
+        part = torch.frombuffer(raw, dtype=dtype).view(size, m)
         part_keep, part_bits = keep[:size], effective_bits[:size]
         select(part, out=part_keep)
-        nbytes = size * m * flat.element_size()
-        staged = writer.reserve(nbytes, flat.element_size())
+        staged = writer.reserve(nbytes, size_of)
         if staged is not None:  # the effective bits go straight into the output's staging buffer
             part_bits = torch.frombuffer(staged, dtype=bits).view(size, m)
         torch.mul(part.view(bits), part_keep, out=part_bits)
@@ -1138,21 +1155,21 @@ def _prune_streamed(
             writer.commit(nbytes)
         else:
             writer.write(part_bits.numpy())
+        if keep_dense:
+            sidecar.extend(raw)
         first = start * m // 8
         piece = np.packbits(part_keep.numpy().reshape(-1), bitorder="little")
         packed[first : first + piece.size] = piece
         total += float(part.abs().sum(dtype=torch.float32))
-        kept += float(part_bits.view(flat.dtype).abs().sum(dtype=torch.float32))
-        shard.release(info.begin + (start + size) * m * flat.element_size())
-    kept_count, compliant = packed_mask_stats(packed, shape, axis, n, m)
-    if not compliant or kept_count != count * n:
-        raise CheckpointError(
-            f"tensor {name}: the streamed mask keeps {kept_count} of {flat.numel()} weights, not {n}:{m} (a bug)"
-        )
-    sidecar.add(MASK_PREFIX + name, torch.from_numpy(packed))
+        kept += float(part_bits.view(dtype).abs().sum(dtype=torch.float32))
+        del part, raw, staged
     if keep_dense:
-        sidecar.add(DENSE_PREFIX + name, flat.reshape(shape))
-    outcomes[name] = _Outcome(kept / total if total > 0 else 1.0, int(flat.numel()) - kept_count)
+        sidecar.end()
+    if not _exactly_n(packed, shape, axis, n, m):
+        raise CheckpointError(f"tensor {name}: the streamed mask does not keep exactly {n} of every {m} (a bug)")
+    kept_count = count * n
+    sidecar.add(MASK_PREFIX + name, torch.from_numpy(packed))
+    outcomes[name] = _Outcome(kept / total if total > 0 else 1.0, count * m - kept_count)
 
 
 _Slot = tuple["nn.Module", str, bool, str]  # (module, attribute, is a parameter, full model name)
@@ -1461,6 +1478,22 @@ def _byte_tables(m: int) -> tuple[np.ndarray, np.ndarray]:
         bits = ((values[:, None] >> np.arange(8)) & 1).astype(np.uint8)
         _LUTS[m] = (bits.sum(1).astype(np.uint8), bits.reshape(256, 8 // m, m).sum(2).max(1).astype(np.uint8))
     return _LUTS[m]
+
+
+_EXACT: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _exactly_n(packed: np.ndarray, shape: Sequence[int], axis: int, n: int, m: int) -> bool:
+    """Whether a packed mask keeps exactly ``n`` of every group of ``m`` along ``axis`` (one table lookup per byte)."""
+    if not (axis == len(shape) - 1 and 8 % m == 0 and int(shape[-1]) % 8 == 0):
+        kept, compliant = packed_mask_stats(packed, shape, axis, n, m)
+        return compliant and kept * m == n * int(np.prod(shape))
+    if (n, m) not in _EXACT:
+        popcount, _ = _byte_tables(m)
+        values = np.arange(256)
+        groups = [(values >> (m * g)) & ((1 << m) - 1) for g in range(8 // m)]
+        _EXACT[n, m] = np.logical_and.reduce([popcount[v] == n for v in groups])
+    return bool(_EXACT[n, m][np.asarray(packed, dtype=np.uint8)].all())
 
 
 def packed_mask_stats(packed: np.ndarray, shape: Sequence[int], axis: int, n: int, m: int) -> tuple[int, bool]:

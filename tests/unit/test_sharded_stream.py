@@ -62,21 +62,42 @@ def test_reserve_refuses_misaligned_or_overflowing_slices(tmp_path: Path, monkey
         writer.close()
 
 
-def test_file_hasher_equals_sha256_and_feeds_the_reader_in_order(
+@pytest.mark.parametrize("size", [0, 999, 1000, 4000, 10_007])
+def test_shard_stream_gives_the_bytes_in_order_and_the_sha256(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    monkeypatch.setattr(sharded, "_STREAM_PIECE", 1000)
+    monkeypatch.setattr(sharded, "_STREAM_RING", 2)
+    path = tmp_path / "blob"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    stream = sharded._ShardStream(path)
+    rng = random.Random(size)
+    got = bytearray()
+    while len(got) < size // 2:  # ranges within a piece, straddling pieces, larger than a piece
+        step = min(rng.choice([1, 7, 500, 999, 1000, 2500]), size // 2 - len(got))
+        got += stream.take(step)
+    stream.skip(size - size // 2 - 3 if size > 10 else 0)
+    assert bytes(got) == data[: size // 2]
+    assert stream.hexdigest() == hashlib.sha256(data).hexdigest() == sha256_file(path)
+
+
+def test_shard_stream_past_the_end_is_a_truncation_and_cancel_returns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sharded, "_HASH_READ", 1000)
-    monkeypatch.setattr(sharded, "_HASH_LEAD", 2500)
+    from nmcli.errors import CheckpointError
+
+    monkeypatch.setattr(sharded, "_STREAM_PIECE", 100)
+    monkeypatch.setattr(sharded, "_STREAM_RING", 2)
     path = tmp_path / "blob"
-    path.write_bytes(os.urandom(10_007))
-    hasher = sharded._FileHasher(path)
-    for position in range(0, 10_007, 777):
-        hasher.wait_for(position)
-        hasher.allow(position)
-    hasher.wait_for(10_007)
-    assert hasher.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest() == sha256_file(path)
-    stopped = sharded._FileHasher(path)  # cancelling a hasher that is waiting on its lead returns
-    stopped.cancel()
+    path.write_bytes(b"x" * 250)
+    stream = sharded._ShardStream(path)
+    with pytest.raises(CheckpointError, match="truncated"):
+        stream.take(300)
+    stream.cancel()
+    waiting = sharded._ShardStream(path)  # its reader blocked on a full ring: cancel still returns
+    waiting.take(10)
+    waiting.cancel()
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +128,8 @@ def test_streaming_with_tiny_slices_and_buffers_changes_nothing(
     run_prune(str(tiny_llama_dir), output=reference, keep_dense=True)
     monkeypatch.setattr(sharded, "_STAGE_BYTES", 4096)  # tensors straddle staging buffers
     monkeypatch.setattr(sharded, "_STREAM_GROUPS", 6)  # slices of 24 weights split rows
-    monkeypatch.setattr(sharded, "_HASH_READ", 999)
-    monkeypatch.setattr(sharded, "_HASH_LEAD", 3000)
-    monkeypatch.setattr(sharded, "_RELEASE_BYTES", 1)
+    monkeypatch.setattr(sharded, "_STREAM_PIECE", 999)  # odd pieces: slices straddle them
+    monkeypatch.setattr(sharded, "_STREAM_RING", 2)
     small = tmp_path / "small"
     run_prune(str(tiny_llama_dir), output=small, keep_dense=True)
     shards = sorted(p.name for p in tiny_llama_dir.glob("model-*.safetensors"))
@@ -119,8 +139,12 @@ def test_streaming_with_tiny_slices_and_buffers_changes_nothing(
     ckpt = load_checkpoint(small)
     meta = ckpt.meta
     assert dict(meta.source.shards) == {name: sha256_file(tiny_llama_dir / name) for name in shards}
+    from safetensors.torch import load_file
+
+    source = {k: v for name in shards for k, v in load_file(str(tiny_llama_dir / name)).items()}
     for entry in meta.layers:  # the N:M rule, checked against the dense weights kept beside
         dense = ckpt.dense[entry.param]
+        assert torch.equal(dense, source[entry.param]), entry.param  # streamed into the sidecar intact
         assert torch.equal(ckpt.masks[entry.param], nm_mask(dense, Pattern(2, 4), entry.axis)), entry.param
         assert not bool(torch.signbit(ckpt.tensors[entry.param][~ckpt.masks[entry.param]]).any())
 
@@ -161,3 +185,21 @@ def test_sidecar_writer_header_in_place_or_spilled(tmp_path: Path, reserve: int)
         for name, value in tensors.items():
             assert torch.equal(fh.get_tensor(name), value), name
     assert sharded.read_header(path).metadata["format"] == "x"
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (1, 2), (2, 8), (3, 8), (1, 3)])
+def test_exactly_n_check_of_packed_masks(n: int, m: int) -> None:
+    from nmcli.checkpoint import pack_mask
+
+    w = torch.randn(16, 48, generator=torch.Generator().manual_seed(n * m))
+    for axis in (0, 1):
+        if w.shape[axis] % m:
+            continue
+        mask = nm_mask(w, Pattern(n, m), axis)
+        assert sharded._exactly_n(pack_mask(mask).numpy(), tuple(w.shape), axis, n, m)
+        fewer = mask.clone()
+        fewer[mask.nonzero()[0].tolist()] = False  # one group keeps n - 1: compliant, but not exact
+        assert not sharded._exactly_n(pack_mask(fewer).numpy(), tuple(w.shape), axis, n, m)
+        more = mask.clone()
+        more[(~mask).nonzero()[0].tolist()] = True
+        assert not sharded._exactly_n(pack_mask(more).numpy(), tuple(w.shape), axis, n, m)
