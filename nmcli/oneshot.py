@@ -214,6 +214,9 @@ def conv_columns(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tens
 # Input statistics
 
 
+_GRAM_SLICE_BYTES = 32 << 20  # float64 activations converted at a time when accumulating X^T X
+
+
 class _Segment:
     """``X^T X`` (float64) of the inputs feeding rows ``rows`` of one weight matrix."""
 
@@ -223,12 +226,23 @@ class _Segment:
         self.count = 0
 
     def add(self, columns: torch.Tensor) -> None:
-        cols = columns.detach().reshape(-1, columns.shape[-1]).to(torch.float64)
-        if cols.shape[0] == 0:
+        """Add ``X^T X`` of ``columns`` ``[..., cols]``, a slice of rows at a time.
+
+        The float64 copy of a whole batch's activations would be large (8192 tokens x 5632 inputs
+        of a 1B model's down projection: 369 MB, plus a product the size of the Gram matrix), so
+        slices of ``_GRAM_SLICE_BYTES`` are converted and multiplied into the Gram matrix in place.
+        """
+        flat = columns.detach().reshape(-1, columns.shape[-1])
+        if flat.shape[0] == 0:
             return
-        product = cols.t() @ cols
-        self.gram = product if self.gram is None else self.gram.add_(product)
-        self.count += cols.shape[0]
+        width = flat.shape[1]
+        if self.gram is None:
+            self.gram = torch.zeros(width, width, dtype=torch.float64, device=flat.device)
+        step = max(1, _GRAM_SLICE_BYTES // (8 * max(width, 1)))
+        for start in range(0, flat.shape[0], step):
+            cols = flat[start : start + step].to(torch.float64)
+            self.gram.addmm_(cols.t(), cols)
+        self.count += flat.shape[0]
 
 
 class _Collector:
@@ -322,6 +336,30 @@ def wanda_mask(weight: torch.Tensor, gram: torch.Tensor, pattern: Pattern) -> to
     return nm_mask(score, pattern, 1)
 
 
+# Rows of one weight matrix solved at a time: every solver treats rows independently, so bounding
+# the rows bounds the float64 working copies (weights, OBS updates, CG vectors) to about this many
+# bytes each, whatever the layer's size (a 32000 x 2048 lm_head would need 0.5 GB per copy).
+_ROW_CHUNK_BYTES = 64 << 20
+_REFIT_COPIES = 4  # the conjugate-gradient refit holds about 6 slice-sized tensors: slices 4x smaller
+
+
+def _row_step(cols: int, scale: int = 1) -> int:
+    """Rows per slice of a ``cols``-wide float64 matrix: ``_ROW_CHUNK_BYTES / scale`` bytes, at least one row."""
+    return max(1, _ROW_CHUNK_BYTES // (8 * max(cols, 1) * scale))
+
+
+def _row_chunks(matrix: torch.Tensor, scale: int = 1) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows, float64 copy of those rows)`` of ``matrix`` ``[rows, cols]``, in order.
+
+    ``scale`` divides the slice size, for solvers that hold that many copies of a slice at once.
+    """
+    rows, cols = matrix.shape
+    step = _row_step(int(cols), scale)
+    for start in range(0, rows, step):
+        chunk = slice(start, min(start + step, rows))
+        yield chunk, matrix[chunk].to(torch.float64, copy=True)  # a copy even when float64: solvers write into it
+
+
 def sparsegpt(
     weight: torch.Tensor, gram: torch.Tensor, pattern: Pattern, *, damp: float, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,19 +370,24 @@ def sparsegpt(
     ``w^2 / [H^-1]_jj^2`` (ties: lower index); every pruned or kept column's error is then spread
     over the remaining columns with the Cholesky factor of the dampened inverse Hessian (the OBS
     update). Inputs that never fire (zero Hessian diagonal) get the mean diagonal, so their weights
-    are judged by magnitude rather than zeroed. Runs in float64.
+    are judged by magnitude rather than zeroed. Runs in float64, a slice of rows at a time.
 
     Returns:
         ``(mask, updated)``: the boolean keep-mask and the updated weights (zero where pruned), float64.
     """
-    rows, cols = weight.shape
-    w = weight.detach().to(torch.float64).clone()
-    h = gram.detach().to(torch.float64).clone()
-    diag = h.diagonal()
-    dead = diag <= 0
-    alive_mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
-    h[dead, dead] = alive_mean
-    inverse_upper = _dampened_inverse_cholesky(h, damp)
+    inverse_upper = _dampened_inverse_cholesky(gram, damp)
+    mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+    updated = torch.empty(weight.shape, dtype=torch.float64, device=weight.device)
+    for rows, part in _row_chunks(weight.detach()):
+        mask[rows], updated[rows] = _sparsegpt_rows(part, inverse_upper, pattern, block_size)
+    return mask, updated
+
+
+def _sparsegpt_rows(
+    w: torch.Tensor, inverse_upper: torch.Tensor, pattern: Pattern, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sparsegpt` on rows ``w`` (float64, updated in place and returned) given the factor of the inverse Hessian."""
+    rows, cols = w.shape
     m = pattern.m
     block = max(m, (block_size // m) * m)
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
@@ -366,7 +409,8 @@ def sparsegpt(
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i1:i2] = q1
-        w[:, i2:] -= err1 @ inverse_upper[i1:i2, i2:]
+        if i2 < cols:
+            w[:, i2:].addmm_(err1, inverse_upper[i1:i2, i2:], alpha=-1)
     return mask, w
 
 
@@ -378,51 +422,68 @@ def refit_kept(
     The objective is ``||W X - W~ X||^2 + d ||W - W~||^2`` (``H = X^T X``, ``d = damp * mean(diag H)``,
     the damping SparseGPT's inverse Hessian uses): each row ``r`` solves
     ``(H + d I)_KK w_K = ((H + d I) w_r)_K`` on its kept columns ``K``; the CG iterations on the masked
-    system run for every row together as one ``[rows, cols] @ [cols, cols]`` product. SparseGPT's
+    system run for a slice of rows together as one ``[rows, cols] @ [cols, cols]`` product. SparseGPT's
     greedy OBS update only approximates this optimum, column by column. Starts from ``weight``
-    masked, runs ``iterations`` steps (fewer when every row has converged). Float64 in, float64 out.
+    masked, runs ``iterations`` steps (fewer when every row of the slice has converged). Float64 in,
+    float64 out.
     """
+    system = gram.clone()
+    system.diagonal().add_(damp * float(gram.diagonal().mean()))
+    out = torch.empty(weight.shape, dtype=torch.float64, device=weight.device)
+    for rows, part in _row_chunks(weight, _REFIT_COPIES):
+        out[rows] = _refit_rows(part, system, mask[rows], iterations)
+    return out
+
+
+def _refit_rows(weight: torch.Tensor, system: torch.Tensor, mask: torch.Tensor, iterations: int) -> torch.Tensor:
+    """:func:`refit_kept` of rows ``weight`` (float64) with the damped system ``H + d I`` given."""
     keep = mask.to(weight.dtype)
     w = weight * keep
     if iterations <= 0:
         return w
-    mean_diag = float(gram.diagonal().mean())
-    system = gram.clone()
-    system.diagonal().add_(damp * mean_diag)
-    target = (weight @ system) * keep
-    residual = target - (w @ system) * keep
+    residual = (weight @ system).mul_(keep)
+    residual.sub_((w @ system).mul_(keep))
     direction = residual.clone()
     norm = (residual * residual).sum(1, keepdim=True)
     stop = float(norm.max()) * 1e-20
     tiny = torch.finfo(weight.dtype).tiny
-    for _ in range(iterations):
+    for _ in range(iterations):  # in place: w, residual, direction, product and one temporary
         if float(norm.max()) <= stop:
             break
-        product = (direction @ system) * keep
+        product = (direction @ system).mul_(keep)
         alpha = norm / (direction * product).sum(1, keepdim=True).clamp_min(tiny)
-        w = w + alpha * direction
-        residual = residual - alpha * product
+        w.add_(alpha * direction)
+        residual.sub_(product.mul_(alpha))
         new_norm = (residual * residual).sum(1, keepdim=True)
-        direction = residual + (new_norm / norm.clamp_min(tiny)) * direction
+        direction.mul_(new_norm / norm.clamp_min(tiny)).add_(residual)
         norm = new_norm
-    return w * keep
+    return w.mul_(keep)
 
 
-def _dampened_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; the damping grows x10 until H is definite."""
-    mean_diag = float(h.diagonal().mean())
+def _dampened_inverse_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; the damping grows x10 until H is definite.
+
+    ``H`` is ``gram`` (left unchanged) with every zero diagonal entry (an input that never fires)
+    set to the mean of the others. One working copy of ``H`` is factorized, inverted and factorized
+    again in place: ``H``'s size once beside ``gram``, not three times.
+    """
+    diag = gram.diagonal()
+    dead = diag <= 0
+    alive_mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
     factor = damp if damp > 0 else 0.0
-    added = 0.0
+    info = torch.zeros((), dtype=torch.int32, device=gram.device)
     for _ in range(8):
-        h.diagonal().add_(factor * mean_diag - added)  # in place: no identity or copy of H is made
-        added = factor * mean_diag
-        lower, info = torch.linalg.cholesky_ex(h)
+        h = gram.to(torch.float64).clone()
+        h[dead, dead] = alive_mean
+        mean_diag = float(h.diagonal().mean())
+        h.diagonal().add_(factor * mean_diag)
+        torch.linalg.cholesky_ex(h, out=(h, info))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            torch.cholesky_inverse(h, out=h)
+            torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
             if int(info) == 0:
-                return upper
+                return h
+        del h
         factor = max(factor * 10, 1e-6)
     raise InputError(
         "the calibration inputs give a Hessian that stays singular even with heavy damping: "
@@ -443,32 +504,68 @@ def reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.
     return num / den if den > 0 else 0.0
 
 
-Solver = Callable[[torch.Tensor, torch.Tensor, Pattern, CalibrationConfig], tuple[torch.Tensor, torch.Tensor]]
+# What a solver yields for each slice of rows: (rows, keep-mask, new weights float64, the dense rows float64).
+Solved = Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]
+Solver = Callable[[torch.Tensor, torch.Tensor, Pattern, "CalibrationConfig"], Solved]
 
 
 def _masked(part: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, part, torch.zeros((), dtype=part.dtype, device=part.device))
 
 
-def _solve_magnitude(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig) -> Any:
-    mask = nm_mask(part, pattern, 1)
-    return mask, _masked(part, mask)
+def _solve_magnitude(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig) -> Solved:
+    for rows, dense in _row_chunks(part):
+        mask = nm_mask(dense, pattern, 1)
+        yield rows, mask, _masked(dense, mask), dense
 
 
-def _solve_wanda(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig) -> Any:
-    mask = wanda_mask(part, gram, pattern)
-    return mask, _masked(part, mask)
+def _solve_wanda(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig) -> Solved:
+    for rows, dense in _row_chunks(part):
+        mask = wanda_mask(dense, gram, pattern)
+        yield rows, mask, _masked(dense, mask), dense
 
 
-def _solve_sparsegpt(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig) -> Any:
-    mask, updated = sparsegpt(part, gram, pattern, damp=cfg.damp, block_size=cfg.block_size)
-    if cfg.refit_iterations > 0:
-        updated = refit_kept(part, gram, mask, damp=cfg.damp, iterations=cfg.refit_iterations)
-    return mask, updated
+def _solve_sparsegpt(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig) -> Solved:
+    """SparseGPT's masks, then (``refit_iterations``) the kept weights refit on the damped objective.
+
+    Two passes over the rows so that the inverse Hessian's factor and the damped system are never
+    held together: the masks first, the factor freed, then the refit with ``gram``'s diagonal
+    damped in place for each slice of rows and restored before the slice is yielded (its errors
+    are measured on the undamped ``gram``).
+    """
+    inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp)
+    if cfg.refit_iterations <= 0:
+        for rows, dense in _row_chunks(part):
+            mask, new = _sparsegpt_rows(dense.clone(), inverse_upper, pattern, cfg.block_size)
+            yield rows, mask, new, dense
+        return
+    masks = [_sparsegpt_rows(dense, inverse_upper, pattern, cfg.block_size)[0] for _, dense in _row_chunks(part)]
+    del inverse_upper
+    diagonal = gram.diagonal()
+    undamped = diagonal.clone()
+    damping = cfg.damp * float(undamped.mean())
+    for (rows, dense), mask in zip(
+        _row_chunks(part, _REFIT_COPIES), _resliced(masks, part, _REFIT_COPIES), strict=True
+    ):
+        diagonal.add_(damping)
+        try:
+            new = _refit_rows(dense, gram, mask, cfg.refit_iterations)
+        finally:
+            diagonal.copy_(undamped)
+        yield rows, mask, new, dense
+
+
+def _resliced(masks: Sequence[torch.Tensor], part: torch.Tensor, scale: int) -> Iterator[torch.Tensor]:
+    """The row masks of ``_row_chunks(part)`` (concatenated) cut again as ``_row_chunks(part, scale)`` cuts rows."""
+    whole = torch.cat(list(masks)) if masks else torch.zeros(part.shape, dtype=torch.bool)
+    rows, cols = part.shape
+    step = _row_step(int(cols), scale)
+    for start in range(0, rows, step):
+        yield whole[start : start + step]
 
 
 # The one registry of pruning methods: each solves one weight matrix ``[rows, cols]`` (columns in
-# N:M groups) from its inputs' Gram matrix and returns ``(mask, new weights)``.
+# N:M groups) from its inputs' Gram matrix, a slice of rows at a time (:data:`Solved`).
 SOLVERS: dict[str, Solver] = {
     "magnitude": _solve_magnitude,
     "wanda": _solve_wanda,
@@ -494,19 +591,21 @@ def solve_layer(
         mask = nm_mask(weight, pattern, cand.axis)
         return LayerOutcome(mask, weight, None, "no calibration input reached it: magnitude")
     matrix = to_matrix(weight.detach(), cand.kind)
-    masks, updated = torch.zeros(matrix.shape, dtype=torch.bool), matrix.to(torch.float64).clone()
+    masks = torch.zeros(matrix.shape, dtype=torch.bool)
+    updated = torch.empty(matrix.shape, dtype=weight.dtype, device=matrix.device)
     num = den = 0.0
     for seg in segments:
         assert seg.gram is not None
         gram = seg.gram.to(matrix.device).div_(max(seg.count, 1))
         seg.gram = None  # the statistics are used once: free them with this layer
-        part = matrix[seg.rows].to(torch.float64)
-        mask, new = SOLVERS[method](part, gram, pattern, cfg)
-        masks[seg.rows], updated[seg.rows] = mask.cpu(), new.cpu()
-        seg_num, seg_den = error_terms(part, new, gram)
-        num, den = num + seg_num, den + seg_den
+        seg_masks, seg_updated = masks[seg.rows], updated[seg.rows]
+        for rows, mask, new, dense in SOLVERS[method](matrix[seg.rows], gram, pattern, cfg):
+            seg_masks[rows], seg_updated[rows] = mask.cpu(), new.to(weight.dtype)
+            seg_num, seg_den = error_terms(dense, new, gram)
+            num, den = num + seg_num, den + seg_den
+        del gram
     full_mask = from_matrix(masks, cand.kind, cand.shape)
-    new_weight = from_matrix(updated, cand.kind, cand.shape).to(weight.dtype)
+    new_weight = from_matrix(updated, cand.kind, cand.shape)
     return LayerOutcome(full_mask, new_weight, num / den if den > 0 else 0.0)
 
 

@@ -252,3 +252,28 @@ def test_linear_kind_constant_is_identity_view() -> None:
     w = torch.arange(8.0).reshape(2, 4)
     assert to_matrix(w, LINEAR) is w
     assert F.linear(torch.ones(1, 4), from_matrix(w, LINEAR, w.shape)).shape == (1, 2)
+
+
+@pytest.mark.parametrize("refit", [0, 50])
+def test_row_slices_change_nothing_and_leave_the_inputs_alone(monkeypatch: pytest.MonkeyPatch, refit: int) -> None:
+    import nmcli.oneshot as oneshot
+
+    weight, gram = _random_problem(12, 32, 200, seed=3)
+    weight_before, gram_before = weight.clone(), gram.clone()
+    cfg = CalibrationConfig(spec="", refit_iterations=refit)
+
+    def solved() -> tuple[torch.Tensor, torch.Tensor]:
+        mask, new = torch.zeros(weight.shape, dtype=torch.bool), torch.zeros(weight.shape, dtype=torch.float64)
+        for rows, m, n, dense in oneshot.SOLVERS["sparsegpt"](weight, gram, P24, cfg):
+            assert torch.equal(dense, weight[rows])
+            mask[rows], new[rows] = m, n
+        return mask, new
+
+    whole_mask, whole = solved()
+    monkeypatch.setattr(oneshot, "_ROW_CHUNK_BYTES", 5 * 32 * 8)  # slices of 5 rows
+    sliced_mask, sliced = solved()
+    assert torch.equal(whole_mask, sliced_mask)
+    torch.testing.assert_close(sliced, whole, atol=1e-9, rtol=0)  # CG stops per slice: near-equal
+    assert torch.equal(weight, weight_before) and torch.equal(gram, gram_before)  # damping undone exactly
+    ref_mask, _ = sparsegpt(weight, gram, P24, damp=cfg.damp, block_size=cfg.block_size)
+    assert torch.equal(whole_mask, ref_mask)
