@@ -70,7 +70,7 @@ LAYOUT = "sharded"  # the sidecar's "layout" metadata entry
 # Files of other weight formats are never copied into the output: they would hold the dense weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx", ".gguf", ".pt2")
 _WEIGHT_INDEXES = ("pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json")
-_REOPEN_BYTES = 256 << 20  # a shard's memory map is reopened after this many bytes: RSS stays ~ one tensor
+_REOPEN_BYTES = 64 << 20  # a shard's memory map is reopened after this many bytes: RSS stays ~ one tensor
 _COPY_CHUNK = 16 << 20
 _HEADER_RESERVE = 4096  # header bytes a SidecarWriter reserves by default (a larger header costs a copy)
 
