@@ -346,7 +346,7 @@ def wanda_mask(weight: torch.Tensor, gram: torch.Tensor, pattern: Pattern) -> to
 # the rows bounds the float64 working copies (weights, OBS updates, CG vectors) to about this many
 # bytes each, whatever the layer's size (a 32000 x 2048 lm_head would need 0.5 GB per copy).
 _ROW_CHUNK_BYTES = 64 << 20
-_REFIT_COPIES = 4  # the conjugate-gradient refit holds about 6 slice-sized tensors: slices 4x smaller
+_REFIT_COPIES = 8  # the conjugate-gradient refit holds about 6 slice-sized tensors: slices 8x smaller
 
 
 def _row_step(cols: int, scale: int = 1) -> int:
@@ -466,20 +466,25 @@ def _refit_rows(weight: torch.Tensor, system: torch.Tensor, mask: torch.Tensor, 
     return w.mul_(keep)
 
 
-def _dampened_inverse_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
+def _dampened_inverse_cholesky(
+    gram: torch.Tensor, damp: float, *, reload: Callable[[], torch.Tensor] | None = None
+) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; the damping grows x10 until H is definite.
 
-    ``H`` is ``gram`` (left unchanged) with every zero diagonal entry (an input that never fires)
-    set to the mean of the others. One working copy of ``H`` is factorized, inverted and factorized
-    again in place: ``H``'s size once beside ``gram``, not three times.
+    ``H`` is ``gram`` with every zero diagonal entry (an input that never fires) set to the mean
+    of the others. One working copy of ``H`` is factorized, inverted and factorized again in
+    place: ``H``'s size once beside ``gram``, not three times. With ``reload`` (a function giving
+    ``gram`` back, e.g. from a file), ``gram`` itself is that working copy: it is consumed, and
+    ``reload`` feeds any retry with more damping.
     """
     diag = gram.diagonal()
     dead = diag <= 0
     alive_mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
     factor = damp if damp > 0 else 0.0
     info = torch.zeros((), dtype=torch.int32, device=gram.device)
-    for _ in range(8):
-        h = gram.to(torch.float64).clone()
+    for attempt in range(8):
+        fresh = reload if reload is not None else lambda: gram.to(torch.float64).clone()
+        h = gram if reload is not None and attempt == 0 else fresh()
         h[dead, dead] = alive_mean
         mean_diag = float(h.diagonal().mean())
         h.diagonal().add_(factor * mean_diag)
@@ -542,22 +547,29 @@ def _solve_sparsegpt(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, c
     damped in place for each slice of rows and restored before the slice is yielded (its errors
     are measured on the undamped ``gram``).
     """
-    inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp)
     if cfg.refit_iterations <= 0:
+        inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp)
         for rows, dense in _row_chunks(part):
             mask, new = _sparsegpt_rows(dense.clone(), inverse_upper, pattern, cfg.block_size)
             yield rows, mask, new, *error_terms(dense, new, gram)
         return
     # The factor is used while the masks are chosen, the Gram matrix only afterwards: a large one
-    # waits in a temporary file meanwhile (a 1.1B Llama's down projection: 254 MB each).
-    spilled = None
+    # waits in a temporary file meanwhile and is itself factorized in place (a 1.1B Llama's down
+    # projection: 254 MB each), so only one of the two is ever in memory.
     if gram.device.type == "cpu" and gram.numel() * gram.element_size() >= _SPILL_BYTES:
-        spilled = _spill(gram)
-        del gram
-    masks = [_sparsegpt_rows(dense, inverse_upper, pattern, cfg.block_size)[0] for _, dense in _row_chunks(part)]
-    del inverse_upper
-    if spilled is not None:
-        gram = _unspill(spilled)
+        spilled = _Spilled(gram)
+        try:
+            inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp, reload=spilled.load)
+            del gram
+            masks = [_sparsegpt_rows(d, inverse_upper, pattern, cfg.block_size)[0] for _, d in _row_chunks(part)]
+            del inverse_upper
+            gram = spilled.load()
+        finally:
+            spilled.close()
+    else:
+        inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp)
+        masks = [_sparsegpt_rows(d, inverse_upper, pattern, cfg.block_size)[0] for _, d in _row_chunks(part)]
+        del inverse_upper
     diagonal = gram.diagonal()
     undamped = diagonal.clone()
     damping = cfg.damp * float(undamped.mean())
@@ -575,29 +587,30 @@ def _solve_sparsegpt(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, c
 _SPILL_BYTES = 64 << 20  # Gram matrices this large wait in a temporary file during the SparseGPT pass
 
 
-def _spill(tensor: torch.Tensor) -> Any:
-    """Write a CPU tensor to a temporary file (its caller then drops it); read it back with :func:`_unspill`."""
-    import tempfile
+class _Spilled:
+    """A CPU tensor's bytes in a temporary file, read back exactly by :meth:`load` (any number of times)."""
 
-    spill = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _unspill
-    spill.write(tensor.contiguous().numpy().data)
-    return spill, tuple(tensor.shape), tensor.dtype
+    def __init__(self, tensor: torch.Tensor) -> None:
+        import tempfile
 
+        self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
+        self.file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        self.file.write(tensor.contiguous().numpy().data)
 
-def _unspill(spilled: Any) -> torch.Tensor:
-    """The tensor :func:`_spill` wrote, exactly; the file is closed and gone."""
-    spill, shape, dtype = spilled
-    with spill:
-        out = torch.empty(shape, dtype=dtype)
+    def load(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype)
         view = out.numpy().data.cast("B")
-        spill.seek(0)
+        self.file.seek(0)
         done = 0
         while done < len(view):
-            got = spill.readinto(view[done:])
+            got = self.file.readinto(view[done:])
             if not got:
                 raise OSError(f"a temporary file of {len(view)} bytes gave back {done}")
             done += got
-    return out
+        return out
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _resliced(masks: Sequence[torch.Tensor], part: torch.Tensor, scale: int) -> Iterator[torch.Tensor]:

@@ -72,6 +72,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".
 _WEIGHT_INDEXES = ("pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json")
 _REOPEN_BYTES = 64 << 20  # a shard's memory map is reopened after this many bytes: RSS stays ~ one tensor
 _COPY_CHUNK = 16 << 20
+_SIDECAR_STAGE_BYTES = 8 << 20  # a SidecarWriter's staging buffers (masks are small; dense copies stream)
 _HEADER_RESERVE = 4096  # header bytes a SidecarWriter reserves by default (a larger header costs a copy)
 
 ProgressCallback = Callable[[int, int, str], None]
@@ -358,7 +359,7 @@ class SidecarWriter:
     def __init__(self, path: Path, reserve: int = _HEADER_RESERVE) -> None:
         self.path = path
         self._reserve = -(-reserve // 8) * 8
-        self._file = _SequentialFile(path)
+        self._file = _SequentialFile(path, _SIDECAR_STAGE_BYTES)
         self._file.write(bytes(8 + self._reserve))
         self._entries: list[tuple[str, str, tuple[int, ...], int]] = []
         self._open: tuple[str, str, tuple[int, ...], int] | None = None
@@ -562,14 +563,15 @@ class _SequentialFile:
     buffered. The last, partial block is padded, written, and the file truncated to its length.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, stage_bytes: int | None = None) -> None:
         import mmap
         from concurrent.futures import ThreadPoolExecutor
 
         self.path = path
+        self._stage = stage_bytes or _STAGE_BYTES
         self._direct = hasattr(os, "O_DIRECT")
         self._fd = self._open(direct=self._direct)
-        self._buffers = [mmap.mmap(-1, _STAGE_BYTES) for _ in range(2)]  # anonymous maps: page-aligned
+        self._buffers = [mmap.mmap(-1, self._stage) for _ in range(2)]  # anonymous maps: page-aligned
         self._pending: list[Any] = [None, None]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write {path.name}")
         self._current = 0
@@ -616,19 +618,19 @@ class _SequentialFile:
         source = memoryview(data).cast("B")
         self.size += len(source)
         while len(source):
-            take = min(len(source), _STAGE_BYTES - self._fill)
+            take = min(len(source), self._stage - self._fill)
             self._buffers[self._current][self._fill : self._fill + take] = source[:take]
             self._fill += take
             source = source[take:]
-            if self._fill == _STAGE_BYTES:
-                self._flush(_STAGE_BYTES)
+            if self._fill == self._stage:
+                self._flush(self._stage)
 
     def reserve(self, nbytes: int, align: int) -> memoryview | None:
         """The next ``nbytes`` of the current staging buffer, to be filled in place and then :meth:`commit`-ted.
 
         None when they do not fit in it or the position is not a multiple of ``align``: use :meth:`write`.
         """
-        if self._fill % align or self._fill + nbytes > _STAGE_BYTES:
+        if self._fill % align or self._fill + nbytes > self._stage:
             return None
         return memoryview(self._buffers[self._current])[self._fill : self._fill + nbytes]
 
@@ -636,8 +638,8 @@ class _SequentialFile:
         """The ``nbytes`` given by :meth:`reserve` are filled."""
         self._fill += nbytes
         self.size += nbytes
-        if self._fill == _STAGE_BYTES:
-            self._flush(_STAGE_BYTES)
+        if self._fill == self._stage:
+            self._flush(self._stage)
 
     def finish(self) -> None:
         """Write what is buffered and close; the file then holds exactly the bytes written."""

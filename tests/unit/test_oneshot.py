@@ -278,3 +278,22 @@ def test_row_slices_change_nothing_and_leave_the_inputs_alone(monkeypatch: pytes
     assert torch.equal(weight, weight_before) and torch.equal(gram, gram_before)
     ref_mask, _ = sparsegpt(weight, gram, P24, damp=cfg.damp, block_size=cfg.block_size)
     assert torch.equal(whole_mask, ref_mask)
+
+
+def test_spilled_gram_retries_a_singular_factorization_from_its_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nmcli.oneshot as oneshot
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    x = torch.cat([x, x], dim=1)  # duplicated inputs: singular without damping, retried with more
+    gram = x.t() @ x / 64
+    weight = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    cfg = CalibrationConfig(spec="", damp=0.0)
+
+    def run() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(m, n) for _, m, n, _, _ in oneshot.SOLVERS["sparsegpt"](weight, gram.clone(), P24, cfg)]
+
+    kept = run()
+    monkeypatch.setattr(oneshot, "_SPILL_BYTES", 0)  # factorized in place, retried from the file
+    for (m1, n1), (m2, n2) in zip(kept, run(), strict=True):
+        assert torch.equal(m1, m2) and torch.equal(n1, n2)
