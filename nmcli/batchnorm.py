@@ -28,8 +28,6 @@ def model_call_kwargs(model: nn.Module) -> dict[str, Any]:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
-
-
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether the model has BatchNorm layers that track running statistics."""
     return any(_is_tracking_bn(m) for m in model.modules())

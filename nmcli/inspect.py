@@ -285,9 +285,7 @@ def inspect_sharded(
                 )
             )
     report = InspectReport(target or str(folder), "checkpoint", nm, layers)
-    report.notes.append(
-        "sharded checkpoint: measured on its stored masks (weights not read); --rebuild loads it whole"
-    )
+    report.notes.append("sharded checkpoint: measured on its stored masks (weights not read); --rebuild loads it whole")
     return report
 
 
