@@ -547,16 +547,32 @@ def _solve_sparsegpt(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, c
     damped in place for each slice of rows and restored before the slice is yielded (its errors
     are measured on the undamped ``gram``).
     """
-    if cfg.refit_iterations <= 0:
+    big = gram.device.type == "cpu" and gram.numel() * gram.element_size() >= _SPILL_BYTES
+    if cfg.refit_iterations <= 0 and not big:
         inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp)
         for rows, dense in _row_chunks(part):
             mask, new = _sparsegpt_rows(dense.clone(), inverse_upper, pattern, cfg.block_size)
             yield rows, mask, new, *error_terms(dense, new, gram)
         return
+    if cfg.refit_iterations <= 0:  # the updated rows wait (float64) until the Gram matrix is back
+        spilled = _Spilled(gram)
+        try:
+            inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp, reload=spilled.load)
+            del gram
+            solved = [
+                (rows, *_sparsegpt_rows(d, inverse_upper, pattern, cfg.block_size)) for rows, d in _row_chunks(part)
+            ]
+            del inverse_upper
+            gram = spilled.load()
+        finally:
+            spilled.close()
+        for rows, mask, new in solved:
+            yield rows, mask, new, *error_terms(part[rows], new, gram)
+        return
     # The factor is used while the masks are chosen, the Gram matrix only afterwards: a large one
     # waits in a temporary file meanwhile and is itself factorized in place (a 1.1B Llama's down
     # projection: 254 MB each), so only one of the two is ever in memory.
-    if gram.device.type == "cpu" and gram.numel() * gram.element_size() >= _SPILL_BYTES:
+    if big:
         spilled = _Spilled(gram)
         try:
             inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp, reload=spilled.load)

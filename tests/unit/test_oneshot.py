@@ -290,10 +290,13 @@ def test_spilled_gram_retries_a_singular_factorization_from_its_copy(monkeypatch
     weight = torch.randn(6, 16, generator=g, dtype=torch.float64)
     cfg = CalibrationConfig(spec="", damp=0.0)
 
-    def run() -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(m, n) for _, m, n, _, _ in oneshot.SOLVERS["sparsegpt"](weight, gram.clone(), P24, cfg)]
+    def run() -> list[tuple[torch.Tensor, torch.Tensor, float, float]]:
+        return [(m, n, a, b) for _, m, n, a, b in oneshot.SOLVERS["sparsegpt"](weight, gram.clone(), P24, cfg)]
 
-    kept = run()
-    monkeypatch.setattr(oneshot, "_SPILL_BYTES", 0)  # factorized in place, retried from the file
-    for (m1, n1), (m2, n2) in zip(kept, run(), strict=True):
-        assert torch.equal(m1, m2) and torch.equal(n1, n2)
+    for refit in (0, 50):
+        cfg = CalibrationConfig(spec="", damp=0.0, refit_iterations=refit)
+        monkeypatch.setattr(oneshot, "_SPILL_BYTES", 64 << 20)
+        kept = run()
+        monkeypatch.setattr(oneshot, "_SPILL_BYTES", 0)  # factorized in place, retried from the file
+        for (m1, n1, a1, b1), (m2, n2, a2, b2) in zip(kept, run(), strict=True):
+            assert torch.equal(m1, m2) and torch.equal(n1, n2) and (a1, b1) == (a2, b2)
