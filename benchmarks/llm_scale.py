@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sad_scale import evict  # the benchmarks' one page-cache eviction
 
 # hidden, intermediate, layers, heads, kv heads, vocab
 SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -133,17 +136,6 @@ def write_model(folder: Path, size: str, layers: int | None = None, seed: int = 
     return params, paths
 
 
-def evict(paths: list[Path]) -> None:
-    """Drop the files' pages from the page cache (clean pages only: fsync first; no root needed)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def timed(cmd: str) -> dict[str, Any]:
     """Run ``cmd`` under ``/usr/bin/time -v``: wall and CPU seconds, peak RSS (MiB), stdout."""
     proc = subprocess.run(["/usr/bin/time", "-v", "bash", "-c", cmd], capture_output=True, text=True, check=False)
@@ -216,7 +208,7 @@ def main() -> None:
 
     def measure(label: str, cmd: str, files: list[Path]) -> dict[str, Any]:
         if not args.warm:
-            evict(files)
+            evict(*files)
         result = timed(cmd)
         rows.append((label, cmd, result))
         print(

@@ -1021,6 +1021,20 @@ def finish_layer(
     outcomes[name] = _Outcome(kept, int(mask.numel()) - count_kept(mask), recon_error, note)
 
 
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread inside: the reading thread has the other core (measured on 2 cores: 3.0 s
+    against 4.4 s with two torch threads for 1.3 GB; OpenMP ops slow down badly on a busy core)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _magnitude(
     plan: _Plan,
     pattern: Pattern,
@@ -1037,63 +1051,41 @@ def _magnitude(
     same name (:class:`_SequentialFile`), while :class:`_ShardStream` reads and hashes the file on
     another thread. Memory stays at the read pieces plus one layer's packed mask, whatever the shard's size.
     """
-    import torch
+    from nmcli.checkpoint import torch_dtype
 
     source = plan.source
     bar = _Progress(progress, source.total_bytes)
     hashes: dict[str, str] = {}
-    threads = torch.get_num_threads()
-    # One torch thread: the hashing thread has the other core (measured on 2 cores: 3.0 s against
-    # 4.4 s with two torch threads for 1.3 GB; OpenMP ops slow down badly on a busy core).
-    torch.set_num_threads(1)
-    try:
-        return _magnitude_shards(plan, pattern, folder, sidecar, keep_dense, outcomes, bar, hashes)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _magnitude_shards(
-    plan: _Plan,
-    pattern: Pattern,
-    folder: Path,
-    sidecar: SidecarWriter,
-    keep_dense: bool,
-    outcomes: dict[str, _Outcome],
-    bar: _Progress,
-    hashes: dict[str, str],
-) -> dict[str, str]:
-    from nmcli.checkpoint import torch_dtype
-
-    source = plan.source
-    for number, file in enumerate(source.files, 1):
-        header = source.headers[file]
-        stream = _ShardStream(source.folder / file)
-        writer: _SequentialFile | None = None
-        try:
-            writer = _SequentialFile(folder / file)
-            entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in header.tensors]
-            writer.write(safetensors_header(entries, header.metadata))
-            stream.skip(len(header.raw))
-            position = 0  # in the data section
-            for info in header.tensors:
-                stream.skip(info.begin - position)  # a gap some writers leave
-                position = info.end
-                cand = plan.eligible.get(info.name)
-                if cand is None:
-                    for start in range(0, info.nbytes, _STREAM_PIECE):
-                        writer.write(stream.take(min(_STREAM_PIECE, info.nbytes - start)))
-                else:
-                    dtype = torch_dtype(info.dtype)
-                    _prune_streamed(info, cand, dtype, stream, pattern, writer, sidecar, keep_dense, outcomes)
-                bar.advance(info.nbytes, f"shard {number}/{len(source.files)}")
-            writer.finish()
-            hashes[file] = stream.hexdigest()
-        except BaseException:
-            stream.cancel()
-            raise
-        finally:
-            if writer is not None:
-                writer.close()
+    with _one_torch_thread():
+        for number, file in enumerate(source.files, 1):
+            header = source.headers[file]
+            stream = _ShardStream(source.folder / file)
+            writer: _SequentialFile | None = None
+            try:
+                writer = _SequentialFile(folder / file)
+                entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in header.tensors]
+                writer.write(safetensors_header(entries, header.metadata))
+                stream.skip(len(header.raw))
+                position = 0  # in the data section
+                for info in header.tensors:
+                    stream.skip(info.begin - position)  # a gap some writers leave
+                    position = info.end
+                    cand = plan.eligible.get(info.name)
+                    if cand is None:
+                        for start in range(0, info.nbytes, _STREAM_PIECE):
+                            writer.write(stream.take(min(_STREAM_PIECE, info.nbytes - start)))
+                    else:
+                        dtype = torch_dtype(info.dtype)
+                        _prune_streamed(info, cand, dtype, stream, pattern, writer, sidecar, keep_dense, outcomes)
+                    bar.advance(info.nbytes, f"shard {number}/{len(source.files)}")
+                writer.finish()
+                hashes[file] = stream.hexdigest()
+            except BaseException:
+                stream.cancel()
+                raise
+            finally:
+                if writer is not None:
+                    writer.close()
     return hashes
 
 
