@@ -27,27 +27,26 @@ def test_sequential_file_holds_exactly_the_bytes_written(
     if not direct:  # a platform without O_DIRECT: buffered writes
         monkeypatch.delattr(os, "O_DIRECT", raising=False)
     rng = random.Random(0)
-    for folder in [tmp_path]:
-        path = folder / "out.bin"
-        expected = bytearray()
-        writer = sharded._SequentialFile(path)
-        try:
-            for _ in range(60):
-                size = rng.choice([1, 7, 100, 4096, 5000, 3 * 4096, 3 * 4096 + 1])
-                data = bytes(rng.getrandbits(8) for _ in range(size))
-                staged = writer.reserve(size, 2) if rng.random() < 0.5 else None
-                if staged is not None:
-                    staged[:] = data
-                    writer.commit(size)
-                else:
-                    writer.write(data)
-                expected += data
-            writer.finish()
-        finally:
-            writer.close()
-        assert path.read_bytes() == bytes(expected), folder
-        assert writer.size == len(expected)
-        assert writer._direct is (direct and hasattr(os, "O_DIRECT"))
+    path = tmp_path / "out.bin"
+    expected = bytearray()
+    writer = sharded._SequentialFile(path)
+    try:
+        for _ in range(60):
+            size = rng.choice([1, 7, 100, 4096, 5000, 3 * 4096, 3 * 4096 + 1])
+            data = bytes(rng.getrandbits(8) for _ in range(size))
+            staged = writer.reserve(size, 2) if rng.random() < 0.5 else None
+            if staged is not None:
+                staged[:] = data
+                writer.commit(size)
+            else:
+                writer.write(data)
+            expected += data
+        writer.finish()
+    finally:
+        writer.close()
+    assert path.read_bytes() == bytes(expected)
+    assert writer.size == len(expected)
+    assert writer._direct is (direct and hasattr(os, "O_DIRECT"))
 
 
 def test_reserve_refuses_misaligned_or_overflowing_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
