@@ -115,6 +115,79 @@ class TrainData:
             yield causal_lm_labels(batch) if self.causal_lm_labels else batch
 
 
+def describe_batch(batch: Batch) -> str:
+    """The batch's tensors as ``name 4x16 int64`` (positional ones unnamed), for messages."""
+
+    def one(value: torch.Tensor) -> str:
+        dims = "x".join(str(d) for d in value.shape) or "scalar"
+        return f"{dims} {str(value.dtype).removeprefix('torch.')}"
+
+    parts = [one(a) for a in batch.args] + [f"{k} {one(v)}" for k, v in batch.kwargs.items()]
+    return ", ".join(parts) or "no tensors"
+
+
+def model_expects(model: torch.nn.Module) -> str:
+    """What the model's first layer takes, for messages (``3 input channels (Conv2d)``); empty if unknown."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            return f"integer token ids below {module.num_embeddings} (Embedding)"
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return f"{module.in_channels} input channels ({type(module).__name__})"
+        if isinstance(module, nn.Linear):
+            return f"{module.in_features} input features (Linear)"
+    return ""
+
+
+class _FitsProbeStop(Exception):
+    """Raised by the probe's hook at ``stop_before``: the data fits that far."""
+
+
+def check_batch_fits(
+    model: torch.nn.Module,
+    batch: Batch,
+    what: str,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    stop_before: torch.nn.Module | None = None,
+) -> None:
+    """Run ``model`` once on ``batch`` (up to ``stop_before`` when given), so data that does not fit
+    the model is a :class:`DataError` with its shapes before any work, not a torch error later.
+
+    ``what`` names the data in the message (``--calib data.safetensors``).
+
+    Raises:
+        DataError: the model raised on the batch; the message gives the batch's shapes and dtypes,
+            what the model's first layer takes and the first line of torch's error.
+    """
+    from nmcli.errors import NmcliError
+
+    def stop(*_: Any, **__: Any) -> None:
+        raise _FitsProbeStop
+
+    handle = stop_before.register_forward_pre_hook(stop, with_kwargs=True) if stop_before is not None else None
+    try:
+        with torch.no_grad():
+            model(*batch.args, **batch.kwargs, **(extra or {}))
+    except _FitsProbeStop:
+        pass
+    except NmcliError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        line = f"{type(exc).__name__}: {text[0] if text else ''}"
+        expects = model_expects(model)
+        wanted = f"; the model takes {expects}" if expects else ""
+        raise DataError(
+            f"{what} does not fit the model: its first batch holds {describe_batch(batch)}{wanted} ({line}); "
+            "give data shaped like the model's input"
+        ) from exc
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def causal_lm_labels(batch: Batch) -> Batch:
     """``batch`` with next-token labels for a causal LM: ``labels = input_ids``, ``-100`` where
     ``attention_mask`` is 0 (transformers shifts them inside the model).

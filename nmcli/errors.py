@@ -45,6 +45,11 @@ class OutputExistsError(InputError):
     """An output path that exists (without --force) or that names an input."""
 
 
+class OutputWriteError(InputError):
+    """An output the operating system would not let nmcli write: no space, quota, name too long,
+    permission, read-only file system, I/O error, file too large (exit 2, not a bug of nmcli)."""
+
+
 class DataError(InputError):
     """A training data spec that cannot be read or does not fit the model."""
 
@@ -70,6 +75,16 @@ class ExportUnsupportedError(BackendUnavailableError):
     exporter_output: str = ""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP) that the CLI turns into KeyboardInterrupt, so the cleanup
+    that Ctrl-C runs (temporary files removed, finetune's resumable save) runs for it too; the
+    process then exits 128 + ``signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 __all__ = [
     "BackendUnavailableError",
     "CheckFailedError",
@@ -77,9 +92,11 @@ __all__ = [
     "DataError",
     "ExportUnsupportedError",
     "InputError",
+    "Interrupted",
     "MismatchError",
     "NmcliError",
     "OutputExistsError",
+    "OutputWriteError",
     "PatternError",
     "SourceError",
     "TrustRequiredError",

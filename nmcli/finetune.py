@@ -46,8 +46,8 @@ from torch import nn
 
 from nmcli.batchnorm import batchnorm_buffers, has_batchnorm, recalibrate_batchnorm, restore_buffers
 from nmcli.checkpoint import Checkpoint, CheckpointMeta, history_record, load_checkpoint, save_checkpoint, sha256_file
-from nmcli.data import Batch, TrainData, batches_of, check_data_spec, load_data, split_data
-from nmcli.errors import BackendUnavailableError, DataError, InputError, NmcliError, SourceError
+from nmcli.data import Batch, TrainData, batches_of, check_batch_fits, check_data_spec, load_data, split_data
+from nmcli.errors import BackendUnavailableError, DataError, InputError, Interrupted, NmcliError, SourceError
 from nmcli.evaluation import evaluate, is_hidden_state, primary_output
 from nmcli.inputs import FLOAT_PRECISIONS, parse_input_spec
 from nmcli.io import atomic_write_bytes, check_output_path
@@ -198,6 +198,7 @@ class FinetuneResult:
     evals: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     bn: dict[str, Any] = field(default_factory=dict)
+    stopped_by: int | None = None  # the signal that interrupted the run (SIGINT for Ctrl-C or on_step)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -644,9 +645,10 @@ def _bn_batches(data: TrainData, cfg: FinetuneConfig) -> list[Batch]:
 
 
 def _check_fits(
-    model: nn.Module, teacher: nn.Module | None, batch: Batch, data: TrainData, cfg: FinetuneConfig, autocast: Any
+    model: nn.Module, teacher: nn.Module | None, batch: Batch, data: _Data, cfg: FinetuneConfig, autocast: Any
 ) -> None:
-    """Run the student and the teacher once, so data or a teacher that does not fit is exit 2 before training."""
+    """Run the student and the teacher once on the first training batch (and the student on the
+    first held-out one), so data or a teacher that does not fit is exit 2 before training."""
 
     def first_line(exc: Exception) -> str:
         text = str(exc).splitlines()[0] if str(exc) else ""
@@ -654,12 +656,10 @@ def _check_fits(
 
     model.eval()
     with torch.no_grad(), autocast():
-        try:
-            model(*batch.args, **batch.kwargs)
-        except NmcliError:
-            raise
-        except Exception as exc:
-            raise DataError(f"--data {cfg.data} does not fit the model ({first_line(exc)})") from exc
+        check_batch_fits(model, batch, f"--data {cfg.data}")
+        if data.evaluation:
+            held = data.evaluation[0].to(_device_of(model))
+            check_batch_fits(model, held, f"--eval-data {cfg.eval_data}" if cfg.eval_data else "the held-out data")
         if teacher is not None:
             kwargs = {k: v for k, v in batch.kwargs.items() if k != "labels"}
             try:
@@ -669,7 +669,11 @@ def _check_fits(
                     f"the teacher (--teacher {cfg.teacher}) cannot run on --data {cfg.data} ({first_line(exc)}): "
                     "give a --teacher that takes the student's inputs, or --teacher none"
                 ) from exc
-        compute_loss(model, teacher, batch, data, cfg.temperature)
+        compute_loss(model, teacher, batch, data.train, cfg.temperature)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _set_train_mode(model: nn.Module, bn: str) -> None:
@@ -763,7 +767,7 @@ def _setup(
         else contextlib.nullcontext
     )
     probe = next(_micro_batches(data.train, cfg, dist, begin.step * cfg.grad_accum)).to(device)
-    _check_fits(model, teacher, probe, data.train, cfg, autocast)
+    _check_fits(model, teacher, probe, data, cfg, autocast)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, data.total, cfg.warmup_steps, cfg.schedule)
@@ -836,29 +840,39 @@ def _train_step(session: _Session, stream: Iterator[Batch]) -> float:
 
 
 class _StopRequest:
-    """The first Ctrl-C asks the loop to stop at the next step boundary; a second one stops at once."""
+    """The first Ctrl-C asks the loop to stop at the next step boundary; a second one stops at once.
+
+    SIGTERM and SIGHUP do the same when the process handles them (the CLI turns them into
+    :class:`~nmcli.errors.Interrupted`); left at their defaults (library use) they are not touched.
+    """
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
+            for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+                if signum is not None and callable(signal.getsignal(signum)):
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
         self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
 
 
-def _train(session: _Session, on_step: StepCallback | None, on_eval: EvalCallback | None) -> bool:
-    """The training loop; returns whether it was interrupted (it then stopped at a step boundary)."""
+def _train(session: _Session, on_step: StepCallback | None, on_eval: EvalCallback | None) -> int | None:
+    """The training loop; returns the signal that interrupted it (it then stopped at a step boundary), else None."""
     cfg, total = session.cfg, session.data.total
     stream = _micro_batches(session.data.train, cfg, session.dist, session.step * cfg.grad_accum)
     _set_train_mode(session.model, cfg.bn)
@@ -884,11 +898,12 @@ def _train(session: _Session, on_step: StepCallback | None, on_eval: EvalCallbac
                     elapsed = time.perf_counter() - started
                     rate = (session.step - first) / max(elapsed, 1e-9)
                     on_step(StepInfo(session.step, total, loss, lr, rate, elapsed))
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
                 stop.requested = True
+                stop.signum = stop.signum or getattr(exc, "signum", signal.SIGINT)
             if stop.requested and session.step < total:
-                return True
-    return False
+                return stop.signum or signal.SIGINT
+    return None
 
 
 def _save(session: _Session, *, final: bool) -> None:
@@ -1005,13 +1020,14 @@ def run_finetune(
             before = _evaluate(session)
             if before is not None:
                 session.evals["before"] = before
-        interrupted = _train(session, on_step, on_eval)
+        stopped_by = _train(session, on_step, on_eval)
+        interrupted = stopped_by is not None
         _save(session, final=not interrupted)
         if dist.world > 1 and not interrupted:
             import torch.distributed as tdist
 
             tdist.barrier()
-        return _result(session, interrupted, time.perf_counter() - started)
+        return replace(_result(session, interrupted, time.perf_counter() - started), stopped_by=stopped_by)
     finally:
         if dist.owns_group:
             import torch.distributed as tdist

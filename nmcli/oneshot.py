@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmcli.batchnorm import has_batchnorm, model_call_kwargs, recalibrate_batchnorm
-from nmcli.data import Batch, load_data
+from nmcli.data import Batch, check_batch_fits, load_data
 from nmcli.errors import DataError, InputError
 from nmcli.patterns import CONV, HF_CONV1D, LINEAR, MHA, LayerCandidate, Pattern, nm_mask
 
@@ -854,6 +854,7 @@ def prune_calibrated(
 
     Raises:
         InputError: with ``block_io``, the model has no blocks that can be chained.
+        DataError: the first batch does not fit the model (checked before any layer is pruned).
     """
     device = torch.device(cfg.device)
     was_training = model.training
@@ -867,6 +868,12 @@ def prune_calibrated(
     try:
         with torch.no_grad():
             blocks = find_blocks(model, layers)
+            if moved:  # streamed blocks are on the meta device: run only as far as the first one
+                streamed = blocks is not None and block_io is not None
+                first = dict(model.named_modules())[blocks[1][0]] if streamed and blocks is not None else None
+                check_batch_fits(
+                    model, moved[0], f"--calib {cfg.spec}", extra=model_call_kwargs(model), stop_before=first
+                )
             done: set[str] = set()
             outputs: list[Any] | None = [] if block_io is not None else None
             if blocks is not None and _prune_blocks(model, blocks[1], layers, moved, pruner, done, block_io, outputs):

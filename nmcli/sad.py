@@ -899,6 +899,6 @@ def plot_report(
         ax.set_title(f"SAD over {len(report.inputs)} checkpoints (first: {_short(report.inputs[0])})", fontsize=9)
         ax.legend()
     ax.grid(alpha=0.3)
-    with atomic_output(path, force=force, inputs=inputs) as tmp:
+    with atomic_output(path, force=force, inputs=inputs, option="--plot") as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     return Path(path)

@@ -674,11 +674,14 @@ def check_output_directory(
     Raises:
         OutputExistsError: it is (or holds, or sits inside) an input; it exists without ``force``;
             it exists and is not an nmcli sharded checkpoint (never replaced, even with ``force``);
-            its folder is missing or not writable.
+            its folder is missing or not writable; it exists and is not a directory (device, FIFO: even
+            with ``force``).
+        OutputWriteError: its name is longer than the file system allows.
     """
-    from nmcli.io import check_output_writable
+    from nmcli.io import check_name_length, check_not_special, check_output_writable
 
     path = Path(out)
+    check_name_length(path)
     resolved = path.resolve()
     for inp in inputs:
         source = Path(inp).resolve()
@@ -686,6 +689,7 @@ def check_output_directory(
             raise OutputExistsError(
                 f"output {path} is, holds or sits inside the input {inp}: nmcli never overwrites an input; choose another -o"
             )
+    check_not_special(path, directory=True)
     if path.exists() or path.is_symlink():
         if not force:
             raise OutputExistsError(f"output {path} already exists: pass --force to overwrite it, or choose another -o")
@@ -704,26 +708,36 @@ def atomic_directory(
 ) -> Iterator[Path]:
     """Yield a fresh ``OUT.tmp-*`` directory beside ``out``; rename it onto ``out`` when the block succeeds.
 
-    On any failure (Ctrl-C included) the temporary directory is removed; an existing ``out``
-    (``force``) is moved aside, replaced, and only then deleted.
+    On any failure (Ctrl-C, SIGTERM and SIGHUP included) the temporary directory is removed; an
+    existing ``out`` (``force``) is moved aside, replaced, and only then deleted.
+
+    Raises:
+        OutputExistsError: see :func:`check_output_directory`.
+        OutputWriteError: the OS refused to write into it (no space, quota, permission, ...), here or
+            in the block; the message names ``out``, not the temporary directory.
     """
+    from nmcli.io import check_not_special, temp_prefix, writing
+
     path = check_output_directory(out, force=force, inputs=inputs)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        old = None
-        if path.exists():
-            old = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    stem = temp_prefix(path)[1:-1]
+    with writing(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f"{stem}.tmp-", dir=path.parent))
+        try:
+            yield tmp
+            check_not_special(path, directory=True)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+            old = None
+            if path.exists():
+                old = path.with_name(f"{stem}.old-{uuid.uuid4().hex[:8]}")
+                os.rename(path, old)
+            os.rename(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def copy_side_files(source: Path, dest: Path) -> list[str]:

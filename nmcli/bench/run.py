@@ -235,7 +235,7 @@ def run_bench(
         )
     report = BenchReport(target, vs, plan, env, results, speedup, agreement)
     if output is not None:
-        with atomic_output(output, force=force, inputs=inputs) as tmp:
+        with atomic_output(output, force=force, inputs=inputs, option="--output") as tmp:
             report.output = Path(output)
             tmp.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
     return report

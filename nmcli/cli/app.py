@@ -9,11 +9,14 @@ starts fast: each command imports what it needs when it runs.
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -75,24 +78,74 @@ def emit_error_json(code: int, kind: str, message: str) -> None:
         emit_json({"error": {"code": code, "type": kind, "message": " ".join(message.split())}})
 
 
+def _json_last(args: list[str]) -> list[str]:
+    """``args`` with a ``--json`` given before the command moved after it (``nmcli --json inspect X``
+    is ``nmcli inspect X --json``); without a command it is dropped (the usage error still comes as JSON)."""
+    head: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if not arg.startswith("-"):
+            rest = args[i:]
+            moved = [a for a in head if a != "--json"]
+            return [*moved, *rest, "--json"] if len(moved) < len(head) and "--json" not in rest else [*moved, *rest]
+        head.append(arg)
+    if "--json" in head:
+        return [a for a in args if a != "--json"]
+    return args
+
+
+def _usage_error(exc: Exception) -> Exception:
+    """Report a click usage error as one red line on stderr (and the JSON error object under
+    ``--json``) instead of click's boxed block; returns the exception to raise."""
+    code = int(getattr(exc, "exit_code", 2))
+    message = " ".join(str(getattr(exc, "format_message", exc.__str__)()).split())
+    if type(exc).__name__ == "NoArgsIsHelpError":  # bare ``nmcli``: click prints the help
+        return exc
+    ctx = getattr(exc, "ctx", None)
+    hint = ""
+    if ctx is not None and getattr(ctx, "command_path", None):
+        hint = f" (try '{ctx.command_path} --help')"
+    if json_requested():
+        emit_error_json(code, type(exc).__name__, message)
+    stderr.print(f"[red]error:[/red] {esc(message)}{esc(hint)}", markup=True)
+    return typer.Exit(code)
+
+
 class _Group(TyperGroup):
-    """The top-level command group: remembers the command line, and turns usage errors that
-    click reports before a command runs (bad option values, unknown options) into the JSON error
-    object under ``--json``."""
+    """The top-level command group: remembers the command line, takes ``--json`` before the command
+    too, and reports usage errors that click raises before a command runs (bad option values,
+    unknown options, missing arguments, no such command) as one red line, and under ``--json`` as
+    the JSON error object."""
 
     def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
-        _state["argv"] = list(args) if args is not None else sys.argv[1:]
+        argv = list(args) if args is not None else sys.argv[1:]
+        _state["argv"] = argv
         _state["emitted"] = False
+        args = _json_last(argv)
+        if not args and json_requested():  # ``nmcli --json``: no help text on stdout, the JSON error
+            message = f"missing command: give one of {', '.join(COMMANDS)}"
+            emit_error_json(2, "UsageError", message)
+            stderr.print(f"[red]error:[/red] {message} (try 'nmcli --help')")
+            sys.exit(2)
         return super().main(args, *rest, **kwargs)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except _ClickException as exc:
+            raise _usage_error(exc) from None
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except _ClickException as exc:
+            raise _usage_error(exc) from None
+        except KeyboardInterrupt as exc:  # a signal outside a command body (guarded handles those inside)
+            code = 128 + int(getattr(exc, "signum", signal.SIGINT))
             if json_requested():
-                code = int(getattr(exc, "exit_code", 2))
-                emit_error_json(code, type(exc).__name__, getattr(exc, "format_message", exc.__str__)())
-            raise
+                emit_error_json(code, type(exc).__name__, "interrupted")
+            raise typer.Exit(code) from None
 
 
 app = typer.Typer(
@@ -136,28 +189,60 @@ def exit_code_for(exc: BaseException) -> int:
     return 4
 
 
+def _os_error_line(exc: BaseException) -> str | None:
+    """One line for an OS error that escaped the core's output checks (a backstop: the core raises
+    ``OutputWriteError`` itself): no space, quota, name too long, permission, read-only, I/O error."""
+    from nmcli.io import WRITE_ERRNOS, os_reason, write_errno
+
+    if not isinstance(exc, OSError) or exc.errno is None or exc.errno not in WRITE_ERRNOS:
+        return None
+    where = exc.filename2 or exc.filename
+    verb = "write" if write_errno(exc) is not None and where is None else "access"
+    if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        verb = "write"
+    what = f"cannot {verb} {os.fsdecode(where)}" if where is not None else f"cannot {verb} the output"
+    return f"{what}: {os_reason(exc.errno)}"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def guarded(func: F) -> F:
-    """Run a command body, turning errors into one red line on stderr and DESIGN.md's exit codes."""
+    """Run a command body, turning errors into one red line on stderr and DESIGN.md's exit codes.
+
+    KeyboardInterrupt (Ctrl-C) exits 130; SIGTERM and SIGHUP, turned into
+    :class:`~nmcli.errors.Interrupted` by :func:`install_signal_handlers`, exit 128 + the signal.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        json_mode = bool(kwargs.get("json_output"))
+        json_mode = bool(kwargs.get("json_output")) or json_requested()
         try:
             return func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except KeyboardInterrupt:
-            stderr.print("[red]interrupted[/red]")
+        except KeyboardInterrupt as exc:
+            signum = int(getattr(exc, "signum", signal.SIGINT))
+            what = "interrupted" if signum == signal.SIGINT else f"interrupted by {_signal_name(signum)}"
+            stderr.print(f"[red]{what}[/red]")
             if json_mode:
-                emit_error_json(130, "KeyboardInterrupt", "interrupted")
-            raise typer.Exit(130) from None
+                emit_error_json(128 + signum, type(exc).__name__, what)
+            raise typer.Exit(128 + signum) from None
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - this is the one place that maps every error
             from nmcli.errors import NmcliError
 
             code = exit_code_for(exc)
             if debug_enabled():
                 stderr.print_exception(show_locals=False)
-            if isinstance(exc, NmcliError):
+            os_line = _os_error_line(exc)
+            if os_line is not None:
+                code, message = 2, os_line
+                stderr.print(f"[red]error:[/red] {esc(message)}", markup=True)
+            elif isinstance(exc, NmcliError):
                 message = " ".join(str(exc).split())
                 stderr.print(f"[red]error:[/red] {esc(message)}", markup=True)
             else:
@@ -227,6 +312,25 @@ def _register() -> None:
 _register()
 
 
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    from nmcli.errors import Interrupted
+
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """Handle SIGTERM and SIGHUP like Ctrl-C: raise :class:`~nmcli.errors.Interrupted` in the main
+    thread, so temporary files are removed and finetune saves its resumable state; the command
+    exits 128 + the signal. Only the CLI process's main thread installs them (never at import)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _raise_interrupted)
+
+
 def main() -> None:
     """Console-script entry point."""
+    install_signal_handlers()
     app(prog_name="nmcli")

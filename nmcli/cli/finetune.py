@@ -213,7 +213,7 @@ def command(
     if json_output:
         emit_json(result.to_json())
     if result.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(128 + (result.stopped_by or 2))  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
 
 
 class _reporter:

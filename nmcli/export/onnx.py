@@ -49,7 +49,7 @@ from torch import nn
 
 from nmcli.errors import ExportUnsupportedError, InputError, NmcliError
 from nmcli.inputs import FLOAT_PRECISIONS, InputSpec, example_inputs
-from nmcli.io import atomic_output
+from nmcli.io import atomic_output, output_write_error, write_errno_in, writing
 from nmcli.onnx_layout import (
     WeightMatch,
     clear_negative_zeros,
@@ -554,7 +554,10 @@ def export_onnx(
     captured: list[str] = []
     used = ""
     used_opset = opset or DEFAULT_OPSET
-    with tempfile.TemporaryDirectory(prefix=".nmcli-export-", dir=out.parent if out.parent.exists() else None) as stage:
+    with (
+        writing(out),
+        tempfile.TemporaryDirectory(prefix=".nmcli-export-", dir=out.parent if out.parent.exists() else None) as stage,
+    ):
         staged = Path(stage) / out.name
         for name in order:
             use_opset = used_opset
@@ -568,7 +571,10 @@ def export_onnx(
                     warnings.simplefilter("ignore")
                     with _quiet_logs(), exportable_experts(exported), torch.no_grad():
                         run(wrapper, args, staged, names, outputs, axes, use_opset)
-            except Exception as exc:  # noqa: BLE001 - any exporter failure: try the next one, report all
+            except Exception as exc:  # any exporter failure: try the next one, report all (not the disk)
+                code = write_errno_in(exc, staged)
+                if code is not None:  # the disk, not the exporter: no other exporter can do better
+                    raise output_write_error(out, code) from exc
                 errors.append(f"{name}: {exporter_error_line(exc)}")
                 continue
             used, used_opset = name, use_opset
