@@ -157,9 +157,9 @@ def check_not_special(path: str | os.PathLike[str], *, option: str = "-o", direc
     if stat.S_ISDIR(mode):
         return
     kind = _kind(mode)
-    wanted = "a directory" if directory else "a regular file"
+    wanted, plural = ("a directory", "directories") if directory else ("a regular file", "regular files")
     raise OutputExistsError(
-        f"output {path} is {kind}, not {wanted}: nmcli writes only {wanted}s and never replaces a {kind.split(' ', 1)[1]}, "
+        f"output {path} is {kind}, not {wanted}: nmcli writes only {plural} and never replaces {kind}, "
         f"even with --force; choose another {option}"
     )
 
