@@ -99,18 +99,18 @@ class LayerEntry:
 class SourceRef:
     """Where the architecture comes from: the source spec, the sha256 of its file, and ``--arch``.
 
-    ``trusted`` records that the user passed ``--trust`` for a pickled source; it lets later
-    commands unpickle that same file again only while its sha256 still matches.
+    A hint for rebuilding, never permission to run code (DESIGN.md section 7): whether a recorded
+    ``py:`` or pickled source may run is the user's say-so (``--trust``) or their trust store
+    (:mod:`nmcli.trust`). A ``"trusted"`` key in older files is ignored.
     """
 
     spec: str
     sha256: str | None = None
     arch: str | None = None
-    trusted: bool = False
     shards: tuple[tuple[str, str], ...] = ()  # (file name, sha256) of every input shard (sharded layout)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"spec": self.spec, "sha256": self.sha256, "arch": self.arch, "trusted": self.trusted}
+        out: dict[str, Any] = {"spec": self.spec, "sha256": self.sha256, "arch": self.arch}
         if self.shards:
             out["shards"] = dict(self.shards)
         return out
@@ -121,7 +121,6 @@ class SourceRef:
             spec=str(obj.get("spec", "")),
             sha256=obj.get("sha256"),
             arch=obj.get("arch"),
-            trusted=bool(obj.get("trusted", False)),
             shards=tuple((str(k), str(v)) for k, v in dict(obj.get("shards") or {}).items()),
         )
 

@@ -359,7 +359,8 @@ def load_text(spec: str, source_spec: str, max_length: int, causal_lm: bool) -> 
     except ImportError as exc:
         raise BackendUnavailableError("text: data needs transformers: pip install 'nmcli[hf]'") from exc
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source_spec[3:])
+        # trust_remote_code=False: never run a tokenizer's Python files named in the directory's auto_map.
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source_spec[3:], trust_remote_code=False)
     except Exception as exc:
         raise DataError(f"--data {spec}: cannot load the tokenizer of {source_spec} ({exc})") from exc
     if tokenizer.pad_token is None:

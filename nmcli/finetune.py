@@ -47,7 +47,15 @@ from torch import nn
 from nmcli.batchnorm import batchnorm_buffers, has_batchnorm, recalibrate_batchnorm, restore_buffers
 from nmcli.checkpoint import Checkpoint, CheckpointMeta, history_record, load_checkpoint, save_checkpoint, sha256_file
 from nmcli.data import Batch, TrainData, batches_of, check_batch_fits, check_data_spec, load_data, split_data
-from nmcli.errors import BackendUnavailableError, DataError, InputError, Interrupted, NmcliError, SourceError
+from nmcli.errors import (
+    BackendUnavailableError,
+    DataError,
+    InputError,
+    Interrupted,
+    NmcliError,
+    SourceError,
+    TrustRequiredError,
+)
 from nmcli.evaluation import evaluate, is_hidden_state, primary_output
 from nmcli.inputs import FLOAT_PRECISIONS, parse_input_spec
 from nmcli.io import atomic_write_bytes, check_output_path
@@ -439,6 +447,8 @@ def load_teacher(spec: str, ckpt: Checkpoint, *, arch: str | None = None, trust:
     ref = ckpt.meta.source
     try:
         loaded = load_source_model(ref, arch=arch, trust=trust)
+    except TrustRequiredError:
+        raise  # the recorded source is code: the refusal names the flag to add
     except NmcliError as exc:
         if ckpt.dense:
             return _frozen(model_from_checkpoint(ckpt, arch=arch, trust=trust, weights="dense"))

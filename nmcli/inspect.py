@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nmcli.checkpoint import Checkpoint, CheckpointMeta, CheckpointReader, is_safetensors
-from nmcli.errors import BackendUnavailableError, InputError, SourceError
+from nmcli.errors import BackendUnavailableError, InputError, SourceError, TrustRequiredError
 from nmcli.patterns import (
     TENSOR_CORE_PATTERN,
     LayerCandidate,
@@ -424,6 +424,8 @@ def _run_checkpoint(
         return inspect_checkpoint(ckpt, nm, target=str(target))
     try:
         model = model_from_checkpoint(ckpt, arch=arch, trust=trust)
+    except TrustRequiredError:
+        raise  # --rebuild of a recorded py:/pickled source: the refusal names --trust and --arch
     except (SourceError, BackendUnavailableError) as exc:
         if arch:
             raise

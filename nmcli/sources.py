@@ -29,13 +29,14 @@ import sys
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from nmcli import trust as trust_store
 from nmcli.checkpoint import Checkpoint, CheckpointReader, SourceRef, sha256_file
 from nmcli.errors import BackendUnavailableError, NmcliError, SourceError, TrustRequiredError
 from nmcli.inputs import InputSpec, parse_input_spec
@@ -107,7 +108,7 @@ def normalize_spec(spec: str) -> str:
 
 
 def _source_file(spec: str) -> Path | None:
-    """The local file whose sha256 identifies the source, if there is one."""
+    """The local file whose sha256 identifies the source, if there is one (found without importing anything)."""
     if spec.startswith("hf:"):
         folder = Path(spec[3:])
         if folder.is_dir():
@@ -116,26 +117,19 @@ def _source_file(spec: str) -> Path | None:
                     return folder / name
         return None
     if spec.startswith("py:"):
-        module = spec[3:].rpartition(":")[0]
-        if module.endswith(".py"):
-            return Path(module)
-        try:
-            found = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            return None
-        return Path(found.origin) if found and found.origin and Path(found.origin).is_file() else None
+        files = trust_store.spec_files(spec)
+        return files[-1] if files else None
     if spec.startswith(PREFIXES):
         return None
     path = Path(spec)
     return path if path.is_file() else None
 
 
-def source_ref(spec: str, arch: str | None = None, trusted: bool = False) -> SourceRef:
+def source_ref(spec: str, arch: str | None = None) -> SourceRef:
     """A :class:`SourceRef` for ``spec`` with the sha256 of its source file."""
     spec = normalize_spec(spec)
     file = _source_file(spec)
-    ref = SourceRef(spec=spec, sha256=sha256_file(file) if file else None, arch=normalize_spec(arch) if arch else None)
-    return replace(ref, trusted=True) if trusted else ref
+    return SourceRef(spec=spec, sha256=sha256_file(file) if file else None, arch=normalize_spec(arch) if arch else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +220,9 @@ def _import_module(spec: str, module_name: str) -> Any:
                 raise SourceError(f"{spec}: cannot import {path}")
             module = importlib.util.module_from_spec(file_spec)
             sys.modules[mod_name] = module
-            file_spec.loader.exec_module(module)
+            # From the .py text itself, never a __pycache__ file beside it: the text is what the
+            # trust store's sha256 vouches for (a cached .pyc beside it could hold other code).
+            exec(compile(path.read_bytes(), str(path), "exec"), module.__dict__)
     else:
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())
@@ -320,11 +316,12 @@ def _from_hf(spec: str, pretrained: bool = True) -> nn.Module:
 
 def _hf_model(transformers: Any, ident: str, pretrained: bool) -> nn.Module:
     """The transformers model of ``ident``: the class from ``config.architectures``, else AutoModel."""
-    config = transformers.AutoConfig.from_pretrained(ident)
+    # trust_remote_code=False: a directory's auto_map names Python files in it; nmcli never runs them.
+    config = transformers.AutoConfig.from_pretrained(ident, trust_remote_code=False)
     archs = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
     if pretrained:
-        return cls.from_pretrained(ident)
+        return cls.from_pretrained(ident, trust_remote_code=False)
     return cls.from_config(config) if cls is transformers.AutoModel else cls(config)
 
 
@@ -540,15 +537,87 @@ def copy_model(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
 
 
-def _may_unpickle(ref: SourceRef, spec: str, trust: bool) -> bool:
-    """``--trust``, or a source the user trusted when pruning whose file still has the same sha256."""
-    return trust or (ref.trusted and ref.sha256 is not None and _sha_matches(spec, ref.sha256))
+# --------------------------------------------------------------------------------------------
+# Rebuilding a checkpoint's recorded source (DESIGN.md section 7: trust comes from the user, never a file)
+
+
+def _refusal(recorded: str) -> TrustRequiredError:
+    """The one-line refusal to run a checkpoint's recorded source ``recorded`` without the user's say-so."""
+    return TrustRequiredError(
+        f"the checkpoint records its source as {recorded}: that is code (a py: factory or a pickle), and nmcli "
+        "will not run code on a file's say-so: add --trust to run it if you trust the checkpoint's author, "
+        "or --arch SPEC to rebuild from a source you name"
+    )
+
+
+def _recorded_trust(spec: str, trust: bool) -> bool:
+    """The ``trust`` to build a checkpoint's recorded source ``spec`` with.
+
+    ``--trust`` on the command line, or every file of ``spec`` in the user's trust store by its
+    current sha256 (:mod:`nmcli.trust`); a ``trusted`` flag in the checkpoint counts for nothing.
+    Only a file that may be a pickle gains from the store: a recorded ``.safetensors`` (another
+    checkpoint) never passes trust on to its own recorded source.
+
+    Raises:
+        TrustRequiredError: ``spec`` is a ``py:`` source (code by definition) that is not trusted.
+    """
+    if trust:
+        return True
+    if spec.startswith("py:"):
+        if trust_store.spec_trusted(spec):
+            return True
+        module = spec[3:].rpartition(":")[0]
+        if module.endswith(".py") and not Path(module).expanduser().exists():
+            return False  # a moved file runs nothing: the build reports it missing (pass --arch)
+        raise _refusal(repr(spec))
+    if spec.startswith(PREFIXES):
+        return False
+    path = Path(spec)
+    return path.suffix.lower() in trust_store.PICKLE_SUFFIXES and trust_store.is_trusted(path)
+
+
+def _dotted_py(spec: str) -> bool:
+    """A ``py:package.module:factory`` spec (imported through ``sys.path``, not from a file path)."""
+    return spec.startswith("py:") and not spec[3:].rpartition(":")[0].endswith(".py")
+
+
+@contextlib.contextmanager
+def _source_only(active: bool) -> Iterator[None]:
+    """While ``active``: import Python modules from their ``.py`` text, never a ``__pycache__`` file
+    beside them (whose code need not match the sha256-checked source), and write no bytecode.
+
+    For a dotted ``py:`` source trusted through the store (``py:file.py`` sources are always
+    compiled from their text, see :func:`_import_module`). Modules first imported inside the block
+    are compiled afresh, which costs time, so only store-trusted rebuilds use it."""
+    if not active:
+        yield
+        return
+    saved = sys.pycache_prefix, sys.dont_write_bytecode
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="nmcli-pycache-") as empty:
+        sys.pycache_prefix, sys.dont_write_bytecode = empty, True
+        try:
+            yield
+        finally:
+            sys.pycache_prefix, sys.dont_write_bytecode = saved
 
 
 def _rebuild(ref: SourceRef, arch: str | None, trust: bool) -> nn.Module:
-    spec = arch or ref.arch or ref.spec
+    """The architecture of a checkpoint: from the user's ``--arch`` (built as any source they name),
+    else from the recorded source, which runs code only with ``--trust`` or the trust store."""
+    if arch:
+        spec, may, recorded = arch, trust, False
+    else:
+        spec = ref.arch or ref.spec
+        may, recorded = _recorded_trust(spec, trust), True
     try:
-        model, _ = build_model(spec, trust=_may_unpickle(ref, spec, trust), pretrained=False)
+        with _source_only(recorded and may and not trust and _dotted_py(spec)):
+            model, _ = build_model(spec, trust=may, pretrained=False)
+    except TrustRequiredError:
+        if recorded:
+            raise _refusal(repr(spec)) from None
+        raise
     except NmcliError as exc:
         raise type(exc)(
             f"cannot rebuild the architecture from {spec!r} ({exc}); pass --arch SPEC if the source moved"
@@ -560,18 +629,30 @@ def load_source_model(ref: SourceRef, *, arch: str | None = None, trust: bool = 
     """The model a checkpoint was pruned from, with the source's own (dense) weights.
 
     A plain state-dict source is loaded into its recorded ``--arch`` (``arch`` overrides it);
-    any other source is loaded as it is, or from ``arch`` when the source moved. A pickled source
-    is unpickled again only with ``trust`` or while its file still has the sha256 the user trusted.
+    any other source is loaded as it is, or from ``arch`` when the source moved. ``ref`` is what a
+    checkpoint records, so its code runs only with ``trust`` or while the trust store holds its
+    files' current sha256 (:func:`_recorded_trust`); ``arch`` is the user's own.
+
+    Raises:
+        TrustRequiredError: the recorded source is code and neither ``trust`` nor the store allows it.
     """
     if ref.arch:
-        return load_model(ref.spec, arch=arch or ref.arch, trust=_may_unpickle(ref, arch or ref.arch, trust))
-    spec = arch or ref.spec
-    return load_model(spec, trust=_may_unpickle(ref, spec, trust))
-
-
-def _sha_matches(spec: str, sha: str) -> bool:
-    file = _source_file(spec)
-    return file is not None and sha256_file(file) == sha
+        build = arch or ref.arch
+        arch_trust = trust if arch else _recorded_trust(ref.arch, trust)
+        recorded = f"{ref.spec!r} with --arch {ref.arch!r}" if not arch else repr(ref.spec)
+        try:
+            with _source_only(not arch and arch_trust and not trust and _dotted_py(ref.arch)):
+                return _load_model(ref.spec, build, _recorded_trust(ref.spec, trust), arch_trust)
+        except TrustRequiredError:
+            raise _refusal(recorded) from None
+    if arch:
+        return load_model(arch, trust=trust)
+    may = _recorded_trust(ref.spec, trust)
+    try:
+        with _source_only(may and not trust and _dotted_py(ref.spec)):
+            return load_model(ref.spec, trust=may)
+    except TrustRequiredError:
+        raise _refusal(repr(ref.spec)) from None
 
 
 def model_from_checkpoint(
@@ -665,12 +746,21 @@ def exported_input_spec(model: nn.Module) -> InputSpec | None:
 def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
     """Load any MODEL form, with ``--arch`` for plain state dicts (or to override a checkpoint's source).
 
+    ``spec`` and ``arch`` are the caller's own choice (the command line); an nmcli checkpoint's
+    recorded source is rebuilt only with ``trust`` or from the trust store (:func:`model_from_checkpoint`).
+
     Raises:
         SourceError: missing/corrupt file, unknown factory, state dict without ``--arch`` or not fitting it.
-        TrustRequiredError: a pickled module without ``trust``.
+        TrustRequiredError: a pickled module without ``trust``, or a checkpoint whose recorded source is code.
         CheckpointError: an nmcli checkpoint that fails validation.
         BackendUnavailableError: the package behind ``hf:``/``torchvision:``/``timm:`` is missing.
     """
+    return _load_model(spec, arch, trust, trust)
+
+
+def _load_model(spec: str, arch: str | None, trust: bool, arch_trust: bool) -> LoadedModel:
+    """:func:`load_model`, with ``trust`` for unpickling ``spec`` and ``arch_trust`` for building ``arch``
+    (and for a checkpoint's recorded source when there is no ``arch``)."""
     if not spec.strip():
         raise SourceError(
             "empty model source: give a file (.safetensors, .pt, .pth, .pt2) or an hf:, torchvision:, timm:, py: source"
@@ -684,21 +774,21 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
 
         if is_sharded_checkpoint(path):  # loaded whole (it must fit); rebuilt from its own config.json
             ckpt = load_sharded(path)
-            model = model_from_checkpoint(ckpt, arch=arch or f"hf:{path.resolve()}", trust=trust)
+            model = model_from_checkpoint(ckpt, arch=arch or f"hf:{path.resolve()}", trust=arch_trust)
             input_spec = parse_input_spec(ckpt.meta.input_spec) if ckpt.meta.input_spec else guess_input_spec(model)
             return LoadedModel(model, ckpt.meta.source, "checkpoint", name, path, ckpt, input_spec)
     if path is not None and path.suffix.lower() == ".safetensors" and path.is_file():
         with CheckpointReader(path) as reader:
             if reader.is_nmcli:
                 ckpt = reader.load()
-                model = model_from_checkpoint(ckpt, arch=arch, trust=trust)
+                model = model_from_checkpoint(ckpt, arch=arch, trust=arch_trust if arch else trust)
                 input_spec = parse_input_spec(ckpt.meta.input_spec) if ckpt.meta.input_spec else guess_input_spec(model)
                 return LoadedModel(model, ckpt.meta.source, "checkpoint", name, path, ckpt, input_spec)
             if not arch:
                 raise SourceError(
                     f"{spec} is a plain state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build), or prune it with --infer-layers"
                 )
-            model, _ = build_model(normalize_spec(arch), trust=trust, pretrained=False)
+            model, _ = build_model(normalize_spec(arch), trust=arch_trust, pretrained=False)
             try:  # one tensor at a time: peak memory stays near one copy of the model
                 load_weights(model, _LazyState(reader), spec)
             except NmcliError:
@@ -710,12 +800,12 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
     if path is not None and path.suffix.lower() in {".pt", ".pth", ".bin"} and path.is_file() and arch:
         kind, obj = _read_torch_file(path, trust)
         if kind == "state_dict":
-            model, _ = build_model(normalize_spec(arch), trust=trust, pretrained=False)
+            model, _ = build_model(normalize_spec(arch), trust=arch_trust, pretrained=False)
             load_weights(model, obj, spec)
             ref = SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path), arch=normalize_spec(arch))
             return LoadedModel(eval_mode(model), ref, "state_dict", name, path, None, guess_input_spec(model))
     model, kind = build_model(normalize_spec(spec), trust=trust)
-    ref = source_ref(spec, trusted=trust and kind == "pickle")
+    ref = source_ref(spec)
     return LoadedModel(eval_mode(model), ref, kind, name, path, None, guess_input_spec(model))
 
 

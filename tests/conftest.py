@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 TESTS = Path(__file__).resolve().parent
 MODELS_PY = TESTS / "models.py"
+_CONFIG_HOME = pytest.StashKey[str]()
 
 
 def py_source(factory: str) -> str:
@@ -50,6 +53,30 @@ def nmcli_exe() -> str:
     if exe is None:
         pytest.skip("the nmcli console script is not on PATH (pip install -e .)")
     return exe
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give the whole session its own nmcli trust store (DESIGN.md section 7).
+
+    ``XDG_CONFIG_HOME`` points at a fresh temporary folder before any test runs, so no test reads
+    or writes the real user's ``~/.config/nmcli/trusted``, and ``nmcli`` subprocesses inherit it.
+    tests/models.py is trusted in it, as for a user who pruned it once: unit tests that call the
+    core directly rebuild checkpoints pruned from it. Tests of trust itself use an empty store of
+    their own (``monkeypatch.setenv("XDG_CONFIG_HOME", ...)``).
+    """
+    home = tempfile.mkdtemp(prefix="nmcli-tests-config-")
+    config.stash[_CONFIG_HOME] = home
+    os.environ["XDG_CONFIG_HOME"] = home
+    from nmcli.trust import remember
+
+    remember(MODELS_PY)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the session's trust-store folder."""
+    home = config.stash.get(_CONFIG_HOME, None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

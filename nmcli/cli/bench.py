@@ -40,7 +40,11 @@ def command(
     ),
     compile: bool = typer.Option(False, "--compile", help="Run both torch variants under torch.compile."),
     arch: str | None = typer.Option(None, "--arch", help="Architecture source overriding a checkpoint's source."),
-    trust: bool = typer.Option(False, "--trust", help="Allow unpickling a pickled nn.Module (runs the file's code)."),
+    trust: bool = typer.Option(
+        False,
+        "--trust",
+        help="Run code a file holds: a pickled nn.Module, or a checkpoint's recorded py:/pickled source (only for authors you trust).",
+    ),
     output: str | None = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --output file."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
@@ -55,7 +59,9 @@ def command(
     """
     from nmcli.bench.run import run_bench
     from nmcli.errors import CheckFailedError
+    from nmcli.trust import remember_command_line
 
+    remember_command_line([target, arch], trust=trust)  # the user's own code: later rebuilds may run it
     with progress_bar("benchmarking", show_progress(json_output)) as update:
         report = run_bench(
             target,

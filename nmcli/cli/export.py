@@ -67,6 +67,14 @@ def command(
         help="Output .onnx (or .engine with --trt; .safetensors with --compress alone, a directory for a sharded one).",
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    arch: str | None = typer.Option(
+        None, "--arch", help="Architecture source overriding the checkpoint's recorded one (code you name runs)."
+    ),
+    trust: bool = typer.Option(
+        False,
+        "--trust",
+        help="Run code a file holds: the checkpoint's recorded py:/pickled source (only for authors you trust).",
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Export CHECKPOINT to ONNX (pruned layers checked to stay N:M, verified in onnxruntime) and TensorRT.
@@ -77,6 +85,9 @@ def command(
     """
     from nmcli.errors import ExportUnsupportedError
     from nmcli.export import run_export
+    from nmcli.trust import remember_command_line
+
+    remember_command_line([checkpoint, arch], trust=trust)
 
     with progress_bar("exporting", show_progress(json_output)) as update, _exporter_output(ExportUnsupportedError):
         result = run_export(
@@ -96,6 +107,8 @@ def command(
             output=output,
             force=force,
             progress=update,
+            arch=arch,
+            trust=trust,
         )
     if json_output:
         emit_json(result.to_json())

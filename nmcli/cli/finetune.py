@@ -146,7 +146,11 @@ def command(
         callback=number("--eval-every", minimum=0, maximum=1e9),
     ),
     arch: str | None = typer.Option(None, "--arch", help="Architecture source overriding the checkpoint's."),
-    trust: bool = typer.Option(False, "--trust", help="Allow unpickling a pickled nn.Module source."),
+    trust: bool = typer.Option(
+        False,
+        "--trust",
+        help="Run code a file holds: a pickled nn.Module, or a checkpoint's recorded py:/pickled source (only for authors you trust).",
+    ),
     output: str | None = typer.Option(
         None, "-o", "--output", help="Output checkpoint (default: CHECKPOINT-ft.safetensors beside it)."
     ),
@@ -163,6 +167,9 @@ def command(
     after. Ctrl-C stops at the next step boundary and saves a checkpoint that --resume continues exactly.
     """
     from nmcli.finetune import FinetuneConfig, run_finetune
+    from nmcli.trust import remember_command_line
+
+    remember_command_line([checkpoint, arch, teacher], trust=trust)  # the user's own code: later rebuilds may run it
 
     config = FinetuneConfig(
         data=data,

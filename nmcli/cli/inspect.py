@@ -27,7 +27,11 @@ def command(
     arch: str | None = typer.Option(
         None, "--arch", help="Architecture source for a plain state dict, or to override a checkpoint's source."
     ),
-    trust: bool = typer.Option(False, "--trust", help="Allow unpickling a pickled nn.Module (runs the file's code)."),
+    trust: bool = typer.Option(
+        False,
+        "--trust",
+        help="Run code a file holds: a pickled nn.Module, or a checkpoint's recorded py:/pickled source (only for authors you trust).",
+    ),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when an eligible layer is not N:M-compliant."),
     rebuild: bool = typer.Option(
         False,
@@ -46,7 +50,9 @@ def command(
     from nmcli.errors import CheckFailedError
     from nmcli.inspect import run_inspect
     from nmcli.patterns import pattern_note
+    from nmcli.trust import remember_command_line
 
+    remember_command_line([target, arch], trust=trust)  # the user's own code: later rebuilds may run it
     report = run_inspect(target, pattern=pattern, arch=arch, trust=trust, rebuild=rebuild)
     if not report.eligible:
         report.notes.append(

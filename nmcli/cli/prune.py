@@ -67,7 +67,11 @@ def command(
     arch: str | None = typer.Option(
         None, "--arch", help="Architecture source for a plain state dict, or to override a checkpoint's source."
     ),
-    trust: bool = typer.Option(False, "--trust", help="Allow unpickling a pickled nn.Module (runs the file's code)."),
+    trust: bool = typer.Option(
+        False,
+        "--trust",
+        help="Run code a file holds: a pickled nn.Module, or a checkpoint's recorded py:/pickled source (only for authors you trust).",
+    ),
     input_shape: str | None = typer.Option(
         None, "--input-shape", help="Input spec stored for later commands, e.g. 1x3x224x224."
     ),
@@ -97,6 +101,9 @@ def command(
     from nmcli.oneshot import DEFAULT_REFIT_ITERATIONS, CalibrationConfig
     from nmcli.patterns import parse_pattern, pattern_note
     from nmcli.prune import run_prune
+    from nmcli.trust import remember_command_line
+
+    remember_command_line([model, arch], trust=trust)  # the user's own code: later rebuilds may run it
 
     calibration = None
     if calib is not None:

@@ -40,7 +40,11 @@ def command(
         "--key",
         help="Entry of a training checkpoint that holds the weights to compare, e.g. ema or state_dict_ema.",
     ),
-    trust: bool = typer.Option(False, "--trust", help="Allow unpickling a pickled nn.Module (runs the file's code)."),
+    trust: bool = typer.Option(
+        False,
+        "--trust",
+        help="Run code a file holds: a pickled nn.Module, or a checkpoint's recorded py:/pickled source (only for authors you trust).",
+    ),
     fail_above: float | None = typer.Option(
         None,
         "--fail-above",
@@ -67,6 +71,9 @@ def command(
     from nmcli.io import check_output_path
     from nmcli.patterns import parse_pattern
     from nmcli.sad import plot_report, require_matplotlib, sad_report
+    from nmcli.trust import remember_command_line
+
+    remember_command_line([*inputs, arch], trust=trust)  # the user's own code: later rebuilds may run it
 
     parsed = parse_pattern(pattern) if pattern else None
     if plot:

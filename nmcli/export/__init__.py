@@ -229,12 +229,19 @@ def run_export(
     force: bool = False,
     exporter: str = "auto",
     progress: ProgressCallback | None = None,
+    arch: str | None = None,
+    trust: bool = False,
 ) -> ExportResult:
     """``nmcli export``: see the module docstring. Errors that end the command after its results
     (verification mismatch, missing tensorrt) are left to :meth:`ExportResult.raise_for_status`.
 
+    ``arch`` overrides the checkpoint's recorded source (the user's own ``--arch``); ``trust``
+    (``--trust``) lets a recorded ``py:`` or pickled source run (DESIGN.md section 7).
+
     Raises:
         InputError: bad options or input.
+        TrustRequiredError: the checkpoint's recorded source is code, without ``trust``, ``arch``
+            or a trust-store entry for it.
         ExportUnsupportedError: torch cannot export the model, which runs in torch (exit 3).
         OutputExistsError: an output exists without ``force`` or names the input.
     """
@@ -301,7 +308,7 @@ def run_export(
         return result
 
     step("exporting ONNX")
-    loaded = load_model(checkpoint)
+    loaded = load_model(checkpoint, arch=arch, trust=trust)
     spec = spec_override or loaded.input_spec
     if spec is None:
         raise InputError(

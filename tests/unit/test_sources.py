@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import pickle
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from nmcli.checkpoint import sha256_file
+from nmcli.checkpoint import SourceRef, sha256_file
 from nmcli.errors import BackendUnavailableError, SourceError, TrustRequiredError
 from nmcli.patterns import HF_CONV1D, LINEAR, Pattern, find_layers
 from nmcli.prune import prune_model
@@ -24,6 +25,7 @@ from nmcli.sources import (
     normalize_spec,
     source_ref,
 )
+from nmcli.trust import remember
 from tests.conftest import MODELS_PY, py_source
 from tests.models import tiny_cnn, tiny_mlp
 
@@ -200,7 +202,7 @@ def test_pickled_module_needs_trust(tmp_path: Path) -> None:
     with pytest.raises(TrustRequiredError, match="pass --trust"):
         load_model(str(path))
     loaded = load_model(str(path), trust=True)
-    assert loaded.kind == "pickle" and loaded.source.trusted
+    assert loaded.kind == "pickle" and "trusted" not in loaded.source.to_json()
     assert _same_outputs(loaded.model, tiny_mlp())
 
 
@@ -296,12 +298,69 @@ def test_default_output_paths(tmp_path: Path) -> None:
     assert default_output_path("m.safetensors", "", ".onnx") == Path("m.onnx")
 
 
-def test_trusted_pickle_source_is_unpickled_again_only_while_its_file_is_unchanged(tmp_path: Path) -> None:
+def test_a_recorded_pickle_source_is_unpickled_again_only_while_the_store_trusts_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     path = tmp_path / "mlp.pt"
     torch.save(tiny_mlp(), path)
-    ref = source_ref(str(path), trusted=True)
+    ref = SourceRef.from_json({**source_ref(str(path)).to_json(), "trusted": True})  # the file's say-so: nothing
+    with pytest.raises(TrustRequiredError, match=r"add --trust to run it.*or --arch SPEC"):
+        load_source_model(ref)
+    assert remember(path)  # the user named it with --trust once
     assert load_source_model(ref).kind == "pickle"
     torch.save(nn.Sequential(nn.Linear(64, 10)), path)  # same path, different file: trust does not carry over
     with pytest.raises(TrustRequiredError):
         load_source_model(ref)
     assert load_source_model(ref, trust=True).kind == "pickle"
+
+
+_LEGIT_MLP = "from torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Linear(8, 4))\n"
+
+
+def test_a_recorded_py_source_runs_only_with_trust_or_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    marker = tmp_path / "IMPORTED"
+    code = tmp_path / "trust_arch_a.py"
+    code.write_text(_LEGIT_MLP + f"\nimport pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    ref = source_ref(f"py:{code}:build")
+    with pytest.raises(TrustRequiredError, match=r"records its source as 'py:.*say-so"):
+        load_source_model(ref)
+    assert not marker.exists()
+    assert load_source_model(ref, trust=True).kind == "py" and marker.exists()
+    assert remember(code)
+    assert load_source_model(ref).kind == "py"  # (imported once per process: the marker is not rewritten)
+
+
+def test_a_store_trusted_dotted_source_is_compiled_from_its_text_not_a_planted_pyc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attacker ships a copy of a file the user trusted plus a ``__pycache__`` .pyc of other code
+    with the copy's mtime and size: a plain import would run the .pyc."""
+    import py_compile
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "PYC_RAN"
+    module = tmp_path / "trust_pyc_mod.py"
+    legit = _LEGIT_MLP
+    evil = _LEGIT_MLP + f"import pathlib; pathlib.Path({str(marker)!r}).write_text('x')\n"
+    module.write_text(evil)
+    py_compile.compile(str(module), cfile=importlib.util.cache_from_source(str(module)))
+    stat = module.stat()
+    module.write_text(legit + "#" * (len(evil) - len(legit) - 1) + "\n")  # same size, same mtime
+    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    probe = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import trust_pyc_mod"
+    subprocess.run(
+        [sys.executable, "-c", probe], check=True, timeout=60, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    )
+    assert marker.exists()  # the planted .pyc is what a plain import runs
+    marker.unlink()
+    assert remember(module)
+    loaded = load_source_model(SourceRef(spec="py:trust_pyc_mod:build"))
+    assert loaded.kind == "py" and not marker.exists()
+    sys.modules.pop("trust_pyc_mod", None)
