@@ -42,7 +42,8 @@ def _name_max(folder: Path) -> int:
 def name_problem(name: object, folder: Path | None = None) -> str | None:
     """Why ``name`` is not a plain file name (checked on the text alone), or None when it is."""
     if not isinstance(name, str):
-        return f"it is a JSON {type(name).__name__}, not a string"
+        kinds = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "an array"}
+        return f"it is {kinds.get(type(name), 'an object')} in the JSON, not a string"
     if not name:
         return "it is empty"
     if "\x00" in name:

@@ -159,7 +159,13 @@ def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
 
 
 def sidecar_path(folder: str | os.PathLike[str]) -> Path:
-    return Path(folder) / SIDECAR
+    """The ``nmcli.safetensors`` sidecar of a sharded checkpoint directory.
+
+    Raises:
+        CheckpointError: it is a symlink out of the directory, or not a regular file.
+    """
+    fix = "re-create the directory with nmcli prune"
+    return member_path(folder, SIDECAR, source=folder, entry="the sidecar", fix=fix, error=CheckpointError)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1445,7 +1451,7 @@ class ShardedCheckpointReader:
         if not is_sharded_checkpoint(self.path):
             raise CheckpointError(f"{self.path} is not an nmcli sharded checkpoint: it has no {SIDECAR}")
         fix = "re-create the directory with nmcli prune"
-        sidecar = member_path(self.path, SIDECAR, source=self.path, entry="the sidecar", fix=fix, error=CheckpointError)
+        sidecar = sidecar_path(self.path)
         self._sidecar = CheckpointReader(sidecar, numpy=numpy)
         try:
             if self._sidecar.meta is None:

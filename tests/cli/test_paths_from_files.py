@@ -376,8 +376,9 @@ def test_onnx_external_data_a_fifo(tmp_path: Path) -> None:
         ("x" * 256, "limit"),
         ("é" * 128, "limit"),
         ("\ud800.safetensors", "encoded"),
-        (7, "not a string"),
-        (None, "not a string"),
+        (7, "a number in the JSON, not a string"),
+        (None, "null in the JSON"),
+        ([], "an array"),
     ],
 )
 def test_name_problem(name: object, says: str) -> None:
