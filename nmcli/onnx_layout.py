@@ -38,13 +38,20 @@ class OnnxWeight:
 
 
 def load_onnx(path: str | os.PathLike[str]) -> Any:
-    """``onnx.load`` with external data, raising nmcli's own error for unreadable files."""
-    import onnx
+    """``onnx.load`` with external data, raising nmcli's own error for unreadable files.
+
+    The graph is read first and every external-data location checked to be a plain file beside it
+    (:func:`nmcli.member.check_onnx_external_data`) before any of them is opened.
+    """
+    from onnx.external_data_helper import load_external_data_for_model
 
     from nmcli.errors import InputError
+    from nmcli.member import check_onnx_external_data
 
+    model = check_onnx_external_data(path)
     try:
-        return onnx.load(str(path), load_external_data=True)
+        load_external_data_for_model(model, os.path.dirname(os.fspath(path)))
+        return model
     except Exception as exc:
         raise InputError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc})") from exc
 

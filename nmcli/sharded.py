@@ -51,6 +51,7 @@ from nmcli.checkpoint import (
     validate_checkpoint,
 )
 from nmcli.errors import CheckpointError, InputError, OutputExistsError, SourceError
+from nmcli.member import check_plain_name, link_outside, member_path, show_name
 
 if TYPE_CHECKING:
     import torch
@@ -88,18 +89,62 @@ def local_directory(spec: str) -> Path | None:
     return path if spec and path.is_dir() else None
 
 
+_INDEX_FIX = "an index names files beside it: re-save the model with save_pretrained(..., safe_serialization=True)"
+
+
 def weight_files(folder: str | os.PathLike[str]) -> list[str] | None:
-    """The safetensors weight files of an HF model directory, in index order, or None when it has none."""
+    """The safetensors weight files of an HF model directory, in index order, or None when it has none.
+
+    Every name is a plain file inside ``folder`` (:func:`nmcli.member.member_path`), checked before
+    any shard is opened: a name with ``..``, an absolute path, a symlink out, a FIFO or a device is exit 2.
+
+    Raises:
+        SourceError: the index is unreadable, or names a file outside the directory or not a regular file.
+    """
     root = Path(folder)
     if (root / INDEX).is_file():
+        index = member_path(root, INDEX, source=root, entry="the shard index", fix=_INDEX_FIX, error=SourceError)
         try:
-            weight_map = json.loads((root / INDEX).read_text())["weight_map"]
+            weight_map = json.loads(index.read_text())["weight_map"]
+            items = list(weight_map.items())
         except Exception as exc:  # malformed JSON or no weight_map: the same user problem
-            raise SourceError(f"{root / INDEX} is not a readable safetensors index ({exc}): re-save the model") from exc
-        return sorted({str(f) for f in weight_map.values()})
+            raise SourceError(f"{index} is not a readable safetensors index ({exc}): re-save the model") from exc
+        files: set[str] = set()
+        for tensor, file in items:
+            if isinstance(file, str) and file in files:
+                continue
+            entry = f"weight_map[{show_name(tensor)}]"
+            member_path(root, file, source=index, entry=entry, fix=_INDEX_FIX, error=SourceError)
+            if file in (INDEX, SIDECAR):
+                raise SourceError(f"{index}: {entry} names {file}, which is not a shard: {_INDEX_FIX}")
+            files.add(file)
+        return sorted(files)
     if (root / SINGLE).is_file():
+        member_path(root, SINGLE, source=root, entry="the weights file", fix=_INDEX_FIX, error=SourceError)
         return [SINGLE]
     return None
+
+
+def check_hf_directory(folder: str | os.PathLike[str]) -> None:
+    """Check every file name an HF directory's indexes hold (safetensors and other formats) before it is loaded.
+
+    Raises:
+        SourceError: an index names a file outside the directory, or one that is not a regular file.
+    """
+    root = Path(folder)
+    weight_files(root)
+    for name in _WEIGHT_INDEXES:
+        if not (root / name).is_file():
+            continue
+        index = member_path(root, name, source=root, entry="a weight index", fix=_INDEX_FIX, error=SourceError)
+        try:
+            items = list(json.loads(index.read_text())["weight_map"].items())
+        except Exception as exc:
+            raise SourceError(f"{index} is not a readable weight index ({exc}): re-save the model") from exc
+        for tensor, file in items:
+            entry = f"weight_map[{show_name(tensor)}]"
+            member_path(root, file, source=index, entry=entry, fix=_INDEX_FIX, error=SourceError)
+    side_files(root)
 
 
 def is_hf_directory(path: str | os.PathLike[str]) -> bool:
@@ -114,7 +159,13 @@ def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
 
 
 def sidecar_path(folder: str | os.PathLike[str]) -> Path:
-    return Path(folder) / SIDECAR
+    """The ``nmcli.safetensors`` sidecar of a sharded checkpoint directory.
+
+    Raises:
+        CheckpointError: it is a symlink out of the directory, or not a regular file.
+    """
+    fix = "re-create the directory with nmcli prune"
+    return member_path(folder, SIDECAR, source=folder, entry="the sidecar", fix=fix, error=CheckpointError)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,8 +251,11 @@ class ShardedModel:
     def open(cls, folder: str | os.PathLike[str]) -> ShardedModel:
         """Read the index and every shard's header (no tensor is read).
 
+        Every file name the index holds is checked first (:func:`weight_files`).
+
         Raises:
-            SourceError: the directory holds no safetensors weights.
+            SourceError: the directory holds no safetensors weights; its index names a file outside it or
+                not a regular file; a file in it links out of it.
             CheckpointError: a shard is missing or unreadable, or a tensor is in two shards.
         """
         root = Path(folder)
@@ -211,6 +265,7 @@ class ShardedModel:
                 f"{root} holds no safetensors weights ({SINGLE} or {INDEX}): save the model with "
                 "save_pretrained(..., safe_serialization=True)"
             )
+        side_files(root)  # a link out of the directory is refused before any file is read
         index_meta: dict[str, Any] = {}
         if (root / INDEX).is_file():
             index_meta = dict(json.loads((root / INDEX).read_text()).get("metadata") or {})
@@ -740,21 +795,58 @@ def atomic_directory(
             raise
 
 
-def copy_side_files(source: Path, dest: Path) -> list[str]:
-    """Copy config, tokenizer and other small files of an HF directory (never weights, indexes or the sidecar)."""
-    copied = []
+def side_files(source: Path) -> list[str]:
+    """The config, tokenizer and other small files (and folders) of an HF directory that an output copies.
+
+    Never weights, indexes, the sidecar or hidden files; FIFOs, devices and sockets are left out.
+
+    Raises:
+        SourceError: a file or folder in it (at any depth) is a symlink that leads out of ``source``.
+    """
+    names = []
     for entry in sorted(source.iterdir()):
         name = entry.name
         if name.startswith(".") or name in (INDEX, SIDECAR, *_WEIGHT_INDEXES) or name.endswith(_WEIGHT_SUFFIXES):
             continue
-        if entry.is_dir():
-            shutil.copytree(entry, dest / name, ignore=shutil.ignore_patterns(*(f"*{s}" for s in _WEIGHT_SUFFIXES)))
-        elif entry.is_file():
-            shutil.copy2(entry, dest / name)
+        _check_links(source, entry)
+        if entry.is_dir() and not entry.is_symlink():
+            for below, dirs, files in os.walk(entry):
+                for other in (*dirs, *files):
+                    _check_links(source, Path(below) / other)
+        if entry.is_file() or (entry.is_dir() and not entry.is_symlink()):
+            names.append(name)
+    return names
+
+
+def _check_links(source: Path, path: Path) -> None:
+    target = link_outside(source, path)
+    if target is not None:
+        raise SourceError(
+            f"{source}: {path.relative_to(source)} is a symlink to {target}, outside the directory: nmcli reads "
+            "nothing outside a model directory; replace the link with the file itself"
+        )
+
+
+def copy_side_files(source: Path, dest: Path) -> list[str]:
+    """Copy :func:`side_files` of ``source`` into ``dest``; folders without weights, links or special files."""
+    copied = side_files(source)
+    for name in copied:
+        if (source / name).is_dir():
+            _copy_folder(source / name, dest / name)
         else:
-            continue
-        copied.append(name)
+            shutil.copy2(source / name, dest / name)
     return copied
+
+
+def _copy_folder(source: Path, dest: Path) -> None:
+    dest.mkdir()
+    for entry in sorted(source.iterdir()):
+        if entry.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            _copy_folder(entry, dest / entry.name)
+        elif entry.is_file():  # a regular file, or a link to one inside the model directory (side_files)
+            shutil.copy2(entry, dest / entry.name)
 
 
 def write_index(source: ShardedModel, dest: Path) -> None:
@@ -1372,10 +1464,14 @@ class ShardedCheckpointReader:
         self.path = Path(path)
         if not is_sharded_checkpoint(self.path):
             raise CheckpointError(f"{self.path} is not an nmcli sharded checkpoint: it has no {SIDECAR}")
-        self._sidecar = CheckpointReader(self.path / SIDECAR, numpy=numpy)
+        fix = "re-create the directory with nmcli prune"
+        sidecar = sidecar_path(self.path)
+        self._sidecar = CheckpointReader(sidecar, numpy=numpy)
         try:
             if self._sidecar.meta is None:
                 raise CheckpointError(f"{self.path / SIDECAR} holds no nmcli metadata: re-create the checkpoint")
+            for shard, _ in self._sidecar.meta.source.shards:  # names of the input's shards, never opened here
+                check_plain_name(shard, source=sidecar, entry="the recorded source's shards", fix=fix)
             self.meta: CheckpointMeta | None = self._sidecar.meta
             self.raw_metadata = self._sidecar.raw_metadata
             self.model = ShardedModel.open(self.path)

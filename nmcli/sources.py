@@ -300,6 +300,10 @@ def _from_hf(spec: str, pretrained: bool = True) -> nn.Module:
     if not ident:
         raise SourceError("hf: needs a model id or a local directory, e.g. hf:./my-model")
     _check_hub_id(spec, ident)
+    if Path(ident).is_dir():  # transformers follows the indexes' file names: each is checked first
+        from nmcli.sharded import check_hf_directory
+
+        check_hf_directory(Path(ident))
     try:
         with user_code(spec):
             return _hf_model(transformers, ident, pretrained)

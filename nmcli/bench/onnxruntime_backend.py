@@ -199,6 +199,10 @@ def plan(request: PlanRequest) -> BenchPlan:
     for path in paths:
         if not path.is_file():
             raise InputError(f"{path} does not exist: give an .onnx file (make one with nmcli export --onnx)")
+    from nmcli.member import check_onnx_external_data
+
+    for path in paths:  # onnxruntime follows external-data locations: each is checked first
+        check_onnx_external_data(path)
     signatures = []
     for path in paths:
         try:
