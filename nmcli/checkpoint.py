@@ -8,9 +8,11 @@ One ``.safetensors`` file that any safetensors reader can open:
   ``numpy.packbits(mask.reshape(-1), bitorder="little")`` as a 1-D ``uint8`` tensor (the shape
   comes from the layer entry);
 * ``__nmcli__/dense/<param>``: optional dense (unmasked) weights, for SR-STE training;
-* ``__metadata__``: ``{"format": "nmcli/1", "nmcli": "<JSON>"}``, the JSON holding the writer's
-  version, the model source, the default pattern, the layer entries, the input spec and an
-  append-only history.
+* ``__metadata__``: ``{"format": "nmcli/1", "nmcli": "<JSON>", "nmcli_sha256": "<hex>"}``, the
+  JSON holding the writer's version, the model source, the default pattern, the layer entries,
+  the input spec and an append-only history; ``nmcli_sha256`` is the sha256 of the file's own
+  content, tensor data and metadata (definition: :mod:`nmcli.checksum`; files written before it
+  existed lack it). ``inspect`` checks it; it is no signature, so nothing is trusted because of it.
 
 Reading validates everything and reports every problem at once in one :class:`CheckpointError`.
 """
@@ -32,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nmcli import __version__
+from nmcli.checksum import PLACEHOLDER, packed_layout, wants_checksum, with_checksum
+from nmcli.checksum import finish as finish_checksum
 from nmcli.compressed import (
     INDICES_PREFIX,
     VALUES_PREFIX,
@@ -464,7 +468,9 @@ def write_safetensors(
     ``safetensors.torch.save_file`` first copies every tensor into a ``bytes`` object, which
     doubles peak memory on large models; this writes the same format (8-byte little-endian
     header size, JSON header padded with spaces to 8 bytes, raw little-endian data) straight
-    from the tensors' memory. Tensors must be contiguous CPU tensors.
+    from the tensors' memory. Tensors must be contiguous CPU tensors. A file of nmcli's own
+    format (``metadata["format"]`` ``nmcli/...``) gets its content checksum (:mod:`nmcli.checksum`),
+    hashed as it is written: the header is rewritten in place at the end (same length).
 
     Raises:
         CheckpointError: a tensor has a dtype that safetensors cannot store.
@@ -477,11 +483,23 @@ def write_safetensors(
         if code is None:
             raise CheckpointError(f"tensor {name} has dtype {value.dtype}, which safetensors cannot store")
         entries.append((name, code, tuple(value.shape), value.numel() * value.element_size()))
+    checksummed = wants_checksum(metadata)
+    digest = hashlib.sha256()
+    length = 0
     with open(path, "wb") as fh:
-        fh.write(safetensors_header(entries, metadata))
+        # nmcli's own files: a placeholder of the checksum's length, overwritten once the data is hashed
+        fh.write(safetensors_header(entries, with_checksum(metadata, PLACEHOLDER) if checksummed else metadata))
         for value in tensors.values():
             if value.numel():
-                fh.write(value.detach().reshape(-1).contiguous().view(torch.uint8).numpy().data)
+                data = value.detach().reshape(-1).contiguous().view(torch.uint8).numpy().data
+                fh.write(data)
+                if checksummed:
+                    digest.update(data)
+                    length += data.nbytes
+        if checksummed:
+            checksum = finish_checksum(digest, length, packed_layout(entries), metadata)
+            fh.seek(0)
+            fh.write(safetensors_header(entries, with_checksum(metadata, checksum)))
 
 
 # --------------------------------------------------------------------------------------------

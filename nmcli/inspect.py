@@ -8,7 +8,11 @@ for sparsity and compliance (as Polygraphy and TensorRT count it) and is reporte
 compliant when every eligible layer is.
 
 An nmcli checkpoint is read from its file only, with numpy on the memory-mapped data: torch is not
-imported (:func:`inspect_checkpoint_file`); ``--rebuild`` and ``--arch`` rebuild the model.
+imported (:func:`inspect_checkpoint_file`); ``--rebuild`` and ``--arch`` rebuild the model. A sharded
+checkpoint directory is measured on its stored masks and its shards' weights are checked against
+them, streamed (:func:`inspect_sharded`; ``masks_only`` skips the weights). The content of every
+nmcli file is checked against its recorded sha256 (:mod:`nmcli.checksum`): ``integrity`` says
+``ok``, ``mismatch`` (edited after nmcli wrote it) or ``absent`` (written before checksums).
 
 What "eligible" means depends on the target:
 
@@ -25,6 +29,7 @@ What "eligible" means depends on the target:
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nmcli.checkpoint import Checkpoint, CheckpointMeta, CheckpointReader, is_safetensors
-from nmcli.errors import BackendUnavailableError, InputError, SourceError, TrustRequiredError
+from nmcli.checksum import MISMATCH, TAMPERED, Integrity, verify_file
+from nmcli.errors import BackendUnavailableError, CheckpointError, InputError, SourceError, TrustRequiredError
 from nmcli.patterns import (
     TENSOR_CORE_PATTERN,
     LayerCandidate,
@@ -50,6 +56,7 @@ if TYPE_CHECKING:  # torch, onnx and the model sources are imported only where a
 
 # Skip reasons of layers whose structure (not just their size) rules out sparse kernels.
 _STRUCTURAL_SKIPS = ("grouped", "transposed", "has no input dimension")
+_LAYERS_NAMED = 8  # layers named one per line in the notes; the rest counted
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,9 @@ class LayerInspection:
         reason: why the layer is not eligible (empty when it is).
         negative_zeros: how many elements are ``-0.0`` (counted as zero for compliance; sparse
             compressors that compare bit patterns count them as non-zero).
+        pruned_nonzero: for a sharded checkpoint whose weights were checked, how many stored
+            weights are not ``+0.0`` where the mask prunes them (any makes the layer non-compliant);
+            None where not checked this way.
     """
 
     param: str
@@ -81,6 +91,7 @@ class LayerInspection:
     reason: str = ""
     negative_zeros: int = 0
     tensorrt_reason: str = ""
+    pruned_nonzero: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +106,7 @@ class LayerInspection:
             "reason": self.reason,
             "negative_zeros": self.negative_zeros,
             "tensorrt_reason": self.tensorrt_reason,
+            "pruned_nonzero": self.pruned_nonzero,
         }
 
 
@@ -108,6 +120,8 @@ class InspectReport:
         pattern: the pattern checked.
         layers: one entry per candidate weight.
         notes: human remarks (e.g. an architecture that could not be rebuilt), for stderr.
+        integrity: an nmcli checkpoint's content against its recorded sha256 (None for other targets).
+        masks_only: a sharded checkpoint measured on its masks only, its weights not read.
     """
 
     target: str
@@ -115,6 +129,15 @@ class InspectReport:
     pattern: Pattern
     layers: list[LayerInspection]
     notes: list[str] = field(default_factory=list)
+    integrity: Integrity | None = None
+    masks_only: bool = False
+
+    @property
+    def tampered(self) -> str:
+        """The tampering sentence when a file does not match its recorded sha256, else empty."""
+        if self.integrity is None or self.integrity.status != MISMATCH:
+            return ""
+        return f"{', '.join(self.integrity.mismatched)}: {TAMPERED}"
 
     @property
     def eligible(self) -> list[LayerInspection]:
@@ -137,6 +160,9 @@ class InspectReport:
             "compliant": self.compliant,
             "eligible_layers": len(self.eligible),
             "nothing_eligible": not self.eligible,
+            "integrity": self.integrity.status if self.integrity else None,
+            "tampered_files": list(self.integrity.mismatched) if self.integrity else [],
+            "masks_only": self.masks_only,
             "layers": [layer.to_json() for layer in self.layers],
         }
 
@@ -223,16 +249,23 @@ def inspect_checkpoint_file(
 ) -> InspectReport:
     """Inspect an nmcli/1 checkpoint from its file only, without torch: eligible are its pruned layers.
 
-    The file is validated first (:meth:`nmcli.checkpoint.CheckpointReader.check`: the problems
-    :func:`nmcli.checkpoint.load_checkpoint` reports), then every pruned layer is measured on the
-    memory-mapped bits. The report equals :func:`inspect_checkpoint` of the loaded checkpoint
-    without a model. A compressed checkpoint is decoded with torch.
+    The file's content is checked against its recorded sha256 (``integrity``), the file validated
+    (:meth:`nmcli.checkpoint.CheckpointReader.check`: the problems :func:`nmcli.checkpoint.load_checkpoint`
+    reports), then every pruned layer is measured on the memory-mapped bits. The layers equal
+    :func:`inspect_checkpoint` of the loaded checkpoint without a model.
 
     Raises:
-        CheckpointError: a plain state dict, or a checkpoint that breaks the format.
+        CheckpointError: a plain state dict, or a checkpoint that breaks the format (saying so
+            when its content does not match its recorded sha256 either).
     """
+    integrity = file_integrity(path)
     with CheckpointReader(path, numpy=True) as reader:
-        reader.check()
+        try:
+            reader.check()
+        except CheckpointError as exc:
+            if integrity.status != MISMATCH:
+                raise
+            raise CheckpointError(f"{exc}; and its {TAMPERED}") from exc
         assert reader.meta is not None  # check() raises for a plain state dict
         nm = pattern or reader.meta.pattern or TENSOR_CORE_PATTERN
         layers: list[LayerInspection] = []
@@ -241,51 +274,107 @@ def inspect_checkpoint_file(
             layers.append(
                 _measure_bits(entry.param, reader.bits(entry.param), entry.axis, "pruned", not reason, reason, nm)
             )
-    return InspectReport(target or str(path), "checkpoint", nm, layers)
+    return InspectReport(target or str(path), "checkpoint", nm, layers, integrity=integrity)
+
+
+def file_integrity(path: str | os.PathLike[str]) -> Integrity:
+    """An nmcli file's content, or a sharded directory's sidecar and compressed shards, against the recorded sha256."""
+    if Path(path).is_dir():
+        from nmcli.sharded import ShardedCheckpointReader
+
+        with ShardedCheckpointReader(path, numpy=True) as reader:
+            return reader.integrity()
+    return Integrity.combine({Path(path).name: verify_file(path)})
 
 
 def inspect_sharded(
-    folder: str | os.PathLike[str], pattern: Pattern | None = None, *, target: str = ""
+    folder: str | os.PathLike[str], pattern: Pattern | None = None, *, target: str = "", masks_only: bool = False
 ) -> InspectReport:
-    """Inspect a sharded checkpoint directory from its stored masks only (DESIGN.md section 3c).
+    """Inspect a sharded checkpoint directory (DESIGN.md section 3c): numpy only, no model is built.
 
-    Sparsity and compliance are those of the masks (the shards' weights are not read; the format
-    guarantees they are zero where the masks are); numpy only, no model is built.
+    Sparsity and compliance are measured on the stored masks; then every pruned weight is read
+    from its shard, streamed one tensor at a time, and checked against its mask (exactly ``+0.0``
+    wherever the mask prunes): a layer that breaks its mask is not compliant. ``masks_only``
+    skips that read (the fast mode: the weights are trusted to follow the masks, and the report
+    says so). The sidecar's content (and each compressed shard's, unless ``masks_only``) is
+    checked against its recorded sha256.
     """
+    import threading
+
     from nmcli.sharded import ShardedCheckpointReader, packed_mask_stats
 
-    with ShardedCheckpointReader(folder, numpy=True) as reader:
+    stop = threading.Event()
+    # three streams at once, each releasing the GIL in its I/O and numpy/hashlib work: the masks'
+    # statistics here, the shards' weights against the masks and the checksums on two threads
+    with (
+        ShardedCheckpointReader(folder, numpy=True) as reader,
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="nmcli-inspect") as pool,
+    ):
         assert reader.meta is not None
-        nm = pattern or reader.meta.pattern or TENSOR_CORE_PATTERN
-        layers: list[LayerInspection] = []
-        for entry in reader.meta.layers:
-            packed = reader.packed_mask_array(entry.param)
-            reason = _size_reason(entry.shape, entry.axis, nm)
-            numel = entry.numel
-            kept, compliant = packed_mask_stats(packed, entry.shape, entry.axis, nm.n, nm.m)
-            compliant = compliant and not reason
-            compliant_24 = (
-                compliant
-                if nm == TENSOR_CORE_PATTERN
-                else packed_mask_stats(packed, entry.shape, entry.axis, TENSOR_CORE_PATTERN.n, TENSOR_CORE_PATTERN.m)[1]
-            )
-            trt_reason = tensorrt_reason(entry.shape, entry.axis, compliant_24)
-            layers.append(
-                LayerInspection(
-                    param=entry.param,
-                    shape=entry.shape,
-                    axis=entry.axis,
-                    kind="pruned",
-                    sparsity=1.0 - kept / numel if numel else 0.0,
-                    compliant=compliant,
-                    eligible=not reason,
-                    tensorrt=not trt_reason,
-                    reason=reason,
-                    tensorrt_reason=trt_reason,
+        params = [e.param for e in reader.meta.layers]
+        hashing = pool.submit(reader.integrity, shards=not masks_only)
+        weights = None if masks_only else pool.submit(reader.pruned_nonzero, params, stop.is_set)
+        try:
+            nm = pattern or reader.meta.pattern or TENSOR_CORE_PATTERN
+            stats = []
+            for entry in reader.meta.layers:
+                packed = reader.packed_mask_array(entry.param)
+                kept, compliant = packed_mask_stats(packed, entry.shape, entry.axis, nm.n, nm.m)
+                compliant_24 = (
+                    compliant
+                    if nm == TENSOR_CORE_PATTERN
+                    else packed_mask_stats(
+                        packed, entry.shape, entry.axis, TENSOR_CORE_PATTERN.n, TENSOR_CORE_PATTERN.m
+                    )[1]
                 )
+                stats.append((entry, kept, compliant, compliant_24))
+            broken = weights.result() if weights is not None else {}
+            integrity = hashing.result()
+        finally:
+            stop.set()  # an error or Ctrl-C here: the weight check stops after its current read
+    layers: list[LayerInspection] = []
+    for entry, kept, compliant, compliant_24 in stats:
+        reason = _size_reason(entry.shape, entry.axis, nm)
+        compliant = compliant and not reason and not broken.get(entry.param)
+        compliant_24 = compliant_24 and not broken.get(entry.param)
+        trt_reason = tensorrt_reason(entry.shape, entry.axis, compliant_24)
+        layers.append(
+            LayerInspection(
+                param=entry.param,
+                shape=entry.shape,
+                axis=entry.axis,
+                kind="pruned",
+                sparsity=1.0 - kept / entry.numel if entry.numel else 0.0,
+                compliant=compliant,
+                eligible=not reason,
+                tensorrt=not trt_reason,
+                reason=reason,
+                tensorrt_reason=trt_reason,
+                pruned_nonzero=broken.get(entry.param),
             )
-    report = InspectReport(target or str(folder), "checkpoint", nm, layers)
-    report.notes.append("sharded checkpoint: measured on its stored masks (weights not read); --rebuild loads it whole")
+        )
+    report = InspectReport(target or str(folder), "checkpoint", nm, layers, integrity=integrity, masks_only=masks_only)
+    breaking = [(param, count) for param, count in broken.items() if count]
+    for param, count in breaking[:_LAYERS_NAMED]:
+        report.notes.append(
+            f"layer {param}: {count} stored weight(s) in the shards are non-zero (or -0.0) where its mask "
+            "prunes them: the shards do not follow the masks"
+        )
+    if len(breaking) > _LAYERS_NAMED:
+        report.notes.append(
+            f"and {len(breaking) - _LAYERS_NAMED} more layer(s) whose weights break their masks "
+            "(pruned_nonzero per layer in --json)"
+        )
+    if masks_only:
+        report.notes.append(
+            "sharded checkpoint, --masks-only: measured on its stored masks only (the shards' weights were not "
+            "read, nor checked against the masks)"
+        )
+    else:
+        report.notes.append(
+            "sharded checkpoint: measured on its stored masks, and every pruned weight in the shards checked "
+            "against its mask; --rebuild loads it whole"
+        )
     return report
 
 
@@ -341,6 +430,7 @@ def run_inspect(
     arch: str | None = None,
     trust: bool = False,
     rebuild: bool = False,
+    masks_only: bool = False,
 ) -> InspectReport:
     """``nmcli inspect``: inspect a checkpoint, any model source, or an ``.onnx`` file.
 
@@ -354,6 +444,7 @@ def run_inspect(
         arch: architecture source for a plain state dict, or to override a checkpoint's source.
         trust: allow unpickling a pickled ``nn.Module``.
         rebuild: rebuild a checkpoint's model from its source.
+        masks_only: a sharded checkpoint is measured on its masks only (its weights not read).
 
     Raises:
         InputError: a bad pattern, a missing, empty or unreadable target (and the source errors of
@@ -365,7 +456,14 @@ def run_inspect(
 
     folder = local_directory(target)
     if folder is not None and is_sharded_checkpoint(folder) and not (rebuild or arch):
-        return inspect_sharded(folder, nm, target=target)
+        return inspect_sharded(folder, nm, target=target, masks_only=masks_only)
+    report = _run_inspect(target, nm, arch=arch, trust=trust, rebuild=rebuild)
+    if masks_only:
+        report.notes.append("--masks-only applies to sharded checkpoint directories only: it changed nothing here")
+    return report
+
+
+def _run_inspect(target: str, nm: Pattern | None, *, arch: str | None, trust: bool, rebuild: bool) -> InspectReport:
     if _is_onnx(target):
         if not Path(target).is_file():
             raise InputError(f"{target} does not exist: check the path")
@@ -383,7 +481,9 @@ def run_inspect(
         if meta is not None:
             if not (rebuild or arch):  # a CI gate on checkpoints reads the file only, without torch
                 return inspect_checkpoint_file(target, nm, target=target)
-            return _run_checkpoint(target, meta, nm, arch=arch, trust=trust, rebuild=rebuild)
+            report = _run_checkpoint(target, meta, nm, arch=arch, trust=trust, rebuild=rebuild)
+            report.integrity = file_integrity(target)
+            return report
     from nmcli.statedicts import infer_state_dict_layers, is_bare_state_dict
 
     if arch is None and is_bare_state_dict(target):  # a training checkpoint or state dict: layers inferred
@@ -400,7 +500,13 @@ def run_inspect(
     loaded = load_model(target, arch=arch, trust=trust)
     nm = nm or (loaded.checkpoint.meta.pattern if loaded.checkpoint else None) or TENSOR_CORE_PATTERN
     if loaded.checkpoint is not None:
-        return inspect_checkpoint(loaded.checkpoint, nm, model=loaded.model, target=target)
+        report = inspect_checkpoint(loaded.checkpoint, nm, model=loaded.model, target=target)
+        from nmcli.sharded import is_sharded_checkpoint, local_directory
+
+        folder = local_directory(target)
+        if folder is not None and is_sharded_checkpoint(folder):  # --rebuild or --arch: loaded whole
+            report.integrity = file_integrity(folder)
+        return report
     return inspect_model(loaded.model, nm, target=target, kind=loaded.kind)
 
 

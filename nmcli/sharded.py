@@ -22,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nmcli.checkpoint import (
+    COMPRESSED_FORMAT,
     DENSE_PREFIX,
     FORMAT,
     MASK_PREFIX,
@@ -50,6 +53,15 @@ from nmcli.checkpoint import (
     unpack_mask,
     validate_checkpoint,
 )
+from nmcli.checksum import (
+    CHECKSUM_HEADER_BYTES,
+    Integrity,
+    packed_layout,
+    verify_file,
+    wants_checksum,
+    with_checksum,
+)
+from nmcli.checksum import finish as finish_checksum
 from nmcli.errors import CheckpointError, InputError, OutputExistsError, SourceError
 from nmcli.member import check_plain_name, link_outside, member_path, show_name
 
@@ -409,12 +421,16 @@ class SidecarWriter:
     reserved up front; :meth:`finish` writes the header into it, padded with spaces (the format
     allows trailing whitespace in the header), so the data is written once. A header larger than
     the reservation goes in front of a copy of the data instead.
+
+    The data is hashed on the writer's thread as it goes out (no second read, no extra memory);
+    :meth:`finish` records the content checksum of :mod:`nmcli.checksum` when the metadata is of an
+    nmcli format (the reservation includes room for it).
     """
 
     def __init__(self, path: Path, reserve: int = _HEADER_RESERVE) -> None:
         self.path = path
-        self._reserve = -(-reserve // 8) * 8
-        self._file = _SequentialFile(path, _SIDECAR_STAGE_BYTES)
+        self._reserve = -(-(reserve + CHECKSUM_HEADER_BYTES) // 8) * 8
+        self._file = _SequentialFile(path, _SIDECAR_STAGE_BYTES, hash_from=8 + self._reserve)
         self._file.write(bytes(8 + self._reserve))
         self._entries: list[tuple[str, str, tuple[int, ...], int]] = []
         self._open: tuple[str, str, tuple[int, ...], int] | None = None
@@ -448,7 +464,12 @@ class SidecarWriter:
         self._open = None
 
     def finish(self, metadata: Mapping[str, str]) -> None:
+        """Write what is buffered and the header (with the content checksum for an nmcli format)."""
         self._file.finish()
+        if wants_checksum(metadata):
+            data_length = self._file.size - 8 - self._reserve
+            checksum = finish_checksum(self._file.digest, data_length, packed_layout(self._entries), metadata)
+            metadata = with_checksum(metadata, checksum)
         body = safetensors_header(self._entries, metadata)[8:].rstrip(b" ")
         if len(body) <= self._reserve:
             with open(self.path, "r+b") as fh:
@@ -618,11 +639,14 @@ class _SequentialFile:
     buffered. The last, partial block is padded, written, and the file truncated to its length.
     """
 
-    def __init__(self, path: Path, stage_bytes: int | None = None) -> None:
+    def __init__(self, path: Path, stage_bytes: int | None = None, *, hash_from: int | None = None) -> None:
         import mmap
         from concurrent.futures import ThreadPoolExecutor
 
         self.path = path
+        # bytes from offset hash_from on are hashed on the writing thread, in order (digest)
+        self._hash_from = hash_from
+        self.digest = hashlib.sha256() if hash_from is not None else None
         self._stage = stage_bytes or _STAGE_BYTES
         self._direct = hasattr(os, "O_DIRECT")
         self._fd = self._open(direct=self._direct)
@@ -644,7 +668,9 @@ class _SequentialFile:
             self._direct = False
             return os.open(self.path, flags & ~os.O_DIRECT, 0o644)
 
-    def _pwrite(self, view: memoryview, offset: int) -> None:
+    def _pwrite(self, view: memoryview, offset: int, hashed: memoryview | None = None) -> None:
+        if hashed is not None and self.digest is not None:
+            self.digest.update(hashed)
         try:
             written = os.pwrite(self._fd, view, offset)
         except OSError as exc:
@@ -657,9 +683,13 @@ class _SequentialFile:
         while written < len(view):  # short writes (signals, quotas) continue where they stopped
             written += os.pwrite(self._fd, view[written:], offset + written)
 
-    def _flush(self, length: int) -> None:
+    def _flush(self, length: int, filled: int | None = None) -> None:
         buffer = memoryview(self._buffers[self._current])[:length]
-        self._pending[self._current] = self._pool.submit(self._pwrite, buffer, self._offset)
+        hashed = None
+        if self._hash_from is not None:  # the written bytes at or after hash_from (not the padding)
+            end = length if filled is None else filled
+            hashed = buffer[min(end, max(0, self._hash_from - self._offset)) : end]
+        self._pending[self._current] = self._pool.submit(self._pwrite, buffer, self._offset, hashed)
         self._offset += length
         self._current ^= 1
         self._fill = 0
@@ -701,7 +731,7 @@ class _SequentialFile:
         if self._fill:
             padded = -(-self._fill // _DIRECT_ALIGN) * _DIRECT_ALIGN
             self._buffers[self._current][self._fill : padded] = bytes(padded - self._fill)
-            self._flush(padded)
+            self._flush(padded, self._fill)
         for future in self._pending:
             if future is not None:
                 future.result()
@@ -1467,6 +1497,7 @@ class ShardedCheckpointReader:
         fix = "re-create the directory with nmcli prune"
         sidecar = sidecar_path(self.path)
         self._sidecar = CheckpointReader(sidecar, numpy=numpy)
+        self._lock = threading.RLock()  # packed masks and pruned_nonzero may be called from two threads
         try:
             if self._sidecar.meta is None:
                 raise CheckpointError(f"{self.path / SIDECAR} holds no nmcli metadata: re-create the checkpoint")
@@ -1540,9 +1571,10 @@ class ShardedCheckpointReader:
         return self._sidecar.packed_mask(param)
 
     def packed_mask_array(self, param: str) -> np.ndarray:
-        if self._compressed:
-            return self._compressed.packed_mask_array(param)
-        return self._sidecar.packed_mask_array(param)
+        with self._lock:  # the compressed decoder keeps per-file state
+            if self._compressed:
+                return self._compressed.packed_mask_array(param)
+            return self._sidecar.packed_mask_array(param)
 
     def mask(self, param: str) -> torch.Tensor:
         assert self.meta is not None
@@ -1554,6 +1586,65 @@ class ShardedCheckpointReader:
     def iter_state(self) -> Iterator[tuple[str, Any]]:
         for name in self.state_names:
             yield name, self.tensor(name)
+
+    def integrity(self, *, shards: bool = True) -> Integrity:
+        """The sidecar (and, with ``shards``, every compressed shard) against its recorded content sha256.
+
+        Uncompressed shards are plain HF files and record none. Streamed, torch-free.
+
+        Raises:
+            CheckpointError: a file cannot be read.
+        """
+        results = {SIDECAR: verify_file(self.path / SIDECAR)}
+        if shards:
+            for file in self.model.files:
+                if self.model.headers[file].metadata.get("format") == COMPRESSED_FORMAT:
+                    results[file] = verify_file(self.path / file)
+        return Integrity.combine(results)
+
+    def pruned_nonzero(self, params: Sequence[str], cancelled: Callable[[], bool] | None = None) -> dict[str, int]:
+        """Per pruned parameter: how many of its stored weights are not ``+0.0`` where its mask prunes them.
+
+        Streamed, one tensor at a time and in file order (each shard read front to back, only its
+        pruned weights), numpy only (:mod:`nmcli.maskcheck`); compressed weights are decoded first.
+        Once ``cancelled()`` says yes (asked between reads), it stops with a partial result. It may
+        run on another thread while this one reads packed masks (:meth:`packed_mask_array`).
+
+        Raises:
+            CheckpointError: a weight or mask has the wrong size, or a shard cannot be read.
+        """
+        from nmcli.maskcheck import pruned_nonzero, pruned_nonzero_in_file
+
+        assert self.meta is not None
+        entries = {e.param: e for e in self.meta.layers}
+        out: dict[str, int] = {}
+        stored = []
+        for param in params:
+            if cancelled and cancelled():
+                return out
+            if self._compressed and self._compressed.is_compressed(param):
+                with self._lock:
+                    weight, packed = self._compressed.bits(param), self._compressed.packed_mask_array(param)
+                out[param] = pruned_nonzero(weight.bits, packed)
+            elif param not in self.model.tensors:
+                raise CheckpointError(f"{self.path}: layer {param} has no tensor in the shards: re-create it")
+            else:
+                stored.append(self.model.tensors[param])
+        for info in sorted(stored, key=lambda t: (self.model.files.index(t.file), t.begin)):
+            if cancelled and cancelled():
+                return out
+            entry = entries[info.name]
+            if info.shape != entry.shape:
+                raise CheckpointError(
+                    f"{self.path / info.file}: tensor {info.name} has shape {info.shape}, its layer entry says {entry.shape}"
+                )
+            numel = math.prod(info.shape)
+            itemsize = info.nbytes // numel if numel else 1
+            start = len(self.model.headers[info.file].raw) + info.begin
+            out[info.name] = pruned_nonzero_in_file(
+                self.path / info.file, start, info.nbytes, itemsize, self.packed_mask_array(info.name), cancelled
+            )
+        return out
 
     def load(self, *, dense: bool = True) -> Checkpoint:
         """Read and validate the whole checkpoint into memory (see :func:`load_sharded`)."""

@@ -32,7 +32,18 @@ def command(
         "--trust",
         help="Run code a file holds: a pickled nn.Module, or a checkpoint's recorded py:/pickled source (only for authors you trust).",
     ),
-    strict: bool = typer.Option(False, "--strict", help="Exit 1 when an eligible layer is not N:M-compliant."),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="Exit 1 when an eligible layer is not N:M-compliant (a sharded checkpoint's weights are checked "
+        "against its masks), or when an nmcli file's content does not match its recorded sha256.",
+    ),
+    masks_only: bool = typer.Option(
+        False,
+        "--masks-only",
+        help="For a sharded checkpoint: measure its stored masks only, without reading the shards' weights "
+        "(fast; the weights are not checked against the masks).",
+    ),
     rebuild: bool = typer.Option(
         False,
         "--rebuild",
@@ -44,7 +55,8 @@ def command(
     """Check every layer of TARGET for N:M sparsity along its input dimension.
 
     Per layer: shape, sparsity, N:M compliance along the reduction axis, eligibility, and whether
-    TensorRT's 2:4 sparse kernels could use it. With --strict, a non-compliant eligible layer
+    TensorRT's 2:4 sparse kernels could use it. An nmcli checkpoint's content is checked against
+    the sha256 it records. With --strict, a non-compliant eligible layer or an edited checkpoint
     exits 1 (a CI gate).
     """
     from nmcli.errors import CheckFailedError
@@ -53,7 +65,7 @@ def command(
     from nmcli.trust import remember_command_line
 
     remember_command_line([target, arch], trust=trust)  # the user's own code: later rebuilds may run it
-    report = run_inspect(target, pattern=pattern, arch=arch, trust=trust, rebuild=rebuild)
+    report = run_inspect(target, pattern=pattern, arch=arch, trust=trust, rebuild=rebuild, masks_only=masks_only)
     if not report.eligible:
         report.notes.append(
             f"nothing to check: {target} has no layer eligible for {report.pattern} "
@@ -68,13 +80,35 @@ def command(
             stderr.print(f"[yellow]note:[/yellow] {note}")
     for remark in report.notes:
         stderr.print(f"[yellow]note:[/yellow] {esc(remark)}", markup=True)
-    if strict and not report.compliant:
+    _render_integrity(report)
+    failures = []
+    if not report.compliant:
         bad = report.violations
         names = ", ".join(layer.param for layer in bad[:_MAX_NAMED]) + (" ..." if len(bad) > _MAX_NAMED else "")
-        raise CheckFailedError(
+        failures.append(
             f"{len(bad)} of {len(report.eligible)} eligible layer(s) of {target} are not {report.pattern}-compliant: "
             f"{names}"
         )
+    if report.tampered:
+        failures.append(f"{target}: {report.tampered}")
+    if strict and failures:
+        raise CheckFailedError("; ".join(failures))
+
+
+def _render_integrity(report: InspectReport) -> None:
+    """One stderr line on an nmcli checkpoint's content against its recorded sha256."""
+    if report.integrity is None:
+        return
+    if report.tampered:
+        stderr.print(f"[red]tampered:[/red] {esc(report.tampered)}", markup=True)
+    elif report.integrity.absent:
+        stderr.print(
+            f"[yellow]note:[/yellow] {esc(', '.join(report.integrity.absent))} records no sha256 of its content "
+            "(written before nmcli recorded one): its integrity cannot be checked",
+            markup=True,
+        )
+    else:
+        stderr.print("integrity: ok (the content matches its recorded sha256)")
 
 
 def _render(report: InspectReport) -> None:

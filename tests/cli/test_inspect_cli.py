@@ -31,7 +31,17 @@ def invoke(*args: str) -> Result:
 def _json(result: Result) -> dict[str, Any]:
     assert result.stdout.count("\n") == 1, result.stdout
     report = json.loads(result.stdout)
-    assert set(report) == {"target", "pattern", "compliant", "eligible_layers", "nothing_eligible", "layers"}
+    assert set(report) == {
+        "target",
+        "pattern",
+        "compliant",
+        "eligible_layers",
+        "nothing_eligible",
+        "integrity",
+        "tampered_files",
+        "masks_only",
+        "layers",
+    }
     assert all(set(layer) >= LAYER_KEYS for layer in report["layers"])
     return report
 

@@ -27,7 +27,7 @@ from nmcli.checkpoint import (
 )
 from nmcli.cli.app import app
 from nmcli.errors import CheckpointError
-from nmcli.inspect import inspect_checkpoint, inspect_checkpoint_file, run_inspect
+from nmcli.inspect import file_integrity, inspect_checkpoint, inspect_checkpoint_file, run_inspect
 from nmcli.onnx_layout import negative_zeros, weight_compliance
 from nmcli.patterns import Pattern, parse_pattern
 from tests.conftest import py_source
@@ -44,7 +44,9 @@ def _prune(source: str, out: Path, *extra: str) -> Path:
 def _torch_report(path: Path, pattern: Pattern | None = None) -> dict[str, object]:
     ckpt = load_checkpoint(path, dense=False)
     nm = pattern or ckpt.meta.pattern or Pattern(2, 4)
-    return inspect_checkpoint(ckpt, nm, target=str(path)).to_json()
+    report = inspect_checkpoint(ckpt, nm, target=str(path))
+    report.integrity = file_integrity(path)  # the file-only path also checks the recorded sha256
+    return report.to_json()
 
 
 @pytest.fixture(scope="module")

@@ -173,7 +173,7 @@ def test_pruned_zeros_are_positive_zero_bytes(tmp_path: Path) -> None:
 def test_metadata_json_keys(tmp_path: Path) -> None:
     header, _ = _raw(save_checkpoint(_checkpoint(), tmp_path / "m.safetensors"))
     raw = header["__metadata__"]
-    assert set(raw) == {"format", "nmcli"} and all(isinstance(v, str) for v in raw.values())
+    assert set(raw) == {"format", "nmcli", "nmcli_sha256"} and all(isinstance(v, str) for v in raw.values())
     meta = json.loads(raw["nmcli"])
     assert set(meta) == {"version", "source", "pattern", "method", "layers", "input", "history"}
     assert meta["pattern"] == "2:4" and meta["input"] == "1x8" and meta["method"] == "magnitude"
