@@ -27,11 +27,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fixtures.corpus import docstring_sentences, embed, mean_cosine  # noqa: E402
+from fixtures.digits import accuracy, digits_split, train_dense  # noqa: E402
 from nmcli.oneshot import CalibrationConfig  # noqa: E402
 from nmcli.prune import run_prune  # noqa: E402
 from nmcli.sources import load_model  # noqa: E402
-from tests.corpus import docstring_sentences, embed, mean_cosine  # noqa: E402
-from tests.digits import accuracy, digits_split, train_dense  # noqa: E402
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -71,7 +71,7 @@ def minilm(work: Path, samples: int) -> list[tuple[str, ...]]:
 
 
 def digits_mlp(work: Path, samples: int) -> list[tuple[str, ...]]:
-    from tests.models import tiny_mlp
+    from fixtures.models import tiny_mlp
 
     x_train, x_test, y_train, y_test = digits_split()
     model = train_dense(tiny_mlp(), x_train, y_train, epochs=30)
@@ -96,7 +96,7 @@ def digits_mlp(work: Path, samples: int) -> list[tuple[str, ...]]:
 
 
 def digits_cnn(work: Path, samples: int) -> list[tuple[str, ...]]:
-    from tests.models import digits_bn_cnn
+    from fixtures.models import digits_bn_cnn
 
     images_train, images_test, y_train, y_test = digits_split(images=True)
     model = train_dense(digits_bn_cnn(), images_train, y_train)

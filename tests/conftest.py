@@ -11,12 +11,12 @@ import pytest
 import torch
 
 TESTS = Path(__file__).resolve().parent
-MODELS_PY = TESTS / "models.py"
+MODELS_PY = TESTS.parent / "fixtures" / "models.py"
 _CONFIG_HOME = pytest.StashKey[str]()
 
 
 def py_source(factory: str) -> str:
-    """A ``py:`` source spec for a factory in tests/models.py."""
+    """A ``py:`` source spec for a factory in fixtures/models.py."""
     return f"py:{MODELS_PY}:{factory}"
 
 
@@ -60,7 +60,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     ``XDG_CONFIG_HOME`` points at a fresh temporary folder before any test runs, so no test reads
     or writes the real user's ``~/.config/nmcli/trusted``, and ``nmcli`` subprocesses inherit it.
-    tests/models.py is trusted in it, as for a user who pruned it once: unit tests that call the
+    fixtures/models.py is trusted in it, as for a user who pruned it once: unit tests that call the
     core directly rebuild checkpoints pruned from it. Tests of trust itself use an empty store of
     their own (``monkeypatch.setenv("XDG_CONFIG_HOME", ...)``).
     """

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from fixtures.models import tiny_cnn
 from nmcli.checkpoint import load_checkpoint
 from nmcli.cli.app import app
-from tests.models import tiny_cnn
 
 SHAPE = (2, 3, 8, 8)
 

@@ -15,13 +15,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
+from fixtures.digits import accuracy, digits_split, train_dense
+from fixtures.models import digits_bn_cnn
 from nmcli.checkpoint import load_checkpoint
 from nmcli.cli.app import app
 from nmcli.finetune import FinetuneConfig, run_finetune
 from nmcli.prune import run_prune
 from tests.conftest import MODELS_PY, py_source
-from tests.digits import accuracy, digits_split, train_dense
-from tests.models import digits_bn_cnn
 
 runner = CliRunner()
 

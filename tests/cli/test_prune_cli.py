@@ -16,11 +16,11 @@ from click.testing import Result
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from fixtures.models import tiny_cnn, tiny_mlp
 from nmcli.checkpoint import load_checkpoint, read_state_dict
 from nmcli.cli.app import app
 from nmcli.patterns import group_counts
 from tests.conftest import py_source
-from tests.models import tiny_cnn, tiny_mlp
 
 runner = CliRunner()
 

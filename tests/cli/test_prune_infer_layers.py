@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
+from fixtures.models import tiny_cnn
 from nmcli.checkpoint import load_checkpoint
 from nmcli.cli.app import app
 from nmcli.patterns import is_compliant, parse_pattern
-from tests.models import tiny_cnn
 
 runner = CliRunner()
 

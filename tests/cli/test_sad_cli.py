@@ -29,7 +29,7 @@ def run(*args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def trajectory(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """A pruned tiny MLP, and two dense snapshots drifting away from it (plain state dicts)."""
-    from tests.models import tiny_mlp
+    from fixtures.models import tiny_mlp
 
     folder = tmp_path_factory.mktemp("sad")
     ckpt = folder / "mlp-2of4.safetensors"

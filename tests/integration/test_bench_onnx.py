@@ -12,13 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fixtures.models import tiny_mlp
 from nmcli.bench.onnxruntime_backend import OnnxVariant, is_sparse_onnx, session_spec
 from nmcli.cli.app import app
 from nmcli.inputs import example_inputs
 from nmcli.prune import run_prune
 from nmcli.sources import load_model
 from tests.conftest import py_source
-from tests.models import tiny_mlp
 
 runner = CliRunner()
 FAST = ("--iters", "3", "--warmup", "1", "--device", "cpu")

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from fixtures.models import tiny_mlp
 from nmcli.finetune import FinetuneConfig, run_finetune
 from nmcli.prune import run_prune
 from nmcli.sources import load_model
 from tests.conftest import py_source
-from tests.models import tiny_mlp
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import nmcli.compressed
+from fixtures.models import tiny_mlp
 from nmcli.checkpoint import (
     COMPRESSED_FORMAT,
     Checkpoint,
@@ -36,7 +37,6 @@ from nmcli.errors import CheckpointError
 from nmcli.inspect import inspect_checkpoint, inspect_checkpoint_file
 from nmcli.patterns import Pattern, apply_mask, nm_mask
 from nmcli.prune import prune_model
-from tests.models import tiny_mlp
 
 
 def test_two_of_four_layout_matches_the_documented_bits() -> None:
@@ -88,7 +88,7 @@ def test_weight_round_trip_any_pattern_and_axis(n: int, m: int, axis: int, shape
 def _checkpoint(dtype: torch.dtype, keep_dense: bool = False) -> Checkpoint:
     model = tiny_mlp().to(dtype)
     return prune_model(
-        model, Pattern(2, 4), source=SourceRef("py:tests/models.py:tiny_mlp"), keep_dense=keep_dense
+        model, Pattern(2, 4), source=SourceRef("py:fixtures/models.py:tiny_mlp"), keep_dense=keep_dense
     ).checkpoint
 
 

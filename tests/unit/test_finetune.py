@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from fixtures.models import tiny_mlp
 from nmcli.checkpoint import load_checkpoint
 from nmcli.errors import BackendUnavailableError, DataError, InputError
 from nmcli.finetune import FinetuneConfig, StepInfo, lr_factor, run_finetune, trainstate_path
 from nmcli.patterns import nm_mask
 from nmcli.prune import run_prune
 from tests.conftest import py_source
-from tests.models import tiny_mlp
 
 N_EXAMPLES = 32
 

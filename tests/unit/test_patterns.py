@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from fixtures.models import tiny_attention, tiny_cnn
 from nmcli.errors import PatternError
 from nmcli.patterns import (
     CONV,
@@ -28,7 +29,6 @@ from nmcli.patterns import (
     stored_nonzero,
     tensorrt_usable,
 )
-from tests.models import tiny_attention, tiny_cnn
 
 P24, P14, P48, P28 = Pattern(2, 4), Pattern(1, 4), Pattern(4, 8), Pattern(2, 8)
 

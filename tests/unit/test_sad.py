@@ -146,7 +146,7 @@ def test_stored_and_derived_masks_agree(tmp_path: Path) -> None:
     # the dense model through the N:M rule gives exactly the stored masks
     assert sad_report([str(ckpt), src], pattern=P24).pairs[0].sad == 0
     # a perturbed dense snapshot, as a plain state dict with --arch and as a .pt state dict
-    from tests.models import tiny_mlp
+    from fixtures.models import tiny_mlp
 
     model = tiny_mlp()
     with torch.no_grad():
@@ -164,7 +164,7 @@ def test_stored_and_derived_masks_agree(tmp_path: Path) -> None:
 
 
 def test_plain_state_dict_without_arch_infers_layers_and_pattern(tmp_path: Path) -> None:
-    from tests.models import tiny_mlp
+    from fixtures.models import tiny_mlp
 
     path = tmp_path / "plain.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_mlp().state_dict().items()}, str(path))

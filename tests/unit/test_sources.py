@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from fixtures.models import tiny_cnn, tiny_mlp
 from nmcli.checkpoint import SourceRef, sha256_file
 from nmcli.errors import BackendUnavailableError, SourceError, TrustRequiredError
 from nmcli.patterns import HF_CONV1D, LINEAR, Pattern, find_layers
@@ -27,7 +28,6 @@ from nmcli.sources import (
 )
 from nmcli.trust import remember
 from tests.conftest import MODELS_PY, py_source
-from tests.models import tiny_cnn, tiny_mlp
 
 P24 = Pattern(2, 4)
 X = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
@@ -98,7 +98,7 @@ def test_hf_errors(tmp_path: Path) -> None:
 
 
 def test_py_module_path() -> None:
-    loaded = load_model("py:tests.models:tiny_mlp")
+    loaded = load_model("py:fixtures.models:tiny_mlp")
     assert loaded.kind == "py" and loaded.name == "tiny_mlp"
     assert _same_outputs(loaded.model, tiny_mlp())
     assert loaded.source.sha256 == sha256_file(MODELS_PY)
@@ -123,7 +123,7 @@ def test_py_errors(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="module 'no_such_module_xyz' not found"):
         load_model("py:no_such_module_xyz:build")
     with pytest.raises(SourceError, match="malformed source"):
-        load_model("py:tests.models")
+        load_model("py:fixtures.models")
     with pytest.raises(SourceError, match="does not exist"):
         load_model(f"py:{tmp_path / 'missing.py'}:build")
     bad = tmp_path / "bad.py"

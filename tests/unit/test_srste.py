@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from fixtures.models import tiny_attention, tiny_cnn
 from nmcli.checkpoint import LayerEntry
 from nmcli.patterns import Pattern, find_layers, is_compliant, nm_mask
 from nmcli.srste import SparseTraining, refined_grad, srste
-from tests.models import tiny_attention, tiny_cnn
 
 
 def _entries(model: nn.Module, pattern: Pattern) -> list[LayerEntry]:
