@@ -25,9 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 from fixtures.digits import accuracy, digits_split, train_dense  # noqa: E402
 from fixtures.models import digits_bn_cnn, tiny_mlp  # noqa: E402
+from nmcli.commands.finetune import run_finetune  # noqa: E402
+from nmcli.commands.prune import run_prune  # noqa: E402
 from nmcli.errors import NmcliError  # noqa: E402
-from nmcli.finetune import FinetuneConfig, run_finetune  # noqa: E402
-from nmcli.prune import run_prune  # noqa: E402
+from nmcli.pipelines.training import FinetuneConfig  # noqa: E402
 
 
 def _setup(work: Path, name: str, factory: str, images: bool, pattern: str) -> tuple[Path, str, str, float]:

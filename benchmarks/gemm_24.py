@@ -30,7 +30,8 @@ from nmcli.bench.device import resolve_device
 from nmcli.bench.sparse_kernels import KERNEL_NAMES, convert_weight, no_backend_reason, probe_kernel
 from nmcli.bench.sparse_kernels import semi_structured_backends as kernels_for
 from nmcli.bench.timing import environment, measure
-from nmcli.patterns import TENSOR_CORE_PATTERN, apply_mask, nm_mask
+from nmcli.nm.masks import apply_mask, nm_mask
+from nmcli.nm.pattern import TENSOR_CORE_PATTERN
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -31,7 +31,8 @@ from torch import nn
 from nmcli.bench.device import resolve_device
 from nmcli.bench.sparse_kernels import no_backend_reason, semi_structured_backends, to_semi_structured
 from nmcli.bench.timing import environment, measure
-from nmcli.patterns import TENSOR_CORE_PATTERN, apply_mask, nm_mask
+from nmcli.nm.masks import apply_mask, nm_mask
+from nmcli.nm.pattern import TENSOR_CORE_PATTERN
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from fixtures.corpus import docstring_sentences, embed, mean_cosine  # noqa: E402
 from fixtures.digits import accuracy, digits_split, train_dense  # noqa: E402
-from nmcli.oneshot import CalibrationConfig  # noqa: E402
-from nmcli.prune import run_prune  # noqa: E402
-from nmcli.sources import load_model  # noqa: E402
+from nmcli.algorithms.config import CalibrationConfig  # noqa: E402
+from nmcli.commands.prune import run_prune  # noqa: E402
+from nmcli.models.sources import load_model  # noqa: E402
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 

@@ -3,12 +3,12 @@
 The two files are written on disk incrementally, one layer at a time and both at once, so
 neither is ever held in memory: the script writes the safetensors layout itself (8-byte
 little-endian header length, JSON header, raw little-endian tensor bytes) with the nmcli/1
-metadata built by :mod:`nmcli.checkpoint`, then checks the files with ``CheckpointReader``
+metadata built by :mod:`nmcli.formats.checkpoint`, then checks the files with ``CheckpointReader``
 (header, layer entries, and full validation of a few layers, streamed).
 
 Checkpoint B re-draws the 2:4 pattern of a fraction (``--moved``) of A's groups; the expected SAD
 is counted during generation from the 4-bit group patterns (a lookup table, independent of
-``nmcli.sad``) and compared with what ``nmcli sad`` reports.
+``nmcli.pipelines.sad``) and compared with what ``nmcli sad`` reports.
 
 Then it times, with ``/usr/bin/time -v`` (wall time and peak RSS):
 * ``nmcli sad A B --json``, warm (files in the page cache) and cold (after evicting both files
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from nmcli.checkpoint import (
+from nmcli.formats.checkpoint import (
     FORMAT,
     MASK_PREFIX,
     CheckpointMeta,
@@ -51,7 +51,7 @@ from nmcli.checkpoint import (
     history_record,
     validate_checkpoint,
 )
-from nmcli.patterns import Pattern
+from nmcli.nm.pattern import Pattern
 
 # The six 2-of-4 group patterns as 4-bit nibbles (bit i = element i of the group, the
 # little-endian bit order of nmcli's packed masks), and popcounts of 4-bit values.
@@ -183,7 +183,7 @@ def probe(path_a: str, path_b: str) -> None:
     Samples /proc/self/status after every layer: RssAnon is the process's own memory, RssFile the
     pages of the memory-mapped files it has touched (page cache, dropped under memory pressure).
     """
-    from nmcli.sad import sad_report
+    from nmcli.commands.sad import sad_report
 
     before = _status()
     peak: dict[str, int] = {}
@@ -245,7 +245,7 @@ def main() -> None:
         report = json.loads(results["sad_warm"][0]["stdout"])
         assert report["sad"] == expected, (report["sad"], expected)
         assert report["total"] == params
-        startup = timed(f"{sys.executable} -c 'import nmcli.sad'")
+        startup = timed(f"{sys.executable} -c 'import nmcli.commands.sad'")
         probes = [
             json.loads(timed(f"{sys.executable} {Path(__file__).resolve()} --probe {path_a} {path_b}")["stdout"])
             for _ in range(args.repeat)

@@ -3,7 +3,7 @@
 Trains a dense MLP, then dense vs 2:4 and 1:4 sparsity with vanilla STE vs SR-STE, starting both
 from the pruned pretrained model and from scratch, and prints a table of test accuracy and SAD
 (the share of mask bits that flip) between consecutive epochs. Uses nmcli's library API
-(:class:`nmcli.srste.SparseTraining`, :func:`nmcli.sad.compare_masks`) directly.
+(:class:`nmcli.algorithms.srste.SparseTraining`, :func:`nmcli.pipelines.sad.compare_masks`) directly.
 
     python examples/digits_srste.py [--epochs 15] [--lambda-w 0.02] [--seed 0]
 
@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmcli.checkpoint import LayerEntry
-from nmcli.patterns import Pattern, find_layers
-from nmcli.sad import compare_masks
-from nmcli.srste import SparseTraining
+from nmcli.algorithms.srste import SparseTraining
+from nmcli.formats.checkpoint import LayerEntry
+from nmcli.models.layers import find_layers
+from nmcli.nm.pattern import Pattern
+from nmcli.pipelines.sad import compare_masks
 
 
 def load_digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -152,7 +152,7 @@ def remember(path: str | os.PathLike[str]) -> bool:
 
 
 def import_search_path() -> list[Path]:
-    """The folders ``nmcli.sources`` imports a dotted ``py:`` module from: the current folder
+    """The folders ``nmcli.models.sources`` imports a dotted ``py:`` module from: the current folder
     (which it puts first on ``sys.path`` when absent), then ``sys.path``; ``""`` is the current folder."""
     cwd = os.getcwd()
     entries = list(sys.path)

@@ -6,16 +6,9 @@
   per-iteration samples, percentiles, peak memory) and the environment record;
 * :mod:`nmcli.bench.device`: ``--device`` resolution (``cuda`` -> ``cuda:N``) and the device guard;
 * :mod:`nmcli.bench.sparse_kernels`: which 2:4 kernels run on a GPU, and the per-layer swap;
-* :mod:`nmcli.bench.run`: the backend table, option parsing, the variant loop, output agreement
-  and speed-ups;
+* :mod:`nmcli.commands.bench` (above this package): the backend table, option parsing, the
+  variant loop, output agreement and speed-ups;
 * :mod:`nmcli.bench.torch_backend`, :mod:`nmcli.bench.onnxruntime_backend`,
   :mod:`nmcli.bench.tensorrt_backend`: one module per backend, each with ``is_available()`` and
   ``plan(request)``; heavy packages (onnxruntime, tensorrt) are imported only when that backend runs.
 """
-
-from __future__ import annotations
-
-from nmcli.bench.run import run_bench
-from nmcli.bench.types import BenchReport
-
-__all__ = ["BenchReport", "run_bench"]

@@ -17,10 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from nmcli.bench.device import parse_device
 from nmcli.bench.types import BenchPlan, PlanRequest, Variant, spec_from_signature
 from nmcli.errors import BackendUnavailableError, InputError
+from nmcli.formats.onnx_layout import (
+    find_weights,
+    initializer_tensor,
+    load_onnx,
+    stored_input_spec,  # the spec nmcli export recorded in metadata_props
+    weight_compliance,
+)
 from nmcli.inputs import InputSpec, example_inputs
-from nmcli.patterns import TENSOR_CORE_PATTERN
+from nmcli.member import check_onnx_external_data
+from nmcli.nm.pattern import TENSOR_CORE_PATTERN
 
 _ORT_TYPES: dict[str, torch.dtype] = {
     "tensor(float)": torch.float32,
@@ -52,7 +61,6 @@ def providers_for(device: str) -> list[Any]:
     Raises:
         BackendUnavailableError: ``cuda`` asked for and onnxruntime has no CUDA execution provider.
     """
-    from nmcli.bench.device import parse_device
 
     ort = _ort()
     available = ort.get_available_providers()
@@ -69,7 +77,6 @@ def providers_for(device: str) -> list[Any]:
 
 def is_sparse_onnx(path: str | Path) -> bool:
     """Whether any Conv/Gemm/MatMul weight of the file is 2:4 along its reduction axis and >= 50% zeros."""
-    from nmcli.onnx_layout import find_weights, initializer_tensor, load_onnx, weight_compliance
 
     model = load_onnx(path)
     for weight in find_weights(model):
@@ -186,7 +193,6 @@ def plan(request: PlanRequest) -> BenchPlan:
         BackendUnavailableError: onnxruntime missing, or ``--device cuda`` without its CUDA provider.
         InputError: a missing or unreadable file, inputs that cannot be generated.
     """
-    from nmcli.bench.device import parse_device
 
     target, vs, device = request.target, request.vs, request.device
     batch_sizes, input_shape, precision = request.batch_sizes, request.input_shape, request.precision
@@ -199,7 +205,6 @@ def plan(request: PlanRequest) -> BenchPlan:
     for path in paths:
         if not path.is_file():
             raise InputError(f"{path} does not exist: give an .onnx file (make one with nmcli export --onnx)")
-    from nmcli.member import check_onnx_external_data
 
     for path in paths:  # onnxruntime follows external-data locations: each is checked first
         check_onnx_external_data(path)
@@ -211,7 +216,6 @@ def plan(request: PlanRequest) -> BenchPlan:
             raise InputError(f"onnxruntime cannot load {path} ({type(exc).__name__}: {exc})") from exc
         signatures.append(probe.get_inputs())
         del probe
-    from nmcli.onnx_layout import stored_input_spec  # the spec nmcli export recorded in metadata_props
 
     spec, sizes = session_spec(signatures[0], input_shape or stored_input_spec(paths[0]), batch_sizes)
     if len(paths) == 2:

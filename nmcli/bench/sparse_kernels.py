@@ -24,7 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from nmcli.patterns import TENSOR_CORE_PATTERN, is_compliant
+from nmcli.bench.device import capability, cuda_index
+from nmcli.inputs import FLOAT_PRECISIONS
+from nmcli.nm.masks import is_compliant
+from nmcli.nm.pattern import TENSOR_CORE_PATTERN
 
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)
@@ -71,7 +74,6 @@ def no_backend_reason(
 
 def device_backends(device: str, *, force_cutlass: bool = False) -> list[str]:
     """:func:`semi_structured_backends` for a resolved device (``cpu`` or ``cuda:N``)."""
-    from nmcli.bench.device import capability
 
     if not device.startswith("cuda"):
         return []
@@ -82,7 +84,6 @@ def device_backends(device: str, *, force_cutlass: bool = False) -> list[str]:
 
 def precision_name(dtype: torch.dtype) -> str:
     """``fp16``/``bf16``/``fp32`` for a float dtype."""
-    from nmcli.inputs import FLOAT_PRECISIONS
 
     return next((k for k, v in FLOAT_PRECISIONS.items() if v == dtype), str(dtype).removeprefix("torch."))
 
@@ -94,7 +95,6 @@ def semi_structured_support(device: str, dtype: torch.dtype) -> str | None:
             f"the device is {device}: torch's 2:4 semi-structured kernels need an NVIDIA GPU with compute "
             "capability >= 8.0 (Ampere or later)"
         )
-    from nmcli.bench.device import capability, cuda_index
 
     reason = no_backend_reason(
         capability(device),

@@ -32,6 +32,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from nmcli import __version__
+from nmcli.bench.device import cuda_index
 from nmcli.errors import InputError
 
 DEFAULT_WARMUP = 10
@@ -201,8 +203,6 @@ def _measure_cuda(
 ) -> Measurement:
     import torch
 
-    from nmcli.bench.device import cuda_index
-
     index = torch.cuda.current_device() if device == "cuda" else cuda_index(device)
     on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
     with torch.cuda.device(index), on_stream:
@@ -253,8 +253,6 @@ def environment(device: str, settings: Mapping[str, Any] | None = None) -> dict[
     """The record stored with every result: machine, CPU/GPU, library versions, threads, settings."""
     import torch
 
-    from nmcli import __version__
-
     try:
         affinity: int | None = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -283,8 +281,6 @@ def environment(device: str, settings: Mapping[str, Any] | None = None) -> dict[
         "gpu": None,
     }
     if device.startswith("cuda") and torch.cuda.is_available():
-        from nmcli.bench.device import cuda_index
-
         index = torch.cuda.current_device() if device == "cuda" else cuda_index(device)
         env["gpu_index"] = index
         props = torch.cuda.get_device_properties(index)

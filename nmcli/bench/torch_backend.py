@@ -32,7 +32,8 @@ from nmcli.bench.sparse_kernels import (
 from nmcli.bench.types import BenchPlan, PlanRequest, Variant, flatten_outputs
 from nmcli.errors import BackendUnavailableError, InputError, NmcliError
 from nmcli.inputs import FLOAT_PRECISIONS, InputSpec, example_inputs, parse_input_spec
-from nmcli.patterns import TENSOR_CORE_PATTERN
+from nmcli.models.sources import copy_model, eval_mode, load_model, load_source_model, model_from_checkpoint
+from nmcli.nm.pattern import TENSOR_CORE_PATTERN
 
 DTYPES = FLOAT_PRECISIONS
 
@@ -114,7 +115,6 @@ class TorchVariant(Variant):
 
     def _load(self) -> nn.Module:
         # a copy, so that closing the variant frees its device memory and the original stays fp32 on the CPU
-        from nmcli.sources import copy_model, eval_mode
 
         model = eval_mode(copy_model(self._factory())).to(device=self._device, dtype=self._dtype)
         for p in model.parameters():
@@ -286,7 +286,6 @@ def plan(request: PlanRequest) -> BenchPlan:
         BackendUnavailableError: ``--device cuda`` without CUDA.
         InputError: ``--vs``, a bad device, no input spec, or a model that cannot be loaded.
     """
-    from nmcli.sources import load_model
 
     if request.vs is not None:
         raise InputError(
@@ -337,7 +336,6 @@ def plan(request: PlanRequest) -> BenchPlan:
 
 def _dense_model(loaded: Any, *, arch: str | None, trust: bool) -> tuple[nn.Module, str]:
     """The original dense model of a checkpoint, and where its weights came from."""
-    from nmcli.sources import copy_model, eval_mode, load_source_model, model_from_checkpoint
 
     ckpt = loaded.checkpoint
     if ckpt.dense:

@@ -1,7 +1,7 @@
-"""The types every ``bench`` module shares, below both :mod:`nmcli.bench.run` and the backends.
+"""The types every ``bench`` module shares, below both :mod:`nmcli.commands.bench` and the backends.
 
 A backend module (``torch_backend``, ``onnxruntime_backend``, ``tensorrt_backend``) turns a
-:class:`PlanRequest` into a :class:`BenchPlan` of :class:`Variant` objects; :mod:`nmcli.bench.run`
+:class:`PlanRequest` into a :class:`BenchPlan` of :class:`Variant` objects; :mod:`nmcli.commands.bench`
 times them and builds the :class:`BenchReport`. Nothing here imports a backend or ``run``.
 """
 
@@ -99,7 +99,7 @@ class Variant:
 
 @dataclass
 class BenchPlan:
-    """What a backend hands to :func:`nmcli.bench.run.run_bench`.
+    """What a backend hands to :func:`nmcli.commands.bench.run_bench`.
 
     ``device`` is resolved: ``cpu`` or ``cuda:N``, never a bare ``cuda``.
     """

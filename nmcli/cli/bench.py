@@ -57,7 +57,7 @@ def command(
     compute capability >= 8.0, CUTLASS on 8.x), and its outputs are checked against dense kernels
     (exit 1 if they disagree); elsewhere it runs masked weights with dense kernels, and says so.
     """
-    from nmcli.bench.run import run_bench
+    from nmcli.commands.bench import run_bench
     from nmcli.errors import CheckFailedError
     from nmcli.trust import remember_command_line
 

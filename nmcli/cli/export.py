@@ -13,7 +13,7 @@ from nmcli.cli.app import emit_json, esc, guarded, progress_bar, show_progress, 
 from nmcli.cli.options import number
 
 if TYPE_CHECKING:
-    from nmcli.export import ExportResult
+    from nmcli.commands.export import ExportResult
 
 
 @guarded
@@ -83,8 +83,8 @@ def command(
     without the tensorrt package (the ONNX is still written and the equivalent trtexec command printed),
     or when torch cannot export a model that runs in torch (the exporters' own output goes to stderr).
     """
+    from nmcli.commands.export import run_export
     from nmcli.errors import ExportUnsupportedError
-    from nmcli.export import run_export
     from nmcli.trust import remember_command_line
 
     remember_command_line([checkpoint, arch], trust=trust)
@@ -119,7 +119,7 @@ def command(
     for warning in result.warnings:
         stderr.print(f"[yellow]warning:[/yellow] {esc(warning)}", markup=True, highlight=False)
     if result.trt_missing is not None and result.trtexec is not None:
-        from nmcli.export import trtexec_variants
+        from nmcli.commands.export import trtexec_variants
 
         plain, strongly = trtexec_variants(result.trtexec)
         stderr.print("tensorrt is not installed; the same engine with trtexec (TensorRT 8-10):", highlight=False)

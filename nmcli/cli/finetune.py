@@ -12,7 +12,7 @@ from nmcli.cli.options import number
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from nmcli.finetune import FinetuneResult, StepInfo
+    from nmcli.pipelines.training import FinetuneResult, StepInfo
 
 
 @guarded
@@ -166,7 +166,8 @@ def command(
     data (--eval-data, else --eval-split of the training data) before, every --eval-every steps and
     after. Ctrl-C stops at the next step boundary and saves a checkpoint that --resume continues exactly.
     """
-    from nmcli.finetune import FinetuneConfig, run_finetune
+    from nmcli.commands.finetune import run_finetune
+    from nmcli.pipelines.training import FinetuneConfig
     from nmcli.trust import remember_command_line
 
     remember_command_line([checkpoint, arch, teacher], trust=trust)  # the user's own code: later rebuilds may run it

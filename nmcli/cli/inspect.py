@@ -9,7 +9,7 @@ import typer
 from nmcli.cli.app import emit_json, esc, guarded, stderr
 
 if TYPE_CHECKING:
-    from nmcli.inspect import InspectReport
+    from nmcli.commands.inspect import InspectReport
 
 _MAX_NAMED = 3
 
@@ -59,9 +59,9 @@ def command(
     the sha256 it records. With --strict, a non-compliant eligible layer or an edited checkpoint
     exits 1 (a CI gate).
     """
+    from nmcli.commands.inspect import run_inspect
     from nmcli.errors import CheckFailedError
-    from nmcli.inspect import run_inspect
-    from nmcli.patterns import pattern_note
+    from nmcli.nm.pattern import pattern_note
     from nmcli.trust import remember_command_line
 
     remember_command_line([target, arch], trust=trust)  # the user's own code: later rebuilds may run it

@@ -10,7 +10,7 @@ from nmcli.cli.app import emit_json, esc, guarded, progress_bar, show_progress, 
 from nmcli.cli.options import number
 
 if TYPE_CHECKING:
-    from nmcli.prune import PruneResult
+    from nmcli.pipelines.inmemory import PruneResult
 
 
 @guarded
@@ -98,9 +98,9 @@ def command(
     each block fed by the already-pruned blocks before it. With calibration data, BatchNorm running
     statistics are re-estimated after pruning (`--no-bn-recalibrate` turns it off).
     """
-    from nmcli.oneshot import DEFAULT_REFIT_ITERATIONS, CalibrationConfig
-    from nmcli.patterns import parse_pattern, pattern_note
-    from nmcli.prune import run_prune
+    from nmcli.algorithms.config import DEFAULT_REFIT_ITERATIONS, CalibrationConfig
+    from nmcli.commands.prune import run_prune
+    from nmcli.nm.pattern import parse_pattern, pattern_note
     from nmcli.trust import remember_command_line
 
     remember_command_line([model, arch], trust=trust)  # the user's own code: later rebuilds may run it

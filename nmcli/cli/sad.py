@@ -10,7 +10,8 @@ from nmcli.cli.app import emit_json, guarded, progress_bar, show_progress, stder
 from nmcli.cli.options import number
 
 if TYPE_CHECKING:
-    from nmcli.sad import SadReport, SadResult
+    from nmcli.algorithms.sad import SadResult
+    from nmcli.pipelines.sad import SadReport
 
 _MAX_ROWS = 40
 
@@ -67,10 +68,10 @@ def command(
     multiple of M, except embeddings, norms and positional tables by name (embed, norm, bn, ln,
     pos). Several inputs: each consecutive pair, and each against the first.
     """
+    from nmcli.commands.sad import plot_report, require_matplotlib, sad_report
     from nmcli.errors import CheckFailedError
     from nmcli.io import check_output_path
-    from nmcli.patterns import parse_pattern
-    from nmcli.sad import plot_report, require_matplotlib, sad_report
+    from nmcli.nm.pattern import parse_pattern
     from nmcli.trust import remember_command_line
 
     remember_command_line([*inputs, arch], trust=trust)  # the user's own code: later rebuilds may run it

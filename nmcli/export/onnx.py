@@ -5,7 +5,7 @@ the dynamo exporter (``torch.export`` + onnxscript, the default since torch 2.9)
 (and int8, whose ONNX is float32) nmcli uses the TorchScript exporter first, deliberately, and
 falls back to dynamo only when tracing fails:
 
-* both keep weights as plain initializers that :func:`nmcli.onnx_layout.locate_weights` finds by
+* both keep weights as plain initializers that :func:`nmcli.formats.onnx_layout.locate_weights` finds by
   value, for the CNN, MLP, MiniLM (BERT) and GPT-2 models the tests export, but the dynamo
   exporter's graph optimizer also adds initializers (folded shapes, constants), needs opset 18
   or newer (GPT-2 fails at opset 17 with ``Split(num_outputs)``) and prints its progress on
@@ -48,9 +48,7 @@ import torch
 from torch import nn
 
 from nmcli.errors import ExportUnsupportedError, InputError, NmcliError
-from nmcli.inputs import FLOAT_PRECISIONS, InputSpec, example_inputs
-from nmcli.io import atomic_output, output_write_error, write_errno_in, writing
-from nmcli.onnx_layout import (
+from nmcli.formats.onnx_layout import (
     WeightMatch,
     clear_negative_zeros,
     locate_weights,
@@ -58,8 +56,10 @@ from nmcli.onnx_layout import (
     set_sparse_layers,
     share_tied_tables,
 )
-from nmcli.patterns import Pattern
-from nmcli.sources import copy_model, eval_mode, fixed_graph_kind
+from nmcli.inputs import FLOAT_PRECISIONS, InputSpec, example_inputs
+from nmcli.io import atomic_output, output_write_error, write_errno_in, writing
+from nmcli.models.sources import copy_model, eval_mode, fixed_graph_kind
+from nmcli.nm.pattern import Pattern
 
 DEFAULT_OPSET = 17
 DYNAMO_MIN_OPSET = 18
@@ -494,7 +494,7 @@ def export_onnx(
         external_data_threshold: total initializer bytes above which tensors go to ``<path>.data``.
         pruned: torch parameter name -> (effective weight in the export's dtype, pattern): located
             in the graph (:attr:`OnnxExport.matches`) and recorded in the file's ``metadata_props``
-            (:func:`nmcli.onnx_layout.set_sparse_layers`), so ``inspect`` checks exactly those.
+            (:func:`nmcli.formats.onnx_layout.set_sparse_layers`), so ``inspect`` checks exactly those.
         also_runs_on: other input specs the model must run on (the second shape a dynamic-batch
             export is verified with), checked before anything is written: a ``torch.export``
             program exported without dynamic shapes runs on its example shape only.

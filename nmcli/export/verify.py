@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nmcli.errors import InputError
+from nmcli.export.onnx import TensorModel
 from nmcli.inputs import InputSpec, example_inputs
 
 # (atol, rtol) per precision: fp32 allows reordered float sums; fp16 has 11 significant bits,
@@ -201,8 +202,6 @@ def verify_onnx(
         seed: random seed of the inputs.
     """
     import onnxruntime as ort
-
-    from nmcli.export.onnx import TensorModel
 
     result = VerifyResult(atol=atol, rtol=rtol)
     options = ort.SessionOptions()

@@ -18,7 +18,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from nmcli.cli.app import app
-from nmcli.prune import run_prune
+from nmcli.commands.prune import run_prune
 from tests.conftest import py_source
 
 runner = CliRunner()

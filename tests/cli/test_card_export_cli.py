@@ -15,8 +15,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from fixtures.models import tiny_cnn
-from nmcli.checkpoint import load_checkpoint
 from nmcli.cli.app import app
+from nmcli.formats.open import load_checkpoint
 
 SHAPE = (2, 3, 8, 8)
 

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from nmcli.checkpoint import load_checkpoint
 from nmcli.cli.app import app
-from nmcli.patterns import Pattern, apply_mask, is_compliant, nm_mask
+from nmcli.formats.open import load_checkpoint
+from nmcli.nm.masks import apply_mask, is_compliant, nm_mask
+from nmcli.nm.pattern import Pattern
 
 
 class Net(nn.Module):

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from nmcli.cli.app import app
 from nmcli.cli.options import check_number
+from nmcli.commands.prune import run_prune
 from nmcli.errors import InputError, OutputExistsError
 from nmcli.inputs import parse_input_spec
 from nmcli.io import check_output_path
-from nmcli.prune import run_prune
 from tests.conftest import py_source
 
 runner = CliRunner()

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nmcli.checkpoint import load_checkpoint
 from nmcli.cli.app import app
-from nmcli.prune import run_prune
+from nmcli.commands.prune import run_prune
+from nmcli.formats.open import load_checkpoint
 from tests.conftest import py_source
 
 runner = CliRunner()

@@ -15,10 +15,10 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from nmcli.cli.app import app
-from nmcli.export import export_paths
+from nmcli.commands.export import export_paths
+from nmcli.commands.prune import run_prune
 from nmcli.export.verify import compare_outputs
-from nmcli.onnx_layout import INPUT_SPEC_KEY, clear_negative_zeros, find_weights, stored_input_spec
-from nmcli.prune import run_prune
+from nmcli.formats.onnx_layout import INPUT_SPEC_KEY, clear_negative_zeros, find_weights, stored_input_spec
 from tests.conftest import py_source
 
 runner = CliRunner()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from nmcli.cli.app import app
-from nmcli.prune import run_prune
+from nmcli.commands.prune import run_prune
 from tests.conftest import py_source
 
 runner = CliRunner()

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from nmcli.checkpoint import load_checkpoint
 from nmcli.cli.app import app
-from nmcli.finetune import trainstate_path
-from nmcli.prune import run_prune
+from nmcli.commands.prune import run_prune
+from nmcli.formats.open import load_checkpoint
+from nmcli.formats.trainstate import trainstate_path
 from tests.conftest import py_source
 
 runner = CliRunner()

@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from fixtures.digits import accuracy, digits_split, train_dense
 from fixtures.models import digits_bn_cnn
-from nmcli.checkpoint import load_checkpoint
 from nmcli.cli.app import app
-from nmcli.finetune import FinetuneConfig, run_finetune
-from nmcli.prune import run_prune
+from nmcli.commands.finetune import run_finetune
+from nmcli.commands.prune import run_prune
+from nmcli.formats.open import load_checkpoint
+from nmcli.pipelines.training import FinetuneConfig
 from tests.conftest import MODELS_PY, py_source
 
 runner = CliRunner()

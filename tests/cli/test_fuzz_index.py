@@ -28,7 +28,7 @@ from hypothesis import strategies as st  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from nmcli.cli.app import app  # noqa: E402
-from nmcli.sharded import INDEX  # noqa: E402
+from nmcli.formats.sharded import INDEX  # noqa: E402
 from tests.cli.test_paths_from_files import SHARD, Tree, assert_refused  # noqa: E402
 
 DEFAULT_CASES = 40

@@ -25,9 +25,9 @@ from hypothesis import strategies as st  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from nmcli.cli.app import app  # noqa: E402
+from nmcli.commands.prune import run_prune  # noqa: E402
 from nmcli.errors import InputError  # noqa: E402
 from nmcli.inputs import parse_input_spec  # noqa: E402
-from nmcli.prune import run_prune  # noqa: E402
 from tests.conftest import py_source  # noqa: E402
 
 runner = CliRunner()

@@ -16,8 +16,9 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from nmcli.cli.app import app
-from nmcli.inspect import run_inspect
-from nmcli.patterns import Pattern, apply_mask, nm_mask
+from nmcli.commands.inspect import run_inspect
+from nmcli.nm.masks import apply_mask, nm_mask
+from nmcli.nm.pattern import Pattern
 from tests.conftest import MODELS_PY, py_source
 
 runner = CliRunner()

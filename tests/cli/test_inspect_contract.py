@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from nmcli.cli.app import app
-from nmcli.patterns import tensorrt_reason, tensorrt_usable
-from nmcli.prune import run_prune
+from nmcli.commands.prune import run_prune
+from nmcli.models.layers import tensorrt_reason, tensorrt_usable
 from tests.conftest import py_source
 
 runner = CliRunner()

@@ -16,20 +16,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from nmcli.checkpoint import (
-    FORMAT,
-    MASK_PREFIX,
-    CheckpointReader,
-    load_checkpoint,
-    pack_mask,
-    save_checkpoint,
-    write_safetensors,
-)
 from nmcli.cli.app import app
+from nmcli.commands.inspect import file_integrity, inspect_checkpoint, inspect_checkpoint_file, run_inspect
 from nmcli.errors import CheckpointError
-from nmcli.inspect import file_integrity, inspect_checkpoint, inspect_checkpoint_file, run_inspect
-from nmcli.onnx_layout import negative_zeros, weight_compliance
-from nmcli.patterns import Pattern, parse_pattern
+from nmcli.formats.checkpoint import FORMAT, MASK_PREFIX, CheckpointReader, save_checkpoint
+from nmcli.formats.onnx_layout import negative_zeros, weight_compliance
+from nmcli.formats.open import load_checkpoint
+from nmcli.formats.safetensors import write_safetensors
+from nmcli.nm.bits import pack_mask
+from nmcli.nm.pattern import Pattern, parse_pattern
 from tests.conftest import py_source
 
 runner = CliRunner()
@@ -83,7 +78,7 @@ def test_report_equals_the_torch_path(checkpoints: dict[str, Path], name: str, p
     fast = run_inspect(str(path), pattern=nm).to_json()
     assert fast == _torch_report(path, nm)
     assert fast["layers"], "the checkpoint has pruned layers"
-    # and against torch's own arithmetic (nmcli.onnx_layout), an implementation independent of the bits
+    # and against torch's own arithmetic (nmcli.formats.onnx_layout), an implementation independent of the bits
     ckpt = load_checkpoint(path, dense=False)
     for layer in fast["layers"]:
         values = ckpt.tensors[layer["param"]]
@@ -162,7 +157,7 @@ def test_corrupt_checkpoint_same_problems(
 
 _NO_TORCH = """
 import json, sys
-from nmcli.inspect import run_inspect
+from nmcli.commands.inspect import run_inspect
 report = run_inspect(sys.argv[1]).to_json()
 print(json.dumps({"torch": "torch" in sys.modules, "report": report}))
 """

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from nmcli.checkpoint import compress_checkpoint, read_meta
-from nmcli.checksum import CHECKSUM_KEY, TAMPERED
 from nmcli.cli.app import app
-from nmcli.sharded import SIDECAR, ShardedModel
+from nmcli.formats.checksum import CHECKSUM_KEY, TAMPERED
+from nmcli.formats.open import compress_checkpoint, read_meta
+from nmcli.formats.sharded import SIDECAR, ShardedModel
 from tests.conftest import py_source
 
 transformers = pytest.importorskip("transformers")
@@ -241,7 +241,7 @@ def test_without_a_checksum_is_absent_not_tampering(sharded: Path, single: Path,
 
 
 def test_compressed_outputs_carry_and_check_it(sharded: Path, single: Path, tmp_path: Path) -> None:
-    from nmcli.compressed_shards import compress_directory
+    from nmcli.formats.sharded_compress import compress_directory
 
     folder = compress_directory(sharded, tmp_path / "compressed")
     file = compress_checkpoint(single, tmp_path / "compressed.safetensors")

@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 
 from nmcli.cli.app import app
 from nmcli.errors import InputError
+from nmcli.formats.sharded import INDEX, SIDECAR, ShardedModel
 from nmcli.member import check_onnx_external_data, member_path, name_problem
-from nmcli.sharded import INDEX, SIDECAR, ShardedModel
 
 transformers = pytest.importorskip("transformers")
 

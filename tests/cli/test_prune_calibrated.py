@@ -12,9 +12,10 @@ from click.testing import Result
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from nmcli.checkpoint import load_checkpoint
 from nmcli.cli.app import app
-from nmcli.patterns import is_compliant, parse_pattern
+from nmcli.formats.open import load_checkpoint
+from nmcli.nm.masks import is_compliant
+from nmcli.nm.pattern import parse_pattern
 from tests.conftest import py_source
 
 runner = CliRunner()

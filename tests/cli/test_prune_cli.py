@@ -17,9 +17,10 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from fixtures.models import tiny_cnn, tiny_mlp
-from nmcli.checkpoint import load_checkpoint, read_state_dict
 from nmcli.cli.app import app
-from nmcli.patterns import group_counts
+from nmcli.formats.checkpoint import read_state_dict
+from nmcli.formats.open import load_checkpoint
+from nmcli.nm.masks import group_counts
 from tests.conftest import py_source
 
 runner = CliRunner()

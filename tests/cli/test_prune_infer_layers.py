@@ -9,9 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from fixtures.models import tiny_cnn
-from nmcli.checkpoint import load_checkpoint
 from nmcli.cli.app import app
-from nmcli.patterns import is_compliant, parse_pattern
+from nmcli.formats.open import load_checkpoint
+from nmcli.nm.masks import is_compliant
+from nmcli.nm.pattern import parse_pattern
 
 runner = CliRunner()
 

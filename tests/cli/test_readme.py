@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nmcli.checkpoint import load_checkpoint
+from nmcli.formats.open import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from nmcli.checkpoint import load_checkpoint
 from nmcli.cli.app import app
-from nmcli.patterns import Pattern, nm_mask
-from nmcli.prune import run_prune
+from nmcli.commands.prune import run_prune
+from nmcli.formats.open import load_checkpoint
+from nmcli.nm.masks import nm_mask
+from nmcli.nm.pattern import Pattern
 from tests.conftest import py_source
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

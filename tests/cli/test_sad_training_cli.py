@@ -19,7 +19,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from nmcli.cli.app import app
-from nmcli.patterns import Pattern, apply_mask, nm_mask
+from nmcli.nm.masks import apply_mask, nm_mask
+from nmcli.nm.pattern import Pattern
 
 ELIGIBLE = ["conv.weight", "fc1.weight", "fc2.weight"]
 
@@ -206,8 +207,8 @@ def test_directory_input_says_so(tmp_path: Path, pair: tuple[Path, Path]) -> Non
 def test_mixes_with_an_nmcli_checkpoint(tmp_path: Path) -> None:
     """A stored-mask checkpoint against a training checkpoint of effective weights: the pattern
     comes from the zeros (it agrees with the stored one) and the SAD is the XOR of the two masks."""
-    from nmcli.checkpoint import load_checkpoint
-    from nmcli.prune import run_prune
+    from nmcli.commands.prune import run_prune
+    from nmcli.formats.open import load_checkpoint
     from tests.conftest import py_source
 
     a = tmp_path / "a.safetensors"

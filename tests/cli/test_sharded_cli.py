@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from nmcli.checkpoint import load_checkpoint
 from nmcli.cli.app import app
-from nmcli.sharded import INDEX, SIDECAR
+from nmcli.formats.open import load_checkpoint
+from nmcli.formats.sharded import INDEX, SIDECAR
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,12 +13,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from nmcli.checkpoint import COMPRESSED_FORMAT, DENSE_PREFIX, MASK_PREFIX, load_checkpoint, pack_mask, read_meta
 from nmcli.cli.app import app
-from nmcli.compressed import INDICES_PREFIX, VALUES_PREFIX
-from nmcli.compressed_shards import compress_directory, directory_bytes
-from nmcli.sharded import INDEX, SIDECAR, ShardedCheckpointReader, read_header
-from nmcli.sources import load_model
+from nmcli.formats.checkpoint import COMPRESSED_FORMAT, DENSE_PREFIX, MASK_PREFIX
+from nmcli.formats.open import load_checkpoint, read_meta
+from nmcli.formats.safetensors import read_header
+from nmcli.formats.sharded import INDEX, SIDECAR
+from nmcli.formats.sharded_checkpoint import ShardedCheckpointReader
+from nmcli.formats.sharded_compress import compress_directory, directory_bytes
+from nmcli.models.sources import load_model
+from nmcli.nm.bits import pack_mask
+from nmcli.nm.codec import INDICES_PREFIX, VALUES_PREFIX
 
 transformers = pytest.importorskip("transformers")
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nmcli.checkpoint import load_checkpoint
-from nmcli.finetune import trainstate_path
+from nmcli.formats.open import load_checkpoint
+from nmcli.formats.trainstate import trainstate_path
 from tests.conftest import py_source
 
 

@@ -26,9 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from nmcli.checkpoint import SourceRef, load_checkpoint, save_checkpoint, sha256_file
 from nmcli.cli.app import app
-from nmcli.prune import run_prune
+from nmcli.commands.prune import run_prune
+from nmcli.formats.checkpoint import SourceRef, save_checkpoint
+from nmcli.formats.open import load_checkpoint
+from nmcli.formats.safetensors import sha256_file
 from nmcli.trust import is_trusted, store_path
 
 LEGIT = """

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from fixtures.models import tiny_mlp
 from nmcli.bench.onnxruntime_backend import OnnxVariant, is_sparse_onnx, session_spec
 from nmcli.cli.app import app
+from nmcli.commands.prune import run_prune
 from nmcli.inputs import example_inputs
-from nmcli.prune import run_prune
-from nmcli.sources import load_model
+from nmcli.models.sources import load_model
 from tests.conftest import py_source
 
 runner = CliRunner()

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from nmcli.checkpoint import load_checkpoint
 from nmcli.cli.app import app
+from nmcli.formats.open import load_checkpoint
 from tests.conftest import py_source
 
 runner = CliRunner()

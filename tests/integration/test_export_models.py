@@ -8,11 +8,11 @@ from pathlib import Path
 import onnx
 import pytest
 
-from nmcli.checkpoint import load_checkpoint
-from nmcli.export import ExportResult, run_export
-from nmcli.onnx_layout import find_weights, initializer_tensor, load_onnx, weight_compliance
-from nmcli.patterns import Pattern
-from nmcli.prune import run_prune
+from nmcli.commands.export import ExportResult, run_export
+from nmcli.commands.prune import run_prune
+from nmcli.formats.onnx_layout import find_weights, initializer_tensor, load_onnx, weight_compliance
+from nmcli.formats.open import load_checkpoint
+from nmcli.nm.pattern import Pattern
 from tests.conftest import py_source
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nmcli.checkpoint import load_checkpoint
-from nmcli.prune import run_prune
+from nmcli.commands.prune import run_prune
+from nmcli.formats.open import load_checkpoint
 from tests.conftest import py_source
 
 

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from fixtures.models import tiny_mlp
-from nmcli.finetune import FinetuneConfig, run_finetune
-from nmcli.prune import run_prune
-from nmcli.sources import load_model
+from nmcli.commands.finetune import run_finetune
+from nmcli.commands.prune import run_prune
+from nmcli.models.sources import load_model
+from nmcli.pipelines.training import FinetuneConfig
 from tests.conftest import py_source
 
 

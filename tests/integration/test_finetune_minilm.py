@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from fixtures.corpus import docstring_sentences, embed, mean_cosine
-from nmcli.finetune import FinetuneConfig, run_finetune
-from nmcli.prune import run_prune
-from nmcli.sources import load_model
+from nmcli.commands.finetune import run_finetune
+from nmcli.commands.prune import run_prune
+from nmcli.models.sources import load_model
+from nmcli.pipelines.training import FinetuneConfig
 
 
 def test_minilm_distillation_recovers_sentence_embeddings(tmp_path: Path, minilm_dir: Path) -> None:

@@ -21,10 +21,11 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from nmcli.checkpoint import load_checkpoint
 from nmcli.cli.app import app
-from nmcli.onnx_layout import SPARSE_LAYERS_KEY, find_weights, gather_tables, load_onnx
-from nmcli.patterns import Pattern, is_compliant
+from nmcli.formats.onnx_layout import SPARSE_LAYERS_KEY, find_weights, gather_tables, load_onnx
+from nmcli.formats.open import load_checkpoint
+from nmcli.nm.masks import is_compliant
+from nmcli.nm.pattern import Pattern
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (hf extra)")
 

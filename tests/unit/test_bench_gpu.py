@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from nmcli.bench.device import device_guard, resolve_device
-from nmcli.bench.run import run_bench
 from nmcli.bench.sparse_kernels import semi_structured_backends, swap_plan, to_semi_structured
 from nmcli.bench.timing import measure
-from nmcli.patterns import TENSOR_CORE_PATTERN, apply_mask, nm_mask
+from nmcli.commands.bench import run_bench
+from nmcli.nm.masks import apply_mask, nm_mask
+from nmcli.nm.pattern import TENSOR_CORE_PATTERN
 
 pytestmark = pytest.mark.gpu
 
@@ -89,7 +90,7 @@ def test_cutlass_on_a_gpu_without_it_keeps_layers_dense_one_by_one() -> None:
 def test_bench_cuda_runs_sparse_kernels_and_checks_outputs(tmp_path: Path) -> None:
     if not _kernels_here():
         pytest.skip("no 2:4 kernels on this GPU")
-    from nmcli.prune import run_prune
+    from nmcli.commands.prune import run_prune
     from tests.conftest import py_source
 
     ckpt = tmp_path / "mlp.safetensors"
@@ -137,8 +138,8 @@ def test_cuda_1_is_measured_on_cuda_1() -> None:
 
 @pytest.mark.trt
 def test_tensorrt_engine_bench_on_its_own_stream(tmp_path: Path) -> None:
-    from nmcli.export import run_export
-    from nmcli.prune import run_prune
+    from nmcli.commands.export import run_export
+    from nmcli.commands.prune import run_prune
     from tests.conftest import py_source
 
     ckpt = tmp_path / "mlp.safetensors"

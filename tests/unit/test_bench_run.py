@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from nmcli.bench import onnxruntime_backend, tensorrt_backend, torch_backend
-from nmcli.bench.run import BACKENDS, REGISTRY, backend_module, detect_backend, make_plan, parse_batch_sizes
 from nmcli.bench.sparse_kernels import semi_structured_support, swap_plan
 from nmcli.bench.types import flatten_outputs, max_abs_diff, spec_from_signature
+from nmcli.commands.bench import BACKENDS, REGISTRY, backend_module, detect_backend, make_plan, parse_batch_sizes
 from nmcli.errors import InputError
-from nmcli.patterns import TENSOR_CORE_PATTERN, nm_mask
+from nmcli.nm.masks import nm_mask
+from nmcli.nm.pattern import TENSOR_CORE_PATTERN
 
 
 def test_parse_batch_sizes() -> None:
@@ -66,7 +67,7 @@ def test_backends_do_not_import_run() -> None:
         tree = ast.parse((folder / f"{name}.py").read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert "nmcli.bench.run" not in imported, name
+        assert "nmcli.commands.bench" not in imported, name
 
 
 @pytest.mark.parametrize(

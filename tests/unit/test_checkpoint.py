@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nmcli.checkpoint import (
+from nmcli.errors import CheckpointError, OutputExistsError
+from nmcli.formats.checkpoint import (
     DENSE_PREFIX,
     FORMAT,
     MASK_PREFIX,
@@ -23,17 +24,14 @@ from nmcli.checkpoint import (
     LayerEntry,
     SourceRef,
     history_record,
-    load_checkpoint,
-    pack_mask,
-    packed_size,
-    read_meta,
     read_state_dict,
     save_checkpoint,
-    unpack_mask,
 )
-from nmcli.errors import CheckpointError, OutputExistsError
+from nmcli.formats.open import load_checkpoint, read_meta
 from nmcli.io import atomic_output
-from nmcli.patterns import Pattern, apply_mask, nm_mask
+from nmcli.nm.bits import pack_mask, packed_size, unpack_mask
+from nmcli.nm.masks import apply_mask, nm_mask
+from nmcli.nm.pattern import Pattern
 
 P24 = Pattern(2, 4)
 # Two rows of two groups of 4; the 2:4 masks are [1,1,0,0 | 0,0,1,1] and [0,1,0,1 | 1,0,1,0].
@@ -394,7 +392,7 @@ def test_written_file_is_world_readable(tmp_path: Path) -> None:
 def test_streaming_writer_is_read_by_safetensors(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from nmcli.checkpoint import write_safetensors
+    from nmcli.formats.safetensors import write_safetensors
 
     gen = torch.Generator().manual_seed(0)
     tensors = {

@@ -1,4 +1,4 @@
-"""The content checksum of nmcli's files (nmcli.checksum) and the weights-against-masks check (nmcli.maskcheck)."""
+"""The content checksum of nmcli's files (nmcli.formats.checksum) and the weights-against-masks check (nmcli.nm.maskcheck)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from nmcli import checksum, maskcheck, sharded
-from nmcli.checkpoint import FORMAT, write_safetensors
-from nmcli.checksum import ABSENT, CHECKSUM_KEY, MISMATCH, OK, verify_file
 from nmcli.errors import CheckpointError
+from nmcli.formats import checksum, sharded
+from nmcli.formats.checkpoint import FORMAT
+from nmcli.formats.checksum import ABSENT, CHECKSUM_KEY, MISMATCH, OK, verify_file
+from nmcli.formats.safetensors import write_safetensors
+from nmcli.nm import maskcheck
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -113,7 +115,7 @@ def test_unreadable_file_is_a_checkpoint_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("reserve", [0, 64, 1 << 16])
 def test_sidecar_writer_hashes_as_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reserve: int) -> None:
     """Header in place or spilled, data through many small staging buffers: the checksum of write_safetensors."""
-    monkeypatch.setattr(sharded, "_SIDECAR_STAGE_BYTES", 4096)
+    monkeypatch.setattr(sharded, "SIDECAR_STAGE_BYTES", 4096)
     tensors = _tensors() | {"big": torch.arange(5000, dtype=torch.float32)}
     metadata = {"format": FORMAT, "layout": "sharded", "nmcli": "{}"}
     path = tmp_path / "side.safetensors"
@@ -139,7 +141,7 @@ def test_sidecar_writer_hashes_as_it_writes(tmp_path: Path, monkeypatch: pytest.
 
 def test_reservation_leaves_room_for_the_checksum(tmp_path: Path) -> None:
     """A reservation sized for the header without the checksum still holds it: no spill, no copy."""
-    from nmcli.checkpoint import safetensors_header
+    from nmcli.formats.safetensors import safetensors_header
 
     value = torch.ones(3)
     metadata = {"format": FORMAT, "nmcli": "{}"}
@@ -175,8 +177,8 @@ def _bits(value: torch.Tensor) -> np.ndarray:
 def test_pruned_nonzero_counts_every_breaking_weight(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, numel: int
 ) -> None:
-    monkeypatch.setattr(maskcheck, "_CHUNK", 16)  # many chunks, and reads of a few chunks each
-    monkeypatch.setattr(maskcheck, "_READ", 48)
+    monkeypatch.setattr(maskcheck, "CHUNK", 16)  # many chunks, and reads of a few chunks each
+    monkeypatch.setattr(maskcheck, "READ", 48)
     gen = torch.Generator().manual_seed(numel)
     mask = torch.rand(numel, generator=gen) < 0.5
     values = (torch.randn(numel, generator=gen) * 10 + 20).to(dtype)

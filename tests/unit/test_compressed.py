@@ -12,20 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-import nmcli.compressed
+import nmcli.nm.codec
 from fixtures.models import tiny_mlp
-from nmcli.checkpoint import (
+from nmcli.commands.inspect import inspect_checkpoint, inspect_checkpoint_file
+from nmcli.errors import CheckpointError
+from nmcli.formats.checkpoint import (
     COMPRESSED_FORMAT,
     Checkpoint,
     CheckpointMeta,
     CheckpointReader,
     LayerEntry,
     SourceRef,
-    compress_checkpoint,
-    load_checkpoint,
     save_checkpoint,
 )
-from nmcli.compressed import (
+from nmcli.formats.open import compress_checkpoint, load_checkpoint
+from nmcli.nm.codec import (
     INDICES_PREFIX,
     VALUES_PREFIX,
     compress_weight,
@@ -33,10 +34,9 @@ from nmcli.compressed import (
     pack_indices,
     unpack_indices,
 )
-from nmcli.errors import CheckpointError
-from nmcli.inspect import inspect_checkpoint, inspect_checkpoint_file
-from nmcli.patterns import Pattern, apply_mask, nm_mask
-from nmcli.prune import prune_model
+from nmcli.nm.masks import apply_mask, nm_mask
+from nmcli.nm.pattern import Pattern
+from nmcli.pipelines.inmemory import prune_model
 
 
 def test_two_of_four_layout_matches_the_documented_bits() -> None:
@@ -147,7 +147,7 @@ def test_bf16_compressed_file_reads_back_exactly_and_inspects_without_torch(tmp_
     assert inspect_checkpoint_file(packed).to_json() == expected
     script = (
         "import json, sys\n"
-        "from nmcli.inspect import inspect_checkpoint_file\n"
+        "from nmcli.commands.inspect import inspect_checkpoint_file\n"
         "report = inspect_checkpoint_file(sys.argv[1]).to_json()\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'report': report}))\n"
     )
@@ -157,23 +157,27 @@ def test_bf16_compressed_file_reads_back_exactly_and_inspects_without_torch(tmp_
 
 
 def test_the_codec_is_a_layer_below_the_reader() -> None:
-    """compressed.py never imports checkpoint.py (nor torch): the reader calls the codec, not the reverse."""
-    tree = ast.parse(Path(nmcli.compressed.__file__).read_text())
+    """nm/codec.py never imports nmcli.formats (nor torch): the reader calls the codec, not the reverse."""
+    tree = ast.parse(Path(nmcli.nm.codec.__file__).read_text())
     imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "nmcli.checkpoint" not in imported and not any(m.split(".")[0] == "torch" for m in imported)
+    assert not any(m.startswith("nmcli.formats") for m in imported) and not any(
+        m.split(".")[0] == "torch" for m in imported
+    )
     assert imported & {"nmcli.errors", "numpy"} == {"nmcli.errors", "numpy"}
 
 
-@pytest.mark.parametrize("order", [("nmcli.compressed", "nmcli.checkpoint"), ("nmcli.checkpoint", "nmcli.compressed")])
+@pytest.mark.parametrize(
+    "order", [("nmcli.nm.codec", "nmcli.formats.checkpoint"), ("nmcli.formats.checkpoint", "nmcli.nm.codec")]
+)
 def test_either_module_imports_first(order: tuple[str, str]) -> None:
     script = (
         "import importlib, sys\n"
         f"first = importlib.import_module({order[0]!r})\n"
         f"second = importlib.import_module({order[1]!r})\n"
-        "import nmcli.checkpoint as c, nmcli.compressed as z\n"
+        "import nmcli.formats.checkpoint as c, nmcli.nm.codec as z\n"
         "assert c.decompress_weight is z.decompress_weight and c.VALUES_PREFIX == z.VALUES_PREFIX\n"
-        "print('nmcli.checkpoint' in sys.modules, 'torch' in sys.modules)\n"
+        "print('nmcli.formats.checkpoint' in sys.modules, 'torch' in sys.modules)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -194,13 +198,13 @@ def test_encoding_in_row_chunks_gives_the_same_bytes(
     mask = np.moveaxis(keep.reshape(moved.shape), -1, axis)
     entry = LayerEntry("w", "", n, m, axis, shape)
     whole = compress_weight(np.where(mask, weight, 0).view(np.uint32), mask, entry)
-    monkeypatch.setattr(nmcli.compressed, "_CHUNK_ELEMENTS", 1)  # 8 rows per step
+    monkeypatch.setattr(nmcli.nm.codec, "CHUNK_ELEMENTS", 1)  # 8 rows per step
     chunked = compress_weight(np.where(mask, weight, 0).view(np.uint32), mask, entry)
     assert np.array_equal(whole[0], chunked[0]) and np.array_equal(whole[1], chunked[1]) and not chunked[2]
     back, back_mask = decompress_weight(chunked[0], chunked[1], entry)
     assert np.array_equal(back_mask | ~mask, np.ones(shape, bool))  # the indices name every kept weight
     assert np.array_equal(back.view(np.float32), np.where(mask, weight, 0))
-    assert np.array_equal(nmcli.compressed.decompress_mask(chunked[1], entry), back_mask)
+    assert np.array_equal(nmcli.nm.codec.decompress_mask(chunked[1], entry), back_mask)
 
 
 @pytest.mark.parametrize(
@@ -219,14 +223,14 @@ def test_packed_mask_from_the_indices_alone(n: int, m: int, shape: tuple[int, ..
     _, packed, exact = compress_weight(rng.random(shape).astype(np.float32), mask, entry)
     assert exact
     expected = np.packbits(mask.reshape(-1), bitorder="little")
-    assert np.array_equal(nmcli.compressed.decompress_packed_mask(packed, entry), expected)
-    assert np.array_equal(nmcli.compressed.decompress_mask(packed, entry), mask)
+    assert np.array_equal(nmcli.nm.codec.decompress_packed_mask(packed, entry), expected)
+    assert np.array_equal(nmcli.nm.codec.decompress_mask(packed, entry), mask)
     with pytest.raises(CheckpointError, match="compressed indices of w have"):
-        nmcli.compressed.decompress_packed_mask(packed[:-1], entry)
+        nmcli.nm.codec.decompress_packed_mask(packed[:-1], entry)
 
 
 def test_packed_mask_table_by_hand() -> None:
     # indices 1, 3 | 0, 3 (the documented byte) keep positions 1, 3, 4, 7: mask byte 0b10011010
     entry = LayerEntry("w", "", 2, 4, 1, (1, 8))
     byte = np.array([1 + (3 << 2) + (0 << 4) + (3 << 6)], dtype=np.uint8)
-    assert nmcli.compressed.decompress_packed_mask(byte, entry).tolist() == [0b10011010]
+    assert nmcli.nm.codec.decompress_packed_mask(byte, entry).tolist() == [0b10011010]

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nmcli.data import Batch, load_data, to_batch
+from nmcli.commands.finetune import run_finetune
+from nmcli.commands.prune import run_prune
 from nmcli.errors import BackendUnavailableError, DataError
-from nmcli.finetune import FinetuneConfig, run_finetune
-from nmcli.prune import run_prune
+from nmcli.models.data import Batch, load_data, to_batch
+from nmcli.pipelines.training import FinetuneConfig
 from tests.conftest import py_source
 
 

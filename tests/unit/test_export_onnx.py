@@ -10,14 +10,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nmcli.commands.export import export_paths, run_export, second_spec
+from nmcli.commands.prune import run_prune
 from nmcli.errors import InputError
-from nmcli.export import export_paths, run_export, second_spec
 from nmcli.export.onnx import cast_model, export_onnx
 from nmcli.export.verify import verify_onnx
+from nmcli.formats.onnx_layout import find_weights, initializer_tensor, load_onnx, locate_weights, weight_compliance
 from nmcli.inputs import parse_input_spec
-from nmcli.onnx_layout import find_weights, initializer_tensor, load_onnx, locate_weights, weight_compliance
-from nmcli.patterns import Pattern
-from nmcli.prune import run_prune
+from nmcli.nm.pattern import Pattern
 from tests.conftest import py_source
 
 THIS = Path(__file__).resolve()
@@ -103,7 +103,7 @@ def test_scaled_weights_are_found_by_their_zero_pattern() -> None:
 def test_external_data_and_the_dynamo_exporter(tmp_path: Path) -> None:
     ckpt = tmp_path / "mlp.safetensors"
     run_prune(py_source("tiny_mlp"), input_shape="4x64", output=ckpt)
-    from nmcli.sources import load_model
+    from nmcli.models.sources import load_model
 
     loaded = load_model(str(ckpt))
     spec = parse_input_spec("4x64")

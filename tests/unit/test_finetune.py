@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from fixtures.models import tiny_mlp
-from nmcli.checkpoint import load_checkpoint
+from nmcli.commands.finetune import run_finetune
+from nmcli.commands.prune import run_prune
 from nmcli.errors import BackendUnavailableError, DataError, InputError
-from nmcli.finetune import FinetuneConfig, StepInfo, lr_factor, run_finetune, trainstate_path
-from nmcli.patterns import nm_mask
-from nmcli.prune import run_prune
+from nmcli.formats.open import load_checkpoint
+from nmcli.formats.trainstate import trainstate_path
+from nmcli.nm.masks import nm_mask
+from nmcli.pipelines.training import FinetuneConfig, StepInfo, lr_factor
 from tests.conftest import py_source
 
 N_EXAMPLES = 32
@@ -229,7 +231,7 @@ def test_cuda_fp16_and_bf16(pruned: Path, data_file: Path, tmp_path: Path) -> No
 
 def test_mlp_factory_is_the_source(pruned: Path) -> None:
     # the teacher 'auto' of a checkpoint with dense weights is the dense model itself
-    from nmcli.finetune import load_teacher
+    from nmcli.pipelines.training import load_teacher
 
     teacher = load_teacher("auto", load_checkpoint(pruned))
     assert teacher is not None

@@ -1,4 +1,4 @@
-"""The inferred-layer rule (``nmcli.patterns.infer_layers``) and the pattern of stored zeros (``zero_pattern``).
+"""The inferred-layer rule (``nmcli.models.inferred.infer_layers``) and the pattern of stored zeros (``zero_pattern``).
 
 Every expectation is written out by hand from the rule's text.
 """
@@ -10,7 +10,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from nmcli.patterns import INFERRED, LayerCandidate, Pattern, infer_layers, most_nonzeros, zero_pattern
+from nmcli.models.inferred import INFERRED, infer_layers, most_nonzeros, zero_pattern
+from nmcli.models.layers import LayerCandidate
+from nmcli.nm.pattern import Pattern
 
 P24 = Pattern(2, 4)
 

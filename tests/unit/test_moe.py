@@ -8,10 +8,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nmcli.checkpoint import LayerEntry
-from nmcli.data import Batch, TensorExamples, TrainData, causal_lm_labels
-from nmcli.patterns import EXPERTS, ROUTER, Pattern, find_layers, is_compliant, nm_mask, tensorrt_usable
-from nmcli.srste import SparseTraining
+from nmcli.algorithms.srste import SparseTraining
+from nmcli.formats.checkpoint import LayerEntry
+from nmcli.models.data import Batch, TensorExamples, TrainData, causal_lm_labels
+from nmcli.models.layers import EXPERTS, ROUTER, find_layers, tensorrt_usable
+from nmcli.nm.masks import is_compliant, nm_mask
+from nmcli.nm.pattern import Pattern
 
 P24 = Pattern(2, 4)
 

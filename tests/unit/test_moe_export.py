@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 
 from nmcli.errors import ExportUnsupportedError, InputError
 from nmcli.export.onnx import EXPORT_EXPERTS, export_onnx, exportable_experts, exporter_error_line
-from nmcli.inputs import parse_input_spec
-from nmcli.onnx_layout import (
+from nmcli.formats.onnx_layout import (
     WeightMatch,
     find_weights,
     gather_tables,
@@ -22,7 +21,8 @@ from nmcli.onnx_layout import (
     share_tied_tables,
     sparse_layers,
 )
-from nmcli.patterns import Pattern
+from nmcli.inputs import parse_input_spec
+from nmcli.nm.pattern import Pattern
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (dev extra)")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402

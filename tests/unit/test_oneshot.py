@@ -7,22 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmcli.batchnorm import recalibrate_batchnorm
-from nmcli.checkpoint import SourceRef
-from nmcli.data import Batch
+import nmcli.algorithms.sparsegpt as sparsegpt_module
+from nmcli.algorithms.config import CalibrationConfig
+from nmcli.algorithms.solve import SOLVERS, wanda_mask
+from nmcli.algorithms.sparsegpt import error_terms, reconstruction_error, refit_kept, sparsegpt
+from nmcli.algorithms.statistics import conv_columns, from_matrix, to_matrix
 from nmcli.errors import InputError
-from nmcli.oneshot import (
-    CalibrationConfig,
-    conv_columns,
-    from_matrix,
-    reconstruction_error,
-    refit_kept,
-    sparsegpt,
-    to_matrix,
-    wanda_mask,
-)
-from nmcli.patterns import CONV, LINEAR, Pattern, is_compliant
-from nmcli.prune import prune_model
+from nmcli.formats.checkpoint import SourceRef
+from nmcli.models.batchnorm import recalibrate_batchnorm
+from nmcli.models.data import Batch
+from nmcli.models.layers import CONV, LINEAR
+from nmcli.nm.masks import is_compliant
+from nmcli.nm.pattern import Pattern
+from nmcli.pipelines.inmemory import prune_model
 
 P24 = Pattern(2, 4)
 
@@ -256,22 +253,20 @@ def test_linear_kind_constant_is_identity_view() -> None:
 
 @pytest.mark.parametrize("refit", [0, 50])
 def test_row_slices_change_nothing_and_leave_the_inputs_alone(monkeypatch: pytest.MonkeyPatch, refit: int) -> None:
-    import nmcli.oneshot as oneshot
-
     weight, gram = _random_problem(12, 32, 200, seed=3)
     weight_before, gram_before = weight.clone(), gram.clone()
     cfg = CalibrationConfig(spec="", refit_iterations=refit)
 
     def solved() -> tuple[torch.Tensor, torch.Tensor]:
         mask, new = torch.zeros(weight.shape, dtype=torch.bool), torch.zeros(weight.shape, dtype=torch.float64)
-        for rows, m, n, num, den in oneshot.SOLVERS["sparsegpt"](weight, gram.clone(), P24, cfg):
-            assert (num, den) == oneshot.error_terms(weight[rows], n, gram)  # measured on the undamped gram
+        for rows, m, n, num, den in SOLVERS["sparsegpt"](weight, gram.clone(), P24, cfg):
+            assert (num, den) == error_terms(weight[rows], n, gram)  # measured on the undamped gram
             mask[rows], new[rows] = m, n
         return mask, new
 
     whole_mask, whole = solved()
-    monkeypatch.setattr(oneshot, "_ROW_CHUNK_BYTES", 5 * 32 * 8)  # slices of 5 rows
-    monkeypatch.setattr(oneshot, "_SPILL_BYTES", 0)  # the Gram matrix waits in a file during the masks
+    monkeypatch.setattr(sparsegpt_module, "ROW_CHUNK_BYTES", 5 * 32 * 8)  # slices of 5 rows
+    monkeypatch.setattr(sparsegpt_module, "SPILL_BYTES", 0)  # the Gram matrix waits in a file during the masks
     sliced_mask, sliced = solved()
     assert torch.equal(whole_mask, sliced_mask)
     torch.testing.assert_close(sliced, whole, atol=1e-9, rtol=0)  # CG stops per slice: near-equal
@@ -281,8 +276,6 @@ def test_row_slices_change_nothing_and_leave_the_inputs_alone(monkeypatch: pytes
 
 
 def test_spilled_gram_retries_a_singular_factorization_from_its_copy(monkeypatch: pytest.MonkeyPatch) -> None:
-    import nmcli.oneshot as oneshot
-
     g = torch.Generator().manual_seed(4)
     x = torch.randn(64, 8, generator=g, dtype=torch.float64)
     x = torch.cat([x, x], dim=1)  # duplicated inputs: singular without damping, retried with more
@@ -291,12 +284,12 @@ def test_spilled_gram_retries_a_singular_factorization_from_its_copy(monkeypatch
     cfg = CalibrationConfig(spec="", damp=0.0)
 
     def run() -> list[tuple[torch.Tensor, torch.Tensor, float, float]]:
-        return [(m, n, a, b) for _, m, n, a, b in oneshot.SOLVERS["sparsegpt"](weight, gram.clone(), P24, cfg)]
+        return [(m, n, a, b) for _, m, n, a, b in SOLVERS["sparsegpt"](weight, gram.clone(), P24, cfg)]
 
     for refit in (0, 50):
         cfg = CalibrationConfig(spec="", damp=0.0, refit_iterations=refit)
-        monkeypatch.setattr(oneshot, "_SPILL_BYTES", 64 << 20)
+        monkeypatch.setattr(sparsegpt_module, "SPILL_BYTES", 64 << 20)
         kept = run()
-        monkeypatch.setattr(oneshot, "_SPILL_BYTES", 0)  # factorized in place, retried from the file
+        monkeypatch.setattr(sparsegpt_module, "SPILL_BYTES", 0)  # factorized in place, retried from the file
         for (m1, n1, a1, b1), (m2, n2, a2, b2) in zip(kept, run(), strict=True):
             assert torch.equal(m1, m2) and torch.equal(n1, n2) and (a1, b1) == (a2, b2)

@@ -10,25 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import nmcli.nm.masks
 from fixtures.models import tiny_attention, tiny_cnn
 from nmcli.errors import PatternError
-from nmcli.patterns import (
-    CONV,
-    HF_CONV1D,
-    LINEAR,
-    MHA,
-    LayerCandidate,
-    Pattern,
-    apply_mask,
-    find_layers,
-    group_counts,
-    is_compliant,
-    nm_mask,
-    parse_pattern,
-    pattern_note,
-    stored_nonzero,
-    tensorrt_usable,
-)
+from nmcli.models.layers import CONV, HF_CONV1D, LINEAR, MHA, LayerCandidate, find_layers, tensorrt_usable
+from nmcli.nm.masks import apply_mask, group_counts, is_compliant, nm_mask, stored_nonzero
+from nmcli.nm.pattern import Pattern, parse_pattern, pattern_note
 
 P24, P14, P48, P28 = Pattern(2, 4), Pattern(1, 4), Pattern(4, 8), Pattern(2, 8)
 
@@ -165,11 +152,9 @@ def test_mask_shape_dtype_and_device_follow_the_weight() -> None:
 
 @pytest.mark.parametrize("pattern", [P24, P14, P48, P28, Pattern(3, 32)])
 def test_sorting_in_slices_equals_one_sort(monkeypatch: pytest.MonkeyPatch, pattern: Pattern) -> None:
-    import nmcli.patterns
-
     w = torch.randn(8, 64, 3, generator=torch.Generator().manual_seed(2)).round(decimals=1)  # many ties
     whole = nm_mask(w, pattern, 1)
-    monkeypatch.setattr(nmcli.patterns, "_MASK_CHUNK_GROUPS", 5)  # slices that split rows
+    monkeypatch.setattr(nmcli.nm.masks, "MASK_CHUNK_GROUPS", 5)  # slices that split rows
     assert torch.equal(nm_mask(w, pattern, 1), whole)
     assert torch.equal(
         group_counts(whole, pattern.m, 1), torch.full((8, 3, 64 // pattern.m), pattern.n, dtype=torch.int32)
@@ -302,7 +287,7 @@ def test_tensorrt_usable(shape: tuple[int, ...], axis: int, compliant: bool, usa
 
 
 def test_l1_norm_is_exact_across_slices_and_count_kept_counts() -> None:
-    from nmcli.patterns import count_kept, l1_norm
+    from nmcli.nm.masks import count_kept, l1_norm
 
     g = torch.Generator().manual_seed(0)
     values = torch.randn(5_000_001, generator=g).to(torch.bfloat16)  # more than one slice, a ragged last one

@@ -9,26 +9,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nmcli.checkpoint import (
-    Checkpoint,
-    CheckpointMeta,
-    LayerEntry,
-    SourceRef,
-    load_checkpoint,
-    pack_mask,
-    save_checkpoint,
-)
+from nmcli.commands.sad import sad_report
 from nmcli.errors import CheckpointError, InputError, MismatchError, SourceError
-from nmcli.patterns import Pattern, apply_mask, nm_mask
-from nmcli.sad import (
-    compare_masks,
-    derive_packed_mask,
-    layer_sad,
-    packed_popcount,
-    packed_xor_count,
-    report_pairs,
-    sad_report,
-)
+from nmcli.formats.checkpoint import Checkpoint, CheckpointMeta, LayerEntry, SourceRef, save_checkpoint
+from nmcli.formats.open import load_checkpoint
+from nmcli.nm.bits import pack_mask, packed_popcount, packed_xor_count
+from nmcli.nm.masks import apply_mask, nm_mask
+from nmcli.nm.pattern import Pattern
+from nmcli.pipelines.sad import compare_masks, derive_packed_mask, layer_sad, report_pairs
 from tests.conftest import py_source
 
 P24 = Pattern(2, 4)
@@ -137,7 +125,7 @@ def test_checkpoint_sad_matches_in_memory_compare(tmp_path: Path) -> None:
 
 
 def test_stored_and_derived_masks_agree(tmp_path: Path) -> None:
-    from nmcli.prune import run_prune
+    from nmcli.commands.prune import run_prune
 
     torch.manual_seed(0)
     src = py_source("tiny_mlp")
@@ -282,7 +270,8 @@ def test_corrupt_mask_is_a_checkpoint_error(tmp_path: Path) -> None:
 
 
 def test_numpy_reader_reads_masks_and_compressed_files(tmp_path: Path) -> None:
-    from nmcli.checkpoint import CheckpointReader, compress_checkpoint
+    from nmcli.formats.checkpoint import CheckpointReader
+    from nmcli.formats.open import compress_checkpoint
 
     w, m = _random_24((8, 16), 3)
     path = _write_ckpt(tmp_path / "a.safetensors", {"l.weight": w}, {"l.weight": m})

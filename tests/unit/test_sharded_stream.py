@@ -1,4 +1,4 @@
-"""The streamed magnitude prune's I/O parts (nmcli.sharded): the O_DIRECT writer, the hashing reader,
+"""The streamed magnitude prune's I/O parts (nmcli.formats.rawio, nmcli.formats.sharded): the O_DIRECT writer, the hashing reader,
 and a prune with tiny slices and buffers that equals the default one byte for byte."""
 
 from __future__ import annotations
@@ -11,10 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import nmcli.sharded as sharded
-from nmcli.checkpoint import load_checkpoint, sha256_file
-from nmcli.patterns import Pattern, nm_mask
-from nmcli.prune import run_prune
+import nmcli.formats.rawio as rawio
+from nmcli.commands.prune import run_prune
+from nmcli.formats.open import load_checkpoint
+from nmcli.formats.safetensors import read_header, sha256_file
+from nmcli.formats.sharded import SidecarWriter
+from nmcli.nm.bits import exactly_n
+from nmcli.nm.masks import nm_mask
+from nmcli.nm.pattern import Pattern
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,13 +27,13 @@ transformers = pytest.importorskip("transformers")
 def test_sequential_file_holds_exactly_the_bytes_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
-    monkeypatch.setattr(sharded, "_STAGE_BYTES", 3 * 4096)
+    monkeypatch.setattr(rawio, "STAGE_BYTES", 3 * 4096)
     if not direct:  # a platform without O_DIRECT: buffered writes
         monkeypatch.delattr(os, "O_DIRECT", raising=False)
     rng = random.Random(0)
     path = tmp_path / "out.bin"
     expected = bytearray()
-    writer = sharded._SequentialFile(path)
+    writer = rawio.SequentialFile(path)
     try:
         for _ in range(60):
             size = rng.choice([1, 7, 100, 4096, 5000, 3 * 4096, 3 * 4096 + 1])
@@ -50,8 +54,8 @@ def test_sequential_file_holds_exactly_the_bytes_written(
 
 
 def test_reserve_refuses_misaligned_or_overflowing_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sharded, "_STAGE_BYTES", 4096)
-    writer = sharded._SequentialFile(tmp_path / "x.bin")
+    monkeypatch.setattr(rawio, "STAGE_BYTES", 4096)
+    writer = rawio.SequentialFile(tmp_path / "x.bin")
     try:
         writer.write(b"abc")
         assert writer.reserve(4, 2) is None  # position 3 is not 2-aligned
@@ -65,12 +69,12 @@ def test_reserve_refuses_misaligned_or_overflowing_slices(tmp_path: Path, monkey
 def test_shard_stream_gives_the_bytes_in_order_and_the_sha256(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
-    monkeypatch.setattr(sharded, "_STREAM_PIECE", 1000)
-    monkeypatch.setattr(sharded, "_STREAM_RING", 2)
+    monkeypatch.setattr(rawio, "STREAM_PIECE", 1000)
+    monkeypatch.setattr(rawio, "STREAM_RING", 2)
     path = tmp_path / "blob"
     data = os.urandom(size)
     path.write_bytes(data)
-    stream = sharded._ShardStream(path)
+    stream = rawio.ShardStream(path)
     rng = random.Random(size)
     got = bytearray()
     while len(got) < size // 2:  # ranges within a piece, straddling pieces, larger than a piece
@@ -86,15 +90,15 @@ def test_shard_stream_past_the_end_is_a_truncation_and_cancel_returns(
 ) -> None:
     from nmcli.errors import CheckpointError
 
-    monkeypatch.setattr(sharded, "_STREAM_PIECE", 100)
-    monkeypatch.setattr(sharded, "_STREAM_RING", 2)
+    monkeypatch.setattr(rawio, "STREAM_PIECE", 100)
+    monkeypatch.setattr(rawio, "STREAM_RING", 2)
     path = tmp_path / "blob"
     path.write_bytes(b"x" * 250)
-    stream = sharded._ShardStream(path)
+    stream = rawio.ShardStream(path)
     with pytest.raises(CheckpointError, match="truncated"):
         stream.take(300)
     stream.cancel()
-    waiting = sharded._ShardStream(path)  # its reader blocked on a full ring: cancel still returns
+    waiting = rawio.ShardStream(path)  # its reader blocked on a full ring: cancel still returns
     waiting.take(10)
     waiting.cancel()
 
@@ -125,10 +129,10 @@ def test_streaming_with_tiny_slices_and_buffers_changes_nothing(
 ) -> None:
     reference = tmp_path / "reference"
     run_prune(str(tiny_llama_dir), output=reference, keep_dense=True)
-    monkeypatch.setattr(sharded, "_STAGE_BYTES", 4096)  # tensors straddle staging buffers
-    monkeypatch.setattr(sharded, "_STREAM_GROUPS", 6)  # slices of 24 weights split rows
-    monkeypatch.setattr(sharded, "_STREAM_PIECE", 999)  # odd pieces: slices straddle them
-    monkeypatch.setattr(sharded, "_STREAM_RING", 2)
+    monkeypatch.setattr(rawio, "STAGE_BYTES", 4096)  # tensors straddle staging buffers
+    monkeypatch.setattr(rawio, "STREAM_GROUPS", 6)  # slices of 24 weights split rows
+    monkeypatch.setattr(rawio, "STREAM_PIECE", 999)  # odd pieces: slices straddle them
+    monkeypatch.setattr(rawio, "STREAM_RING", 2)
     small = tmp_path / "small"
     run_prune(str(tiny_llama_dir), output=small, keep_dense=True)
     shards = sorted(p.name for p in tiny_llama_dir.glob("model-*.safetensors"))
@@ -170,7 +174,7 @@ def test_sidecar_writer_header_in_place_or_spilled(tmp_path: Path, reserve: int)
     tensors = {f"t{i}": torch.arange(i * 10, dtype=torch.float32).reshape(-1, 2) for i in range(1, 5)}
     tensors["bf"] = torch.tensor([1.5, -0.0], dtype=torch.bfloat16)
     path = tmp_path / f"side-{reserve}.safetensors"
-    writer = sharded.SidecarWriter(path, reserve=reserve)
+    writer = SidecarWriter(path, reserve=reserve)
     try:
         for name, value in tensors.items():
             writer.add(name, value)
@@ -183,22 +187,22 @@ def test_sidecar_writer_header_in_place_or_spilled(tmp_path: Path, reserve: int)
         assert sorted(fh.keys()) == sorted(tensors)
         for name, value in tensors.items():
             assert torch.equal(fh.get_tensor(name), value), name
-    assert sharded.read_header(path).metadata["format"] == "x"
+    assert read_header(path).metadata["format"] == "x"
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (1, 2), (2, 8), (3, 8), (1, 3)])
 def test_exactly_n_check_of_packed_masks(n: int, m: int) -> None:
-    from nmcli.checkpoint import pack_mask
+    from nmcli.nm.bits import pack_mask
 
     w = torch.randn(16, 48, generator=torch.Generator().manual_seed(n * m))
     for axis in (0, 1):
         if w.shape[axis] % m:
             continue
         mask = nm_mask(w, Pattern(n, m), axis)
-        assert sharded._exactly_n(pack_mask(mask).numpy(), tuple(w.shape), axis, n, m)
+        assert exactly_n(pack_mask(mask).numpy(), tuple(w.shape), axis, n, m)
         fewer = mask.clone()
         fewer[mask.nonzero()[0].tolist()] = False  # one group keeps n - 1: compliant, but not exact
-        assert not sharded._exactly_n(pack_mask(fewer).numpy(), tuple(w.shape), axis, n, m)
+        assert not exactly_n(pack_mask(fewer).numpy(), tuple(w.shape), axis, n, m)
         more = mask.clone()
         more[(~mask).nonzero()[0].tolist()] = True
-        assert not sharded._exactly_n(pack_mask(more).numpy(), tuple(w.shape), axis, n, m)
+        assert not exactly_n(pack_mask(more).numpy(), tuple(w.shape), axis, n, m)

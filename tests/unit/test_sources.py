@@ -13,11 +13,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fixtures.models import tiny_cnn, tiny_mlp
-from nmcli.checkpoint import SourceRef, sha256_file
 from nmcli.errors import BackendUnavailableError, SourceError, TrustRequiredError
-from nmcli.patterns import HF_CONV1D, LINEAR, Pattern, find_layers
-from nmcli.prune import prune_model
-from nmcli.sources import (
+from nmcli.formats.checkpoint import SourceRef
+from nmcli.formats.safetensors import sha256_file
+from nmcli.models.layers import HF_CONV1D, LINEAR, find_layers
+from nmcli.models.sources import (
     build_model,
     default_output_path,
     load_model,
@@ -26,6 +26,8 @@ from nmcli.sources import (
     normalize_spec,
     source_ref,
 )
+from nmcli.nm.pattern import Pattern
+from nmcli.pipelines.inmemory import prune_model
 from nmcli.trust import remember
 from tests.conftest import MODELS_PY, py_source
 

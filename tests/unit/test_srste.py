@@ -7,9 +7,11 @@ import torch
 from torch import nn
 
 from fixtures.models import tiny_attention, tiny_cnn
-from nmcli.checkpoint import LayerEntry
-from nmcli.patterns import Pattern, find_layers, is_compliant, nm_mask
-from nmcli.srste import SparseTraining, refined_grad, srste
+from nmcli.algorithms.srste import SparseTraining, refined_grad, srste
+from nmcli.formats.checkpoint import LayerEntry
+from nmcli.models.layers import find_layers
+from nmcli.nm.masks import is_compliant, nm_mask
+from nmcli.nm.pattern import Pattern
 
 
 def _entries(model: nn.Module, pattern: Pattern) -> list[LayerEntry]:

@@ -1,4 +1,4 @@
-"""Training checkpoints (``nmcli.statedicts``): wrappers, prefixes, refusal to unpickle, inference."""
+"""Training checkpoints (``nmcli.formats.torchfiles``): wrappers, prefixes, refusal to unpickle, inference."""
 
 from __future__ import annotations
 
@@ -10,16 +10,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nmcli.errors import SourceError, TrustRequiredError
-from nmcli.patterns import Pattern, apply_mask, nm_mask
-from nmcli.sources import build_model
-from nmcli.statedicts import (
-    find_state_dict,
-    infer_state_dict_layers,
-    is_bare_state_dict,
-    load_training_state,
-    strip_wrapper_prefixes,
-    tied_to_embeddings,
-)
+from nmcli.formats.torchfiles import find_state_dict, load_training_state, strip_wrapper_prefixes
+from nmcli.models.inferred import infer_state_dict_layers, is_bare_state_dict, tied_to_embeddings
+from nmcli.models.sources import build_model
+from nmcli.nm.masks import apply_mask, nm_mask
+from nmcli.nm.pattern import Pattern
 
 
 def _state() -> dict[str, torch.Tensor]:

@@ -197,8 +197,8 @@ def test_layer_names_only_and_bad_inspector_json() -> None:
 @pytest.mark.trt
 @pytest.mark.gpu
 def test_real_tensorrt_builds_a_sparse_engine(tmp_path: Path) -> None:
-    from nmcli.export import run_export
-    from nmcli.prune import run_prune
+    from nmcli.commands.export import run_export
+    from nmcli.commands.prune import run_prune
     from tests.conftest import py_source
 
     ckpt = tmp_path / "mlp.safetensors"

@@ -1,0 +1,418 @@
+"""``nmcli export``: ONNX (sparsity checked, verified), TensorRT engines and compressed checkpoints.
+
+:func:`run_export` is the whole command: it rebuilds the model from the checkpoint (effective
+weights), exports it with :mod:`nmcli.export.onnx`, finds every pruned layer's weight in the graph
+by value (:func:`nmcli.formats.onnx_layout.locate_weights`), verifies the file in onnxruntime
+(:mod:`nmcli.export.verify`), and builds a TensorRT engine (:mod:`nmcli.export.tensorrt`) or, when
+``tensorrt`` is missing, gives the equivalent ``trtexec`` command. ``--compress`` writes the
+compressed copy of :mod:`nmcli.nm.codec`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nmcli.errors import BackendUnavailableError, CheckFailedError, InputError
+
+if TYPE_CHECKING:
+    from nmcli.export.onnx import OnnxExport
+    from nmcli.export.tensorrt import BuilderSettings, EngineBuild
+    from nmcli.export.verify import VerifyResult
+    from nmcli.formats.onnx_layout import WeightMatch
+    from nmcli.inputs import InputSpec
+from nmcli.formats.open import compress_checkpoint, read_meta
+from nmcli.formats.sharded import check_output_directory, is_sharded_checkpoint, local_directory
+from nmcli.formats.sharded_compress import compress_directory, directory_bytes
+from nmcli.io import check_output_path
+from nmcli.progress import ProgressCallback
+
+
+@dataclass(frozen=True)
+class ExportPaths:
+    """Where ``nmcli export`` writes: the ONNX file, the engine and the compressed checkpoint (None = not written)."""
+
+    onnx: Path | None
+    engine: Path | None
+    compressed: Path | None
+
+    def all(self) -> list[Path]:
+        return [p for p in (self.onnx, self.engine, self.compressed) if p is not None]
+
+
+def export_paths(
+    checkpoint: str,
+    *,
+    onnx: bool,
+    trt: bool,
+    compress: bool,
+    output: str | os.PathLike[str] | None,
+    precision: str = "fp32",
+) -> ExportPaths:
+    """The output paths for the requested artifacts (a pure function).
+
+    With no artifact flag, ``--onnx`` is implied; ``--trt`` writes the ONNX too. ``-o`` names the
+    main artifact: ``x.onnx`` (the engine goes to ``x.engine``), ``x.engine`` (the ONNX to
+    ``x.onnx``), or ``x.safetensors`` for ``--compress`` alone (a directory name when the checkpoint
+    is a sharded directory). Defaults sit beside the checkpoint: ``model-2of4.onnx``,
+    ``model-2of4.engine``, ``model-2of4-compressed.safetensors`` (``DIR-compressed/`` for a sharded
+    directory ``DIR``); other
+    precisions than fp32 name theirs (``model-2of4-fp16.onnx``, ``model-2of4-int8.engine``), so
+    exports in several precisions sit side by side.
+
+    Raises:
+        InputError: ``-o`` has a suffix that does not fit the requested artifacts.
+    """
+    from nmcli.models.sources import default_output_path
+
+    want_onnx = onnx or trt or not compress
+    onnx_tag = precision if precision in ("fp16", "bf16") else ""  # an int8 build starts from a float32 ONNX
+    onnx_path = default_output_path(checkpoint, onnx_tag, ".onnx") if want_onnx else None
+    folder = local_directory(checkpoint)
+    sharded = folder is not None and is_sharded_checkpoint(folder)  # compressed into a directory
+    compressed_suffix = "" if sharded else ".safetensors"
+    compressed = default_output_path(checkpoint, "compressed", compressed_suffix) if compress else None
+    if output is not None:
+        out = Path(output)
+        suffix = out.suffix.lower()
+        if suffix == ".onnx" and want_onnx:
+            onnx_path = out
+        elif suffix in (".engine", ".plan", ".trt") and trt:
+            onnx_path = out.with_suffix(".onnx")
+            return ExportPaths(onnx_path, out, compressed)
+        elif compress and not want_onnx and (suffix == ".safetensors") != sharded:
+            compressed = out
+        else:
+            if not want_onnx and sharded:
+                raise InputError(
+                    f"-o {out}: {checkpoint} is a sharded checkpoint directory and is compressed into a "
+                    "directory: give -o a directory name, not a .safetensors file"
+                )
+            wanted = ".onnx" + (" or .engine" if trt else "") if want_onnx else ".safetensors"
+            raise InputError(f"-o {out} does not fit what you asked to export: give a path ending in {wanted}")
+    engine = None
+    if trt and onnx_path is not None:
+        engine = onnx_path.with_suffix(".engine")
+        if output is None and precision == "int8":
+            engine = default_output_path(checkpoint, "int8", ".engine")
+    return ExportPaths(onnx_path, engine, compressed)
+
+
+def second_spec(spec: InputSpec) -> InputSpec:
+    """Another shape to verify a dynamic export with: batch + 2, and half the sequence for text models."""
+    from nmcli.export.onnx import text_inputs
+    from nmcli.inputs import InputSpec as _InputSpec
+    from nmcli.inputs import InputTensor
+
+    batch = spec.batch_size + 2
+    if not text_inputs(spec):
+        return spec.with_batch(batch)
+    seq = spec.tensors[0].shape[1]
+    new_seq = max(2, seq // 2) if seq > 2 else seq + 2
+    return _InputSpec(tuple(InputTensor(t.name, (batch, new_seq), t.dtype) for t in spec.tensors))
+
+
+@dataclass
+class ExportResult:
+    """Everything ``nmcli export`` produced and found.
+
+    Attributes:
+        paths: the outputs.
+        precision: the requested precision.
+        sparse: whether sparse weights were enabled for TensorRT.
+        onnx: the ONNX export, when written.
+        matches: where each pruned layer's weight went in the graph.
+        verify: the onnxruntime-vs-torch check, when run.
+        engine: the TensorRT build, when tensorrt is installed.
+        settings: the TensorRT builder configuration (also without tensorrt).
+        trtexec: the equivalent trtexec command (always given with --trt).
+        trt_missing: why tensorrt could not be used, when it could not.
+        compressed_bytes: size of the compressed checkpoint, and ``original_bytes`` of the input.
+        notes: neutral information; ``warnings``: things that likely need action.
+    """
+
+    paths: ExportPaths
+    precision: str
+    sparse: bool
+    onnx: OnnxExport | None = None
+    matches: list[WeightMatch] = field(default_factory=list)
+    verify: VerifyResult | None = None
+    engine: EngineBuild | None = None
+    settings: BuilderSettings | None = None
+    trtexec: str | None = None
+    trt_missing: str | None = None
+    compressed_bytes: int | None = None
+    original_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def lost_layers(self) -> list[str]:
+        return [m.param for m in self.matches if m.lost]
+
+    @property
+    def verified(self) -> bool | None:
+        return self.verify.passed if self.verify is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "onnx": str(self.paths.onnx) if self.onnx is not None else None,
+            "engine": str(self.engine.path) if self.engine is not None else None,
+            "verified": self.verified,
+            "max_abs_diff": self.verify.max_abs_diff if self.verify is not None else None,
+            "sparse_initializers": [
+                {"param": m.param, "initializer": m.initializer, "op": m.op_type, "axis": m.axis, "match": m.how}
+                for m in self.matches
+                if not m.lost
+            ],
+            "lost_layers": self.lost_layers,
+            "lost_reasons": {m.param: m.reason for m in self.matches if m.lost},
+            "precision": self.precision,
+            "sparse": self.sparse,
+            "exporter": self.onnx.exporter if self.onnx is not None else None,
+            "opset": self.onnx.opset if self.onnx is not None else None,
+            "external_data": str(self.onnx.data_path) if self.onnx is not None and self.onnx.data_path else None,
+            "verify": self.verify.to_json() if self.verify is not None else None,
+            "tensorrt": self.engine.to_json() if self.engine is not None else None,
+            "builder": self.settings.to_json() if self.settings is not None else None,
+            "trtexec": self.trtexec,
+            "compressed": str(self.paths.compressed) if self.compressed_bytes is not None else None,
+            "compressed_bytes": self.compressed_bytes,
+            "original_bytes": self.original_bytes,
+            "notes": self.notes,
+            "warnings": self.warnings,
+        }
+
+    def raise_for_status(self) -> None:
+        """Raise the error the command ends with, after its results were shown.
+
+        Raises:
+            CheckFailedError: verification found a mismatch outside the tolerance (exit 1).
+            BackendUnavailableError: --trt without tensorrt installed (exit 3).
+        """
+        if self.verify is not None and self.verify.passed is False:
+            raise CheckFailedError(
+                f"{self.paths.onnx} differs from the torch model: {self.verify.summary()}; "
+                "raise --atol/--rtol if that is expected for this precision"
+            )
+        if self.trt_missing is not None:
+            raise BackendUnavailableError(
+                f"{self.trt_missing}. The ONNX file {self.paths.onnx} is written; build the engine with: {self.trtexec}"
+            )
+
+
+def _effective_in(weight: Any, dtype: Any) -> Any:
+    import torch
+
+    cast = weight.to(dtype)
+    return torch.where(cast == 0, torch.zeros((), dtype=cast.dtype), cast)
+
+
+def run_export(
+    checkpoint: str,
+    *,
+    onnx: bool = False,
+    trt: bool = False,
+    sparse: bool = False,
+    precision: str = "fp32",
+    input_shape: str | None = None,
+    dynamic_batch: bool = False,
+    opset: int | None = None,
+    verify: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+    workspace_mb: int | None = None,
+    compress: bool = False,
+    output: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    exporter: str = "auto",
+    progress: ProgressCallback | None = None,
+    arch: str | None = None,
+    trust: bool = False,
+) -> ExportResult:
+    """``nmcli export``: see the module docstring. Errors that end the command after its results
+    (verification mismatch, missing tensorrt) are left to :meth:`ExportResult.raise_for_status`.
+
+    ``arch`` overrides the checkpoint's recorded source (the user's own ``--arch``); ``trust``
+    (``--trust``) lets a recorded ``py:`` or pickled source run (DESIGN.md section 7).
+
+    Raises:
+        InputError: bad options or input.
+        TrustRequiredError: the checkpoint's recorded source is code, without ``trust``, ``arch``
+            or a trust-store entry for it.
+        ExportUnsupportedError: torch cannot export the model, which runs in torch (exit 3).
+        OutputExistsError: an output exists without ``force`` or names the input.
+    """
+    from nmcli.export.onnx import export_onnx, max_sequence_of, precision_dtype, vocab_size_of
+    from nmcli.export.tensorrt import check_trt_precision
+    from nmcli.export.verify import default_tolerances, verify_onnx
+    from nmcli.inputs import parse_input_spec
+    from nmcli.models.sources import load_model
+
+    dtype = precision_dtype(precision)
+    check_trt_precision(precision)  # int8 without calibration data: exit 2 before anything is written
+    default_atol, default_rtol = default_tolerances(precision)
+    if workspace_mb is not None and workspace_mb <= 0:
+        raise InputError(f"--workspace {workspace_mb} must be a positive number of MiB")
+    for name, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise InputError(f"{name} {value}: give a finite number >= 0")
+    spec_override = parse_input_spec(input_shape) if input_shape else None
+    if checkpoint.lower().endswith(".onnx") and not checkpoint.startswith(("hf:", "py:")):
+        raise InputError(
+            f"{checkpoint} is already an ONNX file: export takes an nmcli checkpoint or a model source; "
+            "inspect it with nmcli inspect, or time it with nmcli bench"
+        )
+    paths = export_paths(checkpoint, onnx=onnx, trt=trt, compress=compress, output=output, precision=precision)
+    local_input = checkpoint[3:] if checkpoint.startswith("hf:") else checkpoint
+    sharded = Path(local_input).is_dir() and is_sharded_checkpoint(local_input)
+    for path in paths.all():
+        if sharded and path == paths.compressed:  # a directory, replaced only if it is nmcli's
+            check_output_directory(path, force=force, inputs=[local_input])
+        else:
+            check_output_path(path, force=force, inputs=[local_input])
+    result = ExportResult(paths, precision, sparse)
+    steps = sum(1 for p in (paths.compressed, paths.onnx, paths.onnx if verify else None, paths.engine) if p)
+    done = 0
+
+    def step(label: str) -> None:
+        nonlocal done
+        if progress is not None:
+            progress(done, steps, label)
+        done += 1
+
+    if paths.compressed is not None:
+        step("compressing")
+        if sharded:  # shard by shard, one tensor at a time
+            compress_directory(local_input, paths.compressed, force=force)
+            result.original_bytes = directory_bytes(local_input)
+            result.compressed_bytes = directory_bytes(paths.compressed)
+        else:
+            if not Path(checkpoint).is_file() or read_meta(checkpoint) is None:
+                raise InputError(
+                    "--compress needs an nmcli checkpoint (.safetensors written by nmcli prune, or a sharded "
+                    f"checkpoint directory): {checkpoint} is not one"
+                )
+            compress_checkpoint(checkpoint, paths.compressed, force=force)
+            result.original_bytes = os.path.getsize(checkpoint)
+            result.compressed_bytes = os.path.getsize(paths.compressed)
+    if paths.onnx is None:
+        return result
+
+    step("exporting ONNX")
+    loaded = load_model(checkpoint, arch=arch, trust=trust)
+    spec = spec_override or loaded.input_spec
+    if spec is None:
+        raise InputError(
+            f"{checkpoint} stores no input shape: pass --input-shape, e.g. 1x3x224x224 "
+            "(or input_ids:1x128:int64,attention_mask:1x128:int64 for text models)"
+        )
+    ckpt = loaded.checkpoint
+    if ckpt is None or not ckpt.meta.layers:
+        result.notes.append(f"{checkpoint} has no pruned layers: the export is dense")
+    # Located in the graph and recorded in its metadata_props by export_onnx (inspect reads them).
+    weights = (
+        {e.param: (_effective_in(ckpt.tensors[e.param], dtype), e.pattern) for e in ckpt.meta.layers}
+        if ckpt is not None
+        else {}
+    )
+    result.onnx = export_onnx(
+        loaded.model,
+        spec,
+        paths.onnx,
+        precision=precision,
+        dynamic_batch=dynamic_batch,
+        opset=opset,
+        exporter=exporter,
+        force=force,
+        inputs=[local_input],
+        pruned=weights,
+        also_runs_on=[second_spec(spec)] if dynamic_batch and verify else [],
+    )
+    result.notes += result.onnx.notes
+    if weights:
+        result.matches = result.onnx.matches
+        lost = [m for m in result.matches if m.lost]
+        if lost:
+            names = ", ".join(f"{m.param} ({m.reason})" for m in lost[:10])
+            more = f" and {len(lost) - 10} more" if len(lost) > 10 else ""
+            result.warnings.append(
+                f"{len(lost)} of {len(result.matches)} pruned layer(s) did not reach the ONNX graph as N:M "
+                f"initializers, so TensorRT cannot run them sparse: {names}{more}"
+            )
+    if verify:
+        step("verifying in onnxruntime")
+        specs = [spec, second_spec(spec)] if dynamic_batch else [spec]
+        result.verify = verify_onnx(
+            paths.onnx,
+            loaded.model,
+            specs,
+            atol=default_atol if atol is None else atol,
+            rtol=default_rtol if rtol is None else rtol,
+            vocab_size=vocab_size_of(loaded.model),
+        )
+        if result.verify.skipped:
+            result.warnings.append(f"not verified: {result.verify.skipped}")
+    if paths.engine is not None:
+        from nmcli.export.tensorrt import (
+            build_engine,
+            builder_settings,
+            import_tensorrt,
+            tensorrt_major,
+            trtexec_command,
+        )
+
+        if ckpt is not None and ckpt.meta.layers and not sparse:
+            result.notes.append(
+                "the checkpoint is pruned but --sparse is off: the engine will be dense; pass --sparse to let "
+                "TensorRT use 2:4 sparse tensor-core kernels"
+            )
+        if ckpt is not None and ckpt.meta.pattern is not None and not ckpt.meta.pattern.accelerated and sparse:
+            result.notes.append(f"TensorRT accelerates only 2:4, not {ckpt.meta.pattern}: expect dense kernels")
+        try:
+            trt_module = import_tensorrt()
+            major = tensorrt_major(trt_module)
+        except BackendUnavailableError as exc:
+            trt_module, major = None, 10
+            result.trt_missing = str(exc)
+        settings = builder_settings(
+            trt_major=major,
+            precision=precision,
+            sparse=sparse,
+            spec=spec,
+            input_names=result.onnx.input_names,
+            dynamic_axes=result.onnx.dynamic_axes,
+            workspace_mb=workspace_mb,
+            max_sequence=max_sequence_of(loaded.model),
+        )
+        result.settings = settings
+        result.notes += list(settings.notes)
+        result.trtexec = trtexec_command(paths.onnx, paths.engine, settings)
+        if result.verify is not None and result.verify.passed is False:
+            result.notes.append("the TensorRT engine was not built because verification failed")
+        elif trt_module is not None:
+            step("building the TensorRT engine")
+            result.engine = build_engine(
+                paths.onnx,
+                paths.engine,
+                settings,
+                pruned_nodes={m.param: m.node for m in result.matches if not m.lost},
+                force=force,
+                inputs=[local_input],
+            )
+    if progress is not None:
+        progress(steps, steps, "done")
+    return result
+
+
+def trtexec_variants(command: str) -> Sequence[str]:
+    """The trtexec line for TensorRT 8-10, and its TensorRT 11 form (strongly typed, no precision flags)."""
+    parts = command.split(" ")
+    strongly = [p for p in parts if p not in ("--fp16", "--bf16", "--int8")]
+    if "--stronglyTyped" not in strongly:
+        strongly.append("--stronglyTyped")
+    return [command, " ".join(strongly)]

@@ -1,0 +1,255 @@
+"""``nmcli prune``: the command logic behind the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nmcli.algorithms.config import CalibrationConfig
+from nmcli.errors import InputError
+from nmcli.formats.checkpoint import SourceRef, save_checkpoint
+from nmcli.formats.safetensors import sha256_file
+from nmcli.formats.sharded import INDEX, check_output_directory, is_hf_directory, is_sharded_checkpoint, local_directory
+from nmcli.inputs import InputSpec, parse_input_spec
+from nmcli.io import check_output_path
+from nmcli.models.data import check_data_spec
+from nmcli.models.inferred import infer_state_dict_layers
+from nmcli.models.skeleton import build_skeleton
+from nmcli.models.sources import default_output_path, guess_input_spec, load_model, normalize_spec, source_ref
+from nmcli.nm.pattern import Pattern, parse_pattern
+from nmcli.pipelines.blocks import calibration_batches
+from nmcli.pipelines.inmemory import PruneResult, check_method, prune_model, prune_state_dict
+from nmcli.pipelines.streamed import prune_directory
+from nmcli.progress import ProgressCallback
+
+
+def run_prune(
+    model_spec: str,
+    *,
+    pattern: str | Pattern = "2:4",
+    method: str = "magnitude",
+    calibration: CalibrationConfig | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    arch: str | None = None,
+    trust: bool = False,
+    input_shape: str | None = None,
+    keep_dense: bool = False,
+    output: str | Path | None = None,
+    force: bool = False,
+    infer_layers: bool = False,
+    progress: ProgressCallback | None = None,
+) -> PruneResult:
+    """``nmcli prune``: load ``model_spec``, prune it, and write the checkpoint atomically.
+
+    ``infer_layers`` prunes a bare state dict (``.pt``/``.pth``/``.safetensors``) without ``--arch``:
+    its layers are inferred from the tensors (:func:`nmcli.models.inferred.infer_layers`), magnitude only,
+    and the checkpoint records that; commands that must run the model then need ``--arch``.
+
+    Options are validated and the output path checked before the model is loaded, so bad input
+    fails fast and no partial file is ever left. ``calibration`` (``--calib`` and its options)
+    is required by ``wanda`` and ``sparsegpt``; with ``magnitude`` it only serves the BatchNorm
+    re-estimation and the per-layer reconstruction errors.
+    """
+    nm = parse_pattern(pattern)
+    check_method(method, calibration is not None)
+    if calibration is not None:
+        calibration.validate()
+        check_data_spec(calibration.spec, "--calib")
+    spec_input = parse_input_spec(input_shape) if input_shape else None
+    if _streamed(model_spec, output):
+        return _run_prune_directory(
+            model_spec,
+            nm,
+            method=method,
+            calibration=calibration,
+            include=include,
+            exclude=exclude,
+            input_spec=spec_input,
+            keep_dense=keep_dense,
+            output=output,
+            force=force,
+            progress=progress,
+        )
+    out = Path(output) if output else default_output_path(model_spec, nm.slug)
+    local_input = model_spec[3:] if model_spec.startswith("hf:") else model_spec
+    if infer_layers:
+        if arch:
+            raise InputError("--infer-layers and --arch exclude each other: --arch gives the real layers")
+        if method != "magnitude" or calibration is not None:
+            raise InputError(f"--infer-layers prunes by magnitude only: {method} with --calib needs the model (--arch)")
+    check_output_path(out, force=force, inputs=[local_input])
+    if infer_layers:
+        return _prune_inferred(model_spec, nm, out, include, exclude, keep_dense, trust, force, progress)
+    loaded = load_model(model_spec, arch=arch, trust=trust)
+    input_spec = spec_input or loaded.input_spec
+    batches = None
+    if calibration is not None:
+        source = loaded.source.arch or loaded.source.spec
+        shape = input_spec.tensors[0].shape if input_spec is not None else None
+        batches = calibration_batches(calibration, source_spec=source, input_shape=shape)
+    result = prune_model(
+        loaded.model,
+        nm,
+        source=loaded.source,
+        method=method,
+        calibration=calibration,
+        batches=batches,
+        include=include,
+        exclude=exclude,
+        keep_dense=keep_dense,
+        input_spec=input_spec,
+        start=loaded.checkpoint,
+        inplace=True,  # the model was loaded here and is not used again
+        history_args={
+            "model": model_spec,
+            "pattern": str(nm),
+            "method": method,
+            "include": list(include),
+            "exclude": list(exclude),
+            "arch": arch,
+            "keep_dense": keep_dense,
+            **(_calibration_args(calibration) if calibration is not None else {}),
+        },
+        progress=progress,
+    )
+    if not result.checkpoint.masks:
+        raise InputError(
+            f"no layer of {model_spec} can be pruned to {nm}: "
+            + ("; ".join(sorted({r.reason for r in result.layers})) or "it has no Linear, Conv or attention layers")
+        )
+    save_checkpoint(result.checkpoint, out, force=force, inputs=[local_input])
+    result.output = out
+    return result
+
+
+def _streamed(model_spec: str, output: str | Path | None) -> bool:
+    """Whether ``model_spec`` is pruned from its shards without loading it (:mod:`nmcli.formats.sharded`).
+
+    A local HF directory with sharded safetensors (``hf:DIR`` or a bare ``DIR``) always is; one with a
+    single ``model.safetensors`` is when given as a bare ``DIR`` or with an ``-o`` that is not a
+    ``.safetensors`` file (``hf:DIR`` alone keeps writing one nmcli/1 file). Its output is a directory.
+    """
+
+    folder = local_directory(model_spec)
+    if folder is None or is_sharded_checkpoint(folder) or not is_hf_directory(folder):
+        return False
+    if output is not None and str(output).endswith(".safetensors"):
+        return False  # loaded whole by transformers, written as one nmcli/1 file
+    if (folder / INDEX).is_file() or not model_spec.startswith("hf:"):
+        return True
+    return output is not None and not str(output).endswith(".safetensors")
+
+
+def _run_prune_directory(
+    model_spec: str,
+    nm: Pattern,
+    *,
+    method: str,
+    calibration: CalibrationConfig | None,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    input_spec: InputSpec | None,
+    keep_dense: bool,
+    output: str | Path | None,
+    force: bool,
+    progress: ProgressCallback | None,
+) -> PruneResult:
+    """``run_prune`` of an HF directory: tensor by tensor (magnitude) or block by block, into a sharded checkpoint."""
+
+    folder = local_directory(model_spec)
+    assert folder is not None
+    out = Path(output) if output else default_output_path(model_spec, nm.slug, suffix="")
+    if str(out).endswith(".safetensors"):
+        raise InputError(
+            f"{model_spec} is a sharded model and is written as a directory: give -o a directory name, not {out}"
+        )
+    check_output_directory(out, force=force, inputs=[folder])
+    spec = model_spec if model_spec.startswith("hf:") else f"hf:{model_spec}"
+    source = source_ref(spec)
+    skeleton = build_skeleton(folder)
+    if input_spec is None:
+        input_spec = guess_input_spec(skeleton)
+    batches = None
+    if calibration is not None:
+        shape = input_spec.tensors[0].shape if input_spec is not None else None
+        batches = calibration_batches(calibration, source_spec=source.spec, input_shape=shape)
+    return prune_directory(
+        model_spec,
+        folder,
+        out,
+        nm,
+        source=source,
+        method=method,
+        calibration=calibration,
+        batches=batches,
+        include=include,
+        exclude=exclude,
+        keep_dense=keep_dense,
+        input_spec=str(input_spec) if input_spec else None,
+        skeleton=skeleton,
+        history_args={
+            "model": model_spec,
+            "pattern": str(nm),
+            "method": method,
+            "include": list(include),
+            "exclude": list(exclude),
+            "keep_dense": keep_dense,
+            **(_calibration_args(calibration) if calibration is not None else {}),
+        },
+        force=force,
+        progress=progress,
+    )
+
+
+def _calibration_args(cfg: CalibrationConfig) -> dict[str, Any]:
+    return {
+        "calib": cfg.spec,
+        "calib_samples": cfg.samples,
+        "max_length": cfg.max_length,
+        "damp": cfg.damp,
+        "block_size": cfg.block_size,
+        "bn_recalibrate": cfg.bn_recalibrate,
+    }
+
+
+def _prune_inferred(
+    spec: str,
+    pattern: Pattern,
+    out: Path,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    keep_dense: bool,
+    trust: bool,
+    force: bool,
+    progress: ProgressCallback | None,
+) -> PruneResult:
+
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(f"--infer-layers needs a state-dict file (.pt, .pth, .bin, .safetensors); {spec} is not one")
+    found = infer_state_dict_layers(path, pattern=pattern, trust=trust, include=list(include), exclude=list(exclude))
+    result = prune_state_dict(
+        dict(found.state.tensors),
+        found.candidates,
+        pattern,
+        source=SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path)),
+        keep_dense=keep_dense,
+        notes=found.notes,
+        history_args={
+            "model": spec,
+            "pattern": str(pattern),
+            "method": "magnitude",
+            "infer_layers": True,
+            "include": list(include),
+            "exclude": list(exclude),
+            "keep_dense": keep_dense,
+        },
+        progress=progress,
+    )
+    if not result.checkpoint.masks:
+        raise InputError(f"no tensor of {spec} was inferred to be a prunable layer for {pattern}: pass --arch SPEC")
+    save_checkpoint(result.checkpoint, out, force=force, inputs=[spec])
+    result.output = out
+    return result
