@@ -35,33 +35,20 @@ def row_chunks(matrix: torch.Tensor, scale: int = 1) -> Iterator[tuple[slice, to
         yield chunk, matrix[chunk].to(torch.float64, copy=True)  # a copy even when float64: solvers write into it
 
 
-def sparsegpt(
-    weight: torch.Tensor, gram: torch.Tensor, pattern: Pattern, *, damp: float, block_size: int
+def _sparsegpt_rows(
+    w: torch.Tensor, inverse_upper: torch.Tensor, pattern: Pattern, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT N:M (Frantar & Alistarh, 2023) on ``weight`` ``[rows, cols]`` with input Gram matrix ``X^T X``.
+    """SparseGPT N:M (Frantar & Alistarh, 2023) on rows ``w`` ``[rows, cols]``, given the inverse Hessian's factor.
 
     Columns are processed left to right in blocks of ``block_size`` (rounded down to a multiple of
     M). At the first column of every group of M, each row keeps the N columns with the largest
     ``w^2 / [H^-1]_jj^2`` (ties: lower index); every pruned or kept column's error is then spread
-    over the remaining columns with the Cholesky factor of the dampened inverse Hessian (the OBS
-    update). Inputs that never fire (zero Hessian diagonal) get the mean diagonal, so their weights
-    are judged by magnitude rather than zeroed. Runs in float64, a slice of rows at a time.
+    over the remaining columns with ``inverse_upper``, the upper Cholesky factor of the dampened
+    inverse Hessian (the OBS update).
 
     Returns:
-        ``(mask, updated)``: the boolean keep-mask and the updated weights (zero where pruned), float64.
+        ``(mask, w)``: the boolean keep-mask and ``w`` itself (float64), updated in place, zero where pruned.
     """
-    inverse_upper = _dampened_inverse_cholesky(gram, damp)
-    mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
-    updated = torch.empty(weight.shape, dtype=torch.float64, device=weight.device)
-    for rows, part in row_chunks(weight.detach()):
-        mask[rows], updated[rows] = _sparsegpt_rows(part, inverse_upper, pattern, block_size)
-    return mask, updated
-
-
-def _sparsegpt_rows(
-    w: torch.Tensor, inverse_upper: torch.Tensor, pattern: Pattern, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`sparsegpt` on rows ``w`` (float64, updated in place and returned) given the factor of the inverse Hessian."""
     rows, cols = w.shape
     m = pattern.m
     block = max(m, (block_size // m) * m)
@@ -89,29 +76,17 @@ def _sparsegpt_rows(
     return mask, w
 
 
-def refit_kept(
-    weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, *, damp: float, iterations: int
-) -> torch.Tensor:
-    """The kept weights that minimize SparseGPT's damped objective for a fixed mask, by conjugate gradients.
+def _refit_rows(weight: torch.Tensor, system: torch.Tensor, mask: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The kept weights of rows ``weight`` (float64) that minimize SparseGPT's damped objective for ``mask``.
 
     The objective is ``||W X - W~ X||^2 + d ||W - W~||^2`` (``H = X^T X``, ``d = damp * mean(diag H)``,
     the damping SparseGPT's inverse Hessian uses): each row ``r`` solves
-    ``(H + d I)_KK w_K = ((H + d I) w_r)_K`` on its kept columns ``K``; the CG iterations on the masked
-    system run for a slice of rows together as one ``[rows, cols] @ [cols, cols]`` product. SparseGPT's
-    greedy OBS update only approximates this optimum, column by column. Starts from ``weight``
-    masked, runs ``iterations`` steps (fewer when every row of the slice has converged). Float64 in,
-    float64 out.
+    ``(H + d I)_KK w_K = ((H + d I) w_r)_K`` on its kept columns ``K``, given ``system = H + d I``. The
+    conjugate-gradient iterations on the masked system run for all the rows together as one
+    ``[rows, cols] @ [cols, cols]`` product; SparseGPT's greedy OBS update only approximates this
+    optimum, column by column. Starts from ``weight`` masked and runs ``iterations`` steps (fewer when
+    every row has converged).
     """
-    system = gram.clone()
-    system.diagonal().add_(damp * float(gram.diagonal().mean()))
-    out = torch.empty(weight.shape, dtype=torch.float64, device=weight.device)
-    for rows, part in row_chunks(weight, _REFIT_COPIES):
-        out[rows] = _refit_rows(part, system, mask[rows], iterations)
-    return out
-
-
-def _refit_rows(weight: torch.Tensor, system: torch.Tensor, mask: torch.Tensor, iterations: int) -> torch.Tensor:
-    """:func:`refit_kept` of rows ``weight`` (float64) with the damped system ``H + d I`` given."""
     keep = mask.to(weight.dtype)
     w = weight * keep
     if iterations <= 0:
@@ -178,59 +153,51 @@ def error_terms(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -
     return float(((delta @ gram) * delta).sum()), float(((d @ gram) * d).sum())
 
 
-def reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> float:
-    """``||W X - W~ X||^2 / ||W X||^2`` on the calibration inputs."""
-    num, den = error_terms(dense, pruned, gram)
-    return num / den if den > 0 else 0.0
-
-
 def solve_sparsegpt(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig) -> Solved:
-    """SparseGPT's masks, then (``refit_iterations``) the kept weights refit on the damped objective.
+    """SparseGPT N:M on ``part`` ``[rows, cols]`` with input Gram matrix ``gram`` (``X^T X``), a slice of rows at a time.
+
+    The masks and OBS-updated weights of :func:`_sparsegpt_rows` (``cfg.damp``, ``cfg.block_size``);
+    inputs that never fire (zero Hessian diagonal) get the mean diagonal, so their weights are judged
+    by magnitude rather than zeroed. With ``cfg.refit_iterations`` the kept weights are then refit on
+    the damped objective (:func:`_refit_rows`). Runs in float64. ``gram`` may be overwritten (the
+    block runner hands each layer's statistics over once); each slice's errors are measured on the
+    undamped Gram matrix.
 
     Two passes over the rows so that the inverse Hessian's factor and the damped system are never
-    held together: the masks first, the factor freed, then the refit with ``gram``'s diagonal
-    damped in place for each slice of rows and restored before the slice is yielded (its errors
-    are measured on the undamped ``gram``).
+    held together: the masks first, the factor freed, then the refit with ``gram``'s diagonal damped
+    in place for each slice of rows and restored before the slice is yielded. A large ``gram``
+    (``SPILL_BYTES``) waits in a temporary file during the first pass and is itself factorized in
+    place (a 1.1B Llama's down projection: 254 MB each), so only one of the two is ever in memory.
     """
+    refit = cfg.refit_iterations > 0
     big = gram.device.type == "cpu" and gram.numel() * gram.element_size() >= SPILL_BYTES
-    if cfg.refit_iterations <= 0 and not big:
+    if not refit and not big:  # one pass, streamed: each slice is yielded as soon as it is solved
         inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp)
         for rows, dense in row_chunks(part):
             mask, new = _sparsegpt_rows(dense.clone(), inverse_upper, pattern, cfg.block_size)
             yield rows, mask, new, *error_terms(dense, new, gram)
         return
-    if cfg.refit_iterations <= 0:  # the updated rows wait (float64) until the Gram matrix is back
-        spilled = _Spilled(gram)
-        try:
-            inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp, reload=spilled.load)
-            del gram
-            solved = [
-                (rows, *_sparsegpt_rows(d, inverse_upper, pattern, cfg.block_size)) for rows, d in row_chunks(part)
-            ]
-            del inverse_upper
-            gram = spilled.load()
-        finally:
-            spilled.close()
-        for rows, mask, new in solved:
-            yield rows, mask, new, *error_terms(part[rows], new, gram)
-        return
-    # The factor is used while the masks are chosen, the Gram matrix only afterwards: a large one
-    # waits in a temporary file meanwhile and is itself factorized in place (a 1.1B Llama's down
-    # projection: 254 MB each), so only one of the two is ever in memory.
+    # Without refit the updated rows wait (float64) until the Gram matrix is back; with it, only the masks.
     if big:
         spilled = _Spilled(gram)
         try:
             inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp, reload=spilled.load)
             del gram
-            masks = [_sparsegpt_rows(d, inverse_upper, pattern, cfg.block_size)[0] for _, d in row_chunks(part)]
+            solved = _solve_all_rows(part, inverse_upper, pattern, cfg.block_size, keep_weights=not refit)
             del inverse_upper
             gram = spilled.load()
         finally:
             spilled.close()
     else:
         inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp)
-        masks = [_sparsegpt_rows(d, inverse_upper, pattern, cfg.block_size)[0] for _, d in row_chunks(part)]
+        solved = _solve_all_rows(part, inverse_upper, pattern, cfg.block_size, keep_weights=False)
         del inverse_upper
+    if not refit:
+        for rows, mask, new in solved:
+            yield rows, mask, new, *error_terms(part[rows], new, gram)
+        return
+    masks = [mask for _, mask, _ in solved]
+    del solved
     diagonal = gram.diagonal()
     undamped = diagonal.clone()
     damping = cfg.damp * float(undamped.mean())
@@ -241,6 +208,17 @@ def solve_sparsegpt(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cf
         finally:
             diagonal.copy_(undamped)
         yield rows, mask, new, *error_terms(dense, new, gram)
+
+
+def _solve_all_rows(
+    part: torch.Tensor, inverse_upper: torch.Tensor, pattern: Pattern, block_size: int, *, keep_weights: bool
+) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """:func:`_sparsegpt_rows` of every slice of ``part``: ``(rows, mask, updated)``, ``updated`` empty unless ``keep_weights``."""
+    solved = []
+    for rows, dense in row_chunks(part):
+        mask, new = _sparsegpt_rows(dense, inverse_upper, pattern, block_size)
+        solved.append((rows, mask, new if keep_weights else new.new_empty(0)))
+    return solved
 
 
 SPILL_BYTES = 64 << 20  # Gram matrices this large wait in a temporary file during the SparseGPT pass

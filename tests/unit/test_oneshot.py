@@ -1,4 +1,9 @@
-"""Calibrated one-shot pruning (nmcli/oneshot.py): SparseGPT, Wanda, conv column order, refit, BN, determinism."""
+"""Calibrated one-shot pruning: SparseGPT, Wanda, conv column order, refit, BN, determinism.
+
+SparseGPT is exercised through the code ``nmcli prune --method sparsegpt`` runs: ``SOLVERS["sparsegpt"]``
+(in each of its memory branches) and ``solve_layer``, checked against hand-computed cases and an
+independent reference written here.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,13 @@ from torch import nn
 
 import nmcli.algorithms.sparsegpt as sparsegpt_module
 from nmcli.algorithms.config import CalibrationConfig
-from nmcli.algorithms.solve import SOLVERS, wanda_mask
-from nmcli.algorithms.sparsegpt import error_terms, reconstruction_error, refit_kept, sparsegpt
-from nmcli.algorithms.statistics import conv_columns, from_matrix, to_matrix
+from nmcli.algorithms.solve import SOLVERS, solve_layer, wanda_mask
+from nmcli.algorithms.statistics import Segment, conv_columns, from_matrix, to_matrix
 from nmcli.errors import InputError
 from nmcli.formats.checkpoint import SourceRef
 from nmcli.models.batchnorm import recalibrate_batchnorm
 from nmcli.models.data import Batch
-from nmcli.models.layers import CONV, LINEAR
+from nmcli.models.layers import CONV, LINEAR, LayerCandidate
 from nmcli.nm.masks import is_compliant
 from nmcli.nm.pattern import Pattern
 from nmcli.pipelines.inmemory import prune_model
@@ -74,31 +78,137 @@ def _random_problem(rows: int, cols: int, samples: int, seed: int = 0) -> tuple[
     return weight, x.t() @ x / samples
 
 
+def _output_error(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> float:
+    """``||(W - W~) X||^2`` from ``gram = X^T X``, written out term by term."""
+    delta = dense.to(torch.float64) - pruned.to(torch.float64)
+    return float(torch.einsum("ri,ij,rj->", delta, gram, delta))
+
+
+def _sparsegpt(
+    weight: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """``SOLVERS["sparsegpt"]``'s slices stitched together: ``(mask, weights, ||(W - W~) X||^2, ||W X||^2)``."""
+    mask = torch.zeros(weight.shape, dtype=torch.bool)
+    new = torch.full(weight.shape, float("nan"), dtype=torch.float64)
+    num = den = 0.0
+    for rows, m, n, a, b in SOLVERS["sparsegpt"](weight, gram.clone(), pattern, cfg):
+        assert torch.isnan(new[rows]).all()  # every row exactly once
+        mask[rows], new[rows] = m, n
+        num, den = num + a, den + b
+    assert not torch.isnan(new).any()
+    return mask, new, num, den
+
+
+# The solver's memory branches: everything in memory; the Gram matrix waiting in a temporary file
+# and factorized in place; and that with slices of 5 rows (the CG refit's slices: 5 // 8 -> 1 row).
+MEMORY = ("in-memory", "spilled", "spilled-sliced")
+
+
+@pytest.fixture(params=MEMORY)
+def memory(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param != "in-memory":
+        monkeypatch.setattr(sparsegpt_module, "SPILL_BYTES", 0)
+    if request.param == "spilled-sliced":
+        monkeypatch.setattr(sparsegpt_module, "ROW_CHUNK_BYTES", 1)  # one row per slice
+    return str(request.param)
+
+
 @pytest.mark.parametrize(
     ("rows", "cols", "block", "pattern"), [(16, 32, 8, P24), (8, 64, 128, Pattern(1, 4)), (6, 48, 16, Pattern(4, 8))]
 )
-def test_sparsegpt_equals_the_reference_algorithm(rows: int, cols: int, block: int, pattern: Pattern) -> None:
+def test_sparsegpt_equals_the_reference_algorithm(
+    memory: str, rows: int, cols: int, block: int, pattern: Pattern
+) -> None:
     weight, gram = _random_problem(rows, cols, 200)
-    mask, updated = sparsegpt(weight, gram, pattern, damp=0.01, block_size=block)
+    cfg = CalibrationConfig(spec="", damp=0.01, block_size=block, refit_iterations=0)
+    mask, updated, num, den = _sparsegpt(weight, gram, pattern, cfg)
     ref_mask, ref_weight = reference_sparsegpt(weight, gram, pattern.m - pattern.n, pattern.m, 0.01, block)
     assert torch.equal(mask, ref_mask)
-    torch.testing.assert_close(updated, ref_weight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(updated, ref_weight, atol=1e-9, rtol=0)
     assert is_compliant(updated, pattern, 1)
+    assert torch.equal(updated != 0, mask)
+    assert num == pytest.approx(_output_error(weight, updated, gram), rel=1e-12)
+    assert den == pytest.approx(_output_error(weight, torch.zeros_like(weight), gram), rel=1e-12)
     # the OBS update beats plain masking of the same mask
     plain = torch.where(mask, weight, torch.zeros(()))
-    assert reconstruction_error(weight, updated, gram) < reconstruction_error(weight, plain, gram)
+    assert num < _output_error(weight, plain, gram)
 
 
-def test_refit_reaches_the_least_squares_optimum_per_row() -> None:
+def test_refit_reaches_the_least_squares_optimum_per_row(memory: str) -> None:
     weight, gram = _random_problem(5, 16, 100, seed=1)
-    mask, _ = sparsegpt(weight, gram, P24, damp=0.01, block_size=16)
-    refit = refit_kept(weight, gram, mask, damp=0.01, iterations=50)
+    no_refit = _sparsegpt(weight, gram, P24, CalibrationConfig(spec="", block_size=16, refit_iterations=0))
+    mask, refit, num, _ = _sparsegpt(weight, gram, P24, CalibrationConfig(spec="", block_size=16, refit_iterations=50))
+    assert torch.equal(mask, no_refit[0])  # the same masks: only the kept weights move
     system = gram + 0.01 * gram.diagonal().mean() * torch.eye(16, dtype=torch.float64)
     for r in range(5):
         kept = mask[r].nonzero().flatten()
         exact = torch.linalg.solve(system[kept][:, kept], (weight[r] @ system)[kept])
         torch.testing.assert_close(refit[r, kept], exact, atol=1e-9, rtol=1e-9)
         assert bool((refit[r][~mask[r]] == 0).all())
+    assert num == pytest.approx(_output_error(weight, refit, gram), rel=1e-12)
+    assert num <= no_refit[2]  # the refit never makes the layer's output error worse
+
+
+@pytest.mark.parametrize("refit", [0, 50])
+def test_sparsegpt_one_of_two_by_hand(memory: str, refit: int) -> None:
+    # H = [[1, r], [r, 1]], r = 1/2, no damping: the upper factor of H^-1 is
+    # [[1/sqrt(1 - r^2), -r/sqrt(1 - r^2)], [0, 1]], so the scores are w0^2 (1 - r^2) and w1^2.
+    gram = torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    weight = torch.tensor([[0.8, 1.0], [1.0, 0.8]], dtype=torch.float64)
+    cfg = CalibrationConfig(spec="", damp=0.0, refit_iterations=refit)
+    mask, new, num, den = _sparsegpt(weight, gram, Pattern(1, 2), cfg)
+    # row 0: scores 0.48 < 1, w0 pruned; its error 0.8 sqrt(1 - r^2) times -r / sqrt(1 - r^2) moves
+    # into w1: 1 + 0.8 r = 1.4, the optimum. Row 1: scores 0.75 > 0.64, w1 pruned, nothing to its
+    # right to update (the greedy pass keeps w0 = 1); the refit reaches the optimum 1 + 0.8 r.
+    assert mask.tolist() == [[False, True], [True, False]]
+    expected = [[0.0, 1.4], [1.4 if refit else 1.0, 0.0]]
+    torch.testing.assert_close(new, torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=0)
+    # ||(W - W~) X||^2 = d H d: row 0 d = [0.8, -0.4]: 0.48; row 1 d = [0, 0.8]: 0.64, refit [-0.4, 0.8]: 0.48
+    assert num == pytest.approx(0.48 + (0.48 if refit else 0.64), abs=1e-12)
+    assert den == pytest.approx(2 * 2.44, abs=1e-12)  # w H w = 0.64 + 0.8 + 1 per row
+
+
+@pytest.mark.parametrize("refit", [0, 50])
+@pytest.mark.parametrize("dead", [False, True])
+def test_sparsegpt_with_uncorrelated_inputs_is_magnitude_pruning(memory: str, refit: int, dead: bool) -> None:
+    # A diagonal H of equal entries: the scores are w^2 and no error reaches another column. An input
+    # that never fires (H_00 = 0) counts as the mean of the others: judged by magnitude, not zeroed.
+    gram = torch.eye(8, dtype=torch.float64) * 2
+    if dead:
+        gram[0, 0] = 0
+    weight = torch.tensor([[4.0, -1.0, 3.0, 2.0, 0.5, -6.0, 0.25, 7.0], [-1.0, 2.0, -3.0, 4.0, 1.0, 1.0, 1.0, 1.0]])
+    mask, new, _, _ = _sparsegpt(weight, gram, P24, CalibrationConfig(spec="", refit_iterations=refit))
+    expected = [[4.0, 0.0, 3.0, 0.0, 0.0, -6.0, 0.0, 7.0], [0.0, 0.0, -3.0, 4.0, 1.0, 1.0, 0.0, 0.0]]
+    assert torch.equal(new, torch.tensor(expected, dtype=torch.float64))
+    assert torch.equal(mask, new != 0)
+
+
+@pytest.mark.parametrize("kind", [LINEAR, CONV])
+def test_solve_layer_runs_sparsegpt_on_the_layer_matrix(kind: str) -> None:
+    torch.manual_seed(0)
+    if kind == LINEAR:
+        weight = nn.Linear(32, 6).weight.detach()
+        columns = torch.randn(64, 32)
+    else:
+        conv = nn.Conv2d(8, 6, 3, padding=1)
+        weight = conv.weight.detach()
+        columns = conv_columns(conv, torch.randn(4, 8, 5, 5))
+    segment = Segment(slice(None))
+    segment.add(columns[:40])
+    segment.add(columns[40:])  # accumulated over batches
+    gram = columns.double().t() @ columns.double() / columns.shape[0]
+    cand = LayerCandidate("m", "m.weight", kind, tuple(weight.shape), 1, True, "")
+    cfg = CalibrationConfig(spec="", block_size=16, refit_iterations=0)
+    outcome = solve_layer(weight, cand, [segment], P24, "sparsegpt", cfg)
+    ref_mask, ref_weight = reference_sparsegpt(to_matrix(weight, kind), gram, 2, 4, 0.01, 16)
+    assert torch.equal(outcome.mask, from_matrix(ref_mask, kind, weight.shape))
+    assert outcome.weight.dtype == weight.dtype and outcome.weight.shape == weight.shape
+    torch.testing.assert_close(outcome.weight, from_matrix(ref_weight.float(), kind, weight.shape), atol=1e-6, rtol=0)
+    ratio = _output_error(ref_weight, to_matrix(weight, kind), gram) / _output_error(
+        to_matrix(weight, kind), torch.zeros_like(to_matrix(weight, kind)), gram
+    )
+    assert outcome.recon_error == pytest.approx(ratio, rel=1e-9)
+    assert is_compliant(outcome.weight, P24, 1)
 
 
 def test_wanda_scores_by_hand() -> None:
@@ -259,19 +369,21 @@ def test_row_slices_change_nothing_and_leave_the_inputs_alone(monkeypatch: pytes
 
     def solved() -> tuple[torch.Tensor, torch.Tensor]:
         mask, new = torch.zeros(weight.shape, dtype=torch.bool), torch.zeros(weight.shape, dtype=torch.float64)
-        for rows, m, n, num, den in SOLVERS["sparsegpt"](weight, gram.clone(), P24, cfg):
-            assert (num, den) == error_terms(weight[rows], n, gram)  # measured on the undamped gram
+        for rows, m, n, num, den in SOLVERS["sparsegpt"](weight, gram, P24, cfg):
+            # measured on the undamped gram, which is back to its values whenever a slice is yielded
+            assert torch.equal(gram, gram_before)
+            assert num == pytest.approx(_output_error(weight[rows], n, gram), rel=1e-12)
+            assert den == pytest.approx(_output_error(weight[rows], torch.zeros_like(n), gram), rel=1e-12)
             mask[rows], new[rows] = m, n
         return mask, new
 
     whole_mask, whole = solved()
     monkeypatch.setattr(sparsegpt_module, "ROW_CHUNK_BYTES", 5 * 32 * 8)  # slices of 5 rows
-    monkeypatch.setattr(sparsegpt_module, "SPILL_BYTES", 0)  # the Gram matrix waits in a file during the masks
     sliced_mask, sliced = solved()
     assert torch.equal(whole_mask, sliced_mask)
     torch.testing.assert_close(sliced, whole, atol=1e-9, rtol=0)  # CG stops per slice: near-equal
-    assert torch.equal(weight, weight_before) and torch.equal(gram, gram_before)
-    ref_mask, _ = sparsegpt(weight, gram, P24, damp=cfg.damp, block_size=cfg.block_size)
+    assert torch.equal(weight, weight_before)
+    ref_mask, _ = reference_sparsegpt(weight, gram, 2, 4, cfg.damp, cfg.block_size)
     assert torch.equal(whole_mask, ref_mask)
 
 
