@@ -2,52 +2,65 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from nmcli.cli.app import emit_json, guarded, progress_bar, show_progress, stderr
+from nmcli.cli.options import ArchOption, InputShapeOption, JsonOption, TrustOption
 
 if TYPE_CHECKING:
     from nmcli.bench.types import BenchReport
 
 
+TargetArgument = Annotated[
+    str,
+    typer.Argument(help="A checkpoint or model source (torch), an .onnx file (onnxruntime) or a TensorRT .engine."),
+]
+BackendOption = Annotated[
+    str | None,
+    typer.Option("--backend", help="torch, onnxruntime or tensorrt (default: from TARGET's file type)."),
+]
+DeviceOption = Annotated[
+    str | None,
+    typer.Option("--device", help="cpu, cuda (the current CUDA device) or cuda:N (default: cuda when available)."),
+]
+VsOption = Annotated[str | None, typer.Option("--vs", help="A second .onnx or engine file to compare against TARGET.")]
+BatchSizeOption = Annotated[
+    str | None, typer.Option("--batch-size", help="Batch sizes to sweep, e.g. 1,8,32 (default: the input spec's).")
+]
+PrecisionOption = Annotated[
+    str | None,
+    typer.Option("--precision", help="fp32, fp16 or bf16 for the torch backend (default: fp16 on CUDA, fp32 on CPU)."),
+]
+WarmupOption = Annotated[int, typer.Option("--warmup", help="Untimed iterations before timing.")]
+ItersOption = Annotated[int | None, typer.Option("--iters", help="Timed iterations (default 50).")]
+MinTimeOption = Annotated[
+    float | None, typer.Option("--min-time", help="Time for at least this many seconds instead of --iters.")
+]
+CompileOption = Annotated[bool, typer.Option("--compile", help="Run both torch variants under torch.compile.")]
+OutputOption = Annotated[str | None, typer.Option("--output", "-o", help="Also write the JSON result to this file.")]
+ForceOutputOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing --output file.")]
+
+
 @guarded
 def command(
-    target: str = typer.Argument(
-        ..., help="A checkpoint or model source (torch), an .onnx file (onnxruntime) or a TensorRT .engine."
-    ),
-    backend: str | None = typer.Option(
-        None, "--backend", help="torch, onnxruntime or tensorrt (default: from TARGET's file type)."
-    ),
-    device: str | None = typer.Option(
-        None, "--device", help="cpu, cuda (the current CUDA device) or cuda:N (default: cuda when available)."
-    ),
-    vs: str | None = typer.Option(None, "--vs", help="A second .onnx or engine file to compare against TARGET."),
-    batch_size: str | None = typer.Option(
-        None, "--batch-size", help="Batch sizes to sweep, e.g. 1,8,32 (default: the input spec's)."
-    ),
-    input_shape: str | None = typer.Option(
-        None, "--input-shape", help="Input spec, e.g. 1x3x224x224 (default: the one stored in the checkpoint)."
-    ),
-    precision: str | None = typer.Option(
-        None, "--precision", help="fp32, fp16 or bf16 for the torch backend (default: fp16 on CUDA, fp32 on CPU)."
-    ),
-    warmup: int = typer.Option(10, "--warmup", help="Untimed iterations before timing."),
-    iters: int | None = typer.Option(None, "--iters", help="Timed iterations (default 50)."),
-    min_time: float | None = typer.Option(
-        None, "--min-time", help="Time for at least this many seconds instead of --iters."
-    ),
-    compile: bool = typer.Option(False, "--compile", help="Run both torch variants under torch.compile."),
-    arch: str | None = typer.Option(None, "--arch", help="Architecture source overriding a checkpoint's source."),
-    trust: bool = typer.Option(
-        False,
-        "--trust",
-        help="Run code a file holds: a pickled nn.Module, or a checkpoint's recorded py:/pickled source (only for authors you trust).",
-    ),
-    output: str | None = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing --output file."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    target: TargetArgument,
+    backend: BackendOption = None,
+    device: DeviceOption = None,
+    vs: VsOption = None,
+    batch_size: BatchSizeOption = None,
+    input_shape: InputShapeOption = None,
+    precision: PrecisionOption = None,
+    warmup: WarmupOption = 10,
+    iters: ItersOption = None,
+    min_time: MinTimeOption = None,
+    compile: CompileOption = False,
+    arch: ArchOption = None,
+    trust: TrustOption = False,
+    output: OutputOption = None,
+    force: ForceOutputOption = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Benchmark TARGET: its dense model against its sparse one, or one file against another (--vs).
 

@@ -5,77 +5,86 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from nmcli.cli.app import emit_json, esc, guarded, progress_bar, show_progress, stderr
-from nmcli.cli.options import number
+from nmcli.cli.options import ArchOption, InputShapeOption, JsonOption, TrustOption, number_option
 
 if TYPE_CHECKING:
     from nmcli.commands.export import ExportResult
 
 
-@guarded
-def command(
-    checkpoint: str = typer.Argument(..., help="An nmcli checkpoint (.safetensors), or any model source."),
-    onnx: bool = typer.Option(False, "--onnx", help="Export ONNX (the default when nothing else is asked)."),
-    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine (needs the tensorrt package)."),
-    sparse: bool = typer.Option(
-        False, "--sparse/--no-sparse", help="Let TensorRT use 2:4 sparse kernels (BuilderFlag.SPARSE_WEIGHTS)."
-    ),
-    precision: str = typer.Option(
-        "fp32",
+CheckpointArgument = Annotated[str, typer.Argument(help="An nmcli checkpoint (.safetensors), or any model source.")]
+OnnxOption = Annotated[bool, typer.Option("--onnx", help="Export ONNX (the default when nothing else is asked).")]
+TrtOption = Annotated[bool, typer.Option("--trt", help="Also build a TensorRT engine (needs the tensorrt package).")]
+SparseOption = Annotated[
+    bool,
+    typer.Option("--sparse/--no-sparse", help="Let TensorRT use 2:4 sparse kernels (BuilderFlag.SPARSE_WEIGHTS)."),
+]
+PrecisionOption = Annotated[
+    str,
+    typer.Option(
         "--precision",
         help="fp32, fp16 or bf16 (ONNX weights in that dtype, zeros exact); int8 is refused (no calibration data).",
     ),
-    input_shape: str | None = typer.Option(
-        None, "--input-shape", help="Input spec, e.g. 1x3x224x224 (default: the one stored in the checkpoint)."
-    ),
-    dynamic_batch: bool = typer.Option(
-        False, "--dynamic-batch", help="Dynamic batch dimension (and sequence length for text models)."
-    ),
-    opset: int | None = typer.Option(
-        None, "--opset", callback=number("--opset", minimum=9, maximum=23), help="ONNX opset (default 17)."
-    ),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare onnxruntime with torch on random inputs."),
-    atol: float | None = typer.Option(
-        None,
-        "--atol",
-        callback=number("--atol", minimum=0, maximum=1e6),
-        help="Absolute tolerance (default per precision).",
-    ),
-    rtol: float | None = typer.Option(
-        None,
-        "--rtol",
-        callback=number("--rtol", minimum=0, maximum=1e6),
-        help="Relative tolerance (default per precision).",
-    ),
-    workspace: int | None = typer.Option(
-        None,
-        "--workspace",
-        callback=number("--workspace", minimum=0, exclusive=True, maximum=1 << 24),
-        help="TensorRT workspace limit in MiB.",
-    ),
-    compress: bool = typer.Option(
-        False, "--compress", help="Write a compressed copy of the checkpoint (kept values + in-group indices)."
-    ),
-    output: str | None = typer.Option(
-        None,
+]
+DynamicBatchOption = Annotated[
+    bool,
+    typer.Option("--dynamic-batch", help="Dynamic batch dimension (and sequence length for text models)."),
+]
+OpsetOption = Annotated[int | None, number_option("--opset", help="ONNX opset (default 17).", minimum=9, maximum=23)]
+VerifyOption = Annotated[
+    bool, typer.Option("--verify/--no-verify", help="Compare onnxruntime with torch on random inputs.")
+]
+AtolOption = Annotated[
+    float | None,
+    number_option("--atol", help="Absolute tolerance (default per precision).", minimum=0, maximum=1e6),
+]
+RtolOption = Annotated[
+    float | None,
+    number_option("--rtol", help="Relative tolerance (default per precision).", minimum=0, maximum=1e6),
+]
+WorkspaceOption = Annotated[
+    int | None,
+    number_option("--workspace", help="TensorRT workspace limit in MiB.", minimum=0, exclusive=True, maximum=1 << 24),
+]
+CompressOption = Annotated[
+    bool,
+    typer.Option("--compress", help="Write a compressed copy of the checkpoint (kept values + in-group indices)."),
+]
+OutputOption = Annotated[
+    str | None,
+    typer.Option(
         "-o",
         "--output",
         help="Output .onnx (or .engine with --trt; .safetensors with --compress alone, a directory for a sharded one).",
     ),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
-    arch: str | None = typer.Option(
-        None, "--arch", help="Architecture source overriding the checkpoint's recorded one (code you name runs)."
-    ),
-    trust: bool = typer.Option(
-        False,
-        "--trust",
-        help="Run code a file holds: the checkpoint's recorded py:/pickled source (only for authors you trust).",
-    ),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+]
+ForceOutputsOption = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+
+
+@guarded
+def command(
+    checkpoint: CheckpointArgument,
+    onnx: OnnxOption = False,
+    trt: TrtOption = False,
+    sparse: SparseOption = False,
+    precision: PrecisionOption = "fp32",
+    input_shape: InputShapeOption = None,
+    dynamic_batch: DynamicBatchOption = False,
+    opset: OpsetOption = None,
+    verify: VerifyOption = True,
+    atol: AtolOption = None,
+    rtol: RtolOption = None,
+    workspace: WorkspaceOption = None,
+    compress: CompressOption = False,
+    output: OutputOption = None,
+    force: ForceOutputsOption = False,
+    arch: ArchOption = None,
+    trust: TrustOption = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Export CHECKPOINT to ONNX (pruned layers checked to stay N:M, verified in onnxruntime) and TensorRT.
 
@@ -118,15 +127,21 @@ def command(
         stderr.print(f"[cyan]note:[/cyan] {esc(note)}", markup=True, highlight=False)
     for warning in result.warnings:
         stderr.print(f"[yellow]warning:[/yellow] {esc(warning)}", markup=True, highlight=False)
-    if result.trt_missing is not None and result.trtexec is not None:
-        from nmcli.commands.export import trtexec_variants
-
-        plain, strongly = trtexec_variants(result.trtexec)
-        stderr.print("tensorrt is not installed; the same engine with trtexec (TensorRT 8-10):", highlight=False)
-        stderr.print(f"  {plain}", markup=False, highlight=False)
-        stderr.print("TensorRT 11 (strongly typed, precision from the ONNX):", highlight=False)
-        stderr.print(f"  {strongly}", markup=False, highlight=False)
+    _render_trtexec(result)
     result.raise_for_status()
+
+
+def _render_trtexec(result: ExportResult) -> None:
+    """Without tensorrt installed: the trtexec commands that build the same engine."""
+    if result.trt_missing is None or result.trtexec is None:
+        return
+    from nmcli.commands.export import trtexec_variants
+
+    plain, strongly = trtexec_variants(result.trtexec)
+    stderr.print("tensorrt is not installed; the same engine with trtexec (TensorRT 8-10):", highlight=False)
+    stderr.print(f"  {plain}", markup=False, highlight=False)
+    stderr.print("TensorRT 11 (strongly typed, precision from the ONNX):", highlight=False)
+    stderr.print(f"  {strongly}", markup=False, highlight=False)
 
 
 def _render(result: ExportResult) -> None:

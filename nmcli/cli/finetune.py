@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from nmcli.cli.app import emit_json, esc, guarded, show_progress, stderr
-from nmcli.cli.options import number
+from nmcli.cli.options import DATA_SPECS, ForceOption, JsonOption, TrustOption, number_option
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -15,147 +15,170 @@ if TYPE_CHECKING:
     from nmcli.pipelines.training import FinetuneResult, StepInfo
 
 
-@guarded
-def command(
-    checkpoint: str = typer.Argument(..., help="nmcli/1 checkpoint to fine-tune (from nmcli prune)."),
-    data: str = typer.Option(
-        ...,
-        "--data",
-        help="Training data: tensors:FILE.safetensors, text:FILE.txt, imagefolder:DIR or py:module:callable.",
+CheckpointArgument = Annotated[str, typer.Argument(help="nmcli/1 checkpoint to fine-tune (from nmcli prune).")]
+DataOption = Annotated[str, typer.Option("--data", help=f"Training data: {DATA_SPECS}.")]
+TeacherOption = Annotated[
+    str,
+    typer.Option("--teacher", help="Distill from: auto (the dense model the checkpoint came from), none, or a MODEL."),
+]
+
+# the schedule: how long, how big, how fast
+StepsOption = Annotated[
+    int | None, number_option("--steps", help="Optimizer steps (default: --epochs 1).", minimum=1, maximum=1e9)
+]
+EpochsOption = Annotated[
+    float | None,
+    number_option(
+        "--epochs", help="Passes over the data (instead of --steps).", minimum=0, exclusive=True, maximum=1e6
     ),
-    teacher: str = typer.Option(
-        "auto", "--teacher", help="Distill from: auto (the dense model the checkpoint came from), none, or a MODEL."
-    ),
-    steps: int | None = typer.Option(
-        None,
-        "--steps",
-        help="Optimizer steps (default: --epochs 1).",
-        callback=number("--steps", minimum=1, maximum=1e9),
-    ),
-    epochs: float | None = typer.Option(
-        None,
-        "--epochs",
-        help="Passes over the data (instead of --steps).",
-        callback=number("--epochs", minimum=0, exclusive=True, maximum=1e6),
-    ),
-    batch_size: int = typer.Option(
-        32,
-        "--batch-size",
-        help="Global batch per micro-step (split over processes).",
-        callback=number("--batch-size", minimum=1, maximum=1e7),
-    ),
-    lr: float | None = typer.Option(
-        None,
+]
+BatchSizeOption = Annotated[
+    int,
+    number_option("--batch-size", help="Global batch per micro-step (split over processes).", minimum=1, maximum=1e7),
+]
+LrOption = Annotated[
+    float | None,
+    number_option(
         "--lr",
         help="Peak learning rate (default 0.01 for sgd, 1e-4 for adamw).",
-        callback=number("--lr", minimum=0, exclusive=True, maximum=1e3),
+        minimum=0,
+        exclusive=True,
+        maximum=1e3,
     ),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adamw."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine or constant (after warm-up)."),
-    momentum: float = typer.Option(
-        0.9, "--momentum", help="SGD momentum.", callback=number("--momentum", minimum=0, maximum=1)
+]
+OptimizerOption = Annotated[str, typer.Option("--optimizer", help="sgd or adamw.")]
+ScheduleOption = Annotated[str, typer.Option("--schedule", help="cosine or constant (after warm-up).")]
+MomentumOption = Annotated[float, number_option("--momentum", help="SGD momentum.", minimum=0, maximum=1)]
+WeightDecayOption = Annotated[
+    float,
+    number_option("--weight-decay", help="Weight decay of weights (not biases/norms).", minimum=0, maximum=1e3),
+]
+WarmupStepsOption = Annotated[
+    int, number_option("--warmup-steps", help="Linear learning-rate warm-up steps.", minimum=0, maximum=1e9)
+]
+GradAccumOption = Annotated[
+    int, number_option("--grad-accum", help="Micro-batches per optimizer step.", minimum=1, maximum=1e6)
+]
+MaxGradNormOption = Annotated[
+    float | None,
+    number_option("--max-grad-norm", help="Clip the gradient norm to this.", minimum=0, exclusive=True, maximum=1e9),
+]
+
+# SR-STE
+SteOption = Annotated[str, typer.Option("--ste", help="sr (SR-STE) or plain (vanilla STE, lambda_w = 0).")]
+LambdaWOption = Annotated[
+    float, number_option("--lambda-w", help="SR-STE decay of pruned weights.", minimum=0, maximum=1e3)
+]
+MaskIntervalOption = Annotated[
+    int, number_option("--mask-interval", help="Recompute masks every K steps.", minimum=1, maximum=1e9)
+]
+
+# where and how it runs, saves and resumes
+DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+PrecisionOption = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast; fp16 needs CUDA).")]
+SaveEveryOption = Annotated[
+    int,
+    number_option("--save-every", help="Write a resumable checkpoint every N steps.", minimum=0, maximum=1e9),
+]
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the resumable checkpoint at -o.")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the data order and initialisation.")]
+NoDenseOption = Annotated[bool, typer.Option("--no-dense", help="Do not store the dense weights in the output.")]
+MaxLengthOption = Annotated[
+    int, number_option("--max-length", help="Token limit per line of text: data.", minimum=1, maximum=1e6)
+]
+TemperatureOption = Annotated[
+    float,
+    number_option("--temperature", help="Distillation temperature on logits.", minimum=0, exclusive=True, maximum=1e3),
+]
+LogEveryOption = Annotated[
+    int,
+    number_option("--log-every", help="Write a plain progress line to stderr every N steps.", minimum=0, maximum=1e9),
+]
+
+# BatchNorm and evaluation
+BnOption = Annotated[
+    str,
+    typer.Option(
+        "--bn", help="BatchNorm while training: train (batch statistics) or freeze (running statistics fixed)."
     ),
-    weight_decay: float = typer.Option(
-        0.0,
-        "--weight-decay",
-        help="Weight decay of weights (not biases/norms).",
-        callback=number("--weight-decay", minimum=0, maximum=1e3),
-    ),
-    warmup_steps: int = typer.Option(
-        0,
-        "--warmup-steps",
-        help="Linear learning-rate warm-up steps.",
-        callback=number("--warmup-steps", minimum=0, maximum=1e9),
-    ),
-    grad_accum: int = typer.Option(
-        1,
-        "--grad-accum",
-        help="Micro-batches per optimizer step.",
-        callback=number("--grad-accum", minimum=1, maximum=1e6),
-    ),
-    max_grad_norm: float | None = typer.Option(
-        None,
-        "--max-grad-norm",
-        help="Clip the gradient norm to this.",
-        callback=number("--max-grad-norm", minimum=0, exclusive=True, maximum=1e9),
-    ),
-    ste: str = typer.Option("sr", "--ste", help="sr (SR-STE) or plain (vanilla STE, lambda_w = 0)."),
-    lambda_w: float = typer.Option(
-        2e-4,
-        "--lambda-w",
-        help="SR-STE decay of pruned weights.",
-        callback=number("--lambda-w", minimum=0, maximum=1e3),
-    ),
-    mask_interval: int = typer.Option(
-        1,
-        "--mask-interval",
-        help="Recompute masks every K steps.",
-        callback=number("--mask-interval", minimum=1, maximum=1e9),
-    ),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast; fp16 needs CUDA)."),
-    save_every: int = typer.Option(
-        0,
-        "--save-every",
-        help="Write a resumable checkpoint every N steps.",
-        callback=number("--save-every", minimum=0, maximum=1e9),
-    ),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the resumable checkpoint at -o."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the data order and initialisation."),
-    no_dense: bool = typer.Option(False, "--no-dense", help="Do not store the dense weights in the output."),
-    max_length: int = typer.Option(
-        128,
-        "--max-length",
-        help="Token limit per line of text: data.",
-        callback=number("--max-length", minimum=1, maximum=1e6),
-    ),
-    temperature: float = typer.Option(
-        2.0,
-        "--temperature",
-        help="Distillation temperature on logits.",
-        callback=number("--temperature", minimum=0, exclusive=True, maximum=1e3),
-    ),
-    log_every: int = typer.Option(
-        0,
-        "--log-every",
-        help="Write a plain progress line to stderr every N steps.",
-        callback=number("--log-every", minimum=0, maximum=1e9),
-    ),
-    bn: str = typer.Option(
-        "train", "--bn", help="BatchNorm while training: train (batch statistics) or freeze (running statistics fixed)."
-    ),
-    bn_batches: int = typer.Option(
-        50,
+]
+BnBatchesOption = Annotated[
+    int,
+    number_option(
         "--bn-batches",
         help="Training batches to re-estimate BatchNorm statistics on before saving (0: off).",
-        callback=number("--bn-batches", minimum=0, maximum=1e7),
+        minimum=0,
+        maximum=1e7,
     ),
-    eval_data: str | None = typer.Option(
-        None, "--eval-data", help="Held-out data (any --data spec) to evaluate on in eval mode."
-    ),
-    eval_split: float = typer.Option(
-        0.05,
+]
+EvalDataOption = Annotated[
+    str | None, typer.Option("--eval-data", help="Held-out data (any --data spec) to evaluate on in eval mode.")
+]
+EvalSplitOption = Annotated[
+    float,
+    number_option(
         "--eval-split",
         help="Without --eval-data, hold out this share of the training data (0: off).",
-        callback=number("--eval-split", minimum=0, maximum=0.5),
+        minimum=0,
+        maximum=0.5,
     ),
-    eval_every: int = typer.Option(
-        0,
-        "--eval-every",
-        help="Also evaluate every N steps (0: before and after only).",
-        callback=number("--eval-every", minimum=0, maximum=1e9),
+]
+EvalEveryOption = Annotated[
+    int,
+    number_option(
+        "--eval-every", help="Also evaluate every N steps (0: before and after only).", minimum=0, maximum=1e9
     ),
-    arch: str | None = typer.Option(None, "--arch", help="Architecture source overriding the checkpoint's."),
-    trust: bool = typer.Option(
-        False,
-        "--trust",
-        help="Run code a file holds: a pickled nn.Module, or a checkpoint's recorded py:/pickled source (only for authors you trust).",
-    ),
-    output: str | None = typer.Option(
-        None, "-o", "--output", help="Output checkpoint (default: CHECKPOINT-ft.safetensors beside it)."
-    ),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+]
+
+# the input's architecture and the output
+FinetuneArchOption = Annotated[
+    str | None, typer.Option("--arch", help="Architecture source overriding the checkpoint's.")
+]
+OutputOption = Annotated[
+    str | None,
+    typer.Option("-o", "--output", help="Output checkpoint (default: CHECKPOINT-ft.safetensors beside it)."),
+]
+
+
+@guarded
+def command(
+    ctx: typer.Context,
+    checkpoint: CheckpointArgument,
+    data: DataOption,
+    teacher: TeacherOption = "auto",
+    steps: StepsOption = None,
+    epochs: EpochsOption = None,
+    batch_size: BatchSizeOption = 32,
+    lr: LrOption = None,
+    optimizer: OptimizerOption = "sgd",
+    schedule: ScheduleOption = "cosine",
+    momentum: MomentumOption = 0.9,
+    weight_decay: WeightDecayOption = 0.0,
+    warmup_steps: WarmupStepsOption = 0,
+    grad_accum: GradAccumOption = 1,
+    max_grad_norm: MaxGradNormOption = None,
+    ste: SteOption = "sr",
+    lambda_w: LambdaWOption = 2e-4,
+    mask_interval: MaskIntervalOption = 1,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "fp32",
+    save_every: SaveEveryOption = 0,
+    resume: ResumeOption = False,
+    seed: SeedOption = 0,
+    no_dense: NoDenseOption = False,
+    max_length: MaxLengthOption = 128,
+    temperature: TemperatureOption = 2.0,
+    log_every: LogEveryOption = 0,
+    bn: BnOption = "train",
+    bn_batches: BnBatchesOption = 50,
+    eval_data: EvalDataOption = None,
+    eval_split: EvalSplitOption = 0.05,
+    eval_every: EvalEveryOption = 0,
+    arch: FinetuneArchOption = None,
+    trust: TrustOption = False,
+    output: OutputOption = None,
+    force: ForceOption = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Fine-tune a pruned checkpoint with SR-STE and write the recovered nmcli/1 checkpoint.
 
@@ -166,43 +189,11 @@ def command(
     data (--eval-data, else --eval-split of the training data) before, every --eval-every steps and
     after. Ctrl-C stops at the next step boundary and saves a checkpoint that --resume continues exactly.
     """
-    from nmcli.commands.finetune import run_finetune
-    from nmcli.pipelines.training import FinetuneConfig
+    from nmcli.commands.finetune import finetune_config, run_finetune
     from nmcli.trust import remember_command_line
 
     remember_command_line([checkpoint, arch, teacher], trust=trust)  # the user's own code: later rebuilds may run it
-
-    config = FinetuneConfig(
-        data=data,
-        teacher=teacher,
-        steps=steps,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        optimizer=optimizer,
-        schedule=schedule,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        grad_accum=grad_accum,
-        max_grad_norm=max_grad_norm,
-        ste=ste,
-        lambda_w=lambda_w,
-        mask_interval=mask_interval,
-        device=device,
-        precision=precision,
-        save_every=save_every,
-        seed=seed,
-        no_dense=no_dense,
-        max_length=max_length,
-        temperature=temperature,
-        log_every=log_every,
-        bn=bn,
-        bn_batches=bn_batches,
-        eval_data=eval_data,
-        eval_split=eval_split,
-        eval_every=eval_every,
-    )
+    config = finetune_config(ctx.params)  # every training option above, by name
     with _reporter(show_progress(json_output), log_every) as on_step:
         result = run_finetune(
             checkpoint,

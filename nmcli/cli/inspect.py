@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from nmcli.cli.app import emit_json, esc, guarded, stderr
+from nmcli.cli.options import ArchOption, JsonOption, TrustOption
 
 if TYPE_CHECKING:
     from nmcli.commands.inspect import InspectReport
@@ -14,43 +15,53 @@ if TYPE_CHECKING:
 _MAX_NAMED = 3
 
 
-@guarded
-def command(
-    target: str = typer.Argument(
-        ...,
+TargetArgument = Annotated[
+    str,
+    typer.Argument(
         help="An nmcli checkpoint, an .onnx file, or any model source: file.safetensors|.pt|.pth|.pt2, hf:, "
-        "torchvision:, timm:, py:module:factory.",
+        "torchvision:, timm:, py:module:factory."
     ),
-    pattern: str | None = typer.Option(
-        None, "-p", "--pattern", help="N:M pattern to check (default: the checkpoint's pattern, else 2:4)."
-    ),
-    arch: str | None = typer.Option(
-        None, "--arch", help="Architecture source for a plain state dict, or to override a checkpoint's source."
-    ),
-    trust: bool = typer.Option(
-        False,
-        "--trust",
-        help="Run code a file holds: a pickled nn.Module, or a checkpoint's recorded py:/pickled source (only for authors you trust).",
-    ),
-    strict: bool = typer.Option(
-        False,
+]
+PatternOption = Annotated[
+    str | None,
+    typer.Option("-p", "--pattern", help="N:M pattern to check (default: the checkpoint's pattern, else 2:4)."),
+]
+StrictOption = Annotated[
+    bool,
+    typer.Option(
         "--strict",
         help="Exit 1 when an eligible layer is not N:M-compliant (a sharded checkpoint's weights are checked "
         "against its masks), or when an nmcli file's content does not match its recorded sha256.",
     ),
-    masks_only: bool = typer.Option(
-        False,
+]
+MasksOnlyOption = Annotated[
+    bool,
+    typer.Option(
         "--masks-only",
         help="For a sharded checkpoint: measure its stored masks only, without reading the shards' weights "
         "(fast; the weights are not checked against the masks).",
     ),
-    rebuild: bool = typer.Option(
-        False,
+]
+RebuildOption = Annotated[
+    bool,
+    typer.Option(
         "--rebuild",
         help="For a checkpoint: rebuild the model from its source to list the layers a prune left dense too "
         "(default: read the file only).",
     ),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+]
+
+
+@guarded
+def command(
+    target: TargetArgument,
+    pattern: PatternOption = None,
+    arch: ArchOption = None,
+    trust: TrustOption = False,
+    strict: StrictOption = False,
+    masks_only: MasksOnlyOption = False,
+    rebuild: RebuildOption = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Check every layer of TARGET for N:M sparsity along its input dimension.
 

@@ -1,11 +1,14 @@
-"""Number options checked at parse time: finite and in range, or exit 2 naming the option.
+"""The typer options the commands share, in one place, and number options checked at parse time.
 
-Every numeric option of every command takes its ``callback`` from :func:`number`, so ``nan``,
-``inf`` and absurd sizes are refused before any work starts (DESIGN.md section 1)::
+An option that several commands take with the same meaning is one ``Annotated`` alias here, used
+as ``json_output: JsonOption = False``; an option of one command only is an alias in that
+command's module.
 
-    atol: float | None = typer.Option(None, "--atol", callback=number("--atol", minimum=0))
-    epochs: float | None = typer.Option(None, "--epochs", callback=number("--epochs", minimum=0, exclusive=True,
-                                                                           maximum=1e6))
+Every numeric option of every command is made by :func:`number_option` (or takes its
+``callback`` from :func:`number`), so ``nan``, ``inf`` and absurd sizes are refused before any
+work starts (DESIGN.md section 1)::
+
+    AtolOption = Annotated[float | None, number_option("--atol", help="...", minimum=0, maximum=1e6)]
 
 The check itself is :func:`check_number`, which raises ``typer.BadParameter`` (click reports it as
 a usage error, exit 2, and under ``--json`` as the JSON error object).
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -76,4 +79,44 @@ def number(
     return callback
 
 
-__all__ = ["check_number", "number"]
+def number_option(
+    *decls: str,
+    help: str,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive: bool = False,
+) -> Any:
+    """A ``typer.Option`` named ``decls`` whose value :func:`check_number` checks (named by the last decl)."""
+    check = number(decls[-1], minimum=minimum, maximum=maximum, exclusive=exclusive)
+    return typer.Option(*decls, help=help, callback=check)
+
+
+TRUST_HELP = (
+    "Run code a file holds: a pickled nn.Module, or a checkpoint's recorded py:/pickled source "
+    "(only for authors you trust)."
+)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+TrustOption = Annotated[bool, typer.Option("--trust", help=TRUST_HELP)]
+ArchOption = Annotated[
+    str | None,
+    typer.Option("--arch", help="Architecture source for a plain state dict, or to override a checkpoint's source."),
+]
+InputShapeOption = Annotated[
+    str | None,
+    typer.Option("--input-shape", help="Input spec, e.g. 1x3x224x224 (default: the one stored in the checkpoint)."),
+]
+DATA_SPECS = "tensors:FILE.safetensors, text:FILE.txt, imagefolder:DIR or py:module:callable"
+
+__all__ = [
+    "DATA_SPECS",
+    "ArchOption",
+    "ForceOption",
+    "InputShapeOption",
+    "JsonOption",
+    "TrustOption",
+    "check_number",
+    "number",
+    "number_option",
+]

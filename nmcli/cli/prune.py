@@ -2,92 +2,118 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from nmcli.cli.app import emit_json, esc, guarded, progress_bar, show_progress, stderr
-from nmcli.cli.options import number
+from nmcli.cli.options import (
+    DATA_SPECS,
+    ArchOption,
+    ForceOption,
+    JsonOption,
+    TrustOption,
+    number_option,
+)
 
 if TYPE_CHECKING:
     from nmcli.pipelines.inmemory import PruneResult
 
 
-@guarded
-def command(
-    model: str = typer.Argument(
-        ..., help="Model source: file.safetensors|.pt|.pth|.pt2, hf:, torchvision:, timm:, py:module:factory."
+ModelArgument = Annotated[
+    str,
+    typer.Argument(help="Model source: file.safetensors|.pt|.pth|.pt2, hf:, torchvision:, timm:, py:module:factory."),
+]
+PatternOption = Annotated[
+    str, typer.Option("-p", "--pattern", help="N:M pattern (0 < N < M <= 32); only 2:4 is accelerated.")
+]
+MethodOption = Annotated[
+    str, typer.Option("--method", help="magnitude (no data), wanda or sparsegpt (both need --calib).")
+]
+CalibOption = Annotated[str | None, typer.Option("--calib", help=f"Calibration data: {DATA_SPECS}.")]
+CalibSamplesOption = Annotated[
+    int, number_option("--calib-samples", help="Calibration examples to use.", minimum=1, maximum=1e7)
+]
+MaxLengthOption = Annotated[
+    int,
+    number_option("--max-length", help="Token limit per line of text: calibration data.", minimum=1, maximum=1e6),
+]
+DampOption = Annotated[
+    float,
+    number_option(
+        "--damp", help="SparseGPT dampening, a fraction of the mean Hessian diagonal.", minimum=0, maximum=10
     ),
-    pattern: str = typer.Option(
-        "2:4", "-p", "--pattern", help="N:M pattern (0 < N < M <= 32); only 2:4 is accelerated."
-    ),
-    method: str = typer.Option(
-        "magnitude", "--method", help="magnitude (no data), wanda or sparsegpt (both need --calib)."
-    ),
-    calib: str | None = typer.Option(
-        None,
-        "--calib",
-        help="Calibration data: tensors:FILE.safetensors, text:FILE.txt, imagefolder:DIR or py:module:callable.",
-    ),
-    calib_samples: int = typer.Option(
-        128,
-        "--calib-samples",
-        help="Calibration examples to use.",
-        callback=number("--calib-samples", minimum=1, maximum=1e7),
-    ),
-    max_length: int = typer.Option(
-        128,
-        "--max-length",
-        help="Token limit per line of text: calibration data.",
-        callback=number("--max-length", minimum=1, maximum=1e6),
-    ),
-    damp: float = typer.Option(
-        0.01,
-        "--damp",
-        help="SparseGPT dampening, a fraction of the mean Hessian diagonal.",
-        callback=number("--damp", minimum=0, maximum=10),
-    ),
-    block_size: int = typer.Option(
-        128,
+]
+BlockSizeOption = Annotated[
+    int,
+    number_option(
         "--block-size",
         help="SparseGPT column block (rounded down to a multiple of M, at least M).",
-        callback=number("--block-size", minimum=1, maximum=1e6),
+        minimum=1,
+        maximum=1e6,
     ),
-    refit: bool = typer.Option(
-        True,
+]
+RefitOption = Annotated[
+    bool,
+    typer.Option(
         "--refit/--no-refit",
         help="After SparseGPT, re-solve the kept weights to the least-squares optimum of each layer's output.",
     ),
-    no_bn_recalibrate: bool = typer.Option(
-        False, "--no-bn-recalibrate", help="Keep BatchNorm running statistics as they are (no re-estimation)."
-    ),
-    device: str = typer.Option("cpu", "--device", help="Where calibrated pruning runs: cpu, cuda or cuda:N."),
-    include: list[str] = typer.Option([], "--include", help="Prune only modules matching this glob (repeatable)."),
-    exclude: list[str] = typer.Option([], "--exclude", help="Leave modules matching this glob dense (repeatable)."),
-    arch: str | None = typer.Option(
-        None, "--arch", help="Architecture source for a plain state dict, or to override a checkpoint's source."
-    ),
-    trust: bool = typer.Option(
-        False,
-        "--trust",
-        help="Run code a file holds: a pickled nn.Module, or a checkpoint's recorded py:/pickled source (only for authors you trust).",
-    ),
-    input_shape: str | None = typer.Option(
-        None, "--input-shape", help="Input spec stored for later commands, e.g. 1x3x224x224."
-    ),
-    infer_layers: bool = typer.Option(
-        False,
+]
+NoBnRecalibrateOption = Annotated[
+    bool,
+    typer.Option("--no-bn-recalibrate", help="Keep BatchNorm running statistics as they are (no re-estimation)."),
+]
+DeviceOption = Annotated[str, typer.Option("--device", help="Where calibrated pruning runs: cpu, cuda or cuda:N.")]
+IncludeOption = Annotated[
+    list[str] | None, typer.Option("--include", help="Prune only modules matching this glob (repeatable).")
+]
+ExcludeOption = Annotated[
+    list[str] | None, typer.Option("--exclude", help="Leave modules matching this glob dense (repeatable).")
+]
+StoredShapeOption = Annotated[
+    str | None, typer.Option("--input-shape", help="Input spec stored for later commands, e.g. 1x3x224x224.")
+]
+InferLayersOption = Annotated[
+    bool,
+    typer.Option(
         "--infer-layers",
         help="Prune a bare state dict without --arch: its layers are inferred from the tensors (magnitude only).",
     ),
-    keep_dense: bool = typer.Option(
-        False, "--keep-dense", help="Store the dense weights of pruned layers (for SR-STE fine-tuning)."
-    ),
-    output: str | None = typer.Option(
-        None, "-o", "--output", help="Output checkpoint (default: MODEL-NofM.safetensors beside the input)."
-    ),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+]
+KeepDenseOption = Annotated[
+    bool,
+    typer.Option("--keep-dense", help="Store the dense weights of pruned layers (for SR-STE fine-tuning)."),
+]
+OutputOption = Annotated[
+    str | None,
+    typer.Option("-o", "--output", help="Output checkpoint (default: MODEL-NofM.safetensors beside the input)."),
+]
+
+
+@guarded
+def command(
+    model: ModelArgument,
+    pattern: PatternOption = "2:4",
+    method: MethodOption = "magnitude",
+    calib: CalibOption = None,
+    calib_samples: CalibSamplesOption = 128,
+    max_length: MaxLengthOption = 128,
+    damp: DampOption = 0.01,
+    block_size: BlockSizeOption = 128,
+    refit: RefitOption = True,
+    no_bn_recalibrate: NoBnRecalibrateOption = False,
+    device: DeviceOption = "cpu",
+    include: IncludeOption = None,
+    exclude: ExcludeOption = None,
+    arch: ArchOption = None,
+    trust: TrustOption = False,
+    input_shape: StoredShapeOption = None,
+    infer_layers: InferLayersOption = False,
+    keep_dense: KeepDenseOption = False,
+    output: OutputOption = None,
+    force: ForceOption = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Prune MODEL to N:M sparsity and write an nmcli/1 checkpoint.
 
@@ -98,33 +124,29 @@ def command(
     each block fed by the already-pruned blocks before it. With calibration data, BatchNorm running
     statistics are re-estimated after pruning (`--no-bn-recalibrate` turns it off).
     """
-    from nmcli.algorithms.config import DEFAULT_REFIT_ITERATIONS, CalibrationConfig
-    from nmcli.commands.prune import run_prune
+    from nmcli.commands.prune import calibration_config, run_prune
     from nmcli.nm.pattern import parse_pattern, pattern_note
     from nmcli.trust import remember_command_line
 
     remember_command_line([model, arch], trust=trust)  # the user's own code: later rebuilds may run it
-
-    calibration = None
-    if calib is not None:
-        calibration = CalibrationConfig(
-            spec=calib,
-            samples=calib_samples,
-            max_length=max_length,
-            damp=damp,
-            block_size=block_size,
-            bn_recalibrate=not no_bn_recalibrate,
-            device=_device(device),
-            refit_iterations=DEFAULT_REFIT_ITERATIONS if refit else 0,
-        )
+    calibration = calibration_config(
+        calib,
+        samples=calib_samples,
+        max_length=max_length,
+        damp=damp,
+        block_size=block_size,
+        refit=refit,
+        bn_recalibrate=not no_bn_recalibrate,
+        device=device,
+    )
     with progress_bar("pruning", show_progress(json_output)) as update:
         result = run_prune(
             model,
             pattern=pattern,
             method=method,
             calibration=calibration,
-            include=include,
-            exclude=exclude,
+            include=include or [],
+            exclude=exclude or [],
             arch=arch,
             trust=trust,
             input_shape=input_shape,
@@ -142,21 +164,6 @@ def command(
         stderr.print(f"[yellow]note:[/yellow] {note}")
     if json_output:
         emit_json(result.to_json())
-
-
-def _device(name: str) -> str:
-    """``--device``: cpu, cuda or cuda:N, with CUDA present (exit 3 otherwise)."""
-    from nmcli.errors import BackendUnavailableError, InputError
-
-    if name == "cpu":
-        return name
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError(f"--device {name}: no CUDA device is available: use --device cpu")
-        return "cuda:0" if name == "cuda" else name
-    raise InputError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N")
 
 
 def _render(result: PruneResult) -> None:

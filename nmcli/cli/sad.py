@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from nmcli.cli.app import emit_json, guarded, progress_bar, show_progress, stderr
-from nmcli.cli.options import number
+from nmcli.cli.options import JsonOption, TrustOption, number_option
 
 if TYPE_CHECKING:
     from nmcli.algorithms.sad import SadResult
@@ -16,47 +16,64 @@ if TYPE_CHECKING:
 _MAX_ROWS = 40
 
 
-@guarded
-def command(
-    inputs: list[str] = typer.Argument(
-        ...,
+InputsArgument = Annotated[
+    list[str],
+    typer.Argument(
         metavar="INPUT",
         help="Two or more nmcli checkpoints, training checkpoints (.pt/.pth/.pth.tar/.bin), safetensors state "
         "dicts or model sources (a training trajectory, in order).",
     ),
-    pattern: str | None = typer.Option(
-        None,
+]
+PatternOption = Annotated[
+    str | None,
+    typer.Option(
         "-p",
         "--pattern",
         help="N:M rule that derives masks for inputs that store none (default: the pattern their stored zeros "
         "already hold, else 2:4).",
     ),
-    arch: str | None = typer.Option(
-        None,
+]
+SadArchOption = Annotated[
+    str | None,
+    typer.Option(
         "--arch",
         help="Architecture of bare state dicts: its prunable layers count (default: layers inferred from the tensors).",
     ),
-    key: str | None = typer.Option(
-        None,
+]
+KeyOption = Annotated[
+    str | None,
+    typer.Option(
         "--key",
         help="Entry of a training checkpoint that holds the weights to compare, e.g. ema or state_dict_ema.",
     ),
-    trust: bool = typer.Option(
-        False,
-        "--trust",
-        help="Run code a file holds: a pickled nn.Module, or a checkpoint's recorded py:/pickled source (only for authors you trust).",
-    ),
-    fail_above: float | None = typer.Option(
-        None,
+]
+FailAboveOption = Annotated[
+    float | None,
+    number_option(
         "--fail-above",
-        callback=number("--fail-above", minimum=0, maximum=1),
         help="Exit 1 when a reported normalized SAD exceeds this (0..1), for CI.",
+        minimum=0,
+        maximum=1,
     ),
-    plot: str | None = typer.Option(
-        None, "--plot", help="Write a PNG: SAD per layer (two inputs) or over the sequence (several)."
-    ),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing --plot file."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+]
+PlotOption = Annotated[
+    str | None,
+    typer.Option("--plot", help="Write a PNG: SAD per layer (two inputs) or over the sequence (several)."),
+]
+ForcePlotOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing --plot file.")]
+
+
+@guarded
+def command(
+    inputs: InputsArgument,
+    pattern: PatternOption = None,
+    arch: SadArchOption = None,
+    key: KeyOption = None,
+    trust: TrustOption = False,
+    fail_above: FailAboveOption = None,
+    plot: PlotOption = None,
+    force: ForcePlotOption = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Count the connections whose kept/pruned state differs between sparse models (SAD).
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 from nmcli.errors import (
     InputError,
@@ -65,6 +67,15 @@ def _resume_source(out: Path, ckpt_path: Path, force: bool) -> Path | None:
         f"--resume: no resumable checkpoint ({out} with {trainstate_path(out).name}): "
         "run without --resume (use --save-every N to write resumable checkpoints)"
     )
+
+
+def finetune_config(options: Mapping[str, Any]) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of a command line's options: one option per field, by name (others ignored).
+
+    Raises:
+        KeyError: ``options`` lacks one of the fields.
+    """
+    return FinetuneConfig(**{f.name: options[f.name] for f in fields(FinetuneConfig)})
 
 
 def run_finetune(

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nmcli.algorithms.config import CalibrationConfig
-from nmcli.errors import InputError
+from nmcli.algorithms.config import DEFAULT_REFIT_ITERATIONS, CalibrationConfig
+from nmcli.errors import BackendUnavailableError, InputError
 from nmcli.formats.checkpoint import SourceRef, save_checkpoint
 from nmcli.formats.safetensors import sha256_file
 from nmcli.formats.sharded import INDEX, check_output_directory, is_hf_directory, is_sharded_checkpoint, local_directory
@@ -22,6 +22,55 @@ from nmcli.pipelines.blocks import calibration_batches
 from nmcli.pipelines.inmemory import PruneResult, check_method, prune_model, prune_state_dict
 from nmcli.pipelines.streamed import prune_directory
 from nmcli.progress import ProgressCallback
+
+
+def resolve_device(name: str) -> str:
+    """``--device``: cpu, cuda or cuda:N, with CUDA present.
+
+    Raises:
+        BackendUnavailableError: a CUDA device without CUDA (exit 3).
+        InputError: not a device name.
+    """
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(f"--device {name}: no CUDA device is available: use --device cpu")
+        return "cuda:0" if name == "cuda" else name
+    raise InputError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N")
+
+
+def calibration_config(
+    spec: str | None,
+    *,
+    samples: int = 128,
+    max_length: int = 128,
+    damp: float = 0.01,
+    block_size: int = 128,
+    refit: bool = True,
+    bn_recalibrate: bool = True,
+    device: str = "cpu",
+) -> CalibrationConfig | None:
+    """The calibration of ``--calib SPEC`` and its options (``--device`` resolved); None without ``--calib``.
+
+    Raises:
+        BackendUnavailableError: ``--device cuda`` without CUDA (exit 3).
+        InputError: ``--device`` is not a device name.
+    """
+    if spec is None:
+        return None
+    return CalibrationConfig(
+        spec=spec,
+        samples=samples,
+        max_length=max_length,
+        damp=damp,
+        block_size=block_size,
+        bn_recalibrate=bn_recalibrate,
+        device=resolve_device(device),
+        refit_iterations=DEFAULT_REFIT_ITERATIONS if refit else 0,
+    )
 
 
 def run_prune(

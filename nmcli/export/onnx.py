@@ -514,6 +514,51 @@ def export_onnx(
     out = Path(path)
     check_spec_fits(model, spec)
     notes: list[str] = []
+    traced = _trace(model, spec, dtype, dynamic_batch, also_runs_on)
+    order = _exporter_order(exporter, traced.exported, dtype)
+    with (
+        writing(out),
+        tempfile.TemporaryDirectory(prefix=".nmcli-export-", dir=out.parent if out.parent.exists() else None) as stage,
+    ):
+        staged = Path(stage) / out.name
+        used, used_opset, errors = _run_exporters(traced, order, staged, out, opset or DEFAULT_OPSET)
+        if errors:
+            notes.append(f"the {order[0]} exporter failed ({errors[0]}); exported with the {used} exporter")
+        if used == "dynamo" and opset is not None and opset < DYNAMO_MIN_OPSET:
+            notes.append(f"opset raised from {opset} to {DYNAMO_MIN_OPSET}: the dynamo exporter needs it")
+        proto = onnx.load(str(staged), load_external_data=True)
+        matches = _finish_graph(proto, spec, pruned, notes)
+        data_path: Path | None = None
+        if _total_bytes(proto) > external_data_threshold:
+            data_path = _save_with_external_data(proto, out, Path(stage), force=force, inputs=inputs)
+        else:
+            with atomic_output(out, force=force, inputs=inputs) as tmp:
+                onnx.save_model(proto, str(tmp))
+    return OnnxExport(
+        out, data_path, used, used_opset, traced.names, traced.outputs, traced.axes, precision, notes, matches
+    )
+
+
+@dataclass
+class _Traced:
+    """The model ready to export: wrapped to take and return tensors, with example inputs and graph names."""
+
+    exported: nn.Module
+    wrapper: TensorModel
+    args: tuple[torch.Tensor, ...]
+    names: list[str]
+    outputs: list[str]
+    axes: dict[str, dict[int, str]]
+
+
+def _trace(
+    model: nn.Module, spec: InputSpec, dtype: torch.dtype, dynamic_batch: bool, also_runs_on: Sequence[InputSpec]
+) -> _Traced:
+    """Cast and wrap ``model``, run it on ``spec``'s example inputs (and ``also_runs_on``), and name its graph.
+
+    Raises:
+        InputError: the model does not run on the spec's inputs, or not on one of ``also_runs_on``.
+    """
     exported = eval_mode(cast_model(model, dtype))  # a torch.export module refuses eval(): kept as exported
     names = [t.name or (f"input_{i}" if len(spec.tensors) > 1 else "input") for i, t in enumerate(spec.tensors)]
     wrapper = TensorModel(exported, [t.name for t in spec.tensors] if spec.named else None, dtype).eval()
@@ -542,86 +587,102 @@ def export_onnx(
             ) from exc
     outputs = [n if n not in names else f"{n}_out" for n in outputs]
     axes = _dynamic_axes(spec, names, outputs, sample, dynamic_batch)
+    return _Traced(exported, wrapper, args, names, outputs, axes)
+
+
+def _exporter_order(exporter: str, exported: nn.Module, dtype: torch.dtype) -> list[str]:
+    """The exporters to try, in order (see the module docstring)."""
     if exporter != "auto":
-        order = [exporter]
-    elif fixed_graph_kind(exported) == "TorchScript":  # torch.export (the dynamo exporter) refuses ScriptModules
-        order = ["torchscript"]
-    elif dtype == torch.float32:
-        order = ["torchscript", "dynamo"]
-    else:  # the TorchScript exporter mistypes fp16 LayerNormalization and fails on bf16 transformers
-        order = ["dynamo", "torchscript"]
+        return [exporter]
+    if fixed_graph_kind(exported) == "TorchScript":  # torch.export (the dynamo exporter) refuses ScriptModules
+        return ["torchscript"]
+    if dtype == torch.float32:
+        return ["torchscript", "dynamo"]
+    return ["dynamo", "torchscript"]  # the TorchScript exporter mistypes fp16 LayerNormalization and fails on bf16
+
+
+def _run_exporters(
+    traced: _Traced, order: Sequence[str], staged: Path, out: Path, opset: int
+) -> tuple[str, int, list[str]]:
+    """Export to ``staged`` with the first exporter of ``order`` that succeeds.
+
+    Returns:
+        The exporter used, its opset, and the failures of the exporters tried before it.
+
+    Raises:
+        OutputWriteError: the disk failed (named as ``out``): no other exporter can do better.
+        ExportUnsupportedError: every exporter failed; it carries their captured output.
+    """
     errors: list[str] = []
     captured: list[str] = []
-    used = ""
-    used_opset = opset or DEFAULT_OPSET
-    with (
-        writing(out),
-        tempfile.TemporaryDirectory(prefix=".nmcli-export-", dir=out.parent if out.parent.exists() else None) as stage,
-    ):
-        staged = Path(stage) / out.name
-        for name in order:
-            use_opset = used_opset
-            if name == "dynamo" and use_opset < DYNAMO_MIN_OPSET:
-                use_opset = DYNAMO_MIN_OPSET
-            run = _torchscript_export if name == "torchscript" else _dynamo_export
-            try:
-                # Both exporters warn, the dynamo one prints progress and TorchScript's C++ side
-                # dumps its graph on failure: all of it is captured, never on stdout.
-                with warnings.catch_warnings(), _captured_stdout(captured):
-                    warnings.simplefilter("ignore")
-                    with _quiet_logs(), exportable_experts(exported), torch.no_grad():
-                        run(wrapper, args, staged, names, outputs, axes, use_opset)
-            except Exception as exc:  # any exporter failure: try the next one, report all (not the disk)
-                code = write_errno_in(exc, staged)
-                if code is not None:  # the disk, not the exporter: no other exporter can do better
-                    raise output_write_error(out, code) from exc
-                errors.append(f"{name}: {exporter_error_line(exc)}")
-                continue
-            used, used_opset = name, use_opset
-            break
-        if not used:
-            error = ExportUnsupportedError(
-                f"torch cannot export this model to ONNX, although it runs in torch ({'; '.join(errors)}): "
-                "try another torch or transformers version, or --opset"
+    for name in order:
+        use_opset = DYNAMO_MIN_OPSET if name == "dynamo" and opset < DYNAMO_MIN_OPSET else opset
+        run = _torchscript_export if name == "torchscript" else _dynamo_export
+        try:
+            # Both exporters warn, the dynamo one prints progress and TorchScript's C++ side
+            # dumps its graph on failure: all of it is captured, never on stdout.
+            with warnings.catch_warnings(), _captured_stdout(captured):
+                warnings.simplefilter("ignore")
+                with _quiet_logs(), exportable_experts(traced.exported), torch.no_grad():
+                    run(traced.wrapper, traced.args, staged, traced.names, traced.outputs, traced.axes, use_opset)
+        except Exception as exc:  # any exporter failure: try the next one, report all (not the disk)
+            code = write_errno_in(exc, staged)
+            if code is not None:  # the disk, not the exporter: no other exporter can do better
+                raise output_write_error(out, code) from exc
+            errors.append(f"{name}: {exporter_error_line(exc)}")
+            continue
+        return name, use_opset, errors
+    error = ExportUnsupportedError(
+        f"torch cannot export this model to ONNX, although it runs in torch ({'; '.join(errors)}): "
+        "try another torch or transformers version, or --opset"
+    )
+    error.exporter_output = "".join(captured)
+    raise error
+
+
+def _finish_graph(
+    proto: Any, spec: InputSpec, pruned: Mapping[str, tuple[torch.Tensor, Pattern]] | None, notes: list[str]
+) -> list[WeightMatch]:
+    """Fix ``proto`` in place (exact zeros, tied tables), record the input spec and the pruned layers.
+
+    Returns:
+        Where each pruned parameter sits in the graph; what was changed is added to ``notes``.
+    """
+    fixed = clear_negative_zeros(proto)
+    if fixed:
+        notes.append(
+            f"rewrote {sum(fixed.values()):,} -0.0 weight value(s) as +0.0 in {len(fixed)} initializer(s) "
+            "(folding a negative BatchNorm scale into pruned weights turns +0.0 into -0.0)"
+        )
+    set_input_spec(proto, str(spec))
+    tied = share_tied_tables(proto)
+    if tied:
+        notes.append(f"kept one copy of the tied embedding table(s) {', '.join(sorted(set(tied.values())))}")
+    matches = locate_weights(proto, dict(pruned)) if pruned else []
+    if matches and pruned:
+        set_sparse_layers(proto, matches, {param: pattern for param, (_, pattern) in pruned.items()})
+    return matches
+
+
+def _save_with_external_data(
+    proto: Any, out: Path, stage: Path, *, force: bool, inputs: Sequence[str | os.PathLike[str]]
+) -> Path:
+    """Write ``proto`` to ``out`` with its tensors in ``<out>.data`` (both atomically, staged in ``stage``)."""
+    import onnx
+
+    data_path = out.with_name(out.name + ".data")
+    with atomic_output(out, force=force, inputs=inputs) as tmp_onnx:
+        with atomic_output(data_path, force=force, inputs=inputs) as tmp_data:
+            final = stage / "final"
+            final.mkdir()
+            onnx.save_model(
+                proto,
+                str(final / out.name),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_path.name,
+                size_threshold=1024,
             )
-            error.exporter_output = "".join(captured)
-            raise error
-        if errors:
-            notes.append(f"the {order[0]} exporter failed ({errors[0]}); exported with the {used} exporter")
-        if used == "dynamo" and opset is not None and opset < DYNAMO_MIN_OPSET:
-            notes.append(f"opset raised from {opset} to {DYNAMO_MIN_OPSET}: the dynamo exporter needs it")
-        proto = onnx.load(str(staged), load_external_data=True)
-        fixed = clear_negative_zeros(proto)
-        if fixed:
-            notes.append(
-                f"rewrote {sum(fixed.values()):,} -0.0 weight value(s) as +0.0 in {len(fixed)} initializer(s) "
-                "(folding a negative BatchNorm scale into pruned weights turns +0.0 into -0.0)"
-            )
-        set_input_spec(proto, str(spec))
-        tied = share_tied_tables(proto)
-        if tied:
-            notes.append(f"kept one copy of the tied embedding table(s) {', '.join(sorted(set(tied.values())))}")
-        matches = locate_weights(proto, dict(pruned)) if pruned else []
-        if matches and pruned:
-            set_sparse_layers(proto, matches, {param: pattern for param, (_, pattern) in pruned.items()})
-        data_path: Path | None = None
-        if _total_bytes(proto) > external_data_threshold:
-            data_path = out.with_name(out.name + ".data")
-            with atomic_output(out, force=force, inputs=inputs) as tmp_onnx:
-                with atomic_output(data_path, force=force, inputs=inputs) as tmp_data:
-                    final = Path(stage) / "final"
-                    final.mkdir()
-                    onnx.save_model(
-                        proto,
-                        str(final / out.name),
-                        save_as_external_data=True,
-                        all_tensors_to_one_file=True,
-                        location=data_path.name,
-                        size_threshold=1024,
-                    )
-                    os.replace(final / data_path.name, tmp_data)
-                os.replace(final / out.name, tmp_onnx)
-        else:
-            with atomic_output(out, force=force, inputs=inputs) as tmp:
-                onnx.save_model(proto, str(tmp))
-    return OnnxExport(out, data_path, used, used_opset, names, outputs, axes, precision, notes, matches)
+            os.replace(final / data_path.name, tmp_data)
+        os.replace(final / out.name, tmp_onnx)
+    return data_path

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from nmcli.models.data import Batch
     from nmcli.models.layers import LayerCandidate
     from nmcli.nm.pattern import Pattern
-    from nmcli.pipelines.inmemory import PruneResult
+    from nmcli.pipelines.inmemory import LayerReport, PruneResult
 from nmcli.formats import rawio
 from nmcli.formats.checkpoint import SourceRef, history_record
 from nmcli.formats.rawio import SequentialFile, ShardStream
@@ -133,7 +133,7 @@ def prune_directory(
         SourceError/CheckpointError: unreadable or inconsistent inputs.
         OutputExistsError: ``out`` exists without ``force``, or is an input.
     """
-    from nmcli.pipelines.inmemory import LayerReport, PruneResult
+    from nmcli.pipelines.inmemory import PruneResult
 
     if (batches is None) != (method == "magnitude"):
         raise InputError(f"--method {method} on {spec}: calibration batches are needed for wanda and sparsegpt only")
@@ -158,32 +158,10 @@ def prune_directory(
             else:
                 hashes = _magnitude(plan, pattern, tmp, sidecar, keep_dense, outcomes, progress)
             write_index(plan.source, tmp)
-            reports, entries, pruned = [], [], 0
-            for cand in plan.candidates:
-                if not cand.eligible:
-                    reports.append(LayerReport(cand.module, cand.param, cand.shape, "skipped", cand.reason, None))
-                    continue
-                key = plan.keys[cand.param]
-                o = outcomes[key]
-                pruned += o.pruned
-                entries.append(LayerEntry(key, cand.module, pattern.n, pattern.m, cand.axis, cand.shape))
-                reports.append(LayerReport(cand.module, key, cand.shape, "pruned", "", o.kept, o.recon_error, o.note))
+            reports, entries, pruned = _layer_reports(plan, pattern, outcomes)
             params_total = sum(p.numel() for p in plan.model.parameters())
             samples = sum(b.size for b in batches) if batches is not None else 0
-            metrics: dict[str, Any] = {
-                "layers_pruned": len(entries),
-                "params_pruned": pruned,
-                "sparsity": pruned / params_total if params_total else 0.0,
-                "layout": LAYOUT,
-            }
-            if batches is not None:
-                errors = [r.recon_error for r in reports if r.recon_error is not None]
-                metrics.update(
-                    {
-                        "calib_samples": samples,
-                        "mean_recon_error": sum(errors) / len(errors) if errors else None,
-                    }
-                )
+            metrics = _metrics(reports, len(entries), pruned, params_total, samples if batches is not None else None)
             from dataclasses import replace
 
             ref = replace(source, shards=tuple((f, hashes[f]) for f in plan.source.files))
@@ -203,6 +181,46 @@ def prune_directory(
     ckpt = Checkpoint(tensors={}, masks={}, meta=meta)
     result = PruneResult(ckpt, pattern, method, reports, params_total, pruned, out, notes, False, samples)
     return result
+
+
+def _layer_reports(
+    plan: _Plan, pattern: Pattern, outcomes: Mapping[str, _Outcome]
+) -> tuple[list[LayerReport], list[LayerEntry], int]:
+    """The report of every candidate, the checkpoint entries of the pruned ones, and the weights they zeroed."""
+    from nmcli.pipelines.inmemory import LayerReport
+
+    reports, entries, pruned = [], [], 0
+    for cand in plan.candidates:
+        if not cand.eligible:
+            reports.append(LayerReport(cand.module, cand.param, cand.shape, "skipped", cand.reason, None))
+            continue
+        key = plan.keys[cand.param]
+        o = outcomes[key]
+        pruned += o.pruned
+        entries.append(LayerEntry(key, cand.module, pattern.n, pattern.m, cand.axis, cand.shape))
+        reports.append(LayerReport(cand.module, key, cand.shape, "pruned", "", o.kept, o.recon_error, o.note))
+    return reports, entries, pruned
+
+
+def _metrics(
+    reports: Sequence[LayerReport], layers: int, pruned: int, params_total: int, calib_samples: int | None
+) -> dict[str, Any]:
+    """The headline metrics of the prune's history record (``calib_samples`` None: magnitude, uncalibrated)."""
+    metrics: dict[str, Any] = {
+        "layers_pruned": layers,
+        "params_pruned": pruned,
+        "sparsity": pruned / params_total if params_total else 0.0,
+        "layout": LAYOUT,
+    }
+    if calib_samples is not None:
+        errors = [r.recon_error for r in reports if r.recon_error is not None]
+        metrics.update(
+            {
+                "calib_samples": calib_samples,
+                "mean_recon_error": sum(errors) / len(errors) if errors else None,
+            }
+        )
+    return metrics
 
 
 @dataclass
