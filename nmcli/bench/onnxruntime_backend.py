@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from nmcli.bench.device import parse_device
 from nmcli.bench.types import BenchPlan, PlanRequest, Variant, spec_from_signature
+from nmcli.device import parse_device
 from nmcli.errors import BackendUnavailableError, InputError
 from nmcli.formats.onnx_layout import (
     find_weights,

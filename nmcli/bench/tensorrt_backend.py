@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from nmcli.bench.device import device_guard, resolve_device
+from nmcli.bench.device import device_guard
 from nmcli.bench.types import BenchPlan, PlanRequest, Variant, spec_from_signature
+from nmcli.device import resolve_device
 from nmcli.errors import InputError
 from nmcli.export.tensorrt import collecting_logger, import_tensorrt
 from nmcli.inputs import InputSpec, example_inputs

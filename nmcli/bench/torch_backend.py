@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nmcli.bench.device import device_guard, resolve_device
+from nmcli.bench.device import device_guard
 from nmcli.bench.sparse_kernels import (
     device_backends,
     precision_name,
@@ -30,6 +30,7 @@ from nmcli.bench.sparse_kernels import (
     tolerance,
 )
 from nmcli.bench.types import BenchPlan, PlanRequest, Variant, flatten_outputs
+from nmcli.device import resolve_device
 from nmcli.errors import BackendUnavailableError, InputError, NmcliError
 from nmcli.inputs import FLOAT_PRECISIONS, InputSpec, example_inputs, parse_input_spec
 from nmcli.models.sources import copy_model, eval_mode, load_model, load_source_model, model_from_checkpoint

@@ -18,8 +18,6 @@ from nmcli.bench.timing import LatencyStats
 from nmcli.errors import InputError
 from nmcli.inputs import InputSpec, InputTensor, parse_input_spec
 
-ProgressCallback = Callable[..., None]
-
 
 @dataclass(frozen=True)
 class PlanRequest:
@@ -284,7 +282,6 @@ __all__ = [
     "BenchPlan",
     "BenchReport",
     "PlanRequest",
-    "ProgressCallback",
     "Variant",
     "VariantResult",
     "flatten_outputs",

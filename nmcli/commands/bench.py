@@ -22,24 +22,25 @@ from typing import Any
 
 import torch
 
-from nmcli.bench.device import device_guard, parse_device
+from nmcli.bench.device import device_guard
 from nmcli.bench.timing import DEFAULT_ITERS, DEFAULT_WARMUP, check_settings, environment, measure
 from nmcli.bench.timing import throughput as samples_per_second
 from nmcli.bench.types import (
     BenchPlan,
     BenchReport,
     PlanRequest,
-    ProgressCallback,
     VariantResult,
     max_abs_diff,
 )
+from nmcli.device import parse_device
 from nmcli.errors import InputError
+from nmcli.formats.open import Form, named_form
 from nmcli.inputs import FLOAT_PRECISIONS
 from nmcli.io import atomic_output, check_output_path
+from nmcli.progress import ProgressCallback
 
 PRECISIONS = tuple(FLOAT_PRECISIONS)
 MAX_BATCH = 1 << 20
-SOURCE_PREFIXES = ("hf:", "py:", "torchvision:", "timm:")
 
 
 @dataclass(frozen=True)
@@ -49,24 +50,23 @@ class Backend:
     Attributes:
         name: ``--backend`` value.
         module: the module with ``is_available()`` and ``plan(request) -> BenchPlan``, imported when used.
-        suffixes: target file suffixes it reads (empty: anything else, i.e. checkpoints and model sources).
+        forms: the kinds of target it reads, by their name (:func:`nmcli.formats.open.named_form`;
+            empty: anything else, i.e. checkpoints and model sources).
         reads: what it benchmarks, for messages.
         compile: whether ``--compile`` applies.
     """
 
     name: str
     module: str
-    suffixes: tuple[str, ...]
+    forms: tuple[Form, ...]
     reads: str
     compile: bool = False
 
 
 REGISTRY: tuple[Backend, ...] = (
     Backend("torch", "nmcli.bench.torch_backend", (), "a checkpoint or model source", compile=True),
-    Backend("onnxruntime", "nmcli.bench.onnxruntime_backend", (".onnx",), "an .onnx file"),
-    Backend(
-        "tensorrt", "nmcli.bench.tensorrt_backend", (".engine", ".plan", ".trt"), "a TensorRT engine (.engine/.plan)"
-    ),
+    Backend("onnxruntime", "nmcli.bench.onnxruntime_backend", (Form.ONNX,), "an .onnx file"),
+    Backend("tensorrt", "nmcli.bench.tensorrt_backend", (Form.ENGINE,), "a TensorRT engine (.engine/.plan)"),
 )
 BACKENDS = tuple(b.name for b in REGISTRY)
 _BY_NAME = {b.name: b for b in REGISTRY}
@@ -100,21 +100,22 @@ def parse_batch_sizes(text: str | Sequence[int] | None) -> list[int] | None:
 
 
 def detect_backend(target: str, backend: str | None) -> str:
-    """The backend for ``target``: ``--backend`` if given (checked against the file type), else by suffix.
+    """The backend for ``target``: ``--backend`` if given (checked against the file type), else by
+    what its name says (:func:`nmcli.formats.open.named_form`: a missing ``x.onnx`` is still ONNX).
 
     Raises:
         InputError: an unknown backend, or one that cannot read this kind of target.
     """
-    suffix = Path(target).suffix.lower() if not target.startswith(SOURCE_PREFIXES) else ""
-    by_suffix = next((b.name for b in REGISTRY if suffix and suffix in b.suffixes), None)
-    by_suffix = by_suffix or next(b.name for b in REGISTRY if not b.suffixes)
+    named = named_form(target)
+    by_name = next((b.name for b in REGISTRY if named in b.forms), None)
+    by_name = by_name or next(b.name for b in REGISTRY if not b.forms)
     if backend is None:
-        return by_suffix
+        return by_name
     if backend not in _BY_NAME:
         raise InputError(f"unknown --backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    if backend != by_suffix:
+    if backend != by_name:
         entry = _BY_NAME[backend]
-        hint = " (make one with nmcli export)" if entry.suffixes else ""
+        hint = " (make one with nmcli export)" if entry.forms else ""
         raise InputError(f"--backend {backend} benchmarks {entry.reads}, and {target} is not one{hint}")
     return backend
 

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from nmcli.export.verify import VerifyResult
     from nmcli.formats.onnx_layout import WeightMatch
     from nmcli.inputs import InputSpec
-from nmcli.formats.open import compress_checkpoint, read_meta
-from nmcli.formats.sharded import check_output_directory, is_sharded_checkpoint, local_directory
+    from nmcli.models.sources import LoadedModel
+from nmcli.formats.open import Form, InputKind, classify, compress_checkpoint
+from nmcli.formats.sharded import check_output_directory
 from nmcli.formats.sharded_compress import compress_directory, directory_bytes
 from nmcli.io import check_output_path
 from nmcli.progress import ProgressCallback
@@ -52,6 +53,7 @@ def export_paths(
     compress: bool,
     output: str | os.PathLike[str] | None,
     precision: str = "fp32",
+    kind: InputKind | None = None,
 ) -> ExportPaths:
     """The output paths for the requested artifacts (a pure function).
 
@@ -64,6 +66,8 @@ def export_paths(
     precisions than fp32 name theirs (``model-2of4-fp16.onnx``, ``model-2of4-int8.engine``), so
     exports in several precisions sit side by side.
 
+    ``kind`` is the checkpoint's :func:`nmcli.formats.open.classify` (classified here when not given).
+
     Raises:
         InputError: ``-o`` has a suffix that does not fit the requested artifacts.
     """
@@ -72,8 +76,8 @@ def export_paths(
     want_onnx = onnx or trt or not compress
     onnx_tag = precision if precision in ("fp16", "bf16") else ""  # an int8 build starts from a float32 ONNX
     onnx_path = default_output_path(checkpoint, onnx_tag, ".onnx") if want_onnx else None
-    folder = local_directory(checkpoint)
-    sharded = folder is not None and is_sharded_checkpoint(folder)  # compressed into a directory
+    kind = kind or classify(checkpoint)
+    sharded = kind.form is Form.SHARDED_CHECKPOINT  # compressed into a directory
     compressed_suffix = "" if sharded else ".safetensors"
     compressed = default_output_path(checkpoint, "compressed", compressed_suffix) if compress else None
     if output is not None:
@@ -212,6 +216,24 @@ def _effective_in(weight: Any, dtype: Any) -> Any:
     return torch.where(cast == 0, torch.zeros((), dtype=cast.dtype), cast)
 
 
+class _Steps:
+    """``progress(done, total, label)`` for the export's steps, one call as each begins."""
+
+    def __init__(self, progress: ProgressCallback | None, paths: ExportPaths, verify: bool) -> None:
+        self.progress = progress
+        self.total = sum(1 for p in (paths.compressed, paths.onnx, paths.onnx if verify else None, paths.engine) if p)
+        self.done = 0
+
+    def __call__(self, label: str) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.total, label)
+        self.done += 1
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress(self.total, self.total, "done")
+
+
 def run_export(
     checkpoint: str,
     *,
@@ -247,63 +269,123 @@ def run_export(
         ExportUnsupportedError: torch cannot export the model, which runs in torch (exit 3).
         OutputExistsError: an output exists without ``force`` or names the input.
     """
-    from nmcli.export.onnx import export_onnx, max_sequence_of, precision_dtype, vocab_size_of
+    from nmcli.export.onnx import precision_dtype
     from nmcli.export.tensorrt import check_trt_precision
-    from nmcli.export.verify import default_tolerances, verify_onnx
+    from nmcli.export.verify import default_tolerances
     from nmcli.inputs import parse_input_spec
-    from nmcli.models.sources import load_model
 
     dtype = precision_dtype(precision)
     check_trt_precision(precision)  # int8 without calibration data: exit 2 before anything is written
     default_atol, default_rtol = default_tolerances(precision)
+    _check_numbers(workspace_mb, atol, rtol)
+    spec_override = parse_input_spec(input_shape) if input_shape else None
+    kind = classify(checkpoint)
+    if kind.named is Form.ONNX:
+        raise InputError(
+            f"{checkpoint} is already an ONNX file: export takes an nmcli checkpoint or a model source; "
+            "inspect it with nmcli inspect, or time it with nmcli bench"
+        )
+    paths = export_paths(
+        checkpoint, onnx=onnx, trt=trt, compress=compress, output=output, precision=precision, kind=kind
+    )
+    local_input = kind.path if kind.path is not None else Path(checkpoint)
+    _check_outputs(paths, kind, local_input, force)
+    result = ExportResult(paths, precision, sparse)
+    step = _Steps(progress, paths, verify)
+    if paths.compressed is not None:
+        step("compressing")
+        _compress(kind, paths.compressed, force, result)
+    if paths.onnx is None:
+        return result
+    step("exporting ONNX")
+    job = _export_onnx(
+        kind, paths.onnx, result, dtype=dtype, spec_override=spec_override, dynamic_batch=dynamic_batch,
+        opset=opset, exporter=exporter, force=force, verify=verify, arch=arch, trust=trust,
+    )  # fmt: skip
+    if verify:
+        step("verifying in onnxruntime")
+        _verify(job, paths.onnx, result, dynamic_batch=dynamic_batch,
+                atol=default_atol if atol is None else atol, rtol=default_rtol if rtol is None else rtol)  # fmt: skip
+    if paths.engine is not None:
+        _engine(job, paths.onnx, paths.engine, result, step, workspace_mb=workspace_mb, force=force)
+    step.finish()
+    return result
+
+
+def _check_numbers(workspace_mb: int | None, atol: float | None, rtol: float | None) -> None:
+    """``--workspace``, ``--atol`` and ``--rtol`` in range, before anything is read or written."""
     if workspace_mb is not None and workspace_mb <= 0:
         raise InputError(f"--workspace {workspace_mb} must be a positive number of MiB")
     for name, value in (("--atol", atol), ("--rtol", rtol)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise InputError(f"{name} {value}: give a finite number >= 0")
-    spec_override = parse_input_spec(input_shape) if input_shape else None
-    if checkpoint.lower().endswith(".onnx") and not checkpoint.startswith(("hf:", "py:")):
-        raise InputError(
-            f"{checkpoint} is already an ONNX file: export takes an nmcli checkpoint or a model source; "
-            "inspect it with nmcli inspect, or time it with nmcli bench"
-        )
-    paths = export_paths(checkpoint, onnx=onnx, trt=trt, compress=compress, output=output, precision=precision)
-    local_input = checkpoint[3:] if checkpoint.startswith("hf:") else checkpoint
-    sharded = Path(local_input).is_dir() and is_sharded_checkpoint(local_input)
+
+
+def _check_outputs(paths: ExportPaths, kind: InputKind, local_input: Path, force: bool) -> None:
+    """Every output writable, none the input; a sharded checkpoint's compressed copy is a directory."""
     for path in paths.all():
-        if sharded and path == paths.compressed:  # a directory, replaced only if it is nmcli's
+        if kind.form is Form.SHARDED_CHECKPOINT and path == paths.compressed:  # replaced only if it is nmcli's
             check_output_directory(path, force=force, inputs=[local_input])
         else:
             check_output_path(path, force=force, inputs=[local_input])
-    result = ExportResult(paths, precision, sparse)
-    steps = sum(1 for p in (paths.compressed, paths.onnx, paths.onnx if verify else None, paths.engine) if p)
-    done = 0
 
-    def step(label: str) -> None:
-        nonlocal done
-        if progress is not None:
-            progress(done, steps, label)
-        done += 1
 
-    if paths.compressed is not None:
-        step("compressing")
-        if sharded:  # shard by shard, one tensor at a time
-            compress_directory(local_input, paths.compressed, force=force)
-            result.original_bytes = directory_bytes(local_input)
-            result.compressed_bytes = directory_bytes(paths.compressed)
-        else:
-            if not Path(checkpoint).is_file() or read_meta(checkpoint) is None:
-                raise InputError(
-                    "--compress needs an nmcli checkpoint (.safetensors written by nmcli prune, or a sharded "
-                    f"checkpoint directory): {checkpoint} is not one"
-                )
-            compress_checkpoint(checkpoint, paths.compressed, force=force)
-            result.original_bytes = os.path.getsize(checkpoint)
-            result.compressed_bytes = os.path.getsize(paths.compressed)
-    if paths.onnx is None:
-        return result
+def _compress(kind: InputKind, out: Path, force: bool, result: ExportResult) -> None:
+    """``--compress``: a sharded checkpoint shard by shard, one tensor at a time; a file whole.
 
-    step("exporting ONNX")
+    Raises:
+        InputError: the input is not an nmcli checkpoint.
+    """
+    if kind.form is Form.SHARDED_CHECKPOINT and kind.path is not None:
+        compress_directory(kind.path, out, force=force)
+        result.original_bytes = directory_bytes(kind.path)
+        result.compressed_bytes = directory_bytes(out)
+        return
+    if kind.prefix or kind.path is None or kind.form not in (Form.CHECKPOINT, Form.COMPRESSED):
+        raise InputError(
+            "--compress needs an nmcli checkpoint (.safetensors written by nmcli prune, or a sharded "
+            f"checkpoint directory): {kind.spec} is not one"
+        )
+    compress_checkpoint(kind.path, out, force=force)
+    result.original_bytes = os.path.getsize(kind.path)
+    result.compressed_bytes = os.path.getsize(out)
+
+
+@dataclass
+class _OnnxJob:
+    """What the later steps need from the ONNX export: the model, its input spec and the checkpoint."""
+
+    loaded: LoadedModel
+    spec: InputSpec
+    local_input: Path
+
+
+def _export_onnx(
+    kind: InputKind,
+    out: Path,
+    result: ExportResult,
+    *,
+    dtype: Any,
+    spec_override: InputSpec | None,
+    dynamic_batch: bool,
+    opset: int | None,
+    exporter: str,
+    force: bool,
+    verify: bool,
+    arch: str | None,
+    trust: bool,
+) -> _OnnxJob:
+    """Rebuild the model, export it to ``out`` with its pruned layers located in the graph; notes and
+    warnings go to ``result``.
+
+    Raises:
+        InputError: no input shape stored or given.
+    """
+    from nmcli.export.onnx import export_onnx
+    from nmcli.models.sources import load_model
+
+    checkpoint = kind.spec
+    local_input = kind.path if kind.path is not None else Path(checkpoint)
     loaded = load_model(checkpoint, arch=arch, trust=trust)
     spec = spec_override or loaded.input_spec
     if spec is None:
@@ -323,8 +405,8 @@ def run_export(
     result.onnx = export_onnx(
         loaded.model,
         spec,
-        paths.onnx,
-        precision=precision,
+        out,
+        precision=result.precision,
         dynamic_batch=dynamic_batch,
         opset=opset,
         exporter=exporter,
@@ -344,69 +426,79 @@ def run_export(
                 f"{len(lost)} of {len(result.matches)} pruned layer(s) did not reach the ONNX graph as N:M "
                 f"initializers, so TensorRT cannot run them sparse: {names}{more}"
             )
-    if verify:
-        step("verifying in onnxruntime")
-        specs = [spec, second_spec(spec)] if dynamic_batch else [spec]
-        result.verify = verify_onnx(
-            paths.onnx,
-            loaded.model,
-            specs,
-            atol=default_atol if atol is None else atol,
-            rtol=default_rtol if rtol is None else rtol,
-            vocab_size=vocab_size_of(loaded.model),
-        )
-        if result.verify.skipped:
-            result.warnings.append(f"not verified: {result.verify.skipped}")
-    if paths.engine is not None:
-        from nmcli.export.tensorrt import (
-            build_engine,
-            builder_settings,
-            import_tensorrt,
-            tensorrt_major,
-            trtexec_command,
-        )
+    return _OnnxJob(loaded, spec, local_input)
 
-        if ckpt is not None and ckpt.meta.layers and not sparse:
-            result.notes.append(
-                "the checkpoint is pruned but --sparse is off: the engine will be dense; pass --sparse to let "
-                "TensorRT use 2:4 sparse tensor-core kernels"
-            )
-        if ckpt is not None and ckpt.meta.pattern is not None and not ckpt.meta.pattern.accelerated and sparse:
-            result.notes.append(f"TensorRT accelerates only 2:4, not {ckpt.meta.pattern}: expect dense kernels")
-        try:
-            trt_module = import_tensorrt()
-            major = tensorrt_major(trt_module)
-        except BackendUnavailableError as exc:
-            trt_module, major = None, 10
-            result.trt_missing = str(exc)
-        settings = builder_settings(
-            trt_major=major,
-            precision=precision,
-            sparse=sparse,
-            spec=spec,
-            input_names=result.onnx.input_names,
-            dynamic_axes=result.onnx.dynamic_axes,
-            workspace_mb=workspace_mb,
-            max_sequence=max_sequence_of(loaded.model),
+
+def _verify(
+    job: _OnnxJob, onnx_path: Path, result: ExportResult, *, dynamic_batch: bool, atol: float, rtol: float
+) -> None:
+    """Run the ONNX file in onnxruntime against the torch model (a second shape with ``dynamic_batch``)."""
+    from nmcli.export.onnx import vocab_size_of
+    from nmcli.export.verify import verify_onnx
+
+    specs = [job.spec, second_spec(job.spec)] if dynamic_batch else [job.spec]
+    result.verify = verify_onnx(
+        onnx_path, job.loaded.model, specs, atol=atol, rtol=rtol, vocab_size=vocab_size_of(job.loaded.model)
+    )
+    if result.verify.skipped:
+        result.warnings.append(f"not verified: {result.verify.skipped}")
+
+
+def _engine(
+    job: _OnnxJob,
+    onnx_path: Path,
+    engine_path: Path,
+    result: ExportResult,
+    step: _Steps,
+    *,
+    workspace_mb: int | None,
+    force: bool,
+) -> None:
+    """The TensorRT builder settings and ``trtexec`` line, and the engine when tensorrt is installed
+    and verification did not fail (``result.trt_missing`` says why not)."""
+    from nmcli.export.onnx import max_sequence_of
+    from nmcli.export.tensorrt import build_engine, builder_settings, import_tensorrt, tensorrt_major, trtexec_command
+
+    ckpt, sparse = job.loaded.checkpoint, result.sparse
+    if ckpt is not None and ckpt.meta.layers and not sparse:
+        result.notes.append(
+            "the checkpoint is pruned but --sparse is off: the engine will be dense; pass --sparse to let "
+            "TensorRT use 2:4 sparse tensor-core kernels"
         )
-        result.settings = settings
-        result.notes += list(settings.notes)
-        result.trtexec = trtexec_command(paths.onnx, paths.engine, settings)
-        if result.verify is not None and result.verify.passed is False:
-            result.notes.append("the TensorRT engine was not built because verification failed")
-        elif trt_module is not None:
-            step("building the TensorRT engine")
-            result.engine = build_engine(
-                paths.onnx,
-                paths.engine,
-                settings,
-                pruned_nodes={m.param: m.node for m in result.matches if not m.lost},
-                force=force,
-                inputs=[local_input],
-            )
-    if progress is not None:
-        progress(steps, steps, "done")
-    return result
+    if ckpt is not None and ckpt.meta.pattern is not None and not ckpt.meta.pattern.accelerated and sparse:
+        result.notes.append(f"TensorRT accelerates only 2:4, not {ckpt.meta.pattern}: expect dense kernels")
+    try:
+        trt_module = import_tensorrt()
+        major = tensorrt_major(trt_module)
+    except BackendUnavailableError as exc:
+        trt_module, major = None, 10
+        result.trt_missing = str(exc)
+    assert result.onnx is not None
+    settings = builder_settings(
+        trt_major=major,
+        precision=result.precision,
+        sparse=sparse,
+        spec=job.spec,
+        input_names=result.onnx.input_names,
+        dynamic_axes=result.onnx.dynamic_axes,
+        workspace_mb=workspace_mb,
+        max_sequence=max_sequence_of(job.loaded.model),
+    )
+    result.settings = settings
+    result.notes += list(settings.notes)
+    result.trtexec = trtexec_command(onnx_path, engine_path, settings)
+    if result.verify is not None and result.verify.passed is False:
+        result.notes.append("the TensorRT engine was not built because verification failed")
+    elif trt_module is not None:
+        step("building the TensorRT engine")
+        result.engine = build_engine(
+            onnx_path,
+            engine_path,
+            settings,
+            pruned_nodes={m.param: m.node for m in result.matches if not m.lost},
+            force=force,
+            inputs=[job.local_input],
+        )
 
 
 def trtexec_variants(command: str) -> Sequence[str]:

@@ -31,17 +31,14 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nmcli.errors import BackendUnavailableError, CheckpointError, InputError, SourceError, TrustRequiredError
 from nmcli.formats.checkpoint import Checkpoint, CheckpointMeta, CheckpointReader
-from nmcli.formats.checksum import MISMATCH, TAMPERED, Integrity, verify_file
-from nmcli.formats.open import PREFIXES, load_checkpoint
-from nmcli.formats.safetensors import is_safetensors
-from nmcli.formats.sharded import is_sharded_checkpoint, local_directory
+from nmcli.formats.checksum import MISMATCH, TAMPERED, Integrity
+from nmcli.formats.open import Form, InputKind, classify, load_checkpoint, open_checkpoint
 from nmcli.formats.sharded_checkpoint import ShardedCheckpointReader
 from nmcli.models.inferred import infer_state_dict_layers, is_bare_state_dict
 from nmcli.models.layers import LayerCandidate, find_layers, tensorrt_reason
@@ -278,10 +275,8 @@ def inspect_checkpoint_file(
 
 def file_integrity(path: str | os.PathLike[str]) -> Integrity:
     """An nmcli file's content, or a sharded directory's sidecar and compressed shards, against the recorded sha256."""
-    if Path(path).is_dir():
-        with ShardedCheckpointReader(path, numpy=True) as reader:
-            return reader.integrity()
-    return Integrity.combine({Path(path).name: verify_file(path)})
+    with open_checkpoint(path, numpy=True) as reader:
+        return reader.integrity()
 
 
 def inspect_sharded(
@@ -406,17 +401,6 @@ def inspect_onnx(model: Any, pattern: Pattern, *, target: str = "") -> InspectRe
     return InspectReport(target, "onnx", pattern, layers)
 
 
-def _has_source_prefix(target: str) -> bool:
-    if ":" not in target:  # every source prefix ends with ":"; nmcli.models.sources (torch) stays unimported
-        return False
-
-    return target.startswith(PREFIXES)
-
-
-def _is_onnx(target: str) -> bool:
-    return target.lower().endswith(".onnx") and not _has_source_prefix(target)
-
-
 def run_inspect(
     target: str,
     *,
@@ -446,37 +430,37 @@ def run_inspect(
         BackendUnavailableError: the package behind the source is missing.
     """
     nm = parse_pattern(pattern) if pattern is not None else None
-
-    folder = local_directory(target)
-    if folder is not None and is_sharded_checkpoint(folder) and not (rebuild or arch):
-        return inspect_sharded(folder, nm, target=target, masks_only=masks_only)
-    report = _run_inspect(target, nm, arch=arch, trust=trust, rebuild=rebuild)
+    kind = classify(target)
+    if kind.form is Form.SHARDED_CHECKPOINT and kind.path is not None and not (rebuild or arch):
+        return inspect_sharded(kind.path, nm, target=target, masks_only=masks_only)
+    report = _run_inspect(kind, nm, arch=arch, trust=trust, rebuild=rebuild)
     if masks_only:
         report.notes.append("--masks-only applies to sharded checkpoint directories only: it changed nothing here")
     return report
 
 
-def _run_inspect(target: str, nm: Pattern | None, *, arch: str | None, trust: bool, rebuild: bool) -> InspectReport:
-    if _is_onnx(target):
-        if not Path(target).is_file():
+def _run_inspect(kind: InputKind, nm: Pattern | None, *, arch: str | None, trust: bool, rebuild: bool) -> InspectReport:
+    target, path = kind.spec, kind.path
+    if kind.named is Form.ONNX:
+        if kind.form is not Form.ONNX or path is None:
             raise InputError(f"{target} does not exist: check the path")
-        if Path(target).stat().st_size == 0:
+        if path.stat().st_size == 0:
             raise InputError(f"{target} is empty (0 bytes), not an ONNX model: re-export it")
         from nmcli.formats.onnx_layout import load_onnx
 
-        proto = load_onnx(target)
+        proto = load_onnx(path)
         if not proto.graph.node:
             raise InputError(f"{target} holds no ONNX graph (no nodes): it is not a model; re-export it")
         return inspect_onnx(proto, nm or TENSOR_CORE_PATTERN, target=target)
-    if is_safetensors(target) and Path(target).is_file() and not _has_source_prefix(target):
-        with CheckpointReader(target, numpy=True) as reader:
+    if kind.form in (Form.CHECKPOINT, Form.COMPRESSED) and path is not None:
+        with open_checkpoint(kind, numpy=True) as reader:
             meta = reader.meta
-        if meta is not None:
-            if not (rebuild or arch):  # a CI gate on checkpoints reads the file only, without torch
-                return inspect_checkpoint_file(target, nm, target=target)
-            report = _run_checkpoint(target, meta, nm, arch=arch, trust=trust, rebuild=rebuild)
-            report.integrity = file_integrity(target)
-            return report
+        assert meta is not None  # an nmcli file, by its header
+        if not (rebuild or arch):  # a CI gate on checkpoints reads the file only, without torch
+            return inspect_checkpoint_file(path, nm, target=target)
+        report = _run_checkpoint(path, meta, nm, arch=arch, trust=trust, rebuild=rebuild, target=target)
+        report.integrity = file_integrity(path)
+        return report
 
     if arch is None and is_bare_state_dict(target):  # a training checkpoint or state dict: layers inferred
         inferred = infer_state_dict_layers(target, pattern=nm, trust=trust)
@@ -493,31 +477,32 @@ def _run_inspect(target: str, nm: Pattern | None, *, arch: str | None, trust: bo
     nm = nm or (loaded.checkpoint.meta.pattern if loaded.checkpoint else None) or TENSOR_CORE_PATTERN
     if loaded.checkpoint is not None:
         report = inspect_checkpoint(loaded.checkpoint, nm, model=loaded.model, target=target)
-
-        folder = local_directory(target)
-        if folder is not None and is_sharded_checkpoint(folder):  # --rebuild or --arch: loaded whole
-            report.integrity = file_integrity(folder)
+        if kind.form is Form.SHARDED_CHECKPOINT and path is not None:  # --rebuild or --arch: loaded whole
+            report.integrity = file_integrity(path)
         return report
     return inspect_model(loaded.model, nm, target=target, kind=loaded.kind)
 
 
 def _run_checkpoint(
-    target: str | os.PathLike[str],
+    path: str | os.PathLike[str],
     meta: CheckpointMeta,
     nm: Pattern | None,
     *,
     arch: str | None,
     trust: bool,
     rebuild: bool = False,
+    target: str = "",
 ) -> InspectReport:
+    """Inspect the checkpoint file ``path`` loaded whole, rebuilt with ``rebuild`` or ``arch``; ``target`` names it."""
     from nmcli.models.sources import model_from_checkpoint
 
     nm = nm or meta.pattern or TENSOR_CORE_PATTERN
-    ckpt = load_checkpoint(target, dense=False)
+    target = target or str(path)
+    ckpt = load_checkpoint(path, dense=False)
     notes: list[str] = []
     model: nn.Module | None = None
     if not (rebuild or arch):
-        return inspect_checkpoint(ckpt, nm, target=str(target))
+        return inspect_checkpoint(ckpt, nm, target=target)
     try:
         model = model_from_checkpoint(ckpt, arch=arch, trust=trust)
     except TrustRequiredError:
@@ -529,6 +514,6 @@ def _run_checkpoint(
             f"the architecture could not be rebuilt ({exc}); only the pruned layers are listed: "
             "pass --arch SPEC to list the others"
         )
-    report = inspect_checkpoint(ckpt, nm, model=model, target=str(target))
+    report = inspect_checkpoint(ckpt, nm, model=model, target=target)
     report.notes.extend(notes)
     return report

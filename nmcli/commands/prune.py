@@ -9,8 +9,9 @@ from typing import Any
 from nmcli.algorithms.config import DEFAULT_REFIT_ITERATIONS, CalibrationConfig
 from nmcli.errors import BackendUnavailableError, InputError
 from nmcli.formats.checkpoint import SourceRef, save_checkpoint
+from nmcli.formats.open import Form, InputKind, classify
 from nmcli.formats.safetensors import sha256_file
-from nmcli.formats.sharded import INDEX, check_output_directory, is_hf_directory, is_sharded_checkpoint, local_directory
+from nmcli.formats.sharded import check_output_directory
 from nmcli.inputs import InputSpec, parse_input_spec
 from nmcli.io import check_output_path
 from nmcli.models.data import check_data_spec
@@ -107,9 +108,10 @@ def run_prune(
         calibration.validate()
         check_data_spec(calibration.spec, "--calib")
     spec_input = parse_input_spec(input_shape) if input_shape else None
-    if _streamed(model_spec, output):
+    kind = classify(model_spec)
+    if _streamed(kind, output):
         return _run_prune_directory(
-            model_spec,
+            kind,
             nm,
             method=method,
             calibration=calibration,
@@ -122,7 +124,7 @@ def run_prune(
             progress=progress,
         )
     out = Path(output) if output else default_output_path(model_spec, nm.slug)
-    local_input = model_spec[3:] if model_spec.startswith("hf:") else model_spec
+    local_input = kind.path if kind.path is not None else Path(model_spec)
     if infer_layers:
         if arch:
             raise InputError("--infer-layers and --arch exclude each other: --arch gives the real layers")
@@ -130,7 +132,7 @@ def run_prune(
             raise InputError(f"--infer-layers prunes by magnitude only: {method} with --calib needs the model (--arch)")
     check_output_path(out, force=force, inputs=[local_input])
     if infer_layers:
-        return _prune_inferred(model_spec, nm, out, include, exclude, keep_dense, trust, force, progress)
+        return _prune_inferred(kind, nm, out, include, exclude, keep_dense, trust, force, progress)
     loaded = load_model(model_spec, arch=arch, trust=trust)
     input_spec = spec_input or loaded.input_spec
     batches = None
@@ -173,26 +175,24 @@ def run_prune(
     return result
 
 
-def _streamed(model_spec: str, output: str | Path | None) -> bool:
-    """Whether ``model_spec`` is pruned from its shards without loading it (:mod:`nmcli.formats.sharded`).
+def _streamed(kind: InputKind, output: str | Path | None) -> bool:
+    """Whether the input is pruned from its shards without loading it (:mod:`nmcli.pipelines.streamed`).
 
-    A local HF directory with sharded safetensors (``hf:DIR`` or a bare ``DIR``) always is; one with a
+    A plain HF directory with sharded safetensors (``hf:DIR`` or a bare ``DIR``) always is; one with a
     single ``model.safetensors`` is when given as a bare ``DIR`` or with an ``-o`` that is not a
     ``.safetensors`` file (``hf:DIR`` alone keeps writing one nmcli/1 file). Its output is a directory.
     """
-
-    folder = local_directory(model_spec)
-    if folder is None or is_sharded_checkpoint(folder) or not is_hf_directory(folder):
+    if not kind.is_streamable:
         return False
     if output is not None and str(output).endswith(".safetensors"):
         return False  # loaded whole by transformers, written as one nmcli/1 file
-    if (folder / INDEX).is_file() or not model_spec.startswith("hf:"):
+    if kind.form is Form.HF_SHARDED or not kind.prefix:
         return True
-    return output is not None and not str(output).endswith(".safetensors")
+    return output is not None
 
 
 def _run_prune_directory(
-    model_spec: str,
+    kind: InputKind,
     nm: Pattern,
     *,
     method: str,
@@ -206,8 +206,7 @@ def _run_prune_directory(
     progress: ProgressCallback | None,
 ) -> PruneResult:
     """``run_prune`` of an HF directory: tensor by tensor (magnitude) or block by block, into a sharded checkpoint."""
-
-    folder = local_directory(model_spec)
+    model_spec, folder = kind.spec, kind.path
     assert folder is not None
     out = Path(output) if output else default_output_path(model_spec, nm.slug, suffix="")
     if str(out).endswith(".safetensors"):
@@ -215,7 +214,7 @@ def _run_prune_directory(
             f"{model_spec} is a sharded model and is written as a directory: give -o a directory name, not {out}"
         )
     check_output_directory(out, force=force, inputs=[folder])
-    spec = model_spec if model_spec.startswith("hf:") else f"hf:{model_spec}"
+    spec = model_spec if kind.prefix else f"hf:{model_spec}"
     source = source_ref(spec)
     skeleton = build_skeleton(folder)
     if input_spec is None:
@@ -264,7 +263,7 @@ def _calibration_args(cfg: CalibrationConfig) -> dict[str, Any]:
 
 
 def _prune_inferred(
-    spec: str,
+    kind: InputKind,
     pattern: Pattern,
     out: Path,
     include: Sequence[str],
@@ -274,9 +273,8 @@ def _prune_inferred(
     force: bool,
     progress: ProgressCallback | None,
 ) -> PruneResult:
-
-    path = Path(spec)
-    if not path.is_file():
+    spec, path = kind.spec, kind.path
+    if kind.prefix or path is None or not kind.is_file:
         raise InputError(f"--infer-layers needs a state-dict file (.pt, .pth, .bin, .safetensors); {spec} is not one")
     found = infer_state_dict_layers(path, pattern=pattern, trust=trust, include=list(include), exclude=list(exclude))
     result = prune_state_dict(

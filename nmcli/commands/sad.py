@@ -12,6 +12,7 @@ from nmcli.errors import (
     BackendUnavailableError,
     InputError,
 )
+from nmcli.formats.open import prefix_of
 from nmcli.io import atomic_output
 from nmcli.nm.pattern import Pattern
 from nmcli.pipelines.sad import (
@@ -89,7 +90,7 @@ def require_matplotlib() -> None:
 
 
 def _short(label: str) -> str:
-    return Path(label).name if not label.startswith(("hf:", "py:", "torchvision:", "timm:")) else label
+    return label if prefix_of(label) else Path(label).name
 
 
 def plot_report(

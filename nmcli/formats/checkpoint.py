@@ -26,13 +26,13 @@ import os
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nmcli import __version__
 from nmcli.errors import CheckpointError
+from nmcli.formats.checksum import Integrity, verify_file
 from nmcli.io import atomic_output
 from nmcli.nm.bits import TensorBits, array_group_counts
 from nmcli.nm.codec import INDICES_PREFIX, VALUES_PREFIX, compress_weight, decompress_packed_mask, decompress_weight
@@ -40,6 +40,7 @@ from nmcli.nm.pattern import Pattern, parse_pattern
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: headers and packed masks read without it
     import torch
+from nmcli.formats.reader import Closeable
 from nmcli.formats.safetensors import DataLayout, torch_from_bits, write_safetensors
 from nmcli.nm.bits import pack_mask, packed_size, unpack_mask
 
@@ -448,7 +449,7 @@ class _CompressedView:
         return self._handle.get_slice(name)
 
 
-class CheckpointReader:
+class CheckpointReader(Closeable):
     """Lazy, memory-mapped access to a safetensors file, nmcli/1 or a plain state dict.
 
     Reads the header only; tensors are read one at a time, so files larger than memory work.
@@ -502,20 +503,17 @@ class CheckpointReader:
             except Exception as exc:  # any malformed JSON or field is the same user problem
                 raise CheckpointError(f"{self.path} has unreadable nmcli metadata ({exc}): re-create it") from exc
 
-    def __enter__(self) -> CheckpointReader:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
     def close(self) -> None:
         self._handle.__exit__(None, None, None)
 
     @property
     def is_nmcli(self) -> bool:
         return self.meta is not None
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the file is a compressed checkpoint (:data:`COMPRESSED_FORMAT`), decoded on read."""
+        return self._decoded
 
     @property
     def state_names(self) -> list[str]:
@@ -549,6 +547,15 @@ class CheckpointReader:
         if self._layout is None:
             self._layout = DataLayout(self.path)
         return self._layout.bits(name)
+
+    def integrity(self, *, shards: bool = True) -> Integrity:
+        """The file's content against its recorded sha256 (:mod:`nmcli.formats.checksum`; ``shards`` is
+        for the sharded reader's signature). Streamed, torch-free.
+
+        Raises:
+            CheckpointError: the file cannot be read.
+        """
+        return Integrity.combine({self.path.name: verify_file(self.path)})
 
     def check(self) -> None:
         """Validate the whole nmcli/1 checkpoint on its memory-mapped bits (numpy; no torch).

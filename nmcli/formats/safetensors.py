@@ -190,10 +190,6 @@ def torch_from_bits(value: TensorBits) -> torch.Tensor:
     return torch.from_numpy(signed).view(getattr(torch, value.dtype))
 
 
-def is_safetensors(path: str | os.PathLike[str]) -> bool:
-    return str(path).endswith(".safetensors")
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives: its shard file, dtype code, shape and byte range in the data section."""

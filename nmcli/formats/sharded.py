@@ -29,7 +29,6 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from nmcli.errors import CheckpointError, OutputExistsError, SourceError
@@ -51,6 +50,7 @@ if TYPE_CHECKING:
     import torch
 
 from nmcli.formats.rawio import SequentialFile
+from nmcli.formats.reader import Closeable
 from nmcli.formats.safetensors import ShardHeader, TensorInfo, read_header, safetensors_dtype
 from nmcli.io import check_name_length, check_not_special, check_output_writable, temp_prefix, writing
 
@@ -65,12 +65,6 @@ _REOPEN_BYTES = 64 << 20  # a shard's memory map is reopened after this many byt
 _COPY_CHUNK = 16 << 20
 SIDECAR_STAGE_BYTES = 8 << 20  # a SidecarWriter's staging buffers (masks are small; dense copies stream)
 _HEADER_RESERVE = 4096  # header bytes a SidecarWriter reserves by default (a larger header costs a copy)
-
-
-def local_directory(spec: str) -> Path | None:
-    """The local directory behind ``hf:DIR`` or a bare ``DIR``, or None."""
-    path = Path(spec[3:] if spec.startswith("hf:") else spec).expanduser()
-    return path if spec and path.is_dir() else None
 
 
 _INDEX_FIX = "an index names files beside it: re-save the model with save_pretrained(..., safe_serialization=True)"
@@ -129,12 +123,6 @@ def check_hf_directory(folder: str | os.PathLike[str]) -> None:
             entry = f"weight_map[{show_name(tensor)}]"
             member_path(root, file, source=index, entry=entry, fix=_INDEX_FIX, error=SourceError)
     side_files(root)
-
-
-def is_hf_directory(path: str | os.PathLike[str]) -> bool:
-    """A directory with ``config.json`` and safetensors weights (single file or sharded)."""
-    root = Path(path)
-    return root.is_dir() and (root / "config.json").is_file() and weight_files(root) is not None
 
 
 def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
@@ -200,7 +188,7 @@ class ShardedModel:
         return sum(info.nbytes for info in self.tensors.values())
 
 
-class ShardReader:
+class ShardReader(Closeable):
     """Tensors of a :class:`ShardedModel`, read one at a time through safetensors' memory map.
 
     A shard's map is closed and reopened after ``_REOPEN_BYTES`` read from it, so the pages already
@@ -246,14 +234,6 @@ class ShardReader:
         if self._handle is not None:
             self._handle.__exit__(None, None, None)
         self._handle = self._open = self._file = None
-
-    def __enter__(self) -> ShardReader:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def raw_bytes(value: torch.Tensor) -> memoryview:

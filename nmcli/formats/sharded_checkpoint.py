@@ -7,7 +7,6 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,11 +34,12 @@ if TYPE_CHECKING:
 
     from nmcli.formats.compressed_shards import CompressedShards
 from nmcli.formats.compressed_shards import CompressedShards
+from nmcli.formats.reader import Closeable
 from nmcli.formats.sharded import SIDECAR, ShardedModel, ShardReader, is_sharded_checkpoint, sidecar_path, weight_files
 from nmcli.nm.maskcheck import pruned_nonzero, pruned_nonzero_in_file
 
 
-class ShardedCheckpointReader:
+class ShardedCheckpointReader(Closeable):
     """A sharded checkpoint directory read like :class:`nmcli.formats.checkpoint.CheckpointReader`.
 
     Masks and dense weights come from the sidecar (``numpy=True``: without torch), state-dict
@@ -71,14 +71,6 @@ class ShardedCheckpointReader:
             self._sidecar.close()
             raise
 
-    def __enter__(self) -> ShardedCheckpointReader:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
     def close(self) -> None:
         self._reader.close()
         self._sidecar.close()
@@ -86,6 +78,11 @@ class ShardedCheckpointReader:
     @property
     def is_nmcli(self) -> bool:
         return True
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the shards are compressed (``nmcli export --compress``), decoded on read."""
+        return self._compressed is not None
 
     @property
     def state_names(self) -> list[str]:
@@ -200,7 +197,11 @@ class ShardedCheckpointReader:
         return out
 
     def load(self, *, dense: bool = True) -> Checkpoint:
-        """Read and validate the whole checkpoint into memory (see :func:`load_sharded`)."""
+        """Read and validate the whole checkpoint into memory, when it fits.
+
+        Raises:
+            CheckpointError: unreadable or invalid. InputError: it does not fit in memory.
+        """
         assert self.meta is not None
         _check_fits(self.path, self._compressed.decoded_bytes if self._compressed else self.model.total_bytes)
         try:
@@ -235,16 +236,6 @@ def _check_fits(path: Path, nbytes: int) -> None:
             f"and {available / 1e9:.1f} GB is available; this command needs the whole model in memory "
             "(inspect and sad read sharded checkpoints without loading them)"
         )
-
-
-def load_sharded(path: str | os.PathLike[str], *, dense: bool = True) -> Checkpoint:
-    """Read and validate a sharded checkpoint whole, when it fits in memory.
-
-    Raises:
-        CheckpointError: unreadable or invalid. InputError: it does not fit in memory.
-    """
-    with ShardedCheckpointReader(path) as reader:
-        return reader.load(dense=dense)
 
 
 def shard_count(path: str | os.PathLike[str]) -> int:

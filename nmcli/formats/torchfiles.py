@@ -75,11 +75,6 @@ class TrainingState:
         return "; ".join(parts)
 
 
-def is_training_checkpoint(path: str | Path) -> bool:
-    """Whether the file name has a ``torch.save`` suffix (``.pt``, ``.pth``, ``.pth.tar``, ``.bin``, ``.ckpt``)."""
-    return str(path).lower().endswith(TRAINING_SUFFIXES)
-
-
 def _is_state_dict(obj: Any) -> bool:
     import torch
 

@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 from nmcli.formats.checkpoint import read_state_dict
-from nmcli.formats.open import read_meta
+from nmcli.formats.open import Form, classify, form_by_name
 from nmcli.formats.torchfiles import (
     TrainingState,
     holds_exported_program,
     is_torchscript_archive,
-    is_training_checkpoint,
     load_training_state,
 )
 from nmcli.models.layers import LayerCandidate, filtered_candidates
@@ -193,12 +192,12 @@ def is_bare_state_dict(target: str | Path) -> bool:
     """Whether ``target`` is a file of weights without an architecture: a training checkpoint
     (:data:`TRAINING_SUFFIXES`, not a TorchScript or torch.export archive) or a safetensors file
     that is not an nmcli checkpoint. Its layers are inferred unless ``--arch`` is given."""
-    path = Path(target)
-    if str(target).startswith(("hf:", "py:", "torchvision:", "timm:")) or not path.is_file():
+    kind = classify(target)
+    if kind.prefix or kind.path is None:
         return False
-    if path.suffix.lower() == ".safetensors":
-        return read_meta(path) is None
-    return is_training_checkpoint(path) and not (is_torchscript_archive(path) or holds_exported_program(path))
+    if kind.form is Form.STATE_DICT:
+        return True
+    return kind.form is Form.TORCH_FILE and not (is_torchscript_archive(kind.path) or holds_exported_program(kind.path))
 
 
 @dataclass
@@ -249,7 +248,7 @@ def infer_state_dict_layers(
     """
 
     path = Path(path)
-    if path.suffix.lower() == ".safetensors":
+    if form_by_name(path) is Form.STATE_DICT:  # any safetensors file: its state dict, masks excluded
         state = TrainingState(path, read_state_dict(path))
     else:
         state = load_training_state(path, key=key, trust=trust)

@@ -35,11 +35,10 @@ from torch import nn
 
 from nmcli import trust as trust_store
 from nmcli.errors import BackendUnavailableError, NmcliError, SourceError, TrustRequiredError
-from nmcli.formats.checkpoint import Checkpoint, CheckpointReader, SourceRef
-from nmcli.formats.open import PREFIXES
+from nmcli.formats.checkpoint import Checkpoint, SourceRef
+from nmcli.formats.open import PREFIXES, SAFETENSORS_FORMS, CheckpointSource, Form, classify, open_checkpoint
 from nmcli.formats.safetensors import sha256_file
-from nmcli.formats.sharded import check_hf_directory, is_sharded_checkpoint
-from nmcli.formats.sharded_checkpoint import load_sharded
+from nmcli.formats.sharded import check_hf_directory
 from nmcli.formats.torchfiles import (
     find_state_dict,
     is_exported_program,
@@ -51,6 +50,7 @@ from nmcli.formats.torchfiles import (
 from nmcli.inputs import InputSpec, parse_input_spec
 from nmcli.usercode import import_factory, torch_quiet, user_code
 
+_EMPTY = "empty model source: give a file (.safetensors, .pt, .pth, .pt2) or an hf:, torchvision:, timm:, py: source"
 EXTRAS_HINT = {
     "transformers": "pip install 'nmcli[hf]'",
     "torchvision": "pip install 'nmcli[vision]'",
@@ -326,33 +326,31 @@ def build_model(spec: str, *, trust: bool = False, pretrained: bool = True) -> t
     ``pretrained=False`` skips weight downloads where the source allows (hf, torchvision), for
     when the caller loads weights itself.
     """
-    if not spec.strip():
-        raise SourceError(
-            "empty model source: give a file (.safetensors, .pt, .pth, .pt2) or an hf:, torchvision:, timm:, py: source"
-        )
-    if spec.startswith("py:"):
+    kind = classify(spec)
+    if kind.form is Form.EMPTY:
+        raise SourceError(_EMPTY)
+    if kind.prefix == "py:":
         return _from_py(spec), "py"
-    if spec.startswith("hf:"):
+    if kind.prefix == "hf:":
         return _from_hf(spec, pretrained), "hf"
-    if spec.startswith("torchvision:"):
+    if kind.prefix == "torchvision:":
         return _from_torchvision(spec, pretrained), "torchvision"
-    if spec.startswith("timm:"):
+    if kind.prefix == "timm:":
         return _from_timm(spec, pretrained), "timm"
-    path = Path(spec)
-    if not path.exists():
+    path = Path(spec) if kind.path is None else kind.path
+    if kind.form is Form.MISSING:
         raise SourceError(
             f"{spec} does not exist: give a file (.safetensors, .pt, .pth, .pt2) or hf:, torchvision:, timm:, py: source"
         )
-    if path.is_dir():
-        if (path / "config.json").is_file():
+    if kind.is_directory:
+        if kind.is_hf_directory:
             raise SourceError(f"{spec} is a directory: for a transformers model write hf:{spec}")
         raise SourceError(f"{spec} is a directory, not a model file")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    if kind.form in SAFETENSORS_FORMS:
         raise SourceError(
             f"{spec} is a plain state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build), or prune it with --infer-layers"
         )
-    if suffix == ".pt2":
+    if kind.form is Form.EXPORTED:
         if not zipfile.is_zipfile(path):
             raise SourceError(
                 f"{spec} is not a torch.export program (not a zip archive): it may be corrupt; re-create it"
@@ -363,22 +361,22 @@ def build_model(spec: str, *, trust: bool = False, pretrained: bool = True) -> t
         except Exception as exc:
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise SourceError(f"{spec} is not a readable torch.export program ({type(exc).__name__}: {first})") from exc
-    if suffix in {".pt", ".pth", ".bin"}:
-        kind, obj = _read_torch_file(path, trust)
-        if kind == "state_dict":
+    if kind.form is Form.TORCH_FILE:
+        loaded_kind, obj = _read_torch_file(path, trust)
+        if loaded_kind == "state_dict":
             raise SourceError(
                 f"{spec} is a state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build), or prune it with --infer-layers"
             )
-        return obj, kind
+        return obj, loaded_kind
     raise SourceError(
-        f"{spec}: unknown model file type {suffix!r}: use .safetensors, .pt, .pth or .pt2, or a prefixed source"
+        f"{spec}: unknown model file type {path.suffix.lower()!r}: use .safetensors, .pt, .pth or .pt2, or a prefixed source"
     )
 
 
 class _LazyState(Mapping[str, torch.Tensor]):
     """The state dict of an open safetensors file, read one tensor at a time (shapes from the header)."""
 
-    def __init__(self, reader: CheckpointReader) -> None:
+    def __init__(self, reader: CheckpointSource) -> None:
         self._reader = reader
         self._names = reader.state_names
         self._known = set(self._names)
@@ -662,25 +660,18 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
 def _load_model(spec: str, arch: str | None, trust: bool, arch_trust: bool) -> LoadedModel:
     """:func:`load_model`, with ``trust`` for unpickling ``spec`` and ``arch_trust`` for building ``arch``
     (and for a checkpoint's recorded source when there is no ``arch``)."""
-    if not spec.strip():
-        raise SourceError(
-            "empty model source: give a file (.safetensors, .pt, .pth, .pt2) or an hf:, torchvision:, timm:, py: source"
-        )
-    path = None if spec.startswith(PREFIXES) else Path(spec)
-    if spec.startswith("hf:") and Path(spec[3:]).exists():
-        path = Path(spec[3:])
-    name = _short_name(spec)
-    if path is not None and path.is_dir() and is_sharded_checkpoint(path):
-        # loaded whole (it must fit); rebuilt from its own config.json
-        ckpt = load_sharded(path)
-        model = model_from_checkpoint(ckpt, arch=arch or f"hf:{path.resolve()}", trust=arch_trust)
-        input_spec = parse_input_spec(ckpt.meta.input_spec) if ckpt.meta.input_spec else guess_input_spec(model)
-        return LoadedModel(model, ckpt.meta.source, "checkpoint", name, path, ckpt, input_spec)
-    if path is not None and path.suffix.lower() == ".safetensors" and path.is_file():
-        with CheckpointReader(path) as reader:
+    kind = classify(spec)
+    if kind.form is Form.EMPTY:
+        raise SourceError(_EMPTY)
+    path, name = kind.path, _short_name(spec)
+    if path is not None and (kind.is_checkpoint or kind.form is Form.STATE_DICT):
+        with open_checkpoint(kind) as reader:
             if reader.is_nmcli:
-                ckpt = reader.load()
-                model = model_from_checkpoint(ckpt, arch=arch, trust=arch_trust if arch else trust)
+                ckpt = reader.load()  # a sharded directory is loaded whole: it must fit in memory
+                if kind.form is Form.SHARDED_CHECKPOINT:  # rebuilt from its own config.json
+                    model = model_from_checkpoint(ckpt, arch=arch or f"hf:{path.resolve()}", trust=arch_trust)
+                else:
+                    model = model_from_checkpoint(ckpt, arch=arch, trust=arch_trust if arch else trust)
                 input_spec = parse_input_spec(ckpt.meta.input_spec) if ckpt.meta.input_spec else guess_input_spec(model)
                 return LoadedModel(model, ckpt.meta.source, "checkpoint", name, path, ckpt, input_spec)
             if not arch:
@@ -696,16 +687,16 @@ def _load_model(spec: str, arch: str | None, trust: bool, arch_trust: bool) -> L
                 raise SourceError(f"{spec} could not be read ({exc}): it may be truncated or corrupt") from exc
         ref = SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path), arch=normalize_spec(arch))
         return LoadedModel(eval_mode(model), ref, "state_dict", name, path, None, guess_input_spec(model))
-    if path is not None and path.suffix.lower() in {".pt", ".pth", ".bin"} and path.is_file() and arch:
-        kind, obj = _read_torch_file(path, trust)
-        if kind == "state_dict":
+    if path is not None and kind.form is Form.TORCH_FILE and arch:
+        loaded_kind, obj = _read_torch_file(path, trust)
+        if loaded_kind == "state_dict":
             model, _ = build_model(normalize_spec(arch), trust=arch_trust, pretrained=False)
             load_weights(model, obj, spec)
             ref = SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path), arch=normalize_spec(arch))
             return LoadedModel(eval_mode(model), ref, "state_dict", name, path, None, guess_input_spec(model))
-    model, kind = build_model(normalize_spec(spec), trust=trust)
+    model, built = build_model(normalize_spec(spec), trust=trust)
     ref = source_ref(spec)
-    return LoadedModel(eval_mode(model), ref, kind, name, path, None, guess_input_spec(model))
+    return LoadedModel(eval_mode(model), ref, built, name, path, None, guess_input_spec(model))
 
 
 def default_output_path(spec: str, tag: str, suffix: str = ".safetensors") -> Path:

@@ -6,41 +6,34 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nmcli.algorithms.sad import LayerSad, OneSidedLayer, SadResult
 from nmcli.errors import (
     CheckpointError,
     MismatchError,
     NmcliError,
     SourceError,
 )
-from nmcli.formats.checkpoint import MASK_PREFIX, CheckpointReader
-from nmcli.formats.open import PREFIXES
-from nmcli.models.inferred import INFERRED, infer_layers, zero_pattern
+from nmcli.formats.checkpoint import MASK_PREFIX
+from nmcli.formats.open import CheckpointSource, Form, classify, open_checkpoint
+from nmcli.formats.reader import Closeable
+from nmcli.formats.torchfiles import (
+    is_exported_program,
+    is_torchscript_archive,
+    load_training_state,
+    safetensors_floating,
+)
+from nmcli.models.inferred import INFERRED, infer_layers, tied_to_embeddings, zero_pattern
 from nmcli.models.layers import LayerCandidate, find_layers
-from nmcli.nm.bits import pack_mask, packed_size
+from nmcli.nm.bits import pack_mask, packed_popcount, packed_size, packed_xor_count
 from nmcli.nm.masks import nm_mask
 from nmcli.nm.pattern import TENSOR_CORE_PATTERN, Pattern
 
 if TYPE_CHECKING:
     import torch
-
-    from nmcli.formats.sharded_checkpoint import ShardedCheckpointReader
-from nmcli.algorithms.sad import LayerSad, OneSidedLayer, SadResult
-from nmcli.formats.sharded import is_sharded_checkpoint, local_directory
-from nmcli.formats.sharded_checkpoint import ShardedCheckpointReader
-from nmcli.formats.torchfiles import (
-    is_exported_program,
-    is_torchscript_archive,
-    is_training_checkpoint,
-    load_training_state,
-    safetensors_floating,
-)
-from nmcli.models.inferred import tied_to_embeddings
-from nmcli.nm.bits import packed_popcount, packed_xor_count
 from nmcli.progress import ProgressCallback
 
 _SHOWN = 3  # names shown per kind of mismatch
@@ -114,7 +107,7 @@ class MaskLayer:
         return math.prod(self.shape)
 
 
-class MaskSet:
+class MaskSet(Closeable):
     """The masks of one input, read or derived one layer at a time.
 
     Attributes:
@@ -138,21 +131,13 @@ class MaskSet:
     def close(self) -> None:
         """Release the file behind the set, if any."""
 
-    def __enter__(self) -> MaskSet:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
 
 class StoredMasks(MaskSet):
     """Masks stored in an nmcli/1 checkpoint, read packed through the memory map (weights untouched)."""
 
     origin = "stored"
 
-    def __init__(self, reader: CheckpointReader | ShardedCheckpointReader, label: str) -> None:
+    def __init__(self, reader: CheckpointSource, label: str) -> None:
         assert reader.meta is not None
         self._reader = reader
         names = reader.state_names
@@ -394,44 +379,32 @@ def open_input(
     Raises:
         SourceError/TrustRequiredError/CheckpointError: inputs that cannot be read.
     """
-    path = Path(spec)
-    if path.suffix.lower() == ".safetensors" and path.is_file():
-        # An nmcli checkpoint's masks are read with numpy: torch is not even imported.
-        reader = CheckpointReader(path, numpy=True)
-        if reader.is_nmcli:
-            try:
-                return StoredMasks(reader, spec)
-            except BaseException:
-                reader.close()
-                raise
-        reader.close()
-
-    folder = local_directory(spec)
-    if folder is not None and is_sharded_checkpoint(folder):  # the sidecar's masks, read with numpy
-        sharded = ShardedCheckpointReader(folder, numpy=True)
+    kind = classify(spec)
+    if kind.is_checkpoint:  # the stored masks, read with numpy: torch is not even imported
+        reader = open_checkpoint(kind, numpy=True)
         try:
-            return StoredMasks(sharded, spec)
+            return StoredMasks(reader, spec)
         except BaseException:
-            sharded.close()
+            reader.close()
             raise
-
-    if not spec.startswith(PREFIXES):
-        if path.is_dir():
-            hint = f": for a transformers model directory write hf:{spec}" if (path / "config.json").is_file() else ""
+    path = kind.path
+    if path is not None and not kind.prefix:
+        if kind.is_directory:
+            hint = f": for a transformers model directory write hf:{spec}" if kind.is_hf_directory else ""
             raise SourceError(f"{spec} is a directory, not a checkpoint file{hint}")
-        if not path.exists():
+        if kind.form is Form.MISSING:
             raise SourceError(f"{spec} does not exist: check the path")
-        if path.suffix.lower() == ".safetensors":
-            reader = CheckpointReader(path)
+        if kind.form is Form.STATE_DICT:
+            state_reader = open_checkpoint(kind)
             try:
-                shapes = {name: reader.shape(name) for name in reader.state_names}
+                shapes = {name: state_reader.shape(name) for name in state_reader.state_names}
                 floating = safetensors_floating(path)
                 candidates, layers_from = _state_candidates(spec, shapes, floating, arch, trust)
-                return WeightInput(spec, shapes, reader.tensor, candidates, layers_from, reader.close)
+                return WeightInput(spec, shapes, state_reader.tensor, candidates, layers_from, state_reader.close)
             except BaseException:
-                reader.close()
+                state_reader.close()
                 raise
-        if is_training_checkpoint(path) and not (is_torchscript_archive(path) or is_exported_program(path)):
+        if kind.form is Form.TORCH_FILE and not (is_torchscript_archive(path) or is_exported_program(path)):
             state = load_training_state(path, key=key, trust=trust)
             if state.module is not None:
                 return _model_input(spec, state.module)

@@ -19,8 +19,8 @@ from torch import nn
 from nmcli.algorithms.distill import compute_loss
 from nmcli.algorithms.sad import SadResult
 from nmcli.algorithms.srste import DEFAULT_LAMBDA_W, SparseTraining
+from nmcli.device import resolve_device
 from nmcli.errors import (
-    BackendUnavailableError,
     DataError,
     InputError,
     Interrupted,
@@ -225,22 +225,6 @@ def init_distributed(device_type: str) -> _Dist:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
         owns = True
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
-
-
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError(
-                f"--device {name}: no CUDA device is available (torch.cuda.is_available() is False): use --device cpu"
-            )
-        if name == "cuda":
-            return torch.device("cuda", local_rank)
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise InputError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from exc
 
 
 def _steps_per_epoch(data: TrainData, cfg: FinetuneConfig) -> int | None:
@@ -546,7 +530,7 @@ def setup_session(
     start_ckpt: Checkpoint, ckpt_path: Path, out: Path, resume_from: Path | None, cfg: FinetuneConfig,
     dist: _Dist, arch: str | None, trust: bool,
 ) -> Session:  # fmt: skip
-    device = _resolve_device(cfg.device, dist.local_rank)
+    device = torch.device(resolve_device(cfg.device, current=dist.local_rank))  # cuda: this process's GPU
     if cfg.batch_size % dist.world:
         raise InputError(
             f"--batch-size {cfg.batch_size} (the global batch) does not split evenly over {dist.world} processes"

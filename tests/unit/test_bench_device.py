@@ -120,3 +120,18 @@ def test_no_backend_reasons_name_the_fix() -> None:
     assert hopper is not None and "8.x only" in hopper and "cuSPARSELt" in hopper
     missing = no_backend_reason((9, 0), cusparselt_available=False, gpu="H100")
     assert missing is not None and "no cuSPARSELt" in missing
+
+
+def test_one_device_rule_for_every_command() -> None:
+    """bench and finetune share nmcli.device: ``auto`` is no device, a bare ``cuda`` may name the caller's GPU."""
+    import nmcli.bench.device as bench_device
+    import nmcli.device as device
+
+    assert bench_device.resolve_device is device.resolve_device and bench_device.parse_device is device.parse_device
+    assert resolve_device("auto") == resolve_device(" AUTO ") == resolve_device(None)
+    assert resolve_device("cpu", current=3) == "cpu"
+    if torch.cuda.is_available():
+        assert resolve_device("cuda", current=0) == "cuda:0"
+    else:
+        with pytest.raises(BackendUnavailableError, match="--device cpu"):
+            resolve_device("cuda", current=0)
