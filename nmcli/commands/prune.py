@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from nmcli.algorithms.config import DEFAULT_REFIT_ITERATIONS, CalibrationConfig
-from nmcli.errors import BackendUnavailableError, InputError
+from nmcli.device import resolve_device
+from nmcli.errors import InputError
 from nmcli.formats.checkpoint import SourceRef, save_checkpoint
 from nmcli.formats.open import Form, InputKind, classify
 from nmcli.formats.safetensors import sha256_file
@@ -23,24 +24,6 @@ from nmcli.pipelines.blocks import calibration_batches
 from nmcli.pipelines.inmemory import PruneResult, check_method, prune_model, prune_state_dict
 from nmcli.pipelines.streamed import prune_directory
 from nmcli.progress import ProgressCallback
-
-
-def resolve_device(name: str) -> str:
-    """``--device``: cpu, cuda or cuda:N, with CUDA present.
-
-    Raises:
-        BackendUnavailableError: a CUDA device without CUDA (exit 3).
-        InputError: not a device name.
-    """
-    if name == "cpu":
-        return name
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError(f"--device {name}: no CUDA device is available: use --device cpu")
-        return "cuda:0" if name == "cuda" else name
-    raise InputError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N")
 
 
 def calibration_config(
