@@ -178,6 +178,11 @@ class SequentialFile:
         self._offset = 0  # file offset of the current buffer
         self.size = 0
 
+    @property
+    def direct(self) -> bool:
+        """Whether writes bypass the page cache (``O_DIRECT``); False where the platform or filesystem refuses it."""
+        return self._direct
+
     def _open(self, *, direct: bool) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
         try:

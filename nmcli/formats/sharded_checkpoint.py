@@ -85,6 +85,11 @@ class ShardedCheckpointReader(Closeable):
         return self._compressed is not None
 
     @property
+    def decoded_bytes(self) -> int:
+        """Bytes of the state dict once read (compressed shards decoded): what :meth:`load` holds."""
+        return self._compressed.decoded_bytes if self._compressed else self.model.total_bytes
+
+    @property
     def state_names(self) -> list[str]:
         return self._compressed.state_names if self._compressed else list(self.model.tensors)
 
@@ -203,7 +208,7 @@ class ShardedCheckpointReader(Closeable):
             CheckpointError: unreadable or invalid. InputError: it does not fit in memory.
         """
         assert self.meta is not None
-        _check_fits(self.path, self._compressed.decoded_bytes if self._compressed else self.model.total_bytes)
+        _check_fits(self.path, self.decoded_bytes)
         try:
             tensors = dict(self.iter_state())
             packed = {name: self.packed_mask(name) for name in self.mask_names}

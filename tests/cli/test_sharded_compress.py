@@ -125,7 +125,7 @@ def test_layout_of_the_compressed_directory(
     assert after.history[-1]["command"] == "export" and after.history[-1]["arguments"]["compress"] is True
     assert after.history[:-1] == meta.history and after.layers == meta.layers
     with ShardedCheckpointReader(source) as x, ShardedCheckpointReader(folder) as y:
-        assert y._compressed is not None and y._compressed.decoded_bytes == x.model.total_bytes  # load's memory check
+        assert y.compressed and y.decoded_bytes == x.model.total_bytes  # load's memory check
 
 
 def test_inspect_strict_and_sad_without_torch(

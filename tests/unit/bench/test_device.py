@@ -1,6 +1,6 @@
 """--device resolution, the device guard, and the compute-capability -> 2:4 kernel rule (CPU-runnable parts).
 
-The GPU halves of these rules are in tests/unit/test_bench_gpu.py (marker ``gpu``).
+The GPU halves of these rules are in tests/unit/bench/test_gpu.py (marker ``gpu``).
 """
 
 from __future__ import annotations

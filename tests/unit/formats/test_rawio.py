@@ -50,7 +50,7 @@ def test_sequential_file_holds_exactly_the_bytes_written(
         writer.close()
     assert path.read_bytes() == bytes(expected)
     assert writer.size == len(expected)
-    assert writer._direct is (direct and hasattr(os, "O_DIRECT"))
+    assert writer.direct is (direct and hasattr(os, "O_DIRECT"))
 
 
 def test_reserve_refuses_misaligned_or_overflowing_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
