@@ -225,12 +225,17 @@ INPUT_SPEC_KEY = "nmcli.input"  # metadata_props key: the input spec the ONNX wa
 
 def set_input_spec(model: Any, spec: str) -> None:
     """Record the input spec (``--input-shape`` syntax) in the model's ``metadata_props``."""
+    set_metadata_prop(model, INPUT_SPEC_KEY, spec)
+
+
+def set_metadata_prop(model: Any, key: str, value: str) -> None:
+    """Set ``key`` in the model's ``metadata_props`` to ``value``, replacing an earlier value."""
     for prop in model.metadata_props:
-        if prop.key == INPUT_SPEC_KEY:
-            prop.value = spec
+        if prop.key == key:
+            prop.value = value
             return
     entry = model.metadata_props.add()
-    entry.key, entry.value = INPUT_SPEC_KEY, spec
+    entry.key, entry.value = key, value
 
 
 def stored_input_spec(path: str | os.PathLike[str]) -> str | None:
@@ -403,13 +408,7 @@ def set_sparse_layers(model: Any, matches: Sequence[WeightMatch], patterns: Mapp
                 "m": pattern.m,
             }
         )
-    value = json.dumps({"layers": layers}, separators=(",", ":"))
-    for prop in model.metadata_props:
-        if prop.key == SPARSE_LAYERS_KEY:
-            prop.value = value
-            return
-    entry = model.metadata_props.add()
-    entry.key, entry.value = SPARSE_LAYERS_KEY, value
+    set_metadata_prop(model, SPARSE_LAYERS_KEY, json.dumps({"layers": layers}, separators=(",", ":")))
 
 
 def sparse_layers(model: Any) -> dict[str, dict[str, Any]] | None:
