@@ -304,3 +304,74 @@ def safetensors_floating(path: str | Path) -> dict[str, bool]:
         }
     except (OSError, ValueError, struct.error, AttributeError) as exc:
         raise SourceError(f"{path}: unreadable safetensors header ({exc}): it may be truncated or corrupt") from exc
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+}
+
+
+@dataclass(frozen=True)
+class TracedInput:
+    """One example input that ``torch.jit.trace`` kept in its archive: shape and dtype, never data."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _keep_value(value: Any, _tag: Any) -> Any:
+    return value
+
+
+def _tensor_shape(storage: Any, _offset: Any, size: Any, *_rest: Any) -> TracedInput:
+    return TracedInput(tuple(int(d) for d in size), str(storage))
+
+
+class _ShapesOnly(pickle.Unpickler):
+    """Unpickles ``traced_inputs.pkl`` into :class:`TracedInput` records: only the few globals that a
+    list of plain tensors needs are resolved, to harmless stand-ins; anything else is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch.jit._pickle", "restore_type_tag"):
+            return _keep_value
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _tensor_shape
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(f"traced inputs: {module}.{name} is not a tensor")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) >= 2 and pid[0] == "storage" and isinstance(pid[1], str):
+            return pid[1]  # the storage's dtype name, from find_class
+        raise pickle.UnpicklingError("traced inputs: unexpected storage record")
+
+
+def traced_inputs(path: str | Path) -> list[TracedInput] | None:
+    """The example inputs of ``forward`` that ``torch.jit.trace`` kept in a saved archive
+    (``<archive>/traced_inputs.pkl``, torch 2.x), read without running any code (only their shapes
+    and dtypes; the data is not stored). None when the archive keeps none or they are not all tensors.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith("/traced_inputs.pkl")), None)
+            if name is None:
+                return None
+            data = zf.read(name)
+        found = _ShapesOnly(io.BytesIO(data)).load()
+    except (OSError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError):
+        return None
+    inputs = found.get("forward") if isinstance(found, dict) else None
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(t, TracedInput) for t in inputs):
+        return None
+    return list(inputs)

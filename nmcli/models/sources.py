@@ -46,6 +46,7 @@ from nmcli.formats.torchfiles import (
     load_exported_program,
     looks_pickled,
     strip_wrapper_prefixes,
+    traced_inputs,
 )
 from nmcli.inputs import InputSpec, parse_input_spec
 from nmcli.usercode import import_factory, torch_quiet, user_code
@@ -696,7 +697,21 @@ def _load_model(spec: str, arch: str | None, trust: bool, arch_trust: bool) -> L
             return LoadedModel(eval_mode(model), ref, "state_dict", name, path, None, guess_input_spec(model))
     model, built = build_model(normalize_spec(spec), trust=trust)
     ref = source_ref(spec)
-    return LoadedModel(eval_mode(model), ref, built, name, path, None, guess_input_spec(model))
+    input_spec = traced_input_spec(path) if built == "torchscript" and path is not None else None
+    return LoadedModel(eval_mode(model), ref, built, name, path, None, input_spec or guess_input_spec(model))
+
+
+def traced_input_spec(path: Path) -> InputSpec | None:
+    """The input a traced TorchScript archive was traced with (one tensor), from the archive's
+    ``traced_inputs.pkl`` read without running code (:func:`nmcli.formats.torchfiles.traced_inputs`)."""
+    found = traced_inputs(path)
+    if found is None or len(found) != 1 or not found[0].shape or min(found[0].shape) <= 0:
+        return None
+    text, dtype = "x".join(str(d) for d in found[0].shape), found[0].dtype
+    try:
+        return parse_input_spec(text if dtype == "float32" else f"input:{text}:{dtype}")
+    except NmcliError:  # a dtype --input-shape cannot name
+        return None
 
 
 def default_output_path(spec: str, tag: str, suffix: str = ".safetensors") -> Path:
