@@ -33,6 +33,10 @@ class SourceError(InputError):
     """A model source that cannot be loaded (missing file, unknown factory, bad --arch)."""
 
 
+class NoArchitectureError(SourceError):
+    """A plain state dict (or a checkpoint pruned from one with --infer-layers) where a model is needed: --arch."""
+
+
 class TrustRequiredError(SourceError):
     """A pickle that would run the file's code when loaded, given without --trust."""
 

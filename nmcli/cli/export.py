@@ -63,6 +63,14 @@ OutputOption = Annotated[
     ),
 ]
 ForceOutputsOption = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+FormatOption = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="onnx (default); plain: the weights as a plain safetensors state dict (-o OUT.safetensors); "
+        "hf: a plain transformers folder (-o DIR). plain and hf keep the exact zeros and no nmcli records.",
+    ),
+]
 
 
 @guarded
@@ -84,6 +92,7 @@ def command(
     force: ForceOutputsOption = False,
     arch: ArchOption = None,
     trust: TrustOption = False,
+    fmt: FormatOption = "onnx",
     json_output: JsonOption = False,
 ) -> None:
     """Export CHECKPOINT to ONNX (pruned layers checked to stay N:M, verified in onnxruntime) and TensorRT.
@@ -97,6 +106,11 @@ def command(
     from nmcli.trust import remember_command_line
 
     remember_command_line([checkpoint, arch], trust=trust)
+    if fmt != "onnx":  # issue 23: the weights alone (export_plain), apart from the ONNX/TensorRT path
+        _export_plain(checkpoint, fmt, output=output, force=force, arch=arch, json_output=json_output,
+                      others={"--onnx": onnx, "--trt": trt, "--compress": compress, "--dynamic-batch": dynamic_batch,
+                              "--input-shape": input_shape is not None, "--precision": precision != "fp32"})  # fmt: skip
+        return
 
     with progress_bar("exporting", show_progress(json_output)) as update, _exporter_output(ExportUnsupportedError):
         result = run_export(
@@ -129,6 +143,38 @@ def command(
         stderr.print(f"[yellow]warning:[/yellow] {esc(warning)}", markup=True, highlight=False)
     _render_trtexec(result)
     result.raise_for_status()
+
+
+def _export_plain(
+    checkpoint: str,
+    fmt: str,
+    *,
+    output: str | None,
+    force: bool,
+    arch: str | None,
+    json_output: bool,
+    others: dict[str, bool],
+) -> None:
+    """``--format plain|hf``: :func:`nmcli.commands.export.run_plain_export`, and its one line."""
+    from nmcli.commands.export import PLAIN_FORMATS, run_plain_export
+    from nmcli.errors import InputError
+
+    if fmt not in PLAIN_FORMATS:
+        raise InputError(f"--format {fmt}: choose onnx, plain or hf")
+    given = [name for name, on in others.items() if on]
+    if given:
+        raise InputError(f"--format {fmt} writes the weights only: drop {given[0]} (it is for --format onnx)")
+    with progress_bar("writing", show_progress(json_output)) as update:
+        result = run_plain_export(checkpoint, fmt=fmt, output=output, force=force, arch=arch, progress=update)
+    if json_output:
+        emit_json(result.to_json())
+        return
+    what = "plain state dict" if fmt == "plain" else "transformers folder"
+    stderr.print(
+        f"{what} -> [bold]{esc(str(result.path))}[/bold]: {result.tensors} tensors, {result.pruned_layers} "
+        f"N:M-pruned layers with their exact zeros; no nmcli records",
+        highlight=False,
+    )
 
 
 def _render_trtexec(result: ExportResult) -> None:

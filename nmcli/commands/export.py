@@ -382,11 +382,10 @@ def _export_onnx(
         InputError: no input shape stored or given.
     """
     from nmcli.export.onnx import export_onnx
-    from nmcli.models.sources import load_model
 
     checkpoint = kind.spec
     local_input = kind.path if kind.path is not None else Path(checkpoint)
-    loaded = load_model(checkpoint, arch=arch, trust=trust)
+    loaded = _load_for_export(checkpoint, arch, trust)
     spec = spec_override or loaded.input_spec
     if spec is None:
         raise InputError(
@@ -508,3 +507,150 @@ def trtexec_variants(command: str) -> Sequence[str]:
     if "--stronglyTyped" not in strongly:
         strongly.append("--stronglyTyped")
     return [command, " ".join(strongly)]
+
+
+# --- export --format plain|hf (issue 23): the weights alone, for the next tool --------------------------------
+
+PLAIN_FORMATS = ("plain", "hf")
+
+
+@dataclass
+class PlainExportResult:
+    """What ``nmcli export --format plain|hf`` wrote.
+
+    Attributes:
+        format: ``plain`` (one safetensors state dict) or ``hf`` (a transformers folder).
+        path: the file or folder written.
+        files: the files in the folder (``hf``), or the file's name.
+        tensors: how many tensors were written; ``zeros`` of their elements are exact zeros.
+        pruned_layers: how many of them are N:M-pruned weights (their zeros kept exactly).
+    """
+
+    format: str
+    path: Path
+    files: list[str]
+    tensors: int
+    zeros: int
+    pruned_layers: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "output": str(self.path),
+            "files": self.files,
+            "tensors": self.tensors,
+            "zeros": self.zeros,
+            "pruned_layers": self.pruned_layers,
+            "notes": self.notes,
+        }
+
+
+def plain_export_path(checkpoint: str, fmt: str, output: str | os.PathLike[str] | None) -> Path:
+    """``-o`` for ``--format plain`` (a ``.safetensors`` file) or ``hf`` (a folder); defaults beside the
+    checkpoint: ``model-2of4-plain.safetensors``, ``model-2of4-hf/``.
+
+    Raises:
+        InputError: ``-o`` does not fit the format.
+    """
+    from nmcli.models.sources import default_output_path
+
+    if output is None:
+        return default_output_path(checkpoint, fmt, ".safetensors" if fmt == "plain" else "")
+    out = Path(output)
+    if fmt == "plain" and out.suffix.lower() != ".safetensors":
+        raise InputError(f"-o {out}: --format plain writes one safetensors file: give a path ending in .safetensors")
+    if fmt == "hf" and out.suffix.lower() in (".safetensors", ".onnx", ".engine", ".pt", ".bin"):
+        raise InputError(f"-o {out}: --format hf writes a transformers folder: give a folder name")
+    return out
+
+
+def _hf_source_folder(kind: InputKind, source_spec: str, arch: str | None) -> Path:
+    """The local transformers folder whose config and tokenizer a ``--format hf`` output copies.
+
+    Raises:
+        InputError: neither the checkpoint, its recorded source nor ``--arch`` is a local transformers folder.
+    """
+    if kind.form is Form.SHARDED_CHECKPOINT and kind.path is not None:
+        return kind.path
+    for spec in (arch, source_spec):
+        if spec and spec.startswith("hf:") and (Path(spec[3:]) / "config.json").is_file():
+            return Path(spec[3:])
+    raise InputError(
+        f"--format hf copies the config and tokenizer of a local transformers folder, and {kind.spec} was "
+        f"pruned from {source_spec}: pass --arch hf:DIR naming the model's folder (or use --format plain)"
+    )
+
+
+def run_plain_export(
+    checkpoint: str,
+    *,
+    fmt: str,
+    output: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    arch: str | None = None,
+    progress: ProgressCallback | None = None,
+    max_shard_bytes: int | None = None,
+) -> PlainExportResult:
+    """``nmcli export --format plain|hf``: the checkpoint's effective weights with no nmcli records.
+
+    ``plain`` loads with ``model.load_state_dict(safetensors.torch.load_file(OUT), strict=True)``;
+    ``hf`` with ``AutoModel.from_pretrained(DIR)``. Pruned zeros stay exact zeros; masks, dense
+    copies and the ``nmcli`` metadata are left out (the input checkpoint keeps them).
+
+    Raises:
+        InputError: not an nmcli checkpoint, a bad ``-o``, or (``hf``) no local transformers folder to copy from.
+        OutputExistsError: the output exists without ``force``.
+    """
+    from nmcli.formats.open import open_checkpoint
+    from nmcli.formats.plain import DEFAULT_SHARD_BYTES, write_hf_directory, write_plain_state_dict
+
+    if fmt not in PLAIN_FORMATS:
+        raise InputError(f"--format {fmt}: choose onnx, plain or hf")
+    kind = classify(checkpoint)
+    if kind.path is None or not kind.is_checkpoint:
+        raise InputError(
+            f"--format {fmt} writes the weights of an nmcli checkpoint (a .safetensors from nmcli prune or "
+            f"finetune, or a sharded checkpoint folder): {checkpoint} is not one; prune it first"
+        )
+    out = plain_export_path(checkpoint, fmt, output)
+    with open_checkpoint(kind) as reader:
+        if not reader.is_nmcli:
+            raise InputError(f"{checkpoint} is already a plain state dict (no nmcli records): nothing to strip")
+        ckpt = reader.load(dense=False)
+    if progress is not None:
+        progress(0, 1, f"writing {out}")
+    tensors = ckpt.tensors
+    if fmt == "plain":
+        write_plain_state_dict(tensors, out, force=force, inputs=[kind.path])
+        files = [out.name]
+    else:
+        folder = _hf_source_folder(kind, ckpt.meta.source.spec, arch)
+        files = write_hf_directory(
+            tensors, folder, out, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, force=force, inputs=[kind.path]
+        )
+    if progress is not None:
+        progress(1, 1, "done")
+    zeros = sum(int((v == 0).sum()) for v in tensors.values() if v.is_floating_point())
+    return PlainExportResult(fmt, out, files, len(tensors), zeros, len(ckpt.meta.layers))
+
+
+def _load_for_export(checkpoint: str, arch: str | None, trust: bool) -> LoadedModel:
+    """:func:`nmcli.models.sources.load_model`; a checkpoint with no architecture to rebuild (pruned
+    with ``--infer-layers``) is told both ways out: ``--arch``, or the plain weights with ``--format plain``.
+
+    Raises:
+        NoArchitectureError: see above.
+    """
+    from nmcli.errors import NoArchitectureError
+    from nmcli.models.sources import load_model
+
+    try:
+        return load_model(checkpoint, arch=arch, trust=trust)
+    except NoArchitectureError as exc:
+        if arch or not classify(checkpoint).is_checkpoint:
+            raise
+        raise NoArchitectureError(
+            f"{exc}; to hand the weights to another tool without the model, write them with "
+            f"nmcli export {checkpoint} --format plain"
+        ) from None

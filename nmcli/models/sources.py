@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from nmcli import trust as trust_store
-from nmcli.errors import BackendUnavailableError, NmcliError, SourceError, TrustRequiredError
+from nmcli.errors import BackendUnavailableError, NmcliError, NoArchitectureError, SourceError, TrustRequiredError
 from nmcli.formats.checkpoint import Checkpoint, SourceRef
 from nmcli.formats.open import PREFIXES, SAFETENSORS_FORMS, CheckpointSource, Form, classify, open_checkpoint
 from nmcli.formats.safetensors import sha256_file
@@ -320,6 +320,13 @@ def _read_torch_file(path: Path, trust: bool) -> tuple[str, Any]:
     return "state_dict", state
 
 
+def _no_architecture(spec: str) -> NoArchitectureError:
+    return NoArchitectureError(
+        f"{spec} is a plain state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build), "
+        "or prune it with --infer-layers"
+    )
+
+
 def build_model(spec: str, *, trust: bool = False, pretrained: bool = True) -> tuple[nn.Module, str]:
     """Build the model that ``spec`` names, with its own weights: ``(module, kind)``.
 
@@ -348,9 +355,7 @@ def build_model(spec: str, *, trust: bool = False, pretrained: bool = True) -> t
             raise SourceError(f"{spec} is a directory: for a transformers model write hf:{spec}")
         raise SourceError(f"{spec} is a directory, not a model file")
     if kind.form in SAFETENSORS_FORMS:
-        raise SourceError(
-            f"{spec} is a plain state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build), or prune it with --infer-layers"
-        )
+        raise _no_architecture(spec)
     if kind.form is Form.EXPORTED:
         if not zipfile.is_zipfile(path):
             raise SourceError(
@@ -365,9 +370,7 @@ def build_model(spec: str, *, trust: bool = False, pretrained: bool = True) -> t
     if kind.form is Form.TORCH_FILE:
         loaded_kind, obj = _read_torch_file(path, trust)
         if loaded_kind == "state_dict":
-            raise SourceError(
-                f"{spec} is a state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build), or prune it with --infer-layers"
-            )
+            raise _no_architecture(spec)
         return obj, loaded_kind
     raise SourceError(
         f"{spec}: unknown model file type {path.suffix.lower()!r}: use .safetensors, .pt, .pth or .pt2, or a prefixed source"
@@ -518,6 +521,13 @@ def _rebuild(ref: SourceRef, arch: str | None, trust: bool) -> nn.Module:
         if recorded:
             raise _refusal(repr(spec)) from None
         raise
+    except NoArchitectureError:
+        if not recorded:
+            raise
+        raise NoArchitectureError(
+            f"the checkpoint was pruned from the plain state dict {spec} (--infer-layers), which holds no "
+            "architecture to rebuild: pass --arch SPEC naming the model's class (e.g. py:mypkg.models:build)"
+        ) from None
     except NmcliError as exc:
         raise type(exc)(
             f"cannot rebuild the architecture from {spec!r} ({exc}); pass --arch SPEC if the source moved"
@@ -676,9 +686,7 @@ def _load_model(spec: str, arch: str | None, trust: bool, arch_trust: bool) -> L
                 input_spec = parse_input_spec(ckpt.meta.input_spec) if ckpt.meta.input_spec else guess_input_spec(model)
                 return LoadedModel(model, ckpt.meta.source, "checkpoint", name, path, ckpt, input_spec)
             if not arch:
-                raise SourceError(
-                    f"{spec} is a plain state dict with no architecture: pass --arch SPEC (e.g. py:mypkg.models:build), or prune it with --infer-layers"
-                )
+                raise _no_architecture(spec)
             model, _ = build_model(normalize_spec(arch), trust=arch_trust, pretrained=False)
             try:  # one tensor at a time: peak memory stays near one copy of the model
                 load_weights(model, _LazyState(reader), spec)
