@@ -16,7 +16,7 @@ from nmcli.formats.sharded import check_output_directory
 from nmcli.inputs import InputSpec, parse_input_spec
 from nmcli.io import check_output_path
 from nmcli.models.data import check_data_spec
-from nmcli.models.inferred import infer_state_dict_layers
+from nmcli.models.inferred import infer_state_dict_layers, is_layer_weight
 from nmcli.models.skeleton import build_skeleton
 from nmcli.models.sources import default_output_path, guess_input_spec, load_model, normalize_spec, source_ref
 from nmcli.nm.pattern import Pattern, parse_pattern
@@ -278,6 +278,7 @@ def _prune_inferred(
         },
         progress=progress,
     )
+    result.layers = [layer for layer in result.layers if is_layer_weight(layer.param, layer.shape)]  # no biases
     if not result.checkpoint.masks:
         raise InputError(f"no tensor of {spec} was inferred to be a prunable layer for {pattern}: pass --arch SPEC")
     save_checkpoint(result.checkpoint, out, force=force, inputs=[spec])

@@ -42,6 +42,12 @@ def _is_weight_name(name: str) -> bool:
     return name == "weight" or name.endswith(".weight") or name.endswith("proj_weight")
 
 
+def is_layer_weight(name: str, shape: Sequence[int]) -> bool:
+    """Whether a tensor is a layer's weight (named ``*.weight``, 2-D or more), not a bias, buffer or norm scale:
+    what a count of layers counts."""
+    return _is_weight_name(name) and len(shape) >= 2
+
+
 def _skip_word(name: str) -> str | None:
     words = [w.rstrip("0123456789") for w in _WORD_SPLIT.split(name.lower())]
     for word in words[:-1] if words and words[-1] == "weight" else words:

@@ -295,3 +295,26 @@ def tensorrt_reason(shape: Sequence[int], axis: int, compliant_24: bool) -> str:
     if n_out % 32:
         return f"output size {n_out} is not a multiple of 32"
     return ""
+
+
+def first_linear_input(model: nn.Module) -> int | None:
+    """``in_features`` of the model's first layer when it is an ``nn.Linear`` (registration order) and
+    the model runs on a ``1 x in_features`` float input; else None. The model runs once, on zeros,
+    on its own device (never on the meta device), its prints sent to stderr.
+    """
+    import contextlib
+    import sys
+
+    import torch
+    from torch import nn
+
+    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+    if not isinstance(first, nn.Linear) or first.weight.is_meta or not first.weight.is_floating_point():
+        return None
+    probe = torch.zeros(1, first.in_features, dtype=first.weight.dtype, device=first.weight.device)
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+            model(probe)
+    except Exception:  # not the model's input: the caller asks for --input-shape
+        return None
+    return int(first.in_features)

@@ -49,6 +49,7 @@ from nmcli.formats.torchfiles import (
     traced_inputs,
 )
 from nmcli.inputs import InputSpec, parse_input_spec
+from nmcli.models.layers import first_linear_input
 from nmcli.usercode import import_factory, torch_quiet, user_code
 
 _EMPTY = "empty model source: give a file (.safetensors, .pt, .pth, .pt2) or an hf:, torchvision:, timm:, py: source"
@@ -612,11 +613,15 @@ def _short_name(spec: str) -> str:
 
 def guess_input_spec(model: nn.Module) -> InputSpec | None:
     """The default input spec of transformers models (token ids and mask of 1x128), the recorded
-    one of a ``torch.export`` program with one tensor input, else None."""
+    one of a ``torch.export`` program with one tensor input, ``1 x in_features`` for a model whose
+    first layer is a Linear and that runs on it (:func:`nmcli.models.layers.first_linear_input`), else None."""
     config = getattr(model, "config", None)
     if config is not None and getattr(model, "main_input_name", None) == "input_ids":
         return parse_input_spec("input_ids:1x128:int64,attention_mask:1x128:int64")
-    return exported_input_spec(model)
+    spec = exported_input_spec(model)
+    if spec is None and fixed_graph_kind(model) is None and (features := first_linear_input(model)) is not None:
+        spec = parse_input_spec(f"1x{features}")  # a Linear-first model that ran on 1 x in_features
+    return spec
 
 
 def fixed_graph_kind(model: nn.Module) -> str | None:

@@ -148,3 +148,53 @@ def test_readme_card_lines_run_as_written(tmp_path: Path, monkeypatch: pytest.Mo
         assert "Traceback" not in err
     assert (tmp_path / "model-2of4.safetensors").is_file()
     assert (tmp_path / "model-2of4.onnx").is_file()  # the card's export line exported the card's checkpoint
+
+
+def _chain_source(kind: str) -> tuple[str, list[str], list[str]]:
+    """Save ``Net`` as the user has it: ``(file, extra prune options, extra export options)``."""
+    from fixtures.models import tiny_mlp
+
+    net = Net().eval()
+    if kind == "traced":  # the example input's shape is kept in the archive (traced_inputs.pkl)
+        torch.jit.save(torch.jit.trace(net, (torch.randn(2, 16),)), "model.pt")
+        return "model.pt", [], []
+    if kind == "exported":
+        torch.export.save(torch.export.export(net, (torch.randn(2, 16),)), "model.pt2")
+        return "model.pt2", [], []
+    mlp = tiny_mlp().eval()  # a class importable by name (fixtures.models), as a pickle needs
+    if kind == "pickled":
+        torch.save(mlp, "model.pt")
+        return "model.pt", ["--trust"], []
+    torch.save(mlp.state_dict(), "model.pt")
+    from tests.conftest import py_source
+
+    if kind == "state-dict-arch":
+        return "model.pt", ["--arch", py_source("tiny_mlp")], []
+    return "model.pt", ["--infer-layers"], ["--arch", py_source("tiny_mlp")]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+@pytest.mark.parametrize("kind", ["traced", "exported", "pickled", "state-dict-arch", "state-dict-infer"])
+def test_card_chain_prune_export_sad(cwd: Path, kind: str) -> None:
+    """The card's three lines in order (issue 23): prune, export --trt --sparse (exit 3 with the
+    trtexec line, no TensorRT here), sad of the source and the checkpoint. No --input-shape anywhere."""
+    source, prune_extra, export_extra = _chain_source(kind)
+    code, _, err = run("prune", source, "--pattern", "2:4", *prune_extra)
+    assert code == 0, err
+    ckpt = load_checkpoint(cwd / "model-2of4.safetensors")
+    # prune records the input shape it learned (--infer-layers has no model: export learns it from --arch)
+    assert bool(ckpt.meta.input_spec) is (kind != "state-dict-infer")
+    layers = 2 if kind in ("traced", "exported") else 3  # Net or tiny_mlp: weights only, never biases
+    assert f"pruned {layers} of {layers} layers" in err
+    if kind == "state-dict-infer":  # the model cannot be rebuilt: one line naming what works
+        code, _, err = run("export", "model-2of4.safetensors", "--trt", "--sparse")
+        assert code == 2 and "--infer-layers" not in err.split(";")[-1], err
+        assert "--arch SPEC" in err and "--format plain" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run("export", "model-2of4.safetensors", "--trt", "--sparse", *export_extra)
+    assert code == 3, err
+    assert "trtexec --onnx=model-2of4.onnx --saveEngine=model-2of4.engine --sparsity=enable" in err
+    assert (cwd / "model-2of4.onnx").is_file()
+    code, _, err = run("sad", source, "model-2of4.safetensors", *prune_extra[:1] if kind == "pickled" else [])
+    assert code == 0, err
+    assert "SAD 0 of" in err
+    assert "Traceback" not in err
