@@ -627,7 +627,12 @@ def run_plain_export(
     else:
         folder = _hf_source_folder(kind, ckpt.meta.source.spec, arch)
         files = write_hf_directory(
-            tensors, folder, out, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, force=force, inputs=[kind.path]
+            tensors,
+            folder,
+            out,
+            max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
+            force=force,
+            inputs=[kind.path],
         )
     if progress is not None:
         progress(1, 1, "done")

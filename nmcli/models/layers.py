@@ -315,6 +315,6 @@ def first_linear_input(model: nn.Module) -> int | None:
     try:
         with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
             model(probe)
-    except Exception:  # not the model's input: the caller asks for --input-shape
+    except Exception:  # noqa: BLE001 - not the model's input: the caller asks for --input-shape
         return None
     return int(first.in_features)
