@@ -203,6 +203,8 @@ def plan(request: PlanRequest) -> BenchPlan:
     dev = "cpu" if kind == "cpu" else f"cuda:{index or 0}"
     paths = [Path(p) for p in (target, vs) if p]
     for path in paths:
+        if path.is_dir():
+            raise InputError(f"{path} is a directory, not an ONNX file: give the .onnx file inside it")
         if not path.is_file():
             raise InputError(f"{path} does not exist: give an .onnx file (make one with nmcli export --onnx)")
 

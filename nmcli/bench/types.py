@@ -242,7 +242,8 @@ def spec_from_signature(
     """
     names = [name for name, _, _ in signature]
     dtypes = {name: dtype for name, _, dtype in signature}
-    fixed_batch: int | None = None
+    leads = {int(dims[0]) for _, dims, _ in signature if dims and isinstance(dims[0], int) and dims[0] > 0}
+    fixed_batch: int | None = leads.pop() if len(leads) == 1 else None  # stored or given shapes cannot change it
     if input_shape:
         given = parse_input_spec(input_shape)
         if not given.named and len(given.tensors) == len(names) == 1:
@@ -272,8 +273,8 @@ def spec_from_signature(
     sizes = list(batch_sizes) if batch_sizes else [spec.batch_size]
     if fixed_batch is not None and any(bs != fixed_batch for bs in sizes):
         raise InputError(
-            f"the file's batch dimension is fixed at {fixed_batch}: export it with --dynamic-batch "
-            "to bench other batch sizes"
+            f"the file's batch dimension is fixed at {fixed_batch} (exported without --dynamic-batch): re-export "
+            f"it with nmcli export CHECKPOINT --dynamic-batch to bench batch sizes {','.join(map(str, sizes))}"
         )
     return spec, sizes
 

@@ -13,7 +13,7 @@ from typing import Any
 from nmcli.errors import (
     InputError,
 )
-from nmcli.formats.open import load_checkpoint
+from nmcli.formats.open import Form, classify, load_checkpoint
 from nmcli.formats.safetensors import sha256_file
 from nmcli.formats.trainstate import load_trainstate, trainstate_path
 from nmcli.io import check_output_path
@@ -120,6 +120,7 @@ def run_finetune(
         raise InputError(f"output {out} is also the input: choose another -o")
     resume_from = _resume_source(out, ckpt_path, force) if resume else None
     check_output_path(out, force=force or resume_from is not None, inputs=[] if resume_from else [ckpt_path])
+    _require_checkpoint(checkpoint)
     start = load_checkpoint(ckpt_path)
     if not start.masks:
         raise InputError(f"{ckpt_path} has no pruned layers: prune it first (nmcli prune)")
@@ -167,4 +168,30 @@ def _result(session: Session, interrupted: bool, seconds: float) -> FinetuneResu
         evals=session.evals,
         notes=notes,
         bn=bn,
+    )
+
+
+_NOT_CHECKPOINTS = {
+    Form.STATE_DICT: "a plain state dict",
+    Form.TORCH_FILE: "a torch file (state dict, TorchScript or pickled module)",
+    Form.EXPORTED: "a torch.export program",
+    Form.ONNX: "an ONNX file",
+    Form.ENGINE: "a TensorRT engine",
+}
+
+
+def _require_checkpoint(checkpoint: str) -> None:
+    """Finetune starts from an nmcli checkpoint (masks to keep): anything else is told to prune first.
+
+    Raises:
+        InputError: a model file that is not an nmcli checkpoint.
+    """
+    kind = classify(checkpoint)
+    what = _NOT_CHECKPOINTS.get(kind.form) or ("a model source" if kind.prefix else None)
+    if what is None:
+        return  # a checkpoint, or missing/unreadable: load_checkpoint says which
+    arch = " --arch SPEC" if kind.form in (Form.STATE_DICT, Form.TORCH_FILE) else ""
+    raise InputError(
+        f"{checkpoint} is {what}, not an nmcli checkpoint: prune it first (nmcli prune {checkpoint} "
+        f"--pattern 2:4{arch}), then finetune the .safetensors it writes"
     )

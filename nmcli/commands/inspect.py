@@ -442,6 +442,8 @@ def run_inspect(
 def _run_inspect(kind: InputKind, nm: Pattern | None, *, arch: str | None, trust: bool, rebuild: bool) -> InspectReport:
     target, path = kind.spec, kind.path
     if kind.named is Form.ONNX:
+        if kind.is_directory:
+            raise InputError(f"{target} is a directory, not an ONNX file: give the .onnx file inside it")
         if kind.form is not Form.ONNX or path is None:
             raise InputError(f"{target} does not exist: check the path")
         if path.stat().st_size == 0:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from nmcli.errors import SourceError
 from nmcli.formats.checkpoint import Checkpoint, CheckpointMeta, CheckpointReader, write_compressed
 from nmcli.formats.checksum import Integrity
 from nmcli.formats.sharded import INDEX, SINGLE, is_sharded_checkpoint, sidecar_path
@@ -176,6 +178,9 @@ def _safetensors_form(path: Path) -> Form:
         return Form.CHECKPOINT if reader.is_nmcli else Form.STATE_DICT
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, https://, file:// ...
+
+
 def classify(spec: str | os.PathLike[str]) -> InputKind:
     """What ``spec`` is: the one decision every command takes its input's kind from.
 
@@ -187,11 +192,17 @@ def classify(spec: str | os.PathLike[str]) -> InputKind:
     checkpoint and a plain state dict apart; other files are named by their suffix only, never opened.
 
     Raises:
+        SourceError: a URL (``s3://``, ``https://``, ...): nmcli reads local files only.
         CheckpointError: a ``.safetensors`` file whose header cannot be read, or whose nmcli
             metadata is of an unknown format or unreadable (the messages of
             :class:`~nmcli.formats.checkpoint.CheckpointReader`).
     """
     text, named = os.fspath(spec), named_form(spec)
+    if _URL.match(text):
+        raise SourceError(
+            f"{text}: remote URLs are not supported: download the file first (e.g. aws s3 cp, gsutil cp, "
+            "curl -LO) and pass the local path"
+        )
     if named is Form.EMPTY:
         return InputKind(text, Form.EMPTY, named, None)
     prefix = prefix_of(text)

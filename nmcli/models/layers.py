@@ -291,7 +291,7 @@ def tensorrt_reason(shape: Sequence[int], axis: int, compliant_24: bool) -> str:
         out_axis = axis - 1
     n_out = shape[out_axis]
     if k < 64 or k % 32:
-        return f"input size {k} is not a multiple of 32 that is at least 64"
+        return f"input size {k} is not a multiple of 32" if k % 32 else f"input size {k} is below 64"
     if n_out % 32:
         return f"output size {n_out} is not a multiple of 32"
     return ""
