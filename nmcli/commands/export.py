@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nmcli.errors import BackendUnavailableError, CheckFailedError, InputError
+from nmcli.errors import BackendUnavailableError, CheckFailedError, InputError, NoArchitectureError
 
 if TYPE_CHECKING:
     from nmcli.export.onnx import OnnxExport
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from nmcli.formats.onnx_layout import WeightMatch
     from nmcli.inputs import InputSpec
     from nmcli.models.sources import LoadedModel
-from nmcli.formats.open import Form, InputKind, classify, compress_checkpoint
+from nmcli.formats.open import Form, InputKind, classify, compress_checkpoint, open_checkpoint
+from nmcli.formats.plain import DEFAULT_SHARD_BYTES, write_hf_directory, write_plain_state_dict
 from nmcli.formats.sharded import check_output_directory
 from nmcli.formats.sharded_compress import compress_directory, directory_bytes
 from nmcli.io import check_output_path
@@ -602,9 +603,6 @@ def run_plain_export(
         InputError: not an nmcli checkpoint, a bad ``-o``, or (``hf``) no local transformers folder to copy from.
         OutputExistsError: the output exists without ``force``.
     """
-    from nmcli.formats.open import open_checkpoint
-    from nmcli.formats.plain import DEFAULT_SHARD_BYTES, write_hf_directory, write_plain_state_dict
-
     if fmt not in PLAIN_FORMATS:
         raise InputError(f"--format {fmt}: choose onnx, plain or hf")
     kind = classify(checkpoint)
@@ -647,7 +645,6 @@ def _load_for_export(checkpoint: str, arch: str | None, trust: bool) -> LoadedMo
     Raises:
         NoArchitectureError: see above.
     """
-    from nmcli.errors import NoArchitectureError
     from nmcli.models.sources import load_model
 
     try:
