@@ -53,6 +53,7 @@ class LatencyStats:
     max: float
     std: float
     count: int
+    samples: tuple[float, ...] = field(default=(), repr=False, compare=False)  # per iteration, for intervals
 
     def to_json(self) -> dict[str, float | int]:
         return {
@@ -107,7 +108,30 @@ def summarize(samples_ms: Sequence[float]) -> LatencyStats:
         max=max(samples_ms),
         std=math.sqrt(var),
         count=n,
+        samples=tuple(samples_ms),
     )
+
+
+def ratio_interval(
+    base_ms: Sequence[float], other_ms: Sequence[float], *, level: float = 0.95, resamples: int = 1000
+) -> tuple[float, float] | None:
+    """A ``level`` interval of ``p50(base) / p50(other)`` from the per-iteration samples: a seeded
+    bootstrap (each side resampled with replacement, ``resamples`` times), so a rerun on the same
+    samples gives the same interval. None with fewer than 3 samples on a side.
+    """
+    import numpy as np
+
+    if len(base_ms) < 3 or len(other_ms) < 3:
+        return None
+    rng = np.random.default_rng(0)
+    base, other = np.asarray(base_ms, dtype=np.float64), np.asarray(other_ms, dtype=np.float64)
+    a = np.median(base[rng.integers(0, len(base), (resamples, len(base)))], axis=1)
+    b = np.median(other[rng.integers(0, len(other), (resamples, len(other)))], axis=1)
+    ratios = a[b > 0] / b[b > 0]
+    if not len(ratios):
+        return None
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
 
 
 def throughput(batch_size: int, latency_ms: float) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -65,7 +65,7 @@ def command(
     """Benchmark TARGET: its dense model against its sparse one, or one file against another (--vs).
 
     Latency percentiles (p50/p90/p99/mean) from per-iteration samples after warm-up, throughput,
-    peak device memory, and the sparse/dense speed-up at p50. On a CUDA GPU in fp16/bf16, the
+    peak device memory, and the dense/sparse p50 ratio with its 95% interval. On a CUDA GPU in fp16/bf16, the
     sparse torch variant runs 2:4 Linear layers on semi-structured sparse kernels (cuSPARSELt on
     compute capability >= 8.0, CUTLASS on 8.x), and its outputs are checked against dense kernels
     (exit 1 if they disagree); elsewhere it runs masked weights with dense kernels, and says so.
@@ -134,7 +134,7 @@ def _render(report: BenchReport) -> None:
         ("samples/s", "right"),
         ("peak MB", "right"),
         ("2:4", "left"),
-        ("speed-up", "right"),
+        ("p50 ratio [95%]", "right"),
     ):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     speedups = {(s["variant"], s["batch_size"]): s for s in report.speedup}
@@ -154,7 +154,7 @@ def _render(report: BenchReport) -> None:
             f"{row.throughput:,.0f}",
             _fmt(row.peak_memory_mb, 1) or "n/a",
             kernel,
-            f"{value:.2f}x" if isinstance(value, float) else "",
+            _ratio_cell(value, (ratio or {}).get("ratio_interval")),
         )
     if stderr.is_terminal:
         stderr.print(table)
@@ -168,6 +168,8 @@ def _render(report: BenchReport) -> None:
             f"{check['variant']} batch {check['batch_size']}: outputs vs dense kernels on the same weights {ok} "
             f"(max abs diff {_fmt(check['max_abs_diff'], 5)}, tolerance {_fmt(check['tolerance'], 5)})"
         )
+    for pair in report.speedup:
+        stderr.print(_ratio_line(pair, report.plan.device), highlight=False)
     for note in report.notes:
         style = "bold yellow" if note.startswith("no sparse kernel") else "yellow"
         stderr.print(f"[{style}]note:[/{style}] {escape(note)}")
@@ -176,7 +178,40 @@ def _render(report: BenchReport) -> None:
     stderr.print(
         f"[dim]{escape(str(where))} · torch {env.get('torch')} ({env.get('torch_threads')} threads) · "
         f"onnxruntime {env.get('onnxruntime')} · tensorrt {env.get('tensorrt')} · load {env.get('load_average')} · "
-        f"2:4 = a 2:4 sparse kernel ran · speed-up = baseline p50 / variant p50[/dim]"
+        f"2:4 = a 2:4 sparse kernel ran · p50 ratio = baseline p50 / variant p50 (> 1: the variant is faster), "
+        f"[95%] its bootstrap interval over the iterations[/dim]"
     )
     if report.output:
         stderr.print(f"wrote {escape(str(report.output))}")
+
+
+def _ratio_cell(value: float | None, bounds: list[float] | None) -> str:
+    if not isinstance(value, float):
+        return ""
+    return f"{value:.2f}x" + (f" [{bounds[0]:.2f}-{bounds[1]:.2f}]" if bounds else "")
+
+
+def _ratio_line(pair: dict[str, Any], device: str) -> str:
+    """One plain sentence per compared pair: the measured ratio with its spread, and what it means.
+    "speed-up" only when a sparse kernel ran and the interval lies above 1.0."""
+    base, other, bs = pair["baseline"], pair["variant"], pair["batch_size"]
+    value = pair.get(f"{other}_over_{base}")
+    if not isinstance(value, float):
+        return f"{other} vs {base}, batch {bs}: no ratio (a p50 of 0)"
+    bounds = pair.get("ratio_interval")
+    spread = f" (95% interval {bounds[0]:.2f}-{bounds[1]:.2f})" if bounds else " (too few iterations for an interval)"
+    measured = f"{other} vs {base}, batch {bs}: p50 ratio {value:.2f}x{spread}"
+    if (base, other) != ("dense", "sparse") or pair.get("sparse_kernel") is None:
+        verdict = "differs from 1.0 beyond the spread" if pair.get("differs_from_1") else "within the spread of 1.0"
+        return f"{measured}: {verdict}"
+    if not pair.get("sparse_kernel"):
+        where = "CPU has no 2:4 sparse kernel" if device.startswith("cpu") else "no 2:4 sparse kernel ran"
+        tail = (
+            "the difference is not from sparsity"
+            if pair.get("differs_from_1")
+            else "the same as dense, within the spread"
+        )
+        return f"{measured}: {where}, both ran dense kernels; {tail}"
+    if pair.get("differs_from_1") and bounds and bounds[0] > 1.0:
+        return f"{measured}: a 2:4 kernel ran; speed-up {value:.2f}x beyond the spread"
+    return f"{measured}: a 2:4 kernel ran; no speed-up beyond the spread"

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from nmcli.bench.device import device_guard
-from nmcli.bench.timing import DEFAULT_ITERS, DEFAULT_WARMUP, check_settings, environment, measure
+from nmcli.bench.timing import DEFAULT_ITERS, DEFAULT_WARMUP, check_settings, environment, measure, ratio_interval
 from nmcli.bench.timing import throughput as samples_per_second
 from nmcli.bench.types import (
     BenchPlan,
@@ -320,6 +320,7 @@ def _speedups(
             f"{other}_over_{base}": ratio,
             "sparse_over_dense": ratio if (base, other) == ("dense", "sparse") else None,
             "statistic": "p50",
+            **_interval(a.stats.samples, b.stats.samples, b.sparse_kernel),
             "outputs_max_abs_diff": max_abs_diff(outputs.get((base, bs), []), outputs.get((other, bs), [])),
         }
         check = checks.get((other, bs))
@@ -328,3 +329,15 @@ def _speedups(
             row["outputs_agree"] = check["ok"]
         rows.append(row)
     return rows
+
+
+def _interval(base_ms: Sequence[float], other_ms: Sequence[float], sparse_kernel: bool | None) -> dict[str, Any]:
+    """The p50 ratio's 95% bootstrap interval from the per-iteration samples, and whether it excludes 1.0."""
+    bounds = ratio_interval(base_ms, other_ms)
+    differs = bounds is not None and (bounds[0] > 1.0 or bounds[1] < 1.0)
+    return {
+        "ratio_interval": list(bounds) if bounds is not None else None,
+        "interval_level": 0.95,
+        "differs_from_1": differs,
+        "sparse_kernel": sparse_kernel,
+    }

@@ -89,8 +89,11 @@ def test_table_on_stderr_says_no_sparse_kernel(ckpts: dict[str, Path]) -> None:
     result = invoke("bench", str(ckpts["kept"]), "--batch-size", "2", *FAST)
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
-    for text in ("speed-up", "dense", "sparse", "no sparse kernel was used", "torch 2."):
+    for text in ("p50 ratio", "dense", "sparse", "no sparse kernel was used", "torch 2.", "95% interval"):
         assert text in result.stderr
+    # CPU: said plainly, and never called a speed-up (issue 23)
+    assert "CPU has no 2:4 sparse kernel" in " ".join(result.stderr.split())
+    assert "speed-up" not in result.stderr
 
 
 def test_output_file_is_written_and_never_clobbered(ckpts: dict[str, Path], tmp_path: Path) -> None:
