@@ -67,6 +67,8 @@ def pytest_configure(config: pytest.Config) -> None:
     home = tempfile.mkdtemp(prefix="nmcli-tests-config-")
     config.stash[_CONFIG_HOME] = home
     os.environ["XDG_CONFIG_HOME"] = home
+    # No progress lines off a terminal in tests (stderr is asserted on); tests of progress set it back.
+    os.environ.setdefault("NMCLI_PROGRESS", "off")
     from nmcli.trust import remember
 
     remember(MODELS_PY)

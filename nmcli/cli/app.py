@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.errors import MarkupError
+from rich.progress import ProgressColumn, Task
+from rich.text import Text
 from typer.core import TyperGroup
 
 from nmcli import __version__
@@ -55,7 +57,7 @@ def esc(value: object) -> str:
 # Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns; logs read better wider.
 _LOG_WIDTH = None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 140
 stderr = _Console(stderr=True, highlight=False, soft_wrap=True, width=_LOG_WIDTH)
-_state: dict[str, Any] = {"debug": False, "argv": [], "emitted": False}
+_state: dict[str, Any] = {"debug": False, "quiet": False, "argv": [], "emitted": False}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -169,11 +171,15 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress on stderr (neither the bar nor the plain lines of logs)."
+    ),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     _state["debug"] = debug
+    _state["quiet"] = quiet
 
 
 def debug_enabled() -> bool:
@@ -265,29 +271,87 @@ def emit_json(obj: Any) -> None:
 
 
 def show_progress(json_output: bool) -> bool:
-    """Progress bars only on a terminal and never in --json mode."""
-    return not json_output and sys.stderr.isatty()
+    """Progress bars only on a terminal, never in --json mode or with --quiet (off a terminal,
+    :func:`progress_bar` writes plain lines instead)."""
+    return not json_output and sys.stderr.isatty() and _progress_mode() != "off"
+
+
+PLAIN_EVERY_S = 10.0  # off a terminal: a line at least this often while a stage runs
+_FEW_STEPS = 8  # up to this many steps, each step is a stage of its own (a line each)
+
+
+def _progress_mode() -> str:
+    """``off`` with ``--quiet`` or ``NMCLI_PROGRESS=off`` (the test suite sets it), else ``auto``."""
+    if _state.get("quiet") or os.environ.get("NMCLI_PROGRESS", "").lower() in ("off", "0", "none"):
+        return "off"
+    return "auto"
+
+
+def _elapsed(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+class PlainProgress:
+    """Progress for logs (stderr not a terminal): one plain line per stage and at least every
+    :data:`PLAIN_EVERY_S` seconds while it runs, with the count and the elapsed time, e.g.
+    ``pruning: 12/96 fc1.weight (0:00:23)``. A stage is a change of ``total`` (loading, then the
+    layers), or of the label when there are few steps (export's ``exporting ONNX``, ``verifying``).
+    """
+
+    def __init__(
+        self,
+        description: str,
+        write: Callable[[str], None],
+        every: float = PLAIN_EVERY_S,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        import time
+
+        self.description, self.write, self.every = description, write, every
+        self._clock = clock or time.monotonic
+        self.start = self._clock()
+        self.last: float | None = None
+        self.total: int | None = None
+        self.label: str | None = None
+
+    def __call__(self, done: int, total: int, label: str = "") -> None:
+        now = self._clock()
+        new_stage = total != self.total or (label != self.label and total <= _FEW_STEPS)
+        finished = total > 0 and done >= total and not new_stage
+        if not (new_stage or finished or self.last is None or now - self.last >= self.every):
+            return
+        self.total, self.label, self.last = total, label, now
+        count = f"{done}/{total} " if total > 0 else ""
+        self.write(f"{self.description}: {count}{label} ({_elapsed(now - self.start)})".replace("  ", " "))
+
+
+class CountColumn(ProgressColumn):
+    """Rich column: ``done/total``, or nothing while the total is unknown (a spinner and the label show)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{int(task.completed)}/{int(task.total)}" if task.total else "")
 
 
 @contextmanager
 def progress_bar(description: str, enabled: bool) -> Iterator[Callable[..., None]]:
-    """A rich progress bar on stderr; yields ``update(done, total, label="")``, a no-op when disabled."""
+    """Progress on stderr; yields ``update(done, total, label="")``. On a terminal (``enabled``, see
+    :func:`show_progress`) a rich bar, with a spinner and the label while ``total`` is 0 (loading a
+    model); off a terminal plain :class:`PlainProgress` lines; nothing with ``--quiet`` or when
+    ``enabled`` is off on a terminal (``--json``)."""
     if not enabled:
-        yield lambda *a, **k: None
+        if sys.stderr.isatty() or _progress_mode() == "off":
+            yield lambda *a, **k: None
+        else:
+            yield PlainProgress(description, lambda line: stderr.print(line, markup=False, highlight=False))
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(
+        SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        CountColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[label]}"),
@@ -297,7 +361,7 @@ def progress_bar(description: str, enabled: bool) -> Iterator[Callable[..., None
         task = progress.add_task(description, total=None, label="")
 
         def update(done: int, total: int, label: str = "") -> None:
-            progress.update(task, completed=done, total=total, label=label)
+            progress.update(task, completed=done, total=total if total > 0 else None, label=label)
 
         yield update
 

@@ -114,6 +114,8 @@ def run_prune(
         if method != "magnitude" or calibration is not None:
             raise InputError(f"--infer-layers prunes by magnitude only: {method} with --calib needs the model (--arch)")
     check_output_path(out, force=force, inputs=[local_input])
+    if progress is not None:  # total 0: a spinner with what is loading, not "0/?"
+        progress(0, 0, f"loading {model_spec}")
     if infer_layers:
         return _prune_inferred(kind, nm, out, include, exclude, keep_dense, trust, force, progress)
     loaded = load_model(model_spec, arch=arch, trust=trust)
