@@ -18,7 +18,14 @@ from nmcli.io import check_output_path
 from nmcli.models.data import check_data_spec
 from nmcli.models.inferred import infer_state_dict_layers, is_layer_weight
 from nmcli.models.skeleton import build_skeleton
-from nmcli.models.sources import default_output_path, guess_input_spec, load_model, normalize_spec, source_ref
+from nmcli.models.sources import (
+    LoadedModel,
+    default_output_path,
+    guess_input_spec,
+    load_model,
+    normalize_spec,
+    source_ref,
+)
 from nmcli.nm.pattern import Pattern, parse_pattern
 from nmcli.pipelines.blocks import calibration_batches
 from nmcli.pipelines.inmemory import PruneResult, check_method, prune_model, prune_state_dict
@@ -114,11 +121,9 @@ def run_prune(
         if method != "magnitude" or calibration is not None:
             raise InputError(f"--infer-layers prunes by magnitude only: {method} with --calib needs the model (--arch)")
     check_output_path(out, force=force, inputs=[local_input])
-    if progress is not None:  # total 0: a spinner with what is loading, not "0/?"
-        progress(0, 0, f"loading {model_spec}")
     if infer_layers:
         return _prune_inferred(kind, nm, out, include, exclude, keep_dense, trust, force, progress)
-    loaded = load_model(model_spec, arch=arch, trust=trust)
+    loaded = _load_reporting(model_spec, arch, trust, progress)
     input_spec = spec_input or loaded.input_spec
     batches = None
     if calibration is not None:
@@ -261,6 +266,7 @@ def _prune_inferred(
     spec, path = kind.spec, kind.path
     if kind.prefix or path is None or not kind.is_file:
         raise InputError(f"--infer-layers needs a state-dict file (.pt, .pth, .bin, .safetensors); {spec} is not one")
+    _loading(spec, progress)
     found = infer_state_dict_layers(path, pattern=pattern, trust=trust, include=list(include), exclude=list(exclude))
     result = prune_state_dict(
         dict(found.state.tensors),
@@ -286,3 +292,15 @@ def _prune_inferred(
     save_checkpoint(result.checkpoint, out, force=force, inputs=[spec])
     result.output = out
     return result
+
+
+def _loading(spec: str, progress: ProgressCallback | None) -> None:
+    """Say what is loading (total 0: the bar shows a spinner and the label, not ``0/?``)."""
+    if progress is not None:
+        progress(0, 0, f"loading {spec}")
+
+
+def _load_reporting(spec: str, arch: str | None, trust: bool, progress: ProgressCallback | None) -> LoadedModel:
+    """:func:`nmcli.models.sources.load_model`, reported to ``progress`` as it starts."""
+    _loading(spec, progress)
+    return load_model(spec, arch=arch, trust=trust)
