@@ -120,7 +120,7 @@ def run_finetune(
         raise InputError(f"output {out} is also the input: choose another -o")
     resume_from = _resume_source(out, ckpt_path, force) if resume else None
     check_output_path(out, force=force or resume_from is not None, inputs=[] if resume_from else [ckpt_path])
-    _require_checkpoint(checkpoint)
+    _require_checkpoint(os.fspath(checkpoint))
     start = load_checkpoint(ckpt_path)
     if not start.masks:
         raise InputError(f"{ckpt_path} has no pruned layers: prune it first (nmcli prune)")
