@@ -650,8 +650,13 @@ def _load_for_export(checkpoint: str, arch: str | None, trust: bool) -> LoadedMo
     try:
         return load_model(checkpoint, arch=arch, trust=trust)
     except NoArchitectureError as exc:
-        if arch or not classify(checkpoint).is_checkpoint:
+        if arch:
             raise
+        if not classify(checkpoint).is_checkpoint:  # a bare state dict: only its architecture can run it
+            raise NoArchitectureError(
+                f"{checkpoint} is a plain state dict with no architecture: pass --arch SPEC "
+                "(e.g. py:mypkg.models:build) to export it"
+            ) from None
         raise NoArchitectureError(
             f"{exc}; to hand the weights to another tool without the model, write them with "
             f"nmcli export {checkpoint} --format plain"
