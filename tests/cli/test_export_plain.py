@@ -91,3 +91,18 @@ def test_hf_folder_loads_with_from_pretrained(workdir: Path, tiny_gpt2_dir: Path
     assert result.files == files
     again = transformers.AutoModelForCausalLM.from_pretrained(workdir / "sharded").state_dict()
     assert all(torch.equal(again[k], v) for k, v in state.items())
+
+
+def test_hf_folder_from_a_sharded_checkpoint_has_no_sidecar(workdir: Path, tiny_gpt2_dir: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    code, _, err = run("prune", f"hf:{tiny_gpt2_dir}", "-p", "2:4", "-o", "gpt2-2of4")
+    assert code == 0, err
+    assert (workdir / "gpt2-2of4" / "nmcli.safetensors").is_file()
+    code, out, err = run("export", "gpt2-2of4", "--format", "hf", "--json")
+    assert code == 0, err
+    assert json.loads(out)["output"] == "gpt2-2of4-hf"
+    files = sorted(p.name for p in (workdir / "gpt2-2of4-hf").iterdir())
+    assert "nmcli.safetensors" not in files and "config.json" in files
+    ckpt = load_checkpoint(workdir / "gpt2-2of4")
+    state = transformers.AutoModelForCausalLM.from_pretrained(workdir / "gpt2-2of4-hf").state_dict()
+    assert ckpt.masks and all(torch.equal(state[name], ckpt.tensors[name]) for name in ckpt.masks)
