@@ -305,11 +305,12 @@ def _mask_of(sp: SparseParam) -> torch.Tensor:
         return nm_mask(dense, pattern, axis)
     from torch.distributed.tensor import DTensor
 
+    assert isinstance(dense, DTensor)
     local, _ = _local_rows(dense)
     mask = nm_mask(local, pattern, axis) if local.numel() else torch.zeros(local.shape, dtype=torch.bool)
     shards = DTensor.from_local(
         mask.to(torch.uint8), dense.device_mesh, dense.placements, shape=dense.shape, stride=dense.stride()
-    )  # type: ignore[attr-defined]
+    )
     return shards.full_tensor().to(torch.bool)
 
 

@@ -109,7 +109,7 @@ def _checkpointed(block: nn.Module) -> None:
     def run(*args: Any, **kwargs: Any) -> Any:
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
-    block.forward = run  # type: ignore[method-assign]
+    block.forward = run
 
 
 def shard_model(
@@ -209,14 +209,13 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
             f"--resume: {path} (the sharded training state of --shard fsdp) is missing: run again without --resume"
         )
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
     except Exception as exc:
         raise InputError(
             f"--resume: {path} is not readable sharded training state ({exc}): run again without --resume"
         ) from exc
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
 def remove_sharded(path: Path) -> None:
