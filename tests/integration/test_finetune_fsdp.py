@@ -69,7 +69,10 @@ def _args(pruned: Path, data: Path, steps: int) -> list[str]:
 
 def _run(cmd: list[str]) -> dict[str, Any]:
     done = subprocess.run(cmd, capture_output=True, text=True, env=_ENV, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    causes = [
+        line for line in done.stderr.splitlines() if any(k in line for k in ("Error", "error", "what()", "abort"))
+    ]
+    assert done.returncode == 0, "\n".join([*causes[:20], done.stderr[-2000:]])
     summaries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1, done.stdout  # only rank 0 reports
     out: dict[str, Any] = summaries[0]
@@ -132,3 +135,13 @@ def test_fsdp_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path: Path) ->
     _run([*_TORCHRUN, *args, "--resume", "-o", str(resumed)])
     _run([*_TORCHRUN, *args, "-o", str(straight)])
     _assert_same(resumed, straight, atol=0.0)
+
+
+def test_fsdp_bf16_checkpointing_with_a_sharded_teacher_keeps_fp32_master_weights(tmp_path: Path) -> None:
+    pruned, data = _pruned("llama", tmp_path), _data(tmp_path)
+    out = tmp_path / "bf16.safetensors"
+    args = [*_args(pruned, data, 2), "--teacher", "auto", "--eval-split", "0.25", "--precision", "bf16"]
+    summary = _run([*_TORCHRUN, *args, "--shard", "fsdp", "--activation-checkpointing", "-o", str(out)])
+    assert summary["steps"] == 2 and {"before", "after"} <= set(summary["eval"])  # evaluated on the sharded model
+    tuned = load_checkpoint(out)
+    assert all(tensor.dtype == torch.float32 for tensor in tuned.dense.values())
