@@ -155,13 +155,16 @@ def _blocks_like(teacher: nn.Module, model: nn.Module, blocks: list[nn.Module]) 
     return [m for m in found if m is not None] if all(m is not None for m in found) else []
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` is True on any rank (a collective every rank must call)."""
+def agreed_signal(signum: int | None, device: torch.device) -> int | None:
+    """The stop signal any rank got (the highest number when several did), else None: a collective every rank calls.
+
+    So a SIGTERM that reaches one rank stops all of them at the same step, and each reports it.
+    """
     import torch.distributed as dist
 
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    value = torch.tensor([signum or 0], dtype=torch.int32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return int(value.item()) or None
 
 
 def sharded_state_path(output: str | os.PathLike[str]) -> Path:

@@ -44,7 +44,7 @@ from nmcli.models.sources import (
 from nmcli.pipelines.distributed import (
     SHARD_MODES,
     StopRequest,
-    any_rank,
+    agreed_signal,
     load_sharded,
     remove_sharded,
     save_sharded,
@@ -697,9 +697,11 @@ def train_loop(session: Session, on_step: StepCallback | None, on_eval: EvalCall
             except KeyboardInterrupt as exc:
                 stop.requested = True
                 stop.signum = stop.signum or getattr(exc, "signum", signal.SIGINT)
-            stopping = any_rank(stop.requested, session.device) if session.dist.world > 1 else stop.requested
-            if stopping and session.step < total:  # a signal on any rank stops all of them at this step
-                return stop.signum or signal.SIGINT
+            asked = (stop.signum or signal.SIGINT) if stop.requested else None
+            if session.dist.world > 1:  # a signal on any rank stops all of them at this step
+                asked = agreed_signal(asked, session.device)
+            if asked is not None and session.step < total:
+                return asked
     return None
 
 
