@@ -22,6 +22,7 @@ accumulation, data-parallel averaging and fp16 loss scaling never scale or repea
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -183,9 +184,9 @@ class SparseTraining:
 
     @torch.no_grad()
     def update_masks(self) -> None:
-        """Recompute every mask from its current dense weight."""
+        """Recompute every mask from its current dense weight (a sharded one: each rank on its own rows)."""
         for sp in self.params:
-            sp.mask.copy_(nm_mask(sp.dense, sp.parametrization.pattern, sp.parametrization.axis))
+            sp.mask.copy_(_mask_of(sp))
 
     def step(self) -> bool:
         """Count one optimizer step; recompute the masks when the interval is reached. Returns whether it did."""
@@ -204,6 +205,11 @@ class SparseTraining:
             dense = sp.dense
             if dense.grad is None:
                 dense.grad = torch.zeros_like(dense)
+            if _is_sharded(dense):  # FSDP2: this rank's rows of the weight, its gradient and the mask
+                local, rows = _local_rows(dense)
+                grad = dense.grad.to_local()  # type: ignore[attr-defined]
+                grad.copy_(refined_grad(grad, local, sp.mask[rows], self.lambda_w))
+                continue
             dense.grad.copy_(refined_grad(dense.grad, dense, sp.mask, self.lambda_w))
 
     def masks(self) -> dict[str, torch.Tensor]:
@@ -212,27 +218,39 @@ class SparseTraining:
 
     def final_masks(self) -> dict[str, torch.Tensor]:
         """Masks recomputed from the current dense weights (CPU)."""
-        return {
-            sp.param: nm_mask(sp.dense.detach(), sp.parametrization.pattern, sp.parametrization.axis).cpu()
-            for sp in self.params
-        }
+        return {sp.param: _mask_of(sp).cpu() for sp in self.params}
 
-    def dense_weights(self) -> dict[str, torch.Tensor]:
-        """The dense weights, by parameter name (CPU copies)."""
-        return {sp.param: sp.dense.detach().cpu().clone() for sp in self.params}
+    def dense_weights(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The dense weights, by parameter name (CPU copies; sharded ones gathered one at a time).
 
-    def state_dict(self, masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        Args:
+            keep: False on the ranks that only take part in gathering sharded weights (returns {}).
+        """
+        out: dict[str, torch.Tensor] = {}
+        for sp in self.params:
+            full = _full(sp.dense.detach())
+            if keep:
+                out[sp.param] = full.cpu().clone()
+        return out
+
+    def state_dict(self, masks: Mapping[str, torch.Tensor] | None = None, keep: bool = True) -> dict[str, torch.Tensor]:
         """The model's state dict under its own names, with effective weights ``M ⊙ W`` (CPU).
+
+        Sharded (FSDP2) tensors are gathered one at a time, so no rank holds a second copy of the model.
 
         Args:
             masks: the masks to apply; by default the ones in use.
+            keep: False on the ranks that only take part in gathering sharded tensors (returns {}).
         """
         renames = {f"{_prefix(sp)}parametrizations.{sp.attr}.original": sp.param for sp in self.params}
         use = masks if masks is not None else self.masks()
         out: dict[str, torch.Tensor] = {}
         for name, value in self.model.state_dict().items():
             target = renames.get(name, name)
-            value = value.detach().cpu()
+            value = _full(value.detach())
+            if not keep:
+                continue
+            value = value.cpu()
             if target in use:
                 value = apply_mask(value, use[target].to(torch.bool))
             out[target] = value.clone()
@@ -254,6 +272,46 @@ def _refinement_hook(sp: SparseParam, lambda_w: float) -> Any:
         return refined_grad(grad, sp.dense.detach(), sp.mask, lambda_w)
 
     return hook
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2-sharded parameter); never imports torch.distributed itself."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded one gathered from every rank (a collective), others as they are."""
+    return tensor.full_tensor() if _is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def _local_rows(dense: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """This rank's shard of a dim-0-sharded DTensor and the rows of the whole tensor it holds.
+
+    FSDP2 splits dim 0 like ``torch.chunk``: chunks of ``ceil(rows / ranks)``, the last ones shorter or empty.
+    """
+    local: torch.Tensor = dense.to_local()  # type: ignore[attr-defined]
+    mesh = dense.device_mesh  # type: ignore[attr-defined]
+    chunk = -(-dense.shape[0] // mesh.size())
+    start = min(mesh.get_local_rank() * chunk, dense.shape[0])
+    return local, slice(start, start + local.shape[0])
+
+
+def _mask_of(sp: SparseParam) -> torch.Tensor:
+    """The N:M mask of the current dense weight; a sharded weight's is computed by each rank on its own rows
+    (whole N:M groups: see ``nmcli.pipelines.distributed``) and gathered."""
+    dense, pattern, axis = sp.dense.detach(), sp.parametrization.pattern, sp.parametrization.axis
+    if not _is_sharded(dense):
+        return nm_mask(dense, pattern, axis)
+    from torch.distributed.tensor import DTensor
+
+    assert isinstance(dense, DTensor)
+    local, _ = _local_rows(dense)
+    mask = nm_mask(local, pattern, axis) if local.numel() else torch.zeros(local.shape, dtype=torch.bool)
+    shards = DTensor.from_local(
+        mask.to(torch.uint8), dense.device_mesh, dense.placements, shape=dense.shape, stride=dense.stride()
+    )
+    return shards.full_tensor().to(torch.bool)
 
 
 def _prefix(sp: SparseParam) -> str:

@@ -76,6 +76,21 @@ MaskIntervalOption = Annotated[
 # where and how it runs, saves and resumes
 DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
 PrecisionOption = Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast; fp16 needs CUDA).")]
+ShardOption = Annotated[
+    str,
+    typer.Option(
+        "--shard",
+        help="Under torchrun: ddp (the default: every process holds the whole model, the fastest when it fits "
+        "one device) or fsdp (FSDP2: weights, gradients and optimizer state split over the processes, for models "
+        "no single device holds; resumable state in OUT.dcp/). No effect on one process.",
+    ),
+]
+ActivationCheckpointingOption = Annotated[
+    bool,
+    typer.Option(
+        "--activation-checkpointing", help="With --shard fsdp: recompute each block's activations in backward."
+    ),
+]
 SaveEveryOption = Annotated[
     int,
     number_option("--save-every", help="Write a resumable checkpoint every N steps.", minimum=0, maximum=1e9),
@@ -162,6 +177,8 @@ def command(
     mask_interval: MaskIntervalOption = 1,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "fp32",
+    shard: ShardOption = "ddp",
+    activation_checkpointing: ActivationCheckpointingOption = False,
     save_every: SaveEveryOption = 0,
     resume: ResumeOption = False,
     seed: SeedOption = 0,
@@ -184,7 +201,7 @@ def command(
 
     The forward pass uses the masked weights `M(W) ⊙ W`; the dense W gets the straight-through gradient
     plus `lambda_w (1 - M) ⊙ W`, and the masks are recomputed from W every --mask-interval steps. Runs
-    unchanged under torchrun (DistributedDataParallel). BatchNorm statistics are re-estimated with
+    unchanged under torchrun (DistributedDataParallel, or FSDP2 with --shard fsdp). BatchNorm statistics are re-estimated with
     the final masks before every save (--bn-batches); the model is evaluated in eval mode on held-out
     data (--eval-data, else --eval-split of the training data) before, every --eval-every steps and
     after. Ctrl-C stops at the next step boundary and saves a checkpoint that --resume continues exactly.

@@ -6,7 +6,6 @@ import contextlib
 import math
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +22,6 @@ from nmcli.device import resolve_device
 from nmcli.errors import (
     DataError,
     InputError,
-    Interrupted,
     NmcliError,
     SourceError,
     TrustRequiredError,
@@ -43,6 +41,16 @@ from nmcli.models.sources import (
     load_source_model,
     model_from_checkpoint,
 )
+from nmcli.pipelines.distributed import (
+    SHARD_MODES,
+    StopRequest,
+    agreed_signal,
+    load_sharded,
+    remove_sharded,
+    save_sharded,
+    shard_model,
+    sharded_state_path,
+)
 from nmcli.pipelines.sad import compare_masks
 
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-4}
@@ -50,6 +58,7 @@ BN_MODES = ("train", "freeze")
 # Options that must not change between a run and its --resume.
 _RESUME_KEYS = (
     "data", "batch_size", "grad_accum", "optimizer", "schedule", "ste", "mask_interval", "seed", "bn", "eval_split",
+    "shard",
 )  # fmt: skip
 
 
@@ -93,6 +102,8 @@ class FinetuneConfig:
     eval_data: str | None = None
     eval_split: float = 0.05
     eval_every: int = 0
+    shard: str = "ddp"
+    activation_checkpointing: bool = False
 
     @property
     def effective_lambda(self) -> float:
@@ -116,6 +127,7 @@ class FinetuneConfig:
         choices = {
             "optimizer": tuple(DEFAULT_LR), "schedule": ("cosine", "constant"), "ste": ("sr", "plain"),
             "precision": tuple(FLOAT_PRECISIONS), "bn": BN_MODES,
+            "shard": SHARD_MODES,
         }  # fmt: skip
         problems = [
             f"--{name} {getattr(self, name)!r}: choose {' or '.join(allowed)}"
@@ -507,6 +519,7 @@ class Session:
     losses: list[float] = field(default_factory=list)
     evals: dict[str, Any] = field(default_factory=dict)
     bn_used: int = 0
+    fsdp: bool = False  # the model is sharded with FSDP2 (--shard fsdp under torchrun)
 
 
 def _check_trainable(model: nn.Module, ckpt: Checkpoint, arch: str | None) -> None:
@@ -536,6 +549,7 @@ def setup_session(
             f"--batch-size {cfg.batch_size} (the global batch) does not split evenly over {dist.world} processes"
         )
     autocast_dtype, use_scaler = _precision(cfg, device)
+    fsdp = cfg.shard == "fsdp" and dist.world > 1
     begin = _load_start(start_ckpt, resume_from, out, cfg, arch, trust)
     _check_trainable(begin.model, start_ckpt, arch)
     data = _load_data(cfg, start_ckpt, begin.model, arch)
@@ -560,19 +574,16 @@ def setup_session(
     )
     probe = next(_micro_batches(data.train, cfg, dist, begin.step * cfg.grad_accum)).to(device)
     _check_fits(model, teacher, probe, data, cfg, autocast)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, data.total, cfg.warmup_steps, cfg.schedule)
-    )
-    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    if begin.state is not None:
-        optimizer.load_state_dict(begin.state["optimizer"])
-        scheduler.load_state_dict(begin.state["scheduler"])
-        if scaler is not None and begin.state.get("scaler"):
-            scaler.load_state_dict(begin.state["scaler"])
-        torch.set_rng_state(begin.state["rng"])
+    if fsdp:  # bf16: FSDP2's mixed precision (fp32 master weights) replaces autocast
+        if has_batchnorm(model):
+            raise InputError(
+                "--shard fsdp: the model has BatchNorm, whose statistics FSDP does not gather: use --shard ddp"
+            )
+        shard_model(model, sparse, teacher, bf16=autocast_dtype is not None, checkpointing=cfg.activation_checkpointing)
+        autocast = contextlib.nullcontext
+    optimizer, scheduler, scaler = _optimizer_parts(model, cfg, data.total, device, use_scaler, begin, out, fsdp)
     trained: nn.Module = model
-    if dist.world > 1:
+    if dist.world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -582,17 +593,41 @@ def setup_session(
         cfg, dist, device, model, trained, sparse, teacher, data, optimizer, scheduler, scaler, autocast, begin,
         record_base, _history_args(str(ckpt_path), cfg, arch), out, ckpt_path, sha256_file(ckpt_path), begin.step,
     )  # fmt: skip
+    session.fsdp = fsdp
     if begin.state is not None:
         session.evals = dict(begin.state.get("evals") or {})
     return session
 
 
+def _optimizer_parts(
+    model: nn.Module, cfg: FinetuneConfig, total: int, device: torch.device, use_scaler: bool, begin: _Start,
+    out: Path, fsdp: bool,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, torch.amp.GradScaler | None]:  # fmt: skip
+    """The optimizer, schedule and loss scaler, with their state restored when resuming."""
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.schedule)
+    )
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    if begin.state is not None:
+        if fsdp:  # the sharded weights and optimizer state: each rank reads its own shards
+            load_sharded(sharded_state_path(out), model, optimizer)
+        else:
+            optimizer.load_state_dict(begin.state["optimizer"])
+        scheduler.load_state_dict(begin.state["scheduler"])
+        if scaler is not None and begin.state.get("scaler"):
+            scaler.load_state_dict(begin.state["scaler"])
+        torch.set_rng_state(begin.state["rng"])
+    return optimizer, scheduler, scaler
+
+
 def evaluate_session(session: Session) -> dict[str, float] | None:
-    if not session.data.evaluation or not session.dist.main:
+    """Evaluate on the held-out data (rank 0; every rank runs a sharded model's forward); the metrics on rank 0."""
+    if not session.data.evaluation or not (session.dist.main or session.fsdp):
         return None
     metrics = evaluate(session.model, session.teacher, session.data.evaluation, session.device)
     _set_train_mode(session.model, session.cfg.bn)
-    return metrics
+    return metrics if session.dist.main else None
 
 
 def _train_step(session: Session, stream: Iterator[Batch]) -> float:
@@ -602,7 +637,8 @@ def _train_step(session: Session, stream: Iterator[Batch]) -> float:
     for micro in range(cfg.grad_accum):
         batch = next(stream).to(device)
         last = micro == cfg.grad_accum - 1
-        sync = session.trained.no_sync() if session.dist.world > 1 and not last else contextlib.nullcontext()  # type: ignore[operator]
+        ddp = session.dist.world > 1 and not session.fsdp
+        sync = session.trained.no_sync() if ddp and not last else contextlib.nullcontext()  # type: ignore[operator]
         with sync:
             with session.autocast():
                 loss = compute_loss(session.trained, session.teacher, batch, session.data.train, cfg.temperature)
@@ -631,45 +667,13 @@ def _train_step(session: Session, stream: Iterator[Batch]) -> float:
     return float(mean_loss)
 
 
-class _StopRequest:
-    """The first Ctrl-C asks the loop to stop at the next step boundary; a second one stops at once.
-
-    SIGTERM and SIGHUP do the same when the process handles them (the CLI turns them into
-    :class:`~nmcli.errors.Interrupted`); left at their defaults (library use) they are not touched.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
-            for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-                if signum is not None and callable(signal.getsignal(signum)):
-                    self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
-        self.requested = True
-        self.signum = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, previous in self._previous.items():
-            if previous is not None:
-                signal.signal(signum, previous)
-
-
 def train_loop(session: Session, on_step: StepCallback | None, on_eval: EvalCallback | None) -> int | None:
     """The training loop; returns the signal that interrupted it (it then stopped at a step boundary), else None."""
     cfg, total = session.cfg, session.data.total
     stream = _micro_batches(session.data.train, cfg, session.dist, session.step * cfg.grad_accum)
     _set_train_mode(session.model, cfg.bn)
     started, first = time.perf_counter(), session.step
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         while session.step < total:
             lr = session.optimizer.param_groups[0]["lr"]
             loss = _train_step(session, stream)
@@ -693,16 +697,23 @@ def train_loop(session: Session, on_step: StepCallback | None, on_eval: EvalCall
             except KeyboardInterrupt as exc:
                 stop.requested = True
                 stop.signum = stop.signum or getattr(exc, "signum", signal.SIGINT)
-            if stop.requested and session.step < total:
-                return stop.signum or signal.SIGINT
+            asked = (stop.signum or signal.SIGINT) if stop.requested else None
+            if session.dist.world > 1:  # a signal on any rank stops all of them at this step
+                asked = agreed_signal(asked, session.device)
+            if asked is not None and session.step < total:
+                return asked
     return None
 
 
 def save_progress(session: Session, *, final: bool) -> None:
-    """Write the checkpoint (and, unless ``final``, the resume sidecar), BN statistics re-estimated for it."""
-    if not session.dist.main:
+    """Write the checkpoint (and, unless ``final``, the resume sidecar), BN statistics re-estimated for it.
+
+    Rank 0 writes; under ``--shard fsdp`` every rank takes part in gathering the weights one tensor at
+    a time and writes its shards of the resumable state (``OUT.dcp``).
+    """
+    if not session.dist.main and not session.fsdp:
         return
-    cfg, sparse, model = session.cfg, session.sparse, session.model
+    cfg, sparse, model, main = session.cfg, session.sparse, session.model, session.dist.main
     train_buffers = batchnorm_buffers(model)
     masks = sparse.final_masks()
     if final:
@@ -716,6 +727,27 @@ def save_progress(session: Session, *, final: bool) -> None:
         after = evaluate_session(session)
         if after is not None:
             session.evals["after"] = after
+    tensors = sparse.state_dict(masks, keep=main)
+    dense = sparse.dense_weights(keep=main) if not (final and cfg.no_dense) else {}
+    if session.fsdp and not final:
+        save_sharded(sharded_state_path(session.out), session.model, session.optimizer)
+    if not main:
+        return
+    _write_output(session, final, masks, tensors, dense, recalibrate)
+    sidecar = trainstate_path(session.out)
+    if final:
+        sidecar.unlink(missing_ok=True)
+        remove_sharded(sharded_state_path(session.out))
+        return
+    restore_buffers(model, train_buffers)  # training goes on with its own statistics
+    save_trainstate(sidecar, _trainstate(session, train_buffers))
+
+
+def _write_output(
+    session: Session, final: bool, masks: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+    dense: dict[str, torch.Tensor], recalibrate: bool,
+) -> None:  # fmt: skip
+    cfg = session.cfg
     loss = session.losses[-1] if session.losses else None
     sad = compare_masks(session.start.start_masks, masks)
     metrics: dict[str, Any] = {
@@ -726,18 +758,9 @@ def save_progress(session: Session, *, final: bool) -> None:
     if not final:
         metrics.update({"partial": True, "total_steps": session.data.total})
     history = [*session.start.history, history_record("finetune", session.history_args, metrics)]
-    result = Checkpoint(
-        tensors=sparse.state_dict(masks), masks=masks, meta=replace(session.record_base, history=history),
-        dense=sparse.dense_weights() if not (final and cfg.no_dense) else {},
-    )  # fmt: skip
+    result = Checkpoint(tensors=tensors, masks=masks, meta=replace(session.record_base, history=history), dense=dense)
     same = session.out.resolve() == session.ckpt_path.resolve()
     save_checkpoint(result, session.out, force=True, inputs=[] if same else [session.ckpt_path])
-    sidecar = trainstate_path(session.out)
-    if final:
-        sidecar.unlink(missing_ok=True)
-        return
-    restore_buffers(model, train_buffers)  # training goes on with its own statistics
-    save_trainstate(sidecar, _trainstate(session, train_buffers))
 
 
 def _trainstate(session: Session, train_buffers: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -745,7 +768,7 @@ def _trainstate(session: Session, train_buffers: dict[str, torch.Tensor]) -> dic
         "format": TRAINSTATE_FORMAT,
         "step": session.step,
         "total_steps": session.data.total,
-        "optimizer": session.optimizer.state_dict(),
+        "optimizer": None if session.fsdp else session.optimizer.state_dict(),  # fsdp: in OUT.dcp
         "scheduler": session.scheduler.state_dict(),
         "scaler": session.scaler.state_dict() if session.scaler is not None else None,
         "masks": session.sparse.masks(),
