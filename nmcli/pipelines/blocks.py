@@ -13,6 +13,7 @@ from torch import nn
 from nmcli.algorithms.config import CalibrationConfig, LayerOutcome
 from nmcli.algorithms.solve import solve_layer
 from nmcli.algorithms.statistics import Collector
+from nmcli.algorithms.threads import torch_threads
 from nmcli.errors import DataError, InputError
 from nmcli.memory import map_large_allocations, trim_heap
 from nmcli.models.batchnorm import has_batchnorm, model_call_kwargs, recalibrate_batchnorm
@@ -267,8 +268,9 @@ def prune_calibrated(
         map_large_allocations()
     moved = [b.to(device) for b in batches]
     pruner = _Pruner(model, pattern, method, cfg, len(layers), progress)
+    # one CPU thread: the same activations, statistics and solves, to the bit, whatever the thread count
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
             blocks = find_blocks(model, layers)
             if moved:  # streamed blocks are on the meta device: run only as far as the first one
                 streamed = blocks is not None and block_io is not None
