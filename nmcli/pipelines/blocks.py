@@ -461,7 +461,7 @@ def _sequential_groups(
 
         def hook(mod: nn.Module, args: tuple[Any, ...], name: str = module_name) -> None:
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            key = (x.data_ptr(), tuple(x.shape)) if x is not None else None
+            key = x  # the tensor itself, held: an address freed and reused would group unrelated inputs
             if all(name != done for done, _ in seen):
                 seen.append((name, key))
 
@@ -475,7 +475,7 @@ def _sequential_groups(
     keys: list[Any] = []
     for module_name, key in seen:
         members = [cand for cand in layers if cand.module == module_name]
-        if key is not None and keys and keys[-1] == key:
+        if key is not None and keys and keys[-1] is key:
             groups[-1].extend(members)
         else:
             groups.append(members)
