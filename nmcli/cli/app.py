@@ -396,5 +396,8 @@ def install_signal_handlers() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    # MKL's conditional numerical reproducibility, before torch loads MKL: products whose low bits do not
+    # depend on memory alignment, so the same command gives the same masks run to run (DESIGN.md 3b)
+    os.environ.setdefault("MKL_CBWR", "AUTO")
     install_signal_handlers()
     app(prog_name="nmcli")

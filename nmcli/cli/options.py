@@ -103,6 +103,14 @@ ArchOption = Annotated[
     str | None,
     typer.Option("--arch", help="Architecture source for a plain state dict, or to override a checkpoint's source."),
 ]
+ModelClassOption = Annotated[
+    str,
+    typer.Option(
+        "--model-class",
+        help="Transformers class of an hf: source: auto (config's class when the files hold its weights, "
+        "else the base model), base (AutoModel) or a class name such as BertModel.",
+    ),
+]
 InputShapeOption = Annotated[
     str | None,
     typer.Option("--input-shape", help="Input spec, e.g. 1x3x224x224 (default: the one stored in the checkpoint)."),
@@ -115,6 +123,7 @@ __all__ = [
     "ForceOption",
     "InputShapeOption",
     "JsonOption",
+    "ModelClassOption",
     "TrustOption",
     "check_number",
     "number",

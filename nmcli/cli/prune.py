@@ -12,6 +12,7 @@ from nmcli.cli.options import (
     ArchOption,
     ForceOption,
     JsonOption,
+    ModelClassOption,
     TrustOption,
     number_option,
 )
@@ -107,6 +108,7 @@ def command(
     include: IncludeOption = None,
     exclude: ExcludeOption = None,
     arch: ArchOption = None,
+    model_class: ModelClassOption = "auto",
     trust: TrustOption = False,
     input_shape: StoredShapeOption = None,
     infer_layers: InferLayersOption = False,
@@ -155,6 +157,7 @@ def command(
             force=force,
             infer_layers=infer_layers,
             progress=update,
+            model_class=model_class,
         )
     _render(result)
     for line in result.notes:

@@ -80,9 +80,11 @@ def run_prune(
     force: bool = False,
     infer_layers: bool = False,
     progress: ProgressCallback | None = None,
+    model_class: str = "auto",
 ) -> PruneResult:
     """``nmcli prune``: load ``model_spec``, prune it, and write the checkpoint atomically.
 
+    ``model_class`` (``--model-class``) picks an ``hf:`` source's class (:mod:`nmcli.models.hfclass`).
     ``infer_layers`` prunes a bare state dict (``.pt``/``.pth``/``.safetensors``) without ``--arch``:
     its layers are inferred from the tensors (:func:`nmcli.models.inferred.infer_layers`), magnitude only,
     and the checkpoint records that; commands that must run the model then need ``--arch``.
@@ -101,18 +103,10 @@ def run_prune(
     kind = classify(model_spec)
     if _streamed(kind, output):
         return _run_prune_directory(
-            kind,
-            nm,
-            method=method,
-            calibration=calibration,
-            include=include,
-            exclude=exclude,
-            input_spec=spec_input,
-            keep_dense=keep_dense,
-            output=output,
-            force=force,
-            progress=progress,
-        )
+            kind, nm, method=method, calibration=calibration, include=include, exclude=exclude,
+            input_spec=spec_input, keep_dense=keep_dense, output=output, force=force, progress=progress,
+            model_class=model_class,
+        )  # fmt: skip
     out = Path(output) if output else default_output_path(model_spec, nm.slug)
     local_input = kind.path if kind.path is not None else Path(model_spec)
     if infer_layers:
@@ -123,7 +117,7 @@ def run_prune(
     check_output_path(out, force=force, inputs=[local_input])
     if infer_layers:
         return _prune_inferred(kind, nm, out, include, exclude, keep_dense, trust, force, progress)
-    loaded = _load_reporting(model_spec, arch, trust, progress)
+    loaded = _load_reporting(model_spec, arch, trust, progress, model_class)
     input_spec = spec_input or loaded.input_spec
     batches = None
     if calibration is not None:
@@ -151,6 +145,7 @@ def run_prune(
             "exclude": list(exclude),
             "arch": arch,
             "keep_dense": keep_dense,
+            **({"model_class": model_class} if model_class != "auto" else {}),
             **(_calibration_args(calibration) if calibration is not None else {}),
         },
         progress=progress,
@@ -194,6 +189,7 @@ def _run_prune_directory(
     output: str | Path | None,
     force: bool,
     progress: ProgressCallback | None,
+    model_class: str = "auto",
 ) -> PruneResult:
     """``run_prune`` of an HF directory: tensor by tensor (magnitude) or block by block, into a sharded checkpoint."""
     model_spec, folder = kind.spec, kind.path
@@ -206,7 +202,7 @@ def _run_prune_directory(
     check_output_directory(out, force=force, inputs=[folder])
     spec = model_spec if kind.prefix else f"hf:{model_spec}"
     source = source_ref(spec)
-    skeleton = build_skeleton(folder)
+    skeleton = build_skeleton(folder, model_class)
     if input_spec is None:
         input_spec = guess_input_spec(skeleton)
     batches = None
@@ -234,6 +230,7 @@ def _run_prune_directory(
             "include": list(include),
             "exclude": list(exclude),
             "keep_dense": keep_dense,
+            **({"model_class": model_class} if model_class != "auto" else {}),
             **(_calibration_args(calibration) if calibration is not None else {}),
         },
         force=force,
@@ -300,7 +297,9 @@ def _loading(spec: str, progress: ProgressCallback | None) -> None:
         progress(0, 0, f"loading {spec}")
 
 
-def _load_reporting(spec: str, arch: str | None, trust: bool, progress: ProgressCallback | None) -> LoadedModel:
+def _load_reporting(
+    spec: str, arch: str | None, trust: bool, progress: ProgressCallback | None, model_class: str = "auto"
+) -> LoadedModel:
     """:func:`nmcli.models.sources.load_model`, reported to ``progress`` as it starts."""
     _loading(spec, progress)
-    return load_model(spec, arch=arch, trust=trust)
+    return load_model(spec, arch=arch, trust=trust, model_class=model_class)

@@ -32,12 +32,12 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def build_skeleton(folder: Path) -> nn.Module:
-    """The architecture of an HF directory from its ``config.json``, parameters on the meta device, eval mode."""
+def build_skeleton(folder: Path, model_class: str = "auto") -> nn.Module:
+    """The architecture of an HF directory (the class ``--model-class`` picks), parameters on the meta device, eval mode."""
     from nmcli.models.sources import build_model
 
     with parameters_on_meta():
-        model, _ = build_model(f"hf:{folder}", pretrained=False)
+        model, _ = build_model(f"hf:{folder}", pretrained=False, model_class=model_class)
     return model.eval()
 
 

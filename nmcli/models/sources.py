@@ -49,6 +49,7 @@ from nmcli.formats.torchfiles import (
     traced_inputs,
 )
 from nmcli.inputs import InputSpec, parse_input_spec
+from nmcli.models.hfclass import choose_hf_class
 from nmcli.models.layers import first_linear_input
 from nmcli.usercode import import_factory, torch_quiet, user_code
 
@@ -194,7 +195,7 @@ def _check_hub_id(spec: str, ident: str) -> None:
         )
 
 
-def _from_hf(spec: str, pretrained: bool = True) -> nn.Module:
+def _from_hf(spec: str, pretrained: bool = True, model_class: str = "auto") -> nn.Module:
     try:
         import transformers
     except ImportError as exc:
@@ -209,7 +210,7 @@ def _from_hf(spec: str, pretrained: bool = True) -> nn.Module:
         check_hf_directory(Path(ident))
     try:
         with user_code(spec):
-            return _hf_model(transformers, ident, pretrained)
+            return _hf_model(transformers, ident, pretrained, model_class)
     except SourceError:
         raise
     except Exception as exc:
@@ -221,12 +222,11 @@ def _from_hf(spec: str, pretrained: bool = True) -> nn.Module:
         ) from exc
 
 
-def _hf_model(transformers: Any, ident: str, pretrained: bool) -> nn.Module:
-    """The transformers model of ``ident``: the class from ``config.architectures``, else AutoModel."""
+def _hf_model(transformers: Any, ident: str, pretrained: bool, model_class: str = "auto") -> nn.Module:
+    """The transformers model of ``ident``: the class :func:`nmcli.models.hfclass.choose_hf_class` picks."""
     # trust_remote_code=False: a directory's auto_map names Python files in it; nmcli never runs them.
     config = transformers.AutoConfig.from_pretrained(ident, trust_remote_code=False)
-    archs = getattr(config, "architectures", None) or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
+    cls = choose_hf_class(transformers, ident, config, model_class)
     if pretrained:
         return cls.from_pretrained(ident, trust_remote_code=False)
     return cls.from_config(config) if cls is transformers.AutoModel else cls(config)
@@ -328,8 +328,13 @@ def _no_architecture(spec: str) -> NoArchitectureError:
     )
 
 
-def build_model(spec: str, *, trust: bool = False, pretrained: bool = True) -> tuple[nn.Module, str]:
+def build_model(
+    spec: str, *, trust: bool = False, pretrained: bool = True, model_class: str = "auto"
+) -> tuple[nn.Module, str]:
     """Build the model that ``spec`` names, with its own weights: ``(module, kind)``.
+
+    ``model_class`` (``--model-class``) picks the transformers class of an ``hf:`` source
+    (:mod:`nmcli.models.hfclass`).
 
     Plain state dicts are not models: they raise :class:`SourceError` asking for ``--arch``.
     ``pretrained=False`` skips weight downloads where the source allows (hf, torchvision), for
@@ -341,7 +346,7 @@ def build_model(spec: str, *, trust: bool = False, pretrained: bool = True) -> t
     if kind.prefix == "py:":
         return _from_py(spec), "py"
     if kind.prefix == "hf:":
-        return _from_hf(spec, pretrained), "hf"
+        return _from_hf(spec, pretrained, model_class), "hf"
     if kind.prefix == "torchvision:":
         return _from_torchvision(spec, pretrained), "torchvision"
     if kind.prefix == "timm:":
@@ -658,7 +663,7 @@ def exported_input_spec(model: nn.Module) -> InputSpec | None:
         return None
 
 
-def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
+def load_model(spec: str, *, arch: str | None = None, trust: bool = False, model_class: str = "auto") -> LoadedModel:
     """Load any MODEL form, with ``--arch`` for plain state dicts (or to override a checkpoint's source).
 
     ``spec`` and ``arch`` are the caller's own choice (the command line); an nmcli checkpoint's
@@ -670,10 +675,10 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False) -> Lo
         CheckpointError: an nmcli checkpoint that fails validation.
         BackendUnavailableError: the package behind ``hf:``/``torchvision:``/``timm:`` is missing.
     """
-    return _load_model(spec, arch, trust, trust)
+    return _load_model(spec, arch, trust, trust, model_class)
 
 
-def _load_model(spec: str, arch: str | None, trust: bool, arch_trust: bool) -> LoadedModel:
+def _load_model(spec: str, arch: str | None, trust: bool, arch_trust: bool, model_class: str = "auto") -> LoadedModel:
     """:func:`load_model`, with ``trust`` for unpickling ``spec`` and ``arch_trust`` for building ``arch``
     (and for a checkpoint's recorded source when there is no ``arch``)."""
     kind = classify(spec)
@@ -692,7 +697,7 @@ def _load_model(spec: str, arch: str | None, trust: bool, arch_trust: bool) -> L
                 return LoadedModel(model, ckpt.meta.source, "checkpoint", name, path, ckpt, input_spec)
             if not arch:
                 raise _no_architecture(spec)
-            model, _ = build_model(normalize_spec(arch), trust=arch_trust, pretrained=False)
+            model, _ = build_model(normalize_spec(arch), trust=arch_trust, pretrained=False, model_class=model_class)
             try:  # one tensor at a time: peak memory stays near one copy of the model
                 load_weights(model, _LazyState(reader), spec)
             except NmcliError:
@@ -708,7 +713,7 @@ def _load_model(spec: str, arch: str | None, trust: bool, arch_trust: bool) -> L
             load_weights(model, obj, spec)
             ref = SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path), arch=normalize_spec(arch))
             return LoadedModel(eval_mode(model), ref, "state_dict", name, path, None, guess_input_spec(model))
-    model, built = build_model(normalize_spec(spec), trust=trust)
+    model, built = build_model(normalize_spec(spec), trust=trust, model_class=model_class)
     ref = source_ref(spec)
     input_spec = traced_input_spec(path) if built == "torchscript" and path is not None else None
     return LoadedModel(eval_mode(model), ref, built, name, path, None, input_spec or guess_input_spec(model))

@@ -13,13 +13,20 @@ from torch import nn
 from nmcli.algorithms.config import CalibrationConfig, LayerOutcome
 from nmcli.algorithms.solve import solve_layer
 from nmcli.algorithms.statistics import Collector
+from nmcli.algorithms.threads import torch_threads
 from nmcli.errors import DataError, InputError
 from nmcli.memory import map_large_allocations, trim_heap
 from nmcli.models.batchnorm import has_batchnorm, model_call_kwargs, recalibrate_batchnorm
 from nmcli.models.data import Batch, check_batch_fits, load_data
 from nmcli.models.layers import LayerCandidate
 from nmcli.nm.pattern import Pattern
+from nmcli.pipelines.chaining import Slot, chain_slot, get_slot, observe_calls, primary_output, set_slot
 from nmcli.progress import ProgressCallback
+
+# How a calibrated prune traversed the model (``PruneResult.calibration_path``, ``--json``).
+PATH_BLOCKS = "blocks"  # chained blocks: each block's inputs are the previous pruned block's outputs
+PATH_STAGES = "stages"  # stages whose inputs are captured on the partly pruned model
+PATH_DENSE = "dense"  # every layer's statistics from one dense forward (no error propagation)
 
 
 @dataclass
@@ -29,6 +36,7 @@ class OneShotResult:
     outcomes: dict[str, LayerOutcome] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     bn_recalibrated: bool = False
+    path: str = ""
 
 
 class BlockIO(Protocol):
@@ -180,21 +188,9 @@ def _capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[
     return captured
 
 
-def _primary_output(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    value = getattr(out, "last_hidden_state", None)
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _next_input(inp: _BlockInput, hidden: torch.Tensor) -> _BlockInput:
-    if inp.args:
-        return _BlockInput((hidden, *inp.args[1:]), inp.kwargs, inp.token_mask)
-    kwargs = dict(inp.kwargs)
-    kwargs["hidden_states"] = hidden
-    return _BlockInput((), kwargs, inp.token_mask)
+def _next_input(inp: _BlockInput, hidden: torch.Tensor, slot: Slot) -> _BlockInput:
+    args, kwargs = set_slot(inp.args, inp.kwargs, slot, hidden)
+    return _BlockInput(args, kwargs, inp.token_mask)
 
 
 class _Pruner:
@@ -212,6 +208,11 @@ class _Pruner:
         self.model, self.pattern, self.method, self.cfg = model, pattern, method, cfg
         self.total, self.progress = total, progress
         self.result = OneShotResult()
+
+    def stage(self, label: str) -> None:
+        """Report the start of a block or stage (``label``) through the progress callback."""
+        if self.progress is not None:
+            self.progress(len(self.result.outcomes), self.total, label)
 
     def prune(self, layers: Sequence[LayerCandidate], collector: Collector) -> None:
         for cand in layers:
@@ -267,8 +268,9 @@ def prune_calibrated(
         map_large_allocations()
     moved = [b.to(device) for b in batches]
     pruner = _Pruner(model, pattern, method, cfg, len(layers), progress)
+    # one CPU thread: the same activations, statistics and solves, to the bit, whatever the thread count
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
             blocks = find_blocks(model, layers)
             if moved:  # streamed blocks are on the meta device: run only as far as the first one
                 streamed = blocks is not None and block_io is not None
@@ -278,20 +280,28 @@ def prune_calibrated(
                 )
             done: set[str] = set()
             outputs: list[Any] | None = [] if block_io is not None else None
-            if blocks is not None and _prune_blocks(model, blocks[1], layers, moved, pruner, done, block_io, outputs):
+            slot = _block_slot(model, blocks[1], moved, block_io) if blocks is not None and moved else None
+            if blocks is not None and slot is not None:
+                _prune_blocks(model, blocks[1], layers, moved, pruner, done, slot, block_io, outputs)
+                pruner.result.path = PATH_BLOCKS
                 pruner.result.notes.append(
                     f"{method}: calibrated block by block over the {len(blocks[1])} blocks of {blocks[0]}, "
                     f"each block's inputs produced by the pruned blocks before it"
                 )
             elif block_io is not None:
                 raise InputError(
-                    "the model has no repeated blocks whose inputs can be captured and chained, so it cannot be "
-                    "calibrated block by block from its shards: load it whole (give -o FILE.safetensors)"
+                    "the model's repeated blocks do not pass their hidden states from one to the next, so it cannot "
+                    "be calibrated block by block from its shards: load it whole (give -o FILE.safetensors)"
+                )
+            elif blocks is not None and moved:
+                pruner.result.notes.append(
+                    f"{method}: the blocks of {blocks[0]} do not chain (the model computes something between them, "
+                    "skips across them or calls them out of order)"
                 )
             rest = [cand for cand in layers if cand.param not in done]
             if rest and block_io is not None and blocks is not None and outputs is not None:
                 with _replaying(model, blocks[0], outputs, moved):
-                    _prune_stages(model, rest, moved, pruner, done, cfg)
+                    _prune_stages(model, rest, moved, pruner, done, cfg, capture=False)
             elif rest:
                 _prune_stages(model, rest, moved, pruner, done, cfg)
             if block_io is None and cfg.bn_recalibrate and has_batchnorm(model):
@@ -359,46 +369,30 @@ def _prune_blocks(
     batches: Sequence[Batch],
     pruner: _Pruner,
     done: set[str],
+    slot: Slot,
     block_io: BlockIO | None = None,
     outputs: list[Any] | None = None,
-) -> bool:
-    """Block-by-block pruning; False (nothing pruned) when the blocks cannot be chained.
+) -> None:
+    """Block-by-block pruning of chained blocks (each takes the previous one's hidden states at ``slot``).
 
     With ``block_io`` each block is loaded before and written and freed after it is pruned;
     ``outputs``, when given, receives the last block's outputs on every batch.
     """
     modules = dict(model.named_modules())
     inputs = _capture_block_inputs(model, modules[block_names[0]], batches)
-    if len(inputs) != len(batches):
-        return False
-    for name in block_names:
+    for index, name in enumerate(block_names):
         block = modules[name]
         if block_io is not None:
             block_io.load(name)
-        in_block = [cand for cand in layers if _inside(cand.module, name)]
-        for group in _sequential_groups(model, block, in_block, inputs[0]):
-            collector = Collector(model, group)
-            try:
-                for inp in inputs:
-                    collector.token_mask = inp.token_mask
-                    block(*inp.args, **inp.kwargs)
-            finally:
-                collector.remove()
-            pruner.prune(group, collector)
-            done.update(cand.param for cand in group)
-            del collector
-            trim_heap()
+        pruner.stage(f"block {index + 1}/{len(block_names)} {name}")
+        _prune_in_module(model, block, [cand for cand in layers if _inside(cand.module, name)], inputs, pruner, done)
         next_inputs = []
         for inp in inputs:
             out = block(*inp.args, **inp.kwargs)
-            hidden = _primary_output(out)
-            first = inp.args[0] if inp.args else inp.kwargs.get("hidden_states")
-            if hidden is None or not isinstance(first, torch.Tensor) or hidden.shape != first.shape:
-                raise InputError(
-                    f"block {name} does not return its hidden states in the shape it takes them: "
-                    "report this model to nmcli"
-                )
-            next_inputs.append(_next_input(inp, hidden))
+            hidden = primary_output(out)
+            if hidden is None:
+                raise InputError(f"block {name} returned no tensor on a calibration batch: report this model to nmcli")
+            next_inputs.append(_next_input(inp, hidden, slot))
             if outputs is not None and name == block_names[-1]:
                 outputs.append(out)
             del out
@@ -406,7 +400,49 @@ def _prune_blocks(
             block_io.done(name, pruner.result.outcomes)
         inputs = next_inputs
         trim_heap()
-    return True
+
+
+def _prune_in_module(
+    model: nn.Module,
+    module: nn.Module,
+    layers: Sequence[LayerCandidate],
+    inputs: Sequence[_BlockInput],
+    pruner: _Pruner,
+    done: set[str],
+) -> None:
+    """Prune the ``layers`` inside ``module`` group by group, running only ``module`` on its captured ``inputs``."""
+    for group in _sequential_groups(model, module, layers, inputs[0]):
+        collector = Collector(model, group)
+        try:
+            for inp in inputs:
+                collector.token_mask = inp.token_mask
+                module(*inp.args, **inp.kwargs)
+        finally:
+            collector.remove()
+        pruner.prune(group, collector)
+        done.update(cand.param for cand in group)
+        del collector
+        trim_heap()
+
+
+def _block_slot(
+    model: nn.Module, block_names: list[str], batches: Sequence[Batch], block_io: BlockIO | None
+) -> Slot | None:
+    """Where the blocks take the previous block's hidden states, or None when they do not chain.
+
+    In memory this is observed on the first batch (:mod:`nmcli.pipelines.chaining`). Streamed
+    blocks are on the meta device and cannot run ahead: their hidden states are taken to be the
+    first argument (or ``hidden_states``) of block 0, as in every transformers decoder.
+    """
+    if block_io is None:
+        extra = model_call_kwargs(model)
+        order, calls = observe_calls(model, block_names, lambda: model(*batches[0].args, **batches[0].kwargs, **extra))
+        return chain_slot(order, calls, block_names)
+    first = _capture_block_inputs(model, model.get_submodule(block_names[0]), batches[:1])
+    if not first:
+        return None
+    slot: Slot = ("arg", 0) if first[0].args else ("kwarg", "hidden_states")
+    return slot if isinstance(get_slot(first[0].args, first[0].kwargs, slot), torch.Tensor) else None
 
 
 def _sequential_groups(
@@ -425,7 +461,7 @@ def _sequential_groups(
 
         def hook(mod: nn.Module, args: tuple[Any, ...], name: str = module_name) -> None:
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            key = (x.data_ptr(), tuple(x.shape)) if x is not None else None
+            key = x  # the tensor itself, held: an address freed and reused would group unrelated inputs
             if all(name != done for done, _ in seen):
                 seen.append((name, key))
 
@@ -439,7 +475,7 @@ def _sequential_groups(
     keys: list[Any] = []
     for module_name, key in seen:
         members = [cand for cand in layers if cand.module == module_name]
-        if key is not None and keys and keys[-1] == key:
+        if key is not None and keys and keys[-1] is key:
             groups[-1].extend(members)
         else:
             groups.append(members)
@@ -456,38 +492,92 @@ def _prune_stages(
     pruner: _Pruner,
     done: set[str],
     cfg: CalibrationConfig,
+    *,
+    capture: bool = True,
 ) -> None:
-    """Stage by stage: one pass of the whole (partly pruned) model per stage, in execution order."""
-    stages = _execution_order(model, find_stages(model, layers), batches[0])
+    """Stage by stage, in execution order, each stage's statistics taken on the partly pruned model.
+
+    A stage the model calls once per pass has its inputs captured by running the model up to it
+    (``capture``), and only the stage then runs, group by group; any other stage takes one pass of
+    the whole model. Should a pass of the partly pruned model fail, the remaining layers get their
+    statistics from one forward of the model as it is (:func:`_prune_dense`).
+    """
+    order, calls = _execution_order(model, find_stages(model, layers), batches[0])
     extra = model_call_kwargs(model)
     recalibrate = cfg.bn_recalibrate and has_batchnorm(model)
-    for stage in stages:
+    ran = 0
+    for index, stage in enumerate(order):
         in_stage = [cand for cand in layers if _inside(cand.module, stage) and cand.param not in done]
         if not in_stage:
             continue
-        collector = Collector(model, in_stage)
+        pruner.stage(f"stage {index + 1}/{len(order)} {stage or 'model'}")
+        module = model.get_submodule(stage)
+        inputs = _capture_block_inputs(model, module, batches) if capture and stage and calls.get(stage) == 1 else []
         try:
-            for batch in batches:
-                _run(model, batch, collector, extra)
-        finally:
-            collector.remove()
-        pruner.prune(in_stage, collector)
-        done.update(cand.param for cand in in_stage)
+            if inputs and len(inputs) == len(batches):
+                _prune_in_module(model, module, in_stage, inputs, pruner, done)
+            else:
+                _prune_on_passes(model, in_stage, batches, pruner, done, extra)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            _prune_dense(model, [c for c in layers if c.param not in done], batches, pruner, done, extra, exc)
+            return
+        ran += 1
+        del inputs
         if recalibrate:
             recalibrate_batchnorm(model, batches)
-    if pruner.result.notes:
-        pruner.result.notes.append(f"{len(layers)} layer(s) outside the blocks pruned on passes of the whole model")
-    else:
+    if not pruner.result.path:
+        pruner.result.path = PATH_STAGES
         pruner.result.notes.append(
-            f"{pruner.method}: no repeated blocks found: calibrated stage by stage ({len(stages)} stages, "
-            "one pass of the whole partly pruned model each)"
+            f"{pruner.method}: calibrated stage by stage ({ran} stages, each stage's inputs produced by the "
+            "partly pruned model)"
         )
+    else:
+        pruner.result.notes.append(f"{len(layers)} layer(s) outside the blocks pruned on passes of the whole model")
 
 
-def _execution_order(model: nn.Module, stages: list[str], batch: Batch) -> list[str]:
-    """``stages`` sorted by when they first run on ``batch`` (stages that never run keep their place, last)."""
+def _prune_on_passes(
+    model: nn.Module,
+    layers: Sequence[LayerCandidate],
+    batches: Sequence[Batch],
+    pruner: _Pruner,
+    done: set[str],
+    extra: dict[str, Any],
+) -> None:
+    collector = Collector(model, layers)
+    try:
+        for batch in batches:
+            _run(model, batch, collector, extra)
+    finally:
+        collector.remove()
+    pruner.prune(layers, collector)
+    done.update(cand.param for cand in layers)
+
+
+def _prune_dense(
+    model: nn.Module,
+    layers: Sequence[LayerCandidate],
+    batches: Sequence[Batch],
+    pruner: _Pruner,
+    done: set[str],
+    extra: dict[str, Any],
+    cause: Exception,
+) -> None:
+    """The last resort: every remaining layer's statistics from one forward, no error propagation."""
+    pruner.stage("all layers, one forward")
+    _prune_on_passes(model, layers, batches, pruner, done, extra)
+    pruner.result.path = PATH_DENSE
+    pruner.result.notes.append(
+        f"{pruner.method}: a pass of the partly pruned model failed ({type(cause).__name__}), so {len(layers)} "
+        "layer(s) took their statistics from one forward of the model, without error propagation"
+    )
+
+
+def _execution_order(model: nn.Module, stages: list[str], batch: Batch) -> tuple[list[str], dict[str, int]]:
+    """``stages`` sorted by when they first run on ``batch`` (stages that never run keep their place, last),
+    and how many times each ran."""
     modules = dict(model.named_modules())
     first_seen: dict[str, int] = {}
+    calls: dict[str, int] = {}
     handles = []
     for stage in stages:
         if stage == "":
@@ -495,6 +585,7 @@ def _execution_order(model: nn.Module, stages: list[str], batch: Batch) -> list[
 
         def hook(mod: nn.Module, args: Any, name: str = stage) -> None:
             first_seen.setdefault(name, len(first_seen))
+            calls[name] = calls.get(name, 0) + 1
 
         handles.append(modules[stage].register_forward_pre_hook(hook))
     try:
@@ -502,4 +593,4 @@ def _execution_order(model: nn.Module, stages: list[str], batch: Batch) -> list[
     finally:
         for handle in handles:
             handle.remove()
-    return sorted(stages, key=lambda s: (s not in first_seen, first_seen.get(s, 0)))
+    return sorted(stages, key=lambda s: (s not in first_seen, first_seen.get(s, 0))), calls

@@ -78,6 +78,7 @@ class PruneResult:
     notes: list[str] = field(default_factory=list)
     bn_recalibrated: bool = False
     calib_samples: int = 0
+    calibration_path: str = ""  # blocks, stages or dense (nmcli.pipelines.blocks); empty without calibration
 
     @property
     def sparsity(self) -> float:
@@ -89,6 +90,7 @@ class PruneResult:
             "pattern": str(self.pattern),
             "method": self.method,
             "calib_samples": self.calib_samples,
+            "calibration_path": self.calibration_path or None,
             "bn_recalibrated": self.bn_recalibrated,
             "params_total": self.params_total,
             "params_pruned": self.params_pruned,
@@ -163,26 +165,28 @@ def prune_model(
     if batches is not None:
         if not inplace:
             model = copy.deepcopy(model)
-        state, outcomes, notes, bn_done = _prune_with_data(
+        state, outcomes, notes, bn_done, path = _prune_with_data(
             model, eligible, pattern, method, batches, cfg, start, progress, keep_dense
         )
     else:
         state = {k: v.detach() for k, v in model.state_dict().items()}
         if start is not None:
             state.update(start.dense)
-        outcomes, notes, bn_done = {}, [], False
+        outcomes, notes, bn_done, path = {}, [], False, ""
         if has_batchnorm(model):
             notes.append(
                 "the model has BatchNorm and its running statistics were not re-estimated after pruning "
                 "(one-shot N:M can collapse such a model in eval mode): pass --calib SPEC to re-estimate them"
             )
     params_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return _assemble(
+    result = _assemble(
         state, candidates, outcomes, pattern, params_total=params_total, source=source, method=method,
         keep_dense=keep_dense, inplace=inplace, start=start, input_spec=input_spec, history_args=history_args,
         progress=progress, notes=notes, bn_done=bn_done, samples=sum(b.size for b in batches) if batches else 0,
         calibrated=batches is not None,
     )  # fmt: skip
+    result.calibration_path = path
+    return result
 
 
 def prune_state_dict(
@@ -309,8 +313,8 @@ def _prune_with_data(
     start: Checkpoint | None,
     progress: ProgressCallback | None,
     keep_dense: bool,
-) -> tuple[dict[str, torch.Tensor], dict[str, _CalibratedLayer], list[str], bool]:
-    """Run a calibrated prune on ``model`` (modified in place); returns its state, outcomes, notes and BN flag."""
+) -> tuple[dict[str, torch.Tensor], dict[str, _CalibratedLayer], list[str], bool, str]:
+    """Run a calibrated prune on ``model`` (modified in place): its state, outcomes, notes, BN flag and path."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         if start is not None:  # prune the stored dense weights, not the effective ones
@@ -326,4 +330,4 @@ def _prune_with_data(
         name: _CalibratedLayer(o.mask, originals.get(name), o.weight, l1_before[name], o.recon_error, o.note)
         for name, o in result.outcomes.items()
     }
-    return state, outcomes, result.notes, result.bn_recalibrated
+    return state, outcomes, result.notes, result.bn_recalibrated, result.path

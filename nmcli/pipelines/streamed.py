@@ -180,6 +180,7 @@ def prune_directory(
             sidecar.close()
     ckpt = Checkpoint(tensors={}, masks={}, meta=meta)
     result = PruneResult(ckpt, pattern, method, reports, params_total, pruned, out, notes, False, samples)
+    result.calibration_path = "blocks" if batches is not None else ""  # the streamed prune only chains blocks
     return result
 
 

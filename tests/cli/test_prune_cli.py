@@ -122,7 +122,7 @@ def test_json_is_exactly_one_object_on_stdout(workdir: Path) -> None:
     assert result.stdout.count("\n") == 1
     report = json.loads(result.stdout)
     assert set(report) == {
-        "output", "pattern", "method", "calib_samples", "bn_recalibrated", "params_total", "params_pruned",
+        "output", "pattern", "method", "calib_samples", "calibration_path", "bn_recalibrated", "params_total", "params_pruned",
         "sparsity", "notes", "layers",
     }  # fmt: skip
     assert set(report["layers"][0]) == {

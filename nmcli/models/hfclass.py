@@ -1,0 +1,121 @@
+"""Which transformers class to build for an ``hf:`` source: the model the files hold, never a random head.
+
+``config.json``'s ``architectures`` may name a class whose weights the files do not hold (a
+sentence-transformers folder names ``MPNetForMaskedLM`` but stores only the encoder): transformers
+would initialise the missing head randomly and nmcli would prune and save it. ``--model-class``:
+
+- ``auto`` (default): the ``architectures`` class when the files hold all its weights; else (and
+  always for a sentence-transformers folder, which has ``modules.json``) the base model
+  (``AutoModel``) when every stored tensor fits it; else exit 2 naming the missing weights.
+- ``base``: ``AutoModel``; ``CLASS``: that transformers class. Either must find all its weights.
+
+Folders without safetensors weights (and hub ids not yet downloaded) are not checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nmcli.errors import SourceError
+from nmcli.formats.safetensors import read_header
+from nmcli.formats.sharded import weight_files
+
+AUTO, BASE = "auto", "base"
+_FIX = "give --model-class base, or --model-class CLASS naming a class whose weights the files hold"
+
+
+def stored_keys(ident: str) -> set[str] | None:
+    """The tensor names of a local HF directory's safetensors files, or None when there are none to read."""
+    folder = Path(ident)
+    if not folder.is_dir():
+        return None
+    files = weight_files(folder)
+    if files is None:
+        return None
+    return {info.name for f in files for info in read_header(folder / f, f).tensors}
+
+
+def _meta_model(transformers: Any, cls: Any, config: Any) -> nn.Module:
+    with torch.device("meta"):
+        if cls is transformers.AutoModel:
+            return transformers.AutoModel.from_config(config, trust_remote_code=False)
+        return cls(config)
+
+
+def _fit(model: nn.Module, stored: set[str]) -> tuple[list[str], list[str]]:
+    """``(missing, unexpected)``: the model's weights the files lack (a tied group counts once) and the
+    stored tensors the model has no place for; ``base_model_prefix`` matches either way."""
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+
+    def forms(name: str) -> list[str]:
+        short = name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
+        return [short, f"{prefix}.{short}"] if prefix else [name]
+
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    persistent = set(model.state_dict())
+    for name, buf in model.named_buffers(remove_duplicate=False):
+        if name in persistent:
+            groups.setdefault(id(buf), []).append(name)
+    tied = _tied_names(model)
+    missing = []
+    placed: set[str] = set()
+    for names in groups.values():
+        found = [key for name in names for key in forms(name) if key in stored]
+        placed.update(found)
+        if not found and not all(name in tied for name in names):
+            missing.append(names[0])
+    return sorted(missing), sorted(stored - placed)
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Parameter names transformers ties to another weight when loading (``_tied_weights_keys``), all modules."""
+    tied: set[str] = set()
+    for module_name, module in model.named_modules():
+        keys = getattr(module, "_tied_weights_keys", None) or ()
+        for key in keys:
+            tied.add(f"{module_name}.{key}" if module_name else str(key))
+    return tied
+
+
+def choose_hf_class(transformers: Any, ident: str, config: Any, model_class: str = AUTO) -> Any:
+    """The transformers class to build for ``ident`` (``AutoModel`` for the base model).
+
+    Raises:
+        SourceError: ``model_class`` names no transformers class, or the chosen class needs weights
+            the files do not hold (exit 2, naming them and ``--model-class``).
+    """
+    archs = getattr(config, "architectures", None) or []
+    named = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+    sentence = (Path(ident) / "modules.json").is_file()
+    if model_class == BASE:
+        choices = [transformers.AutoModel]
+    elif model_class == AUTO:
+        choices = [transformers.AutoModel] if sentence or named is None else [named, transformers.AutoModel]
+    else:
+        cls = getattr(transformers, model_class, None)
+        if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+            raise SourceError(
+                f"--model-class {model_class} is not a transformers model class: give auto, base or a class such as BertModel"
+            )
+        choices = [cls]
+    stored = stored_keys(ident)
+    if stored is None:
+        return choices[0]
+    first_missing: list[str] = []
+    for i, cls in enumerate(choices):
+        missing, unexpected = _fit(_meta_model(transformers, cls, config), stored)
+        if not missing and not (i > 0 and unexpected):  # the base model as a fallback must take every tensor
+            return cls
+        first_missing = first_missing or missing or unexpected
+    what = getattr(choices[0], "__name__", str(choices[0]))
+    shown = ", ".join(first_missing[:4]) + (f" and {len(first_missing) - 4} more" if len(first_missing) > 4 else "")
+    raise SourceError(
+        f"{ident}: {what} needs weights the files do not hold ({shown}); building it would prune their random "
+        f"initialisation: {_FIX}"
+    )
