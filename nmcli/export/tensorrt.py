@@ -58,22 +58,19 @@ _PICKED = "TRT inference plan picked sparse implementation for layers:"
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]*)\]")
 _FOREIGN_NODE = re.compile(r"\{ForeignNode\[(.*)\]\}")
 _MYELIN_OP = re.compile(r"_myl\d+_\d+$")
-INT8_REFUSED = (
-    "--precision int8 needs calibration data, which nmcli export does not take: TensorRT would fall back to "
-    "FP16 (no dynamic ranges), so the engine would not be INT8. Use --precision fp16 (2:4 sparse kernels run "
-    "in FP16), or quantize the ONNX to Q/DQ (onnxruntime.quantization.quantize_static or TensorRT Model "
-    "Optimizer) and build it with trtexec --onnx=MODEL_QDQ.onnx --int8 --sparsity=enable"
-)
 
 
 def check_trt_precision(precision: str) -> None:
-    """Refuse precisions nmcli cannot build honestly (int8 without calibration data).
+    """Refuse precisions nmcli cannot build an engine for.
+
+    INT8 and FP8 are built only from a Q/DQ ONNX (``nmcli export --precision int8 --calib``), never
+    with TensorRT's implicit INT8 calibrator.
 
     Raises:
-        InputError: ``int8``.
+        InputError: an unknown precision.
     """
-    if precision == "int8":
-        raise InputError(INT8_REFUSED)
+    if precision not in ("fp32", "fp16", "bf16", "int8", "fp8"):
+        raise InputError(f"unknown precision {precision!r}: use fp32, fp16, bf16, int8 or fp8")
 
 
 @dataclass(frozen=True)
