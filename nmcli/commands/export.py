@@ -530,7 +530,7 @@ def _engine(
 def trtexec_variants(command: str) -> Sequence[str]:
     """The trtexec line for TensorRT 8-10, and its TensorRT 11 form (strongly typed, no precision flags)."""
     parts = command.split(" ")
-    strongly = [p for p in parts if p not in ("--fp16", "--bf16", "--int8")]
+    strongly = [p for p in parts if p not in ("--fp16", "--bf16", "--int8", "--fp8")]
     if "--stronglyTyped" not in strongly:
         strongly.append("--stronglyTyped")
     return [command, " ".join(strongly)]

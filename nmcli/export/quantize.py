@@ -210,14 +210,19 @@ def quantization_plan(model: Any) -> tuple[list[str], list[str]]:
 
 
 @contextmanager
-def _quiet_root_logger() -> Iterator[None]:
+def _quiet_quantizer() -> Iterator[None]:
+    """onnxruntime.quantization warns through the root logger and its calibrators print to stdout:
+    neither may reach nmcli's stdout (``--json``) or clutter stderr."""
+    import io
     import logging
+    from contextlib import redirect_stdout
 
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        yield
+        with redirect_stdout(io.StringIO()):
+            yield
     finally:
         root.setLevel(level)
 
@@ -238,7 +243,7 @@ def _reader(feeds: Sequence[Mapping[str, np.ndarray]]) -> Any:
     """An onnxruntime ``CalibrationDataReader`` over ``feeds`` (one graph-input dict per run)."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    class _Feeds(CalibrationDataReader):  # type: ignore[misc]
+    class _Feeds(CalibrationDataReader):
         def __init__(self) -> None:
             self.items = iter(feeds)
 
@@ -300,7 +305,7 @@ def quantize_onnx(
     out_path = Path(out)
     with tempfile.TemporaryDirectory(prefix=".nmcli-qdq-", dir=out_path.parent) as stage:
         staged = Path(stage) / "qdq.onnx"
-        with _quiet_root_logger():  # onnxruntime.quantization warns through the root logger
+        with _quiet_quantizer():
             quantize_static(
                 str(float_path),
                 str(staged),
