@@ -24,6 +24,7 @@ from nmcli.formats.onnx_layout import (
     find_weights,
     initializer_tensor,
     load_onnx,
+    stored_quantization,
     stored_input_spec,  # the spec nmcli export recorded in metadata_props
     weight_compliance,
 )
@@ -244,12 +245,19 @@ def plan(request: PlanRequest) -> BenchPlan:
         )
     if precision is not None:
         notes.append(f"--precision {precision} was ignored: an ONNX file runs in the precision it was exported with")
+    quantized = [stored_quantization(p) for p in paths]
+    label = f"{quantized[0]} (Q/DQ)" if quantized[0] else "as exported"
+    if len(paths) == 2 and quantized[0] != quantized[1]:
+        notes.append(
+            f"the files differ in precision ({quantized[0] or 'float'} vs {quantized[1] or 'float'}): "
+            "the comparison measures quantization as well as sparsity"
+        )
     if dev.startswith("cuda"):
         notes.append("latency is wall time around session.run, including host/device copies of inputs and outputs")
     return BenchPlan(
         "onnxruntime",
         dev,
-        "as exported",
+        label,
         str(spec),
         variants,
         sizes,

@@ -39,6 +39,7 @@ import numpy as np
 
 from nmcli.errors import CheckFailedError, InputError
 from nmcli.formats.onnx_layout import (
+    QUANTIZATION_KEY,
     WeightMatch,
     find_weights,
     initializer_tensor,
@@ -52,7 +53,6 @@ from nmcli.nm.pattern import Pattern
 QUANT_PRECISIONS = ("int8", "fp8")
 CALIB_METHODS = ("max", "percentile", "entropy")
 DEFAULT_CALIB_METHOD = "max"
-QUANT_KEY = "nmcli.quantization"  # metadata_props key: precision and calibration of a Q/DQ export
 _WEIGHTED = ("Conv", "Gemm", "MatMul")
 _QUANTIZED_TYPES = {3: "int8", 17: "float8e4m3fn"}  # TensorProto INT8, FLOAT8E4M3FN
 
@@ -384,7 +384,7 @@ def _carry_metadata(
     ]
     if moved:
         set_sparse_layers(model, moved, patterns)
-    set_metadata_prop(model, QUANT_KEY, json.dumps({"precision": precision, "calib_method": method}))
+    set_metadata_prop(model, QUANTIZATION_KEY, json.dumps({"precision": precision, "calib_method": method}))
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -413,9 +413,10 @@ def compare_outputs(
     if not feeds:
         return QuantCheck(skipped="no held-out calibration examples (give more --calib-samples)")
     reference = _session(float_model)
+    expected = [reference.run(None, dict(f))[0] for f in feeds]
     try:
         quantized = _session(qdq_model)
-        runs = [(reference.run(None, dict(f))[0], quantized.run(None, dict(f))[0]) for f in feeds]
+        runs = [(ref, quantized.run(None, dict(f))[0]) for ref, f in zip(expected, feeds, strict=True)]
     except Exception as exc:  # noqa: BLE001 - onnxruntime without the kernels for this precision
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return QuantCheck(skipped=f"onnxruntime cannot run this Q/DQ model on this CPU ({first[:200]})")

@@ -258,6 +258,21 @@ def stored_input_spec(path: str | os.PathLike[str]) -> str | None:
     return next((p.value for p in model.metadata_props if p.key == INPUT_SPEC_KEY), None)
 
 
+QUANTIZATION_KEY = "nmcli.quantization"  # metadata_props key: precision and calibration of a Q/DQ export
+
+
+def stored_quantization(path: str | os.PathLike[str]) -> str | None:
+    """The precision (``int8``, ``fp8``) of a Q/DQ ONNX ``nmcli export`` wrote, or None (graph only read)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        value = next((p.value for p in model.metadata_props if p.key == QUANTIZATION_KEY), None)
+        return str(json.loads(value)["precision"]) if value else None
+    except Exception:  # noqa: BLE001 - an unreadable file or record is reported by whoever opens it for real
+        return None
+
+
 _FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 

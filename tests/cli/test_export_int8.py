@@ -153,3 +153,30 @@ def test_int8_trt_without_tensorrt_is_exit_3_with_the_trtexec_line(mlp: tuple[Pa
     assert result.exit_code == 3, result.output
     assert "--int8" in result.stderr and "--sparsity=enable" in result.stderr and "--stronglyTyped" in result.stderr
     assert (tmp_path / "m-int8.onnx").exists()
+
+
+def test_bench_runs_the_int8_onnx_dense_vs_sparse(mlp: tuple[Path, Path], tmp_path: Path) -> None:
+    ckpt, data = mlp
+    sparse, dense = tmp_path / "sparse-int8.onnx", tmp_path / "dense-int8.onnx"
+    assert _export(str(ckpt), "--precision", "int8", "--calib", f"tensors:{data}", "-o", str(sparse))[0] == 0
+    code, _, _ = _export(
+        py_source("tiny_mlp"),
+        "--input-shape",
+        "1x64",
+        "--precision",
+        "int8",
+        "--calib",
+        f"tensors:{data}",
+        "-o",
+        str(dense),
+    )
+    assert code == 0
+    result = runner.invoke(
+        app, ["bench", str(sparse), "--vs", str(dense), "--backend", "onnxruntime", "--batch-size", "1",
+              "--iters", "5", "--warmup", "1", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["precision"] == "int8 (Q/DQ)"
+    assert [v["variant"] for v in payload["variants"]] == ["sparse", "dense"]
+    assert all(r["latency_ms"]["count"] == 5 for r in payload["results"])
