@@ -24,8 +24,8 @@ from nmcli.formats.onnx_layout import (
     find_weights,
     initializer_tensor,
     load_onnx,
-    stored_quantization,
     stored_input_spec,  # the spec nmcli export recorded in metadata_props
+    stored_quantization,
     weight_compliance,
 )
 from nmcli.inputs import InputSpec, example_inputs
