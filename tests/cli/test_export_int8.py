@@ -138,7 +138,10 @@ def test_fp8_export_checks_the_graph_and_reports_the_numerical_check(mlp: tuple[
     layers = payload["quantization"]["sparse_layers"]
     assert [layer["dtype"] for layer in layers] == ["float8e4m3fn"] * 3 and all(lay["compliant"] for lay in layers)
     agreement = payload["quantization"]["agreement"]
-    assert agreement["skipped"] or agreement["cosine"] is not None
+    # onnxruntime's CPU provider runs float8 Q/DQ (its extended fusions are off for the check: they are wrong
+    # for float8); an onnxruntime that cannot must say why the numerical check was skipped.
+    assert agreement["skipped"] or agreement["cosine"] > 0.98
+    assert any("basic graph optimizations" in note for note in payload["notes"])
     assert runner.invoke(app, ["inspect", str(out), "--strict"]).exit_code == 0
 
 
