@@ -15,8 +15,8 @@ explicit-quantization rules (TensorRT "Explicit Quantization" and "Working with 
 * **inputs of every weighted Conv/Gemm/MatMul** are quantized. That input quantizer is also the
   *output* quantizer of the GEMM before it: TensorRT fuses the pointwise ops between them (bias,
   ReLU, GELU) and the Q into the producer's epilogue, so consecutive GEMMs run INT8-in/INT8-out
-  and the sparse INT8 kernels are eligible. Where a GEMM's output meets a **residual Add** that
-  feeds on (a conv-net's skip connection), that Add is quantized too, so TensorRT can fuse the
+  and the sparse INT8 kernels are eligible. Where a GEMM's output meets a **residual Add** whose sum
+  feeds the next GEMM (a conv-net's skip connection), that Add is quantized too, so TensorRT can fuse the
   Add into the conv (the ResNet case of TensorRT's Q/DQ placement guide and ModelOpt's
   ``qdq_graph`` residual rule). Activation-by-activation MatMuls (attention scores), bias Adds and
   attention-mask Adds are left float: quantizing them costs accuracy and gives no sparse kernel.
@@ -185,7 +185,10 @@ def quantization_plan(model: Any) -> tuple[list[str], list[str]]:
     """``(quantize, exclude)``: node names of the Conv/Gemm/MatMul/Add nodes that get Q/DQ inputs, and the rest.
 
     Quantized: every Conv/Gemm/MatMul with a weight initializer, and every Add joining a weighted
-    op's output (directly or through its bias Add) with another activation (a residual join).
+    op's output (directly or through its bias Add) with another activation (a residual join) whose
+    sum feeds a weighted op (directly or through a ReLU). A transformer's residual Add feeds a
+    LayerNorm, which takes no INT8: quantizing it would cost accuracy (the residual stream's outliers)
+    for no INT8 kernel, so it stays float.
     """
     graph = model.graph
     weighted = {w.node for w in find_weights(model)}
@@ -198,6 +201,16 @@ def quantization_plan(model: Any) -> tuple[list[str], list[str]]:
             node = producers.get(next(i for i in node.input if i not in constants))
         return node is not None and node.name in weighted
 
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def feeds_weighted(node: Any) -> bool:  # directly or through one ReLU (the conv-net skip connection)
+        nexts = [c for out in node.output for c in consumers.get(out, [])]
+        nexts += [c for n in nexts if n.op_type == "Relu" for out in n.output for c in consumers.get(out, [])]
+        return any(c.name in weighted for c in nexts)
+
     quantize: list[str] = []
     exclude: list[str] = []
     for node in graph.node:
@@ -205,7 +218,7 @@ def quantization_plan(model: Any) -> tuple[list[str], list[str]]:
             (quantize if node.name in weighted else exclude).append(node.name)
         elif node.op_type == "Add":
             residual = not any(i in constants for i in node.input) and any(from_weighted(i) for i in node.input)
-            (quantize if residual else exclude).append(node.name)
+            (quantize if residual and feeds_weighted(node) else exclude).append(node.name)
     return quantize, exclude
 
 

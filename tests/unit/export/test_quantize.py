@@ -12,29 +12,35 @@ from nmcli.nm.pattern import parse_pattern
 
 
 def _residual_graph() -> onnx.ModelProto:
-    """x -> Conv(w) -> +bias -> Add(x) [residual] -> MatMul(a, a) [activation x activation]."""
+    """x -> Conv(w) -> +bias -> Add(x) [residual] -> Conv(w) -> MatMul(a, a) [activation x activation];
+    and the residual sum also goes to an Add with the output (a join feeding no weighted op)."""
     w = numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w")
+    w2 = numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w2")
     bias = numpy_helper.from_array(np.ones((1, 4, 1, 1), np.float32), "bias")
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
         helper.make_node("Add", ["c", "bias"], ["cb"], name="bias_add"),
         helper.make_node("Add", ["cb", "x"], ["r"], name="residual"),
-        helper.make_node("MatMul", ["r", "r"], ["y"], name="scores"),
+        helper.make_node("Conv", ["r", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Add", ["c2", "r"], ["s"], name="tail"),
+        helper.make_node("MatMul", ["s", "s"], ["y"], name="scores"),
     ]
     graph = helper.make_graph(
         nodes,
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
-        [w, bias],
+        [w, w2, bias],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_plan_quantizes_weighted_ops_and_residual_joins_only() -> None:
     quantize, exclude = quantization_plan(_residual_graph())
-    assert quantize == ["conv", "residual"]
-    assert exclude == ["bias_add", "scores"]  # bias Add and activation-by-activation MatMul stay float
+    assert quantize == ["conv", "residual", "conv2"]
+    # bias Add, a join whose sum feeds no weighted op (a transformer's Add before LayerNorm) and an
+    # activation-by-activation MatMul stay float
+    assert exclude == ["bias_add", "tail", "scores"]
 
 
 def _dq_model(data_type: int, values: np.ndarray) -> onnx.ModelProto:
