@@ -61,6 +61,7 @@ def minilm(work: Path, samples: int, method: str) -> list[str]:
     rows = []
     for how in dict.fromkeys([method, "percentile"]):
         rows.append(_minilm_int8(work, ckpt, text, samples, how, tokenizer, held_out, dense, c_sparse))
+        print(rows[-1], flush=True)
     return [*rows, f"MiniLM: {len(held_out)} held-out sentences; prune {seconds:.0f}s"]
 
 

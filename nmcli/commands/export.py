@@ -641,8 +641,8 @@ def graph_feeds(batches: Sequence[Any], spec: InputSpec, *, dynamic_batch: bool,
             if value is None:
                 raise InputError(f"{what} has no {tensor.name or 'input'} tensor, which the model takes")
             arrays[name] = value.detach().cpu().numpy().astype(str(tensor.dtype).removeprefix("torch."))
-        if dynamic_batch:
-            feeds.append(arrays)
+        if dynamic_batch:  # one example per feed: onnxruntime's histogram calibrators stack them
+            feeds += [{k: v[i : i + 1] for k, v in arrays.items()} for i in range(next(iter(arrays.values())).shape[0])]
             continue
         size = spec.batch_size
         for start in range(0, next(iter(arrays.values())).shape[0] - size + 1, size):
@@ -656,4 +656,19 @@ def graph_feeds(batches: Sequence[Any], spec: InputSpec, *, dynamic_batch: bool,
             feeds.append(part)
     if not feeds:
         raise InputError(f"{what} holds fewer examples than one batch of {spec.batch_size}: give more data")
+    return _padded(feeds) if dynamic_batch else feeds
+
+
+def _padded(feeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Integer inputs (token ids, masks) zero-padded to one shape: text batches are padded to their own
+    longest line, and onnxruntime's histogram calibrators stack every example of a tensor."""
+    import numpy as np
+
+    for name in feeds[0]:
+        shapes = {f[name].shape for f in feeds}
+        if len(shapes) == 1 or feeds[0][name].dtype.kind not in "iub":
+            continue
+        target = tuple(max(dims) for dims in zip(*shapes, strict=True))
+        for f in feeds:
+            f[name] = np.pad(f[name], [(0, t - d) for t, d in zip(target, f[name].shape, strict=True)])
     return feeds
