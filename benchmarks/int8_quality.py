@@ -59,7 +59,7 @@ def minilm(work: Path, samples: int, method: str) -> list[str]:
     seconds = time.perf_counter() - start
     c_sparse = float(torch.nn.functional.cosine_similarity(sparse, dense).mean())
     rows = []
-    for how in dict.fromkeys([method, "percentile"]):
+    for how in [method]:
         rows.append(_minilm_int8(work, ckpt, text, samples, how, tokenizer, held_out, dense, c_sparse))
         print(rows[-1], flush=True)
     return [*rows, f"MiniLM: {len(held_out)} held-out sentences; prune {seconds:.0f}s"]

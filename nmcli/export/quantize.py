@@ -240,6 +240,20 @@ def _quiet_quantizer() -> Iterator[None]:
         root.setLevel(level)
 
 
+@contextmanager
+def _calibrator_errors(method: str) -> Iterator[None]:
+    """A calibrator that fails on the data (onnxruntime's histograms refuse infinite values, such as
+    an attention mask's ``finfo.min`` path) is exit 2 with the method to use instead."""
+    try:
+        yield
+    except ValueError as exc:
+        if method == "max":
+            raise
+        raise InputError(
+            f"onnxruntime's {method} calibrator failed on this model ({str(exc).strip()[:160]}): use --calib-method max"
+        ) from exc
+
+
 def _calibration_method(method: str, precision: str) -> Any:
     from onnxruntime.quantization import CalibrationMethod
 
@@ -318,7 +332,7 @@ def quantize_onnx(
     out_path = Path(out)
     with tempfile.TemporaryDirectory(prefix=".nmcli-qdq-", dir=out_path.parent) as stage:
         staged = Path(stage) / "qdq.onnx"
-        with _quiet_quantizer():
+        with _quiet_quantizer(), _calibrator_errors(method):
             quantize_static(
                 str(float_path),
                 str(staged),
