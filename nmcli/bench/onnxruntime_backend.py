@@ -25,6 +25,7 @@ from nmcli.formats.onnx_layout import (
     initializer_tensor,
     load_onnx,
     stored_input_spec,  # the spec nmcli export recorded in metadata_props
+    stored_quantization,
     weight_compliance,
 )
 from nmcli.inputs import InputSpec, example_inputs
@@ -246,12 +247,19 @@ def plan(request: PlanRequest) -> BenchPlan:
         )
     if precision is not None:
         notes.append(f"--precision {precision} was ignored: an ONNX file runs in the precision it was exported with")
+    quantized = [stored_quantization(p) for p in paths]
+    label = f"{quantized[0]} (Q/DQ)" if quantized[0] else "as exported"
+    if len(paths) == 2 and quantized[0] != quantized[1]:
+        notes.append(
+            f"the files differ in precision ({quantized[0] or 'float'} vs {quantized[1] or 'float'}): "
+            "the comparison measures quantization as well as sparsity"
+        )
     if dev.startswith("cuda"):
         notes.append("latency is wall time around session.run, including host/device copies of inputs and outputs")
     return BenchPlan(
         "onnxruntime",
         dev,
-        "as exported",
+        label,
         str(spec),
         variants,
         sizes,

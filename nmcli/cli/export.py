@@ -27,8 +27,20 @@ PrecisionOption = Annotated[
     str,
     typer.Option(
         "--precision",
-        help="fp32, fp16 or bf16 (ONNX weights in that dtype, zeros exact); int8 is refused (no calibration data).",
+        help="fp32, fp16 or bf16 (ONNX weights in that dtype, zeros exact); int8 or fp8: a Q/DQ ONNX calibrated "
+        "on --calib data (2:4 kept in the quantized weights).",
     ),
+]
+CalibOption = Annotated[
+    str | None,
+    typer.Option("--calib", help="Calibration data for --precision int8/fp8 (any --calib spec of nmcli prune)."),
+]
+CalibSamplesOption = Annotated[
+    int, number_option("--calib-samples", help="Calibration examples (int8/fp8).", minimum=1, maximum=1e7)
+]
+CalibMethodOption = Annotated[
+    str,
+    typer.Option("--calib-method", help="Activation ranges: max (default), percentile or entropy."),
 ]
 DynamicBatchOption = Annotated[
     bool,
@@ -80,6 +92,9 @@ def command(
     trt: TrtOption = False,
     sparse: SparseOption = False,
     precision: PrecisionOption = "fp32",
+    calib: CalibOption = None,
+    calib_samples: CalibSamplesOption = 128,
+    calib_method: CalibMethodOption = "max",
     input_shape: InputShapeOption = None,
     dynamic_batch: DynamicBatchOption = False,
     opset: OpsetOption = None,
@@ -111,6 +126,10 @@ def command(
                       others={"--onnx": onnx, "--trt": trt, "--compress": compress, "--dynamic-batch": dynamic_batch,
                               "--input-shape": input_shape is not None, "--precision": precision != "fp32"})  # fmt: skip
         return
+    if calib is not None:
+        from nmcli.models.data import check_data_spec
+
+        check_data_spec(calib, "--calib")
 
     with progress_bar("exporting", show_progress(json_output)) as update, _exporter_output(ExportUnsupportedError):
         result = run_export(
@@ -132,6 +151,9 @@ def command(
             progress=update,
             arch=arch,
             trust=trust,
+            calib=calib,
+            calib_samples=calib_samples,
+            calib_method=calib_method,
         )
     if json_output:
         emit_json(result.to_json())
@@ -155,8 +177,8 @@ def _export_plain(
     json_output: bool,
     others: dict[str, bool],
 ) -> None:
-    """``--format plain|hf``: :func:`nmcli.commands.export.run_plain_export`, and its one line."""
-    from nmcli.commands.export import PLAIN_FORMATS, run_plain_export
+    """``--format plain|hf``: :func:`nmcli.commands.export_plain.run_plain_export`, and its one line."""
+    from nmcli.commands.export_plain import PLAIN_FORMATS, run_plain_export
     from nmcli.errors import InputError
 
     if fmt not in PLAIN_FORMATS:
@@ -230,6 +252,14 @@ def _render(result: ExportResult) -> None:
         if not v.skipped:  # a skipped verification is reported with the warnings
             verdict = "[green]passed[/green]" if v.passed else "[red]FAILED[/red]"
             stderr.print(f"onnxruntime vs torch {verdict}: {escape(v.summary())}")
+    if result.quantized is not None:
+        q = result.quantized
+        kept = sum(1 for layer in q.layers if layer.compliant)
+        stderr.print(
+            f"{q.precision} Q/DQ ({q.method} calibration, {q.calibration_examples} batch(es)): {len(q.quantized_nodes)} "
+            f"node(s) quantized, {kept} of {len(q.layers)} pruned layers N:M in their quantized weights; "
+            f"vs the float sparse model: {escape(q.check.summary())}"
+        )
     if result.engine is not None:
         e = result.engine
         stderr.print(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,17 +21,19 @@ from nmcli.errors import BackendUnavailableError, CheckFailedError, InputError, 
 
 if TYPE_CHECKING:
     from nmcli.export.onnx import OnnxExport
+    from nmcli.export.quantize import QuantizedOnnx
     from nmcli.export.tensorrt import BuilderSettings, EngineBuild
     from nmcli.export.verify import VerifyResult
     from nmcli.formats.onnx_layout import WeightMatch
     from nmcli.inputs import InputSpec
     from nmcli.models.sources import LoadedModel
-from nmcli.formats.open import Form, InputKind, classify, compress_checkpoint, open_checkpoint
-from nmcli.formats.plain import DEFAULT_SHARD_BYTES, write_hf_directory, write_plain_state_dict
+from nmcli.formats.open import Form, InputKind, classify, compress_checkpoint
 from nmcli.formats.sharded import check_output_directory
 from nmcli.formats.sharded_compress import compress_directory, directory_bytes
 from nmcli.io import check_output_path
 from nmcli.progress import ProgressCallback
+
+DEFAULT_QUANT_SAMPLES = 128
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def export_paths(
     from nmcli.models.sources import default_output_path
 
     want_onnx = onnx or trt or not compress
-    onnx_tag = precision if precision in ("fp16", "bf16") else ""  # an int8 build starts from a float32 ONNX
+    onnx_tag = precision if precision in ("fp16", "bf16", "int8", "fp8") else ""  # int8/fp8: the Q/DQ ONNX
     onnx_path = default_output_path(checkpoint, onnx_tag, ".onnx") if want_onnx else None
     kind = kind or classify(checkpoint)
     sharded = kind.form is Form.SHARDED_CHECKPOINT  # compressed into a directory
@@ -102,8 +104,7 @@ def export_paths(
     engine = None
     if trt and onnx_path is not None:
         engine = onnx_path.with_suffix(".engine")
-        if output is None and precision == "int8":
-            engine = default_output_path(checkpoint, "int8", ".engine")
+
     return ExportPaths(onnx_path, engine, compressed)
 
 
@@ -137,6 +138,7 @@ class ExportResult:
         trtexec: the equivalent trtexec command (always given with --trt).
         trt_missing: why tensorrt could not be used, when it could not.
         compressed_bytes: size of the compressed checkpoint, and ``original_bytes`` of the input.
+        quantized: the Q/DQ export (``--precision int8|fp8``): its sparse weights and agreement.
         notes: neutral information; ``warnings``: things that likely need action.
     """
 
@@ -152,6 +154,7 @@ class ExportResult:
     trt_missing: str | None = None
     compressed_bytes: int | None = None
     original_bytes: int | None = None
+    quantized: QuantizedOnnx | None = None
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -188,6 +191,7 @@ class ExportResult:
             "compressed": str(self.paths.compressed) if self.compressed_bytes is not None else None,
             "compressed_bytes": self.compressed_bytes,
             "original_bytes": self.original_bytes,
+            "quantization": self.quantized.to_json() if self.quantized is not None else None,
             "notes": self.notes,
             "warnings": self.warnings,
         }
@@ -256,12 +260,17 @@ def run_export(
     progress: ProgressCallback | None = None,
     arch: str | None = None,
     trust: bool = False,
+    calib: str | None = None,
+    calib_samples: int = DEFAULT_QUANT_SAMPLES,
+    calib_method: str = "max",
 ) -> ExportResult:
     """``nmcli export``: see the module docstring. Errors that end the command after its results
     (verification mismatch, missing tensorrt) are left to :meth:`ExportResult.raise_for_status`.
 
     ``arch`` overrides the checkpoint's recorded source (the user's own ``--arch``); ``trust``
     (``--trust``) lets a recorded ``py:`` or pickled source run (DESIGN.md section 7).
+    ``precision`` ``int8``/``fp8`` writes a Q/DQ ONNX calibrated on ``calib`` (``calib_samples``
+    examples, ``calib_method``; see :mod:`nmcli.export.quantize`).
 
     Raises:
         InputError: bad options or input.
@@ -271,12 +280,16 @@ def run_export(
         OutputExistsError: an output exists without ``force`` or names the input.
     """
     from nmcli.export.onnx import precision_dtype
+    from nmcli.export.quantize import QUANT_PRECISIONS, check_quant_options
     from nmcli.export.tensorrt import check_trt_precision
     from nmcli.export.verify import default_tolerances
     from nmcli.inputs import parse_input_spec
 
     dtype = precision_dtype(precision)
-    check_trt_precision(precision)  # int8 without calibration data: exit 2 before anything is written
+    check_trt_precision(precision)
+    check_quant_options(precision, calib, calib_method)  # int8 without --calib: exit 2 before anything is written
+    if calib_samples < 1:
+        raise InputError(f"--calib-samples {calib_samples} must be at least 1")
     default_atol, default_rtol = default_tolerances(precision)
     _check_numbers(workspace_mb, atol, rtol)
     spec_override = parse_input_spec(input_shape) if input_shape else None
@@ -299,6 +312,17 @@ def run_export(
     if paths.onnx is None:
         return result
     step("exporting ONNX")
+    if precision in QUANT_PRECISIONS:
+        assert calib is not None
+        job = _export_quantized(
+            kind, paths.onnx, result, calib=calib, samples=calib_samples, method=calib_method,
+            spec_override=spec_override, dynamic_batch=dynamic_batch, opset=opset, exporter=exporter,
+            force=force, arch=arch, trust=trust,
+        )  # fmt: skip
+        if paths.engine is not None:
+            _engine(job, paths.onnx, paths.engine, result, step, workspace_mb=workspace_mb, force=force)
+        step.finish()
+        return result
     job = _export_onnx(
         kind, paths.onnx, result, dtype=dtype, spec_override=spec_override, dynamic_batch=dynamic_batch,
         opset=opset, exporter=exporter, force=force, verify=verify, arch=arch, trust=trust,
@@ -375,8 +399,9 @@ def _export_onnx(
     verify: bool,
     arch: str | None,
     trust: bool,
+    loaded: LoadedModel | None = None,
 ) -> _OnnxJob:
-    """Rebuild the model, export it to ``out`` with its pruned layers located in the graph; notes and
+    """Rebuild the model (unless ``loaded``), export it to ``out`` with its pruned layers located in the graph; notes and
     warnings go to ``result``.
 
     Raises:
@@ -386,7 +411,7 @@ def _export_onnx(
 
     checkpoint = kind.spec
     local_input = kind.path if kind.path is not None else Path(checkpoint)
-    loaded = _load_for_export(checkpoint, arch, trust)
+    loaded = loaded or _load_for_export(checkpoint, arch, trust)
     spec = spec_override or loaded.input_spec
     if spec is None:
         raise InputError(
@@ -504,138 +529,10 @@ def _engine(
 def trtexec_variants(command: str) -> Sequence[str]:
     """The trtexec line for TensorRT 8-10, and its TensorRT 11 form (strongly typed, no precision flags)."""
     parts = command.split(" ")
-    strongly = [p for p in parts if p not in ("--fp16", "--bf16", "--int8")]
+    strongly = [p for p in parts if p not in ("--fp16", "--bf16", "--int8", "--fp8")]
     if "--stronglyTyped" not in strongly:
         strongly.append("--stronglyTyped")
     return [command, " ".join(strongly)]
-
-
-# --- export --format plain|hf (issue 23): the weights alone, for the next tool --------------------------------
-
-PLAIN_FORMATS = ("plain", "hf")
-
-
-@dataclass
-class PlainExportResult:
-    """What ``nmcli export --format plain|hf`` wrote.
-
-    Attributes:
-        format: ``plain`` (one safetensors state dict) or ``hf`` (a transformers folder).
-        path: the file or folder written.
-        files: the files in the folder (``hf``), or the file's name.
-        tensors: how many tensors were written; ``zeros`` of their elements are exact zeros.
-        pruned_layers: how many of them are N:M-pruned weights (their zeros kept exactly).
-    """
-
-    format: str
-    path: Path
-    files: list[str]
-    tensors: int
-    zeros: int
-    pruned_layers: int
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": self.format,
-            "output": str(self.path),
-            "files": self.files,
-            "tensors": self.tensors,
-            "zeros": self.zeros,
-            "pruned_layers": self.pruned_layers,
-            "notes": self.notes,
-        }
-
-
-def plain_export_path(checkpoint: str, fmt: str, output: str | os.PathLike[str] | None) -> Path:
-    """``-o`` for ``--format plain`` (a ``.safetensors`` file) or ``hf`` (a folder); defaults beside the
-    checkpoint: ``model-2of4-plain.safetensors``, ``model-2of4-hf/``.
-
-    Raises:
-        InputError: ``-o`` does not fit the format.
-    """
-    from nmcli.models.sources import default_output_path
-
-    if output is None:
-        return default_output_path(checkpoint, fmt, ".safetensors" if fmt == "plain" else "")
-    out = Path(output)
-    if fmt == "plain" and out.suffix.lower() != ".safetensors":
-        raise InputError(f"-o {out}: --format plain writes one safetensors file: give a path ending in .safetensors")
-    if fmt == "hf" and out.suffix.lower() in (".safetensors", ".onnx", ".engine", ".pt", ".bin"):
-        raise InputError(f"-o {out}: --format hf writes a transformers folder: give a folder name")
-    return out
-
-
-def _hf_source_folder(kind: InputKind, source_spec: str, arch: str | None) -> Path:
-    """The local transformers folder whose config and tokenizer a ``--format hf`` output copies.
-
-    Raises:
-        InputError: neither the checkpoint, its recorded source nor ``--arch`` is a local transformers folder.
-    """
-    if kind.form is Form.SHARDED_CHECKPOINT and kind.path is not None:
-        return kind.path
-    for spec in (arch, source_spec):
-        if spec and spec.startswith("hf:") and (Path(spec[3:]) / "config.json").is_file():
-            return Path(spec[3:])
-    raise InputError(
-        f"--format hf copies the config and tokenizer of a local transformers folder, and {kind.spec} was "
-        f"pruned from {source_spec}: pass --arch hf:DIR naming the model's folder (or use --format plain)"
-    )
-
-
-def run_plain_export(
-    checkpoint: str,
-    *,
-    fmt: str,
-    output: str | os.PathLike[str] | None = None,
-    force: bool = False,
-    arch: str | None = None,
-    progress: ProgressCallback | None = None,
-    max_shard_bytes: int | None = None,
-) -> PlainExportResult:
-    """``nmcli export --format plain|hf``: the checkpoint's effective weights with no nmcli records.
-
-    ``plain`` loads with ``model.load_state_dict(safetensors.torch.load_file(OUT), strict=True)``;
-    ``hf`` with ``AutoModel.from_pretrained(DIR)``. Pruned zeros stay exact zeros; masks, dense
-    copies and the ``nmcli`` metadata are left out (the input checkpoint keeps them).
-
-    Raises:
-        InputError: not an nmcli checkpoint, a bad ``-o``, or (``hf``) no local transformers folder to copy from.
-        OutputExistsError: the output exists without ``force``.
-    """
-    if fmt not in PLAIN_FORMATS:
-        raise InputError(f"--format {fmt}: choose onnx, plain or hf")
-    kind = classify(checkpoint)
-    if kind.path is None or not kind.is_checkpoint:
-        raise InputError(
-            f"--format {fmt} writes the weights of an nmcli checkpoint (a .safetensors from nmcli prune or "
-            f"finetune, or a sharded checkpoint folder): {checkpoint} is not one; prune it first"
-        )
-    out = plain_export_path(checkpoint, fmt, output)
-    with open_checkpoint(kind) as reader:
-        if not reader.is_nmcli:
-            raise InputError(f"{checkpoint} is already a plain state dict (no nmcli records): nothing to strip")
-        ckpt = reader.load(dense=False)
-    if progress is not None:
-        progress(0, 1, f"writing {out}")
-    tensors = ckpt.tensors
-    if fmt == "plain":
-        write_plain_state_dict(tensors, out, force=force, inputs=[kind.path])
-        files = [out.name]
-    else:
-        folder = _hf_source_folder(kind, ckpt.meta.source.spec, arch)
-        files = write_hf_directory(
-            tensors,
-            folder,
-            out,
-            max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
-            force=force,
-            inputs=[kind.path],
-        )
-    if progress is not None:
-        progress(1, 1, "done")
-    zeros = sum(int((v == 0).sum()) for v in tensors.values() if v.is_floating_point())
-    return PlainExportResult(fmt, out, files, len(tensors), zeros, len(ckpt.meta.layers))
 
 
 def _load_for_export(checkpoint: str, arch: str | None, trust: bool) -> LoadedModel:
@@ -661,3 +558,141 @@ def _load_for_export(checkpoint: str, arch: str | None, trust: bool) -> LoadedMo
             f"{exc}; to hand the weights to another tool without the model, write them with "
             f"nmcli export {checkpoint} --format plain"
         ) from None
+
+
+def _held_out_count(total: int) -> int:
+    """Examples kept back from calibration to compare the Q/DQ model with the float one on."""
+    return 0 if total < 2 else max(1, min(64, total // 5))
+
+
+def _export_quantized(
+    kind: InputKind,
+    out: Path,
+    result: ExportResult,
+    *,
+    calib: str,
+    samples: int,
+    method: str,
+    spec_override: InputSpec | None,
+    dynamic_batch: bool,
+    opset: int | None,
+    exporter: str,
+    force: bool,
+    arch: str | None,
+    trust: bool,
+) -> _OnnxJob:
+    """``--precision int8|fp8``: read and check the calibration data, export the float32 ONNX to a
+    staging folder, and quantize it to ``out`` (Q/DQ, sparse weights checked, agreement measured).
+
+    Raises:
+        InputError, DataError: no input shape, or calibration data that does not fit the model
+            (before anything is written).
+    """
+    import tempfile
+
+    from nmcli.algorithms.config import CalibrationConfig
+    from nmcli.export.onnx import precision_dtype
+    from nmcli.export.quantize import quantize_onnx
+    from nmcli.models.batchnorm import model_call_kwargs
+    from nmcli.models.data import check_batch_fits
+    from nmcli.models.sources import load_model
+    from nmcli.pipelines.blocks import calibration_batches
+
+    loaded = load_model(kind.spec, arch=arch, trust=trust)
+    spec = spec_override or loaded.input_spec
+    if spec is None:
+        raise InputError(f"{kind.spec} stores no input shape: pass --input-shape, e.g. 1x3x224x224")
+    source = loaded.source.arch or loaded.source.spec
+    config = CalibrationConfig(spec=calib, samples=samples + _held_out_count(samples + samples // 4))
+    batches = calibration_batches(config, source_spec=source, input_shape=spec.tensors[0].shape)
+    check_batch_fits(loaded.model, batches[0], f"--calib {calib}", extra=model_call_kwargs(loaded.model))
+    examples = graph_feeds(batches, spec, dynamic_batch=dynamic_batch, what=f"--calib {calib}")
+    held = _held_out_count(len(examples))
+    calibration, held_out = examples[: len(examples) - held], examples[len(examples) - held :]
+    local_input = kind.path if kind.path is not None else Path(kind.spec)
+    with tempfile.TemporaryDirectory(prefix=".nmcli-float-", dir=out.parent) as stage:
+        floating = Path(stage) / out.name
+        job = _export_onnx(
+            kind, floating, result, dtype=precision_dtype("fp32"), spec_override=spec, dynamic_batch=dynamic_batch, opset=opset,
+            exporter=exporter, force=True, verify=False, arch=arch, trust=trust, loaded=loaded,
+        )  # fmt: skip
+        ckpt = loaded.checkpoint
+        patterns = {e.param: e.pattern for e in ckpt.meta.layers} if ckpt is not None else {}
+        result.quantized = quantize_onnx(
+            floating, out, calibration, held_out, precision=result.precision, method=method,
+            pruned=result.matches, patterns=patterns, force=force, inputs=[local_input],
+        )  # fmt: skip
+    assert result.onnx is not None
+    result.onnx.path, result.onnx.data_path = out, None
+    quantized = {layer.param: layer for layer in result.quantized.layers if layer.initializer}
+    result.matches = [  # where the pruned weights are now: the quantized initializers
+        replace(m, initializer=quantized[m.param].initializer) if m.param in quantized else m for m in result.matches
+    ]
+    result.notes += result.quantized.notes
+    check = result.quantized.check
+    if check.skipped:
+        result.warnings.append(f"the Q/DQ model was not compared with the float one: {check.skipped}")
+    elif check.cosine is not None and check.cosine < MIN_QUANT_COSINE:
+        result.warnings.append(
+            f"the {result.precision} model agrees poorly with the float sparse model ({check.summary()}): "
+            "try --calib-method percentile or more --calib-samples"
+        )
+    return _OnnxJob(job.loaded, job.spec, local_input)
+
+
+MIN_QUANT_COSINE = 0.95  # below it the export warns: calibration is likely off
+
+
+def graph_feeds(batches: Sequence[Any], spec: InputSpec, *, dynamic_batch: bool, what: str) -> list[dict[str, Any]]:
+    """Calibration batches as onnxruntime feeds of the exported graph (inputs named as export names them).
+
+    Without ``dynamic_batch`` the graph takes the spec's exact shapes, so batches are cut into the
+    spec's batch size (a remainder is dropped).
+
+    Raises:
+        InputError: the data lacks an input the graph takes, or its shapes do not fit a fixed-shape graph.
+    """
+    import numpy as np
+
+    names = [t.name or (f"input_{i}" if len(spec.tensors) > 1 else "input") for i, t in enumerate(spec.tensors)]
+    feeds: list[dict[str, Any]] = []
+    for batch in batches:
+        arrays: dict[str, Any] = {}
+        for i, (tensor, name) in enumerate(zip(spec.tensors, names, strict=True)):
+            value = batch.kwargs.get(tensor.name) if tensor.name else None
+            if value is None and i < len(batch.args):
+                value = batch.args[i]
+            if value is None:
+                raise InputError(f"{what} has no {tensor.name or 'input'} tensor, which the model takes")
+            arrays[name] = value.detach().cpu().numpy().astype(str(tensor.dtype).removeprefix("torch."))
+        if dynamic_batch:  # one example per feed: onnxruntime's histogram calibrators stack them
+            feeds += [{k: v[i : i + 1] for k, v in arrays.items()} for i in range(next(iter(arrays.values())).shape[0])]
+            continue
+        size = spec.batch_size
+        for start in range(0, next(iter(arrays.values())).shape[0] - size + 1, size):
+            part = {k: np.ascontiguousarray(v[start : start + size]) for k, v in arrays.items()}
+            for tensor, name in zip(spec.tensors, names, strict=True):
+                if tuple(part[name].shape) != tuple(tensor.shape):
+                    raise InputError(
+                        f"{what}: {name} has shape {'x'.join(map(str, part[name].shape[1:]))} per example but the "
+                        f"model is exported for {tensor}: pass --dynamic-batch or an --input-shape that fits the data"
+                    )
+            feeds.append(part)
+    if not feeds:
+        raise InputError(f"{what} holds fewer examples than one batch of {spec.batch_size}: give more data")
+    return _padded(feeds) if dynamic_batch else feeds
+
+
+def _padded(feeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Integer inputs (token ids, masks) zero-padded to one shape: text batches are padded to their own
+    longest line, and onnxruntime's histogram calibrators stack every example of a tensor."""
+    import numpy as np
+
+    for name in feeds[0]:
+        shapes = {f[name].shape for f in feeds}
+        if len(shapes) == 1 or feeds[0][name].dtype.kind not in "iub":
+            continue
+        target = tuple(max(dims) for dims in zip(*shapes, strict=True))
+        for f in feeds:
+            f[name] = np.pad(f[name], [(0, t - d) for t, d in zip(target, f[name].shape, strict=True)])
+    return feeds

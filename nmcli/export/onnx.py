@@ -66,7 +66,8 @@ DYNAMO_MIN_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # protobuf's hard limit is 2 GiB; keep a margin
 PRECISIONS: dict[str, torch.dtype] = {
     **FLOAT_PRECISIONS,
-    "int8": torch.float32,  # int8 engines are built from the float32 ONNX (TensorRT 8-10 INT8 flag)
+    "int8": torch.float32,  # int8/fp8: the float32 ONNX is quantized to Q/DQ (nmcli.export.quantize)
+    "fp8": torch.float32,
 }
 
 

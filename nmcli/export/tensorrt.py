@@ -10,11 +10,12 @@ Two API generations are supported, told apart by ``tensorrt.__version__``:
   in the ONNX itself: ``--precision fp16|bf16`` exports fp16/bf16 weights and the engine step adds
   only ``SPARSE_WEIGHTS``.
 
-**INT8 is refused** (:func:`check_trt_precision`, exit 2): a real INT8 engine needs calibration data
-(an ``IInt8EntropyCalibrator2``) or Q/DQ nodes in the ONNX, and nmcli has neither. Setting
-``BuilderFlag.INT8`` without dynamic ranges makes TensorRT fall back to FP16 for every tensor, and
-``trtexec --int8`` without a calibration cache uses placeholder dynamic ranges: neither is a
-calibrated INT8 engine, and the two are not even the same engine.
+**INT8 and FP8 are built from a Q/DQ ONNX only** (``nmcli export --precision int8|fp8 --calib``,
+:mod:`nmcli.export.quantize`): explicit quantization, the scales live in the graph, and no INT8
+calibrator is set. TensorRT 8-10 get ``BuilderFlag.INT8`` (or ``FP8``) plus ``FP16`` for the layers
+left float; 11+ build it strongly typed (TensorRT's "Explicit Quantization" guide: use explicit
+quantization with strong typing, no precision flags). The engine report counts the pruned layers
+that run a sparse INT8 tactic.
 
 2:4 sparse tactics exist only for FP16/INT8 (and BF16) kernels on Ampere and later GPUs; TensorRT
 picks a sparse kernel only where it is faster than the dense one. Which layers run one is read from
@@ -58,22 +59,19 @@ _PICKED = "TRT inference plan picked sparse implementation for layers:"
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]*)\]")
 _FOREIGN_NODE = re.compile(r"\{ForeignNode\[(.*)\]\}")
 _MYELIN_OP = re.compile(r"_myl\d+_\d+$")
-INT8_REFUSED = (
-    "--precision int8 needs calibration data, which nmcli export does not take: TensorRT would fall back to "
-    "FP16 (no dynamic ranges), so the engine would not be INT8. Use --precision fp16 (2:4 sparse kernels run "
-    "in FP16), or quantize the ONNX to Q/DQ (onnxruntime.quantization.quantize_static or TensorRT Model "
-    "Optimizer) and build it with trtexec --onnx=MODEL_QDQ.onnx --int8 --sparsity=enable"
-)
 
 
 def check_trt_precision(precision: str) -> None:
-    """Refuse precisions nmcli cannot build honestly (int8 without calibration data).
+    """Refuse precisions nmcli cannot build an engine for.
+
+    INT8 and FP8 are built only from a Q/DQ ONNX (``nmcli export --precision int8 --calib``), never
+    with TensorRT's implicit INT8 calibrator.
 
     Raises:
-        InputError: ``int8``.
+        InputError: an unknown precision.
     """
-    if precision == "int8":
-        raise InputError(INT8_REFUSED)
+    if precision not in ("fp32", "fp16", "bf16", "int8", "fp8"):
+        raise InputError(f"unknown precision {precision!r}: use fp32, fp16, bf16, int8 or fp8")
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,7 @@ def builder_settings(
 
     Args:
         trt_major: TensorRT major version (8, 9, 10 weakly typed; 11+ strongly typed).
-        precision: ``fp32``, ``fp16`` or ``bf16`` (``int8`` is refused: :func:`check_trt_precision`).
+        precision: ``fp32``, ``fp16``, ``bf16``, or ``int8``/``fp8`` for a Q/DQ ONNX.
         sparse: enable 2:4 sparse weights (``BuilderFlag.SPARSE_WEIGHTS``).
         spec: the input spec the ONNX was exported with (the optimization profile's opt shapes).
         input_names: graph input names, in spec order.
@@ -146,7 +144,7 @@ def builder_settings(
         max_sequence: the profile's longest sequence (default: the spec's).
 
     Raises:
-        InputError: a precision this TensorRT generation cannot take from an nmcli ONNX, or int8.
+        InputError: a precision this TensorRT generation cannot take from an nmcli ONNX.
     """
     check_trt_precision(precision)
     if trt_major < 8:
@@ -163,6 +161,13 @@ def builder_settings(
     notes: list[str] = []
     if strongly_typed:
         pass  # the precision is the ONNX's own
+    elif precision in ("int8", "fp8"):
+        if precision == "fp8" and trt_major < 9:
+            raise InputError("fp8 engines need TensorRT 9 or newer (and a Hopper or newer GPU): use --precision int8")
+        flags += ["INT8" if precision == "int8" else "FP8", "FP16"]  # explicit Q/DQ; FP16 for the float layers
+        notes.append(
+            f"{precision} from the Q/DQ ONNX (explicit quantization): no calibrator, the scales are in the graph"
+        )
     elif precision == "fp16":
         flags.append("FP16")
     elif precision == "bf16":
@@ -206,7 +211,7 @@ def trtexec_command(
     parts = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
     if "SPARSE_WEIGHTS" in settings.flags:
         parts.append("--sparsity=enable")
-    for flag, option in (("FP16", "--fp16"), ("BF16", "--bf16")):
+    for flag, option in (("INT8", "--int8"), ("FP8", "--fp8"), ("FP16", "--fp16"), ("BF16", "--bf16")):
         if flag in settings.flags:
             parts.append(option)
     if "STRONGLY_TYPED" in settings.network_flags:
@@ -437,6 +442,8 @@ class EngineBuild:
             "picked": self.picked,
             "layers": self.layers,
             "myelin_layers": [layer.name for layer in self.inspector if layer.myelin],
+            "sparse_tactic_layers": sum(1 for row in self.layers if row.get("sparse_kernel")),
+            "eligible_layers": sum(1 for row in self.layers if row.get("eligible")),
             "warnings": self.log,
         }
 

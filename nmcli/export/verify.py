@@ -24,10 +24,11 @@ from nmcli.export.onnx import TensorModel
 from nmcli.inputs import InputSpec, example_inputs
 
 # (atol, rtol) per precision: fp32 allows reordered float sums; fp16 has 11 significant bits,
-# bf16 has 8; int8 engines are built from the float32 ONNX, so its ONNX check is a float32 one.
+# bf16 has 8; int8/fp8 quantize the float32 ONNX, whose own check is a float32 one.
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "fp32": (1e-4, 1e-3),
     "int8": (1e-4, 1e-3),
+    "fp8": (1e-4, 1e-3),
     "fp16": (2e-2, 2e-2),
     "bf16": (1e-1, 5e-2),
 }

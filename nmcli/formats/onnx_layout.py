@@ -5,7 +5,9 @@ the consuming operator: Conv weights ``[out, in/g, *k]`` along axis 1; Gemm ``B`
 when ``transB=1``, else axis 0; MatMul initializers ``[..., K, N]`` along axis -2 (axis 0 for 2-D).
 Exporters insert Transpose, Cast and Identity nodes between an initializer and its consumer;
 this module follows those chains back to the initializer (a Transpose with perm ``[1, 0]``
-swaps the axis). ``inspect`` and ``export`` both read ONNX weights through here.
+swaps the axis). A quantized (Q/DQ) graph reaches its weights through ``DequantizeLinear``: the
+int8 or float8 initializer behind it is the weight, checked for N:M like a float one (the scale
+multiplies, so a zero stays a zero). ``inspect`` and ``export`` both read ONNX weights through here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from nmcli.nm.masks import group_counts
 from nmcli.nm.pattern import Pattern
 
 _PASS_THROUGH = {"Cast", "Identity", "CastLike"}
+_DEQUANTIZE = "DequantizeLinear"
+_FLOAT8_TYPES = {17, 18, 19, 20}  # FLOAT8E4M3FN, FLOAT8E4M3FNUZ, FLOAT8E5M2, FLOAT8E5M2FNUZ
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,9 @@ def _picks_one(node: Any, inits: dict[str, Any]) -> bool:
 def find_weights(model: Any) -> list[OnnxWeight]:
     """Every initializer feeding the weight input of a Conv, Gemm or MatMul node.
 
+    The chain back to the initializer passes Cast/Identity, a last-two-axes Transpose and, in a
+    Q/DQ graph, ``DequantizeLinear`` (its quantized input is the weight).
+
     An MoE expert stack ``[E, out, in]`` that reaches its MatMul/Gemm through a ``Gather`` of one
     expert (constant index, axis 0; the dynamo exporter keeps some stacks whole) is listed once,
     with the reduction axis in the stack's own layout.
@@ -110,7 +117,7 @@ def find_weights(model: Any) -> list[OnnxWeight]:
         name = ref
         while name not in inits and name in producers:
             producer = producers[name]
-            if producer.op_type in _PASS_THROUGH:
+            if producer.op_type in _PASS_THROUGH or producer.op_type == _DEQUANTIZE:
                 through.append(producer.op_type)
             elif producer.op_type == "Transpose" and _swaps_last_two(list(_attr(producer, "perm", []))):
                 swapped = not swapped
@@ -139,7 +146,7 @@ def find_weights(model: Any) -> list[OnnxWeight]:
 
 
 def initializer_tensor(model: Any, name: str) -> torch.Tensor:
-    """An initializer as a torch tensor (bfloat16 and float16 kept exactly)."""
+    """An initializer as a torch tensor (bfloat16 and float16 kept exactly; int8 as int8, float8 as float32)."""
     return _to_torch(next(i for i in model.graph.initializer if i.name == name))
 
 
@@ -150,6 +157,8 @@ def _to_torch(init: Any) -> torch.Tensor:
     if init.data_type == onnx.TensorProto.BFLOAT16:
         array = numpy_helper.to_array(init)
         return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16).astype(np.int16)).view(torch.bfloat16)
+    if init.data_type in _FLOAT8_TYPES:  # numpy has no float8: exact in float32 (+0.0 and -0.0 kept)
+        return torch.from_numpy(np.array(numpy_helper.to_array(init)).astype(np.float32))
     return torch.from_numpy(np.array(numpy_helper.to_array(init)))
 
 
@@ -247,6 +256,21 @@ def stored_input_spec(path: str | os.PathLike[str]) -> str | None:
     except Exception:  # noqa: BLE001 - an unreadable file is reported by whoever opens it for real
         return None
     return next((p.value for p in model.metadata_props if p.key == INPUT_SPEC_KEY), None)
+
+
+QUANTIZATION_KEY = "nmcli.quantization"  # metadata_props key: precision and calibration of a Q/DQ export
+
+
+def stored_quantization(path: str | os.PathLike[str]) -> str | None:
+    """The precision (``int8``, ``fp8``) of a Q/DQ ONNX ``nmcli export`` wrote, or None (graph only read)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        value = next((p.value for p in model.metadata_props if p.key == QUANTIZATION_KEY), None)
+        return str(json.loads(value)["precision"]) if value else None
+    except Exception:  # noqa: BLE001 - an unreadable file or record is reported by whoever opens it for real
+        return None
 
 
 _FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16

@@ -23,6 +23,7 @@ from torch import nn
 from nmcli.errors import SourceError
 from nmcli.formats.safetensors import read_header
 from nmcli.formats.sharded import weight_files
+from nmcli.nm.codec import INDICES_PREFIX, VALUES_PREFIX
 
 AUTO, BASE = "auto", "base"
 _FIX = "give --model-class base, or --model-class CLASS naming a class whose weights the files hold"
@@ -36,7 +37,10 @@ def stored_keys(ident: str) -> set[str] | None:
     files = weight_files(folder)
     if files is None:
         return None
-    return {info.name for f in files for info in read_header(folder / f, f).tensors}
+    names = {info.name for f in files for info in read_header(folder / f, f).tensors}
+    # a compressed sharded checkpoint stores a pruned weight as its values and indices (nm.codec)
+    decoded = {n[len(VALUES_PREFIX) :] for n in names if n.startswith(VALUES_PREFIX)}
+    return {n for n in names if not n.startswith((VALUES_PREFIX, INDICES_PREFIX))} | decoded
 
 
 def _meta_model(transformers: Any, cls: Any, config: Any) -> nn.Module:

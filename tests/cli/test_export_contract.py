@@ -141,7 +141,7 @@ def test_default_names_carry_the_precision() -> None:
     fp16 = export_paths("m.safetensors", onnx=True, trt=True, compress=False, output=None, precision="fp16")
     assert (fp16.onnx, fp16.engine) == (Path("m-fp16.onnx"), Path("m-fp16.engine"))
     int8 = export_paths("m.safetensors", onnx=False, trt=True, compress=False, output=None, precision="int8")
-    assert (int8.onnx, int8.engine) == (Path("m.onnx"), Path("m-int8.engine"))
+    assert (int8.onnx, int8.engine) == (Path("m-int8.onnx"), Path("m-int8.engine"))  # the Q/DQ ONNX (issue 21)
 
 
 def test_fp16_export_after_fp32_export(mlp_ckpt: Path) -> None:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from fixtures.models import tiny_mlp
 from nmcli.cli.app import app
-from nmcli.commands.export import run_plain_export
+from nmcli.commands.export_plain import run_plain_export
 from nmcli.formats.open import load_checkpoint
 from tests.conftest import py_source
 

@@ -53,15 +53,23 @@ def test_tensorrt_11_is_strongly_typed_with_only_sparse_weights() -> None:
         assert s.network_flags == ("STRONGLY_TYPED",) and s.flags == ("SPARSE_WEIGHTS",)
 
 
-@pytest.mark.parametrize("major", [8, 9, 10, 11])
-def test_int8_without_calibration_data_is_refused_for_every_generation(major: int) -> None:
-    # BuilderFlag.INT8 without dynamic ranges falls back to FP16, and trtexec --int8 uses placeholder ranges:
-    # neither is a calibrated INT8 engine, so nmcli refuses rather than print a misleading line.
-    with pytest.raises(InputError, match="calibration data") as err:
-        _settings(major, "int8")
-    assert "--precision fp16" in str(err.value) and "Q/DQ" in str(err.value)
-    for ok in ("fp32", "fp16", "bf16"):
+def test_int8_and_fp8_build_from_qdq_with_explicit_precision() -> None:
+    # Issue 21: the Q/DQ ONNX carries the scales; TensorRT 8-10 get INT8 (+FP16 for float layers), 11+ is
+    # strongly typed; never an INT8 calibrator.
+    for major in (8, 9, 10):
+        s = _settings(major, "int8")
+        assert s.flags == ("INT8", "FP16", "SPARSE_WEIGHTS") and any("Q/DQ" in n for n in s.notes)
+    assert _settings(10, "fp8").flags == ("FP8", "FP16", "SPARSE_WEIGHTS")
+    with pytest.raises(InputError, match="TensorRT 9"):
+        _settings(8, "fp8")
+    strongly = _settings(11, "int8")
+    assert strongly.network_flags == ("STRONGLY_TYPED",) and strongly.flags == ("SPARSE_WEIGHTS",)
+    line = trtexec_command("m-int8.onnx", "m-int8.engine", _settings(10, "int8"))
+    assert "--int8" in line and "--sparsity=enable" in line and "--fp16" in line
+    for ok in ("fp32", "fp16", "bf16", "int8", "fp8"):
         check_trt_precision(ok)
+    with pytest.raises(InputError, match="unknown precision"):
+        check_trt_precision("int4")
 
 
 def test_fp32_with_sparse_says_sparse_kernels_need_fp16_and_dense_has_no_flag() -> None:

@@ -1,0 +1,482 @@
+"""Explicitly quantized (Q/DQ) ONNX for TensorRT: 2:4 sparse weights in INT8 or FP8 (E4M3).
+
+The float32 ONNX of the sparse model is quantized by onnxruntime's QDQ quantizer
+(``onnxruntime.quantization.quantize_static`` with ``QuantFormat.QDQ``), calibrated on the user's
+``--calib`` data through a ``CalibrationDataReader``. The settings follow TensorRT's
+explicit-quantization rules (TensorRT "Explicit Quantization" and "Working with Quantized Types"):
+
+* **symmetric** everything (zero points 0): weights per output channel (``per_channel=True``,
+  ``WeightSymmetric``; INT8 weights in ``[-127, 127]``), activations per tensor
+  (``ActivationSymmetric``; INT8 in ``[-128, 127]``), no ``reduce_range``. A pruned weight's zero
+  quantizes to exactly zero, so the int8 initializer keeps the N:M pattern; this is checked
+  (:func:`check_quantized_layers`) and a file where it does not hold is never written.
+* weights stay **int8 initializers behind DequantizeLinear** (what TensorRT wants for pre-quantized
+  weights); biases stay float (``QuantizeBias=False``: TensorRT takes no int32 bias Q/DQ).
+* **inputs of every weighted Conv/Gemm/MatMul** are quantized. That input quantizer is also the
+  *output* quantizer of the GEMM before it: TensorRT fuses the pointwise ops between them (bias,
+  ReLU, GELU) and the Q into the producer's epilogue, so consecutive GEMMs run INT8-in/INT8-out
+  and the sparse INT8 kernels are eligible. Where a GEMM's output meets a **residual Add** whose sum
+  feeds the next GEMM (a conv-net's skip connection), that Add is quantized too, so TensorRT can fuse the
+  Add into the conv (the ResNet case of TensorRT's Q/DQ placement guide and ModelOpt's
+  ``qdq_graph`` residual rule). Activation-by-activation MatMuls (attention scores), bias Adds and
+  attention-mask Adds are left float: quantizing them costs accuracy and gives no sparse kernel.
+
+FP8 is E4M3 per tensor (``QFLOAT8E4M3FN``; onnxruntime calibrates float8 with its
+``Distribution`` method); onnxruntime's CPU provider runs few FP8 kernels, so its numerical check
+may be skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nmcli.errors import CheckFailedError, InputError
+from nmcli.formats.onnx_layout import (
+    QUANTIZATION_KEY,
+    WeightMatch,
+    find_weights,
+    initializer_tensor,
+    set_metadata_prop,
+    set_sparse_layers,
+    weight_compliance,
+)
+from nmcli.io import atomic_output
+from nmcli.nm.pattern import Pattern
+
+QUANT_PRECISIONS = ("int8", "fp8")
+CALIB_METHODS = ("max", "percentile", "entropy")
+DEFAULT_CALIB_METHOD = "max"
+_WEIGHTED = ("Conv", "Gemm", "MatMul")
+_QUANTIZED_TYPES = {3: "int8", 17: "float8e4m3fn"}  # TensorProto INT8, FLOAT8E4M3FN
+
+
+def check_quant_options(precision: str, calib: str | None, method: str) -> None:
+    """``--calib`` and ``--calib-method`` fit ``--precision``, before anything is read or written.
+
+    Raises:
+        InputError: int8/fp8 without ``--calib``, ``--calib`` with a float precision, or an unknown method.
+    """
+    if precision in QUANT_PRECISIONS and calib is None:
+        raise InputError(
+            f"--precision {precision} needs calibration data: pass --calib SPEC (any data --calib of nmcli prune "
+            "takes, e.g. tensors:calib.safetensors or text:sentences.txt)"
+        )
+    if precision not in QUANT_PRECISIONS and calib is not None:
+        raise InputError(f"--calib is for --precision int8 or fp8, not {precision}: drop --calib")
+    if method not in CALIB_METHODS:
+        raise InputError(f"--calib-method {method!r} is unknown: use {', '.join(CALIB_METHODS)}")
+
+
+@dataclass(frozen=True)
+class QuantizedLayer:
+    """A pruned layer's weight in the Q/DQ graph.
+
+    Attributes:
+        param: the torch parameter.
+        initializer: the quantized initializer behind DequantizeLinear ("" when the weight stayed float).
+        node: its Conv/Gemm/MatMul node.
+        axis: the N:M reduction axis in the initializer's layout.
+        dtype: ``int8``, ``float8e4m3fn`` or ``float`` (not quantized).
+        compliant: whether the quantized values are N:M along ``axis``.
+    """
+
+    param: str
+    initializer: str
+    node: str
+    axis: int
+    dtype: str
+    compliant: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "param": self.param,
+            "initializer": self.initializer,
+            "node": self.node,
+            "axis": self.axis,
+            "dtype": self.dtype,
+            "compliant": self.compliant,
+        }
+
+
+@dataclass
+class QuantCheck:
+    """The Q/DQ model against the float sparse model on held-out calibration inputs (onnxruntime).
+
+    Attributes:
+        examples: held-out examples compared.
+        cosine: mean cosine similarity of the flattened outputs, per example (first output).
+        min_cosine: the lowest per-example cosine.
+        top1: fraction of examples whose arg-max class agrees (2-D outputs with several classes), else None.
+        skipped: why no numerical check ran ("" when it ran).
+    """
+
+    examples: int = 0
+    cosine: float | None = None
+    min_cosine: float | None = None
+    top1: float | None = None
+    skipped: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "examples": self.examples,
+            "cosine": self.cosine,
+            "min_cosine": self.min_cosine,
+            "top1_agreement": self.top1,
+            "skipped": self.skipped or None,
+        }
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"numerical check skipped: {self.skipped}"
+        text = f"cosine {self.cosine:.4f} (min {self.min_cosine:.4f}) on {self.examples} held-out example(s)"
+        return text + (f", top-1 agreement {100 * self.top1:.1f}%" if self.top1 is not None else "")
+
+
+@dataclass
+class QuantizedOnnx:
+    """A written Q/DQ ONNX file and what was checked.
+
+    Attributes:
+        path: the ``.onnx`` file.
+        precision: ``int8`` or ``fp8``.
+        method: the calibration method.
+        calibration_examples: examples the activation ranges were calibrated on.
+        layers: the pruned layers' quantized weights.
+        quantized_nodes: the Conv/Gemm/MatMul/Add nodes given Q/DQ inputs.
+        check: the comparison with the float sparse model.
+        notes: what the user should know.
+    """
+
+    path: Path
+    precision: str
+    method: str
+    calibration_examples: int
+    layers: list[QuantizedLayer] = field(default_factory=list)
+    quantized_nodes: list[str] = field(default_factory=list)
+    check: QuantCheck = field(default_factory=QuantCheck)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "precision": self.precision,
+            "calib_method": self.method,
+            "calibration_examples": self.calibration_examples,
+            "quantized_nodes": len(self.quantized_nodes),
+            "sparse_layers": [layer.to_json() for layer in self.layers],
+            "agreement": self.check.to_json(),
+        }
+
+
+def _constant_names(graph: Any) -> set[str]:
+    names = {i.name for i in graph.initializer}
+    names.update(o for n in graph.node if n.op_type == "Constant" for o in n.output)
+    return names
+
+
+def quantization_plan(model: Any) -> tuple[list[str], list[str]]:
+    """``(quantize, exclude)``: node names of the Conv/Gemm/MatMul/Add nodes that get Q/DQ inputs, and the rest.
+
+    Quantized: every Conv/Gemm/MatMul with a weight initializer, and every Add joining a weighted
+    op's output (directly or through its bias Add) with another activation (a residual join) whose
+    sum feeds a weighted op (directly or through a ReLU). A transformer's residual Add feeds a
+    LayerNorm, which takes no INT8: quantizing it would cost accuracy (the residual stream's outliers)
+    for no INT8 kernel, so it stays float.
+    """
+    graph = model.graph
+    weighted = {w.node for w in find_weights(model)}
+    constants = _constant_names(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def from_weighted(name: str) -> bool:
+        node = producers.get(name)
+        if node is not None and node.op_type == "Add" and any(i in constants for i in node.input):
+            node = producers.get(next(i for i in node.input if i not in constants))
+        return node is not None and node.name in weighted
+
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def feeds_weighted(node: Any) -> bool:  # directly or through one ReLU (the conv-net skip connection)
+        nexts = [c for out in node.output for c in consumers.get(out, [])]
+        nexts += [c for n in nexts if n.op_type == "Relu" for out in n.output for c in consumers.get(out, [])]
+        return any(c.name in weighted for c in nexts)
+
+    quantize: list[str] = []
+    exclude: list[str] = []
+    for node in graph.node:
+        if node.op_type in _WEIGHTED:
+            (quantize if node.name in weighted else exclude).append(node.name)
+        elif node.op_type == "Add":
+            residual = not any(i in constants for i in node.input) and any(from_weighted(i) for i in node.input)
+            (quantize if residual and feeds_weighted(node) else exclude).append(node.name)
+    return quantize, exclude
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """onnxruntime.quantization warns through the root logger and its calibrators print to stdout:
+    neither may reach nmcli's stdout (``--json``) or clutter stderr."""
+    import io
+    import logging
+    from contextlib import redirect_stdout
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+@contextmanager
+def _calibrator_errors(method: str) -> Iterator[None]:
+    """A calibrator that fails on the data (onnxruntime's histograms refuse infinite values, such as
+    an attention mask's ``finfo.min`` path) is exit 2 with the method to use instead."""
+    try:
+        yield
+    except ValueError as exc:
+        if method == "max":
+            raise
+        raise InputError(
+            f"onnxruntime's {method} calibrator failed on this model ({str(exc).strip()[:160]}): use --calib-method max"
+        ) from exc
+
+
+def _calibration_method(method: str, precision: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    if precision == "fp8":
+        return CalibrationMethod.Distribution  # the only one onnxruntime takes for float8
+    return {
+        "max": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }[method]
+
+
+def _reader(feeds: Sequence[Mapping[str, np.ndarray]]) -> Any:
+    """An onnxruntime ``CalibrationDataReader`` over ``feeds`` (one graph-input dict per run)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Feeds(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return dict(item) if (item := next(self.items, None)) is not None else None
+
+    return _Feeds()
+
+
+def quantize_onnx(
+    float_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    calibration: Sequence[Mapping[str, np.ndarray]],
+    held_out: Sequence[Mapping[str, np.ndarray]],
+    *,
+    precision: str,
+    method: str = DEFAULT_CALIB_METHOD,
+    pruned: Sequence[WeightMatch] = (),
+    patterns: Mapping[str, Pattern] | None = None,
+    force: bool = False,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+) -> QuantizedOnnx:
+    """Quantize the float32 ONNX at ``float_path`` to a Q/DQ ONNX at ``out`` (see the module docstring).
+
+    Args:
+        float_path: the float32 export of the sparse model (metadata of ``nmcli export``).
+        out: the Q/DQ ``.onnx`` output, written atomically after every check passed.
+        calibration: graph-input dicts the activation ranges are calibrated on.
+        held_out: graph-input dicts the Q/DQ model is compared with the float one on.
+        precision: ``int8`` or ``fp8``.
+        method: ``max``, ``percentile`` or ``entropy`` (fp8 always uses onnxruntime's Distribution).
+        pruned: where the pruned layers sit in the float graph.
+        patterns: torch parameter -> its N:M pattern.
+        force: overwrite an existing output.
+        inputs: input files that must not be overwritten.
+
+    Raises:
+        InputError: a precision or method nmcli does not quantize to.
+        CheckFailedError: a pruned layer's quantized weight is not N:M (nothing is written).
+    """
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    if precision not in QUANT_PRECISIONS or method not in CALIB_METHODS:
+        raise InputError(f"cannot quantize to {precision} with --calib-method {method}")
+    source = onnx.load(str(float_path))
+    quantize, exclude = quantization_plan(source)
+    qtype = QuantType.QInt8 if precision == "int8" else QuantType.QFLOAT8E4M3FN
+    extra = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "QuantizeBias": False,
+        "CalibTensorRangeSymmetric": True,
+        "AddQDQPairToWeight": False,
+        "DedicatedQDQPair": False,
+    }
+    out_path = Path(out)
+    with tempfile.TemporaryDirectory(prefix=".nmcli-qdq-", dir=out_path.parent) as stage:
+        staged = Path(stage) / "qdq.onnx"
+        with _quiet_quantizer(), _calibrator_errors(method):
+            quantize_static(
+                str(float_path),
+                str(staged),
+                _reader(calibration),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["Conv", "Gemm", "MatMul", "Add"],
+                nodes_to_exclude=exclude,
+                per_channel=precision == "int8",
+                reduce_range=False,
+                activation_type=qtype,
+                weight_type=qtype,
+                calibrate_method=_calibration_method(method, precision),
+                extra_options=extra,
+            )
+        model = onnx.load(str(staged))
+        layers = check_quantized_layers(model, pruned, patterns or {})
+        _carry_metadata(source, model, layers, pruned, patterns or {}, precision, method)
+        result = QuantizedOnnx(out_path, precision, method, len(calibration), layers, quantize)
+        result.check = compare_outputs(
+            str(float_path), model.SerializeToString(), held_out, basic_optimizations=precision == "fp8"
+        )
+        if precision == "fp8":
+            result.notes.append(
+                "the fp8 model was checked with onnxruntime's basic graph optimizations: its extended Q/DQ "
+                "fusions mis-handle float8 (a Relu between DequantizeLinear and QuantizeLinear is dropped)"
+            )
+        with atomic_output(out_path, force=force, inputs=inputs) as tmp:
+            onnx.save_model(model, str(tmp))
+    return result
+
+
+def check_quantized_layers(
+    model: Any, pruned: Sequence[WeightMatch], patterns: Mapping[str, Pattern]
+) -> list[QuantizedLayer]:
+    """Each pruned layer's weight in the Q/DQ graph (found by its consumer node), checked for N:M.
+
+    Raises:
+        CheckFailedError: a pruned layer's quantized weight breaks its N:M pattern (nothing is written).
+    """
+    by_node = {w.node: w for w in find_weights(model)}
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    layers: list[QuantizedLayer] = []
+    for match in pruned:
+        if match.lost:
+            continue
+        weight = by_node.get(match.node)
+        pattern = patterns[match.param.split("[", 1)[0]]
+        if weight is None:
+            layers.append(QuantizedLayer(match.param, "", match.node, match.axis, "float", False))
+            continue
+        dtype = _QUANTIZED_TYPES.get(types[weight.name], "float")
+        _, compliant = weight_compliance(initializer_tensor(model, weight.name), pattern, weight.axis)
+        layers.append(QuantizedLayer(match.param, weight.name, match.node, weight.axis, dtype, compliant))
+    bad = [layer for layer in layers if not layer.compliant and layer.initializer]
+    if bad:
+        names = ", ".join(layer.param for layer in bad[:5])
+        raise CheckFailedError(
+            f"{len(bad)} pruned layer(s) are not N:M after quantization ({names}): the quantizer is not "
+            "symmetric; nothing was written"
+        )
+    return layers
+
+
+def _carry_metadata(
+    source: Any,
+    model: Any,
+    layers: Sequence[QuantizedLayer],
+    pruned: Sequence[WeightMatch],
+    patterns: Mapping[str, Pattern],
+    precision: str,
+    method: str,
+) -> None:
+    """The float export's metadata on the Q/DQ model, its sparse-layer record naming the quantized initializers."""
+    import json
+
+    for prop in source.metadata_props:
+        set_metadata_prop(model, prop.key, prop.value)
+    by_param = {layer.param: layer for layer in layers if layer.initializer}
+    moved = [
+        WeightMatch(m.param, by_param[m.param].initializer, m.op_type, m.node, by_param[m.param].axis, m.how, True, "")
+        for m in pruned
+        if m.param in by_param
+    ]
+    if moved:
+        set_sparse_layers(model, moved, patterns)
+    set_metadata_prop(model, QUANTIZATION_KEY, json.dumps({"precision": precision, "calib_method": method}))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    denominator = float(np.linalg.norm(a64) * np.linalg.norm(b64))
+    return float(a64 @ b64 / denominator) if denominator else float(np.array_equal(a64, b64))
+
+
+def _session(model: str | bytes, *, basic: bool = False) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if basic:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def compare_outputs(
+    float_model: str | bytes,
+    qdq_model: str | bytes,
+    held_out: Iterable[Mapping[str, np.ndarray]],
+    *,
+    basic_optimizations: bool = False,
+) -> QuantCheck:
+    """Run both models in onnxruntime (CPU) on ``held_out`` and compare their first outputs.
+
+    ``basic_optimizations`` runs the Q/DQ model without onnxruntime's extended graph fusions: for
+    float8 they are wrong (onnxruntime 1.2x-1.32 drops a Relu between DequantizeLinear and
+    QuantizeLinear as if the zero point were the range's minimum, which it is only for unsigned
+    integers), so an FP8 model is checked with the Q/DQ nodes run as written.
+
+    A Q/DQ model onnxruntime cannot run here (FP8 kernels the CPU provider lacks) gives a check
+    with ``skipped`` saying why, not an error: the graph itself was checked already.
+    """
+    feeds = list(held_out)
+    if not feeds:
+        return QuantCheck(skipped="no held-out calibration examples (give more --calib-samples)")
+    reference = _session(float_model)
+    expected = [reference.run(None, dict(f))[0] for f in feeds]
+    try:
+        quantized = _session(qdq_model, basic=basic_optimizations)
+        runs = [(ref, quantized.run(None, dict(f))[0]) for ref, f in zip(expected, feeds, strict=True)]
+    except Exception as exc:  # noqa: BLE001 - onnxruntime without the kernels for this precision
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return QuantCheck(skipped=f"onnxruntime cannot run this Q/DQ model on this CPU ({first[:200]})")
+    cosines: list[float] = []
+    agree = total = 0
+    for ref, got in runs:
+        rows_ref = ref.reshape(ref.shape[0], -1) if ref.ndim > 1 else ref.reshape(1, -1)
+        rows_got = got.reshape(rows_ref.shape)
+        cosines += [_cosine(r, g) for r, g in zip(rows_ref, rows_got, strict=True)]
+        if ref.ndim == 2 and ref.shape[1] > 1:
+            agree += int((ref.argmax(1) == got.argmax(1)).sum())
+            total += ref.shape[0]
+    return QuantCheck(
+        examples=len(cosines),
+        cosine=float(np.mean(cosines)),
+        min_cosine=float(np.min(cosines)),
+        top1=agree / total if total else None,
+    )
