@@ -77,6 +77,19 @@ def _fit(model: nn.Module, stored: set[str]) -> tuple[list[str], list[str]]:
     return sorted(missing), sorted(stored - placed)
 
 
+def _outside_base(model: nn.Module, names: list[str]) -> list[str]:
+    """The names that lie outside the model's base model (a head: ``lm_head``, ``cls.predictions``).
+
+    Weights inside the base model that the files store under other names (MoE experts that
+    transformers fuses on load, renamed checkpoints) are transformers' conversion to make, not a
+    random head; a base model has nothing outside itself.
+    """
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    if not prefix or not isinstance(getattr(model, prefix, None), nn.Module):
+        return []
+    return [name for name in names if not name.startswith(prefix + ".")]
+
+
 def _tied_names(model: nn.Module) -> set[str]:
     """Parameter names transformers ties to another weight when loading (``_tied_weights_keys``), all modules."""
     tied: set[str] = set()
@@ -113,7 +126,9 @@ def choose_hf_class(transformers: Any, ident: str, config: Any, model_class: str
         return choices[0]
     first_missing: list[str] = []
     for i, cls in enumerate(choices):
-        missing, unexpected = _fit(_meta_model(transformers, cls, config), stored)
+        model = _meta_model(transformers, cls, config)
+        missing, unexpected = _fit(model, stored)
+        missing = _outside_base(model, missing)
         if not missing and not (i > 0 and unexpected):  # the base model as a fallback must take every tensor
             return cls
         first_missing = first_missing or missing or unexpected
