@@ -190,7 +190,11 @@ class Checkpoint:
 def history_record(
     command: str, arguments: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """One append-only history entry: command, arguments, nmcli and torch versions, UTC time, metrics."""
+    """One append-only history entry: command, arguments, nmcli and torch versions, UTC time, metrics.
+
+    The time is ``SOURCE_DATE_EPOCH`` when that is set (the reproducible-builds convention), so the
+    same command on the same input writes the same bytes.
+    """
     import torch
 
     return {
@@ -198,9 +202,18 @@ def history_record(
         "arguments": {k: _jsonable(v) for k, v in arguments.items()},
         "nmcli": __version__,
         "torch": torch.__version__,
-        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "time": record_time(),
         "metrics": {k: _jsonable(v) for k, v in (metrics or {}).items()},
     }
+
+
+def record_time() -> str:
+    """The UTC time a history record carries: ``SOURCE_DATE_EPOCH`` (seconds) when set, else now."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    when = _dt.datetime.now(_dt.timezone.utc)
+    if epoch.isdigit():
+        when = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
+    return when.isoformat(timespec="seconds")
 
 
 def _jsonable(value: Any) -> Any:
