@@ -16,6 +16,7 @@ from nmcli.errors import InputError
 
 if TYPE_CHECKING:
     pass
+from nmcli.formats.checkpoint import SourceRef
 from nmcli.formats.open import Form, InputKind, classify, open_checkpoint
 from nmcli.formats.plain import DEFAULT_SHARD_BYTES, write_hf_directory, write_plain_state_dict
 from nmcli.progress import ProgressCallback
@@ -77,17 +78,31 @@ def plain_export_path(checkpoint: str, fmt: str, output: str | os.PathLike[str] 
     return out
 
 
-def _hf_source_folder(kind: InputKind, source_spec: str, arch: str | None) -> Path:
+def _hf_source_folder(kind: InputKind, source: SourceRef, arch: str | None) -> Path:
     """The local transformers folder whose config and tokenizer a ``--format hf`` output copies.
+
+    The checkpoint's recorded source is a hint, never a path it may choose: its folder is used only
+    while the folder's weights (or config) still have the sha256 the checkpoint recorded, so an
+    edited checkpoint cannot copy files from a folder of its choosing into the output; ``--arch``
+    (the user's own word) is used as given.
 
     Raises:
         InputError: neither the checkpoint, its recorded source nor ``--arch`` is a local transformers folder.
     """
+    from nmcli.models.sources import source_ref
+
+    source_spec = source.spec
     if kind.form is Form.SHARDED_CHECKPOINT and kind.path is not None:
         return kind.path
-    for spec in (arch, source_spec):
-        if spec and spec.startswith("hf:") and (Path(spec[3:]) / "config.json").is_file():
-            return Path(spec[3:])
+    if arch and arch.startswith("hf:") and (Path(arch[3:]) / "config.json").is_file():
+        return Path(arch[3:])
+    if source_spec.startswith("hf:") and (Path(source_spec[3:]) / "config.json").is_file():
+        if source.sha256 is not None and source_ref(source_spec).sha256 == source.sha256:
+            return Path(source_spec[3:])
+        raise InputError(
+            f"{kind.spec} records its source as {source_spec}, whose files no longer have the sha256 it "
+            "recorded: pass --arch hf:DIR naming the model's folder to copy its config and tokenizer from"
+        )
     raise InputError(
         f"--format hf copies the config and tokenizer of a local transformers folder, and {kind.spec} was "
         f"pruned from {source_spec}: pass --arch hf:DIR naming the model's folder (or use --format plain)"
@@ -134,7 +149,7 @@ def run_plain_export(
         write_plain_state_dict(tensors, out, force=force, inputs=[kind.path])
         files = [out.name]
     else:
-        folder = _hf_source_folder(kind, ckpt.meta.source.spec, arch)
+        folder = _hf_source_folder(kind, ckpt.meta.source, arch)
         files = write_hf_directory(
             tensors,
             folder,

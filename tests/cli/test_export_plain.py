@@ -8,6 +8,7 @@ transformers folder (config and tokenizer copied, sharded weights, no sidecar) t
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,28 @@ def test_hf_folder_from_a_sharded_checkpoint_has_no_sidecar(workdir: Path, tiny_
     ckpt = load_checkpoint(workdir / "gpt2-2of4")
     state = transformers.AutoModelForCausalLM.from_pretrained(workdir / "gpt2-2of4-hf").state_dict()
     assert ckpt.masks and all(torch.equal(state[name], ckpt.tensors[name]) for name in ckpt.masks)
+
+
+def test_hf_folder_is_never_chosen_by_an_edited_checkpoint(workdir: Path, tiny_gpt2_dir: Path) -> None:
+    """A checkpoint whose recorded source was edited to name another folder copies nothing from it."""
+    from nmcli.formats.checkpoint import save_checkpoint
+
+    pytest.importorskip("transformers")
+    source = workdir / "src"
+    source.mkdir()
+    for entry in tiny_gpt2_dir.iterdir():
+        (source / entry.name).write_bytes(entry.read_bytes())
+    secret = workdir / "secret"
+    secret.mkdir()
+    (secret / "config.json").write_text("{}\n")
+    (secret / "private.txt").write_text("not for the output\n")
+    code, _, err = run("prune", f"hf:{source}", "-p", "2:4", "-o", "g.safetensors")
+    assert code == 0, err
+    ckpt = load_checkpoint(workdir / "g.safetensors")
+    ckpt.meta.source = replace(ckpt.meta.source, spec=f"hf:{secret}")  # what an edited checkpoint could claim
+    save_checkpoint(ckpt, workdir / "edited.safetensors")
+    code, _, err = run("export", "edited.safetensors", "--format", "hf", "-o", "out")
+    assert code == 2 and "--arch hf:DIR" in " ".join(err.split()), err
+    assert not (workdir / "out").exists()
+    code, _, err = run("export", "edited.safetensors", "--format", "hf", "-o", "out", "--arch", f"hf:{source}")
+    assert code == 0 and not (workdir / "out" / "private.txt").exists(), err
