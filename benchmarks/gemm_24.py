@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from gpu_report import finish  # benchmarks/ is on sys.path when a script here runs
 
-from nmcli.bench.device import resolve_device
 from nmcli.bench.sparse_kernels import KERNEL_NAMES, convert_weight, no_backend_reason, probe_kernel
 from nmcli.bench.sparse_kernels import semi_structured_backends as kernels_for
 from nmcli.bench.timing import environment, measure
+from nmcli.device import resolve_device
 from nmcli.nm.masks import apply_mask, nm_mask
 from nmcli.nm.pattern import TENSOR_CORE_PATTERN
 

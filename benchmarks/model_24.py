@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from gpu_report import finish  # benchmarks/ is on sys.path when a script here runs
 from torch import nn
 
-from nmcli.bench.device import resolve_device
 from nmcli.bench.sparse_kernels import no_backend_reason, semi_structured_backends, to_semi_structured
 from nmcli.bench.timing import environment, measure
+from nmcli.device import resolve_device
 from nmcli.nm.masks import apply_mask, nm_mask
 from nmcli.nm.pattern import TENSOR_CORE_PATTERN
 

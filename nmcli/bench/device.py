@@ -4,7 +4,7 @@ torch's ``cuda`` means "the current CUDA device", and several calls act on the c
 only: ``torch.cuda.synchronize()``, ``reset_peak_memory_stats()``, ``max_memory_allocated()``,
 CUDA events, ``torch.cuda.current_stream()`` and TensorRT's engine deserialization. So ``bench``
 resolves ``cuda`` to ``cuda:<current>`` once (:func:`nmcli.device.resolve_device`, the rules every
-command shares, re-exported here) and runs everything for a device inside :func:`device_guard`,
+command shares) and runs everything for a device inside :func:`device_guard`,
 which makes that device current (and restores the previous one).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from nmcli.device import cuda_index, normalize_device, parse_device, resolve_device
+from nmcli.device import cuda_index
 
 
 @contextlib.contextmanager
@@ -44,4 +44,4 @@ def capability(device: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-__all__ = ["capability", "cuda_index", "device_guard", "normalize_device", "parse_device", "resolve_device"]
+__all__ = ["capability", "device_guard"]

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nmcli.bench.device import capability, cuda_index
+from nmcli.bench.device import capability
+from nmcli.device import cuda_index
 from nmcli.inputs import FLOAT_PRECISIONS
 from nmcli.nm.masks import is_compliant
 from nmcli.nm.pattern import TENSOR_CORE_PATTERN

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nmcli import __version__
-from nmcli.bench.device import cuda_index
+from nmcli.device import cuda_index
 from nmcli.errors import InputError
 
 DEFAULT_WARMUP = 10

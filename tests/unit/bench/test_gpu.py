@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from nmcli.bench.device import device_guard, resolve_device
+from nmcli.bench.device import device_guard
 from nmcli.bench.sparse_kernels import semi_structured_backends, swap_plan, to_semi_structured
 from nmcli.bench.timing import measure
 from nmcli.commands.bench import run_bench
+from nmcli.device import resolve_device
 from nmcli.nm.masks import apply_mask, nm_mask
 from nmcli.nm.pattern import TENSOR_CORE_PATTERN
 
