@@ -216,7 +216,7 @@ class ShardHeader:
 
 
 def read_header(path: str | os.PathLike[str], file: str | None = None) -> ShardHeader:
-    """Parse the header of a safetensors file.
+    """Parse the header of a safetensors file, and check that the file holds the data it declares.
 
     Raises:
         CheckpointError: the file is missing, truncated or not safetensors.
@@ -224,6 +224,7 @@ def read_header(path: str | os.PathLike[str], file: str | None = None) -> ShardH
     path = Path(path)
     try:
         with open(path, "rb") as fh:
+            file_size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
             if len(head) < 8:
                 raise ValueError("shorter than 8 bytes")
@@ -252,4 +253,9 @@ def read_header(path: str | os.PathLike[str], file: str | None = None) -> ShardH
             f"{path} is not a readable safetensors file ({exc}): it may be truncated; re-save it"
         ) from exc
     tensors.sort(key=lambda t: t.begin)
+    data_end = 8 + len(blob) + max((t.end for t in tensors), default=0)
+    if file_size < data_end:
+        raise CheckpointError(
+            f"{path} ends before its header says it should ({file_size} of {data_end} bytes): it is truncated; re-save it"
+        )
     return ShardHeader(head + blob, metadata, tensors)

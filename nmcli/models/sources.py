@@ -211,7 +211,7 @@ def _from_hf(spec: str, pretrained: bool = True, model_class: str = "auto") -> n
     try:
         with user_code(spec):
             return _hf_model(transformers, ident, pretrained, model_class)
-    except SourceError:
+    except NmcliError:  # nmcli's own check of the folder (class choice, a truncated shard): its own words
         raise
     except Exception as exc:
         hint = (

@@ -131,6 +131,17 @@ def test_untouched_outputs_are_ok(sharded: Path, single: Path) -> None:
     assert "every pruned weight in the shards checked" in run("inspect", str(sharded))[2]
 
 
+def test_a_truncated_shard_is_refused_even_where_no_pruned_weight_lies(sharded: Path, tmp_path: Path) -> None:
+    """The last bytes of a shard may hold an unpruned tensor: the file is still truncated, for every command."""
+    bad = _copy(sharded, tmp_path)
+    shard = sorted(bad.glob("model-*.safetensors"))[-1]
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size - 1)
+    for args in (["inspect", str(bad), "--strict"], ["inspect", str(bad), "--masks-only"], ["sad", str(bad), str(bad)]):
+        code, _, err = run(*args)
+        assert code == 2 and "it is truncated" in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
 def test_dense_weights_behind_intact_masks_fail_strict(gpt2_shards: Path, sharded: Path, tmp_path: Path) -> None:
     bad = _copy(sharded, tmp_path)
     meta = read_meta(bad)
