@@ -281,8 +281,17 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a sharded one gathered from every rank (a collective), others as they are."""
-    return tensor.full_tensor() if _is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+    """The whole tensor: a sharded one gathered from every rank (a collective), others as they are.
+
+    The gather is waited for here, on every rank: ``full_tensor`` returns an async tensor, and a rank
+    that drops it unwaited leaves the collective's work for gloo's worker thread to free later, which
+    aborts the process ("terminate called without an active exception") if the interpreter is exiting.
+    """
+    if not _is_sharded(tensor):
+        return tensor
+    full = tensor.full_tensor()  # type: ignore[attr-defined]
+    wait = getattr(full, "wait", None)
+    return wait() if callable(wait) else full
 
 
 def _local_rows(dense: torch.Tensor) -> tuple[torch.Tensor, slice]:
@@ -311,7 +320,7 @@ def _mask_of(sp: SparseParam) -> torch.Tensor:
     shards = DTensor.from_local(
         mask.to(torch.uint8), dense.device_mesh, dense.placements, shape=dense.shape, stride=dense.stride()
     )
-    return shards.full_tensor().to(torch.bool)
+    return _full(shards).to(torch.bool)
 
 
 def _prefix(sp: SparseParam) -> str:
