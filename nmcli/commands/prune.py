@@ -201,7 +201,7 @@ def _run_prune_directory(
         )
     check_output_directory(out, force=force, inputs=[folder])
     spec = model_spec if kind.prefix else f"hf:{model_spec}"
-    source = source_ref(spec)
+    source = source_ref(spec, model_class=model_class)
     skeleton = build_skeleton(folder, model_class)
     if input_spec is None:
         input_spec = guess_input_spec(skeleton)

@@ -106,11 +106,14 @@ class SourceRef:
     sha256: str | None = None
     arch: str | None = None
     shards: tuple[tuple[str, str], ...] = ()  # (file name, sha256) of every input shard (sharded layout)
+    model_class: str | None = None  # prune --model-class other than auto: the transformers class the tensors fit
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"spec": self.spec, "sha256": self.sha256, "arch": self.arch}
         if self.shards:
             out["shards"] = dict(self.shards)
+        if self.model_class:
+            out["model_class"] = self.model_class
         return out
 
     @classmethod
@@ -120,6 +123,7 @@ class SourceRef:
             sha256=obj.get("sha256"),
             arch=obj.get("arch"),
             shards=tuple((str(k), str(v)) for k, v in dict(obj.get("shards") or {}).items()),
+            model_class=str(obj["model_class"]) if obj.get("model_class") else None,
         )
 
 

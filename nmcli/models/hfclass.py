@@ -77,17 +77,38 @@ def _fit(model: nn.Module, stored: set[str]) -> tuple[list[str], list[str]]:
     return sorted(missing), sorted(stored - placed)
 
 
-def _outside_base(model: nn.Module, names: list[str]) -> list[str]:
-    """The names that lie outside the model's base model (a head: ``lm_head``, ``cls.predictions``).
+def _truly_missing(model: nn.Module, missing: list[str], unexpected: list[str], stored: set[str]) -> list[str]:
+    """The missing weights that would be built at random: every one outside the base model (a head:
+    ``lm_head``, ``cls.predictions``), and those inside it that no unplaced stored tensor stands for.
 
-    Weights inside the base model that the files store under other names (MoE experts that
-    transformers fuses on load, renamed checkpoints) are transformers' conversion to make, not a
-    random head; a base model has nothing outside itself.
+    A weight inside the base model that the files store under other names (MoE experts that
+    transformers fuses and renames on load: ``layers.0.mlp.experts.gate_up_proj`` from
+    ``layers.0.block_sparse_moe.experts.0.w1.weight``) is transformers' conversion to make: its
+    nearest module below the root that holds stored tensors also holds unplaced ones. A module with
+    nothing stored below the root (a base model's pooler that a masked-LM folder never held) would be
+    random.
     """
     prefix = str(getattr(model, "base_model_prefix", "") or "")
-    if not prefix or not isinstance(getattr(model, prefix, None), nn.Module):
-        return []
-    return [name for name in names if not name.startswith(prefix + ".")]
+    has_base = bool(prefix) and isinstance(getattr(model, prefix, None), nn.Module)
+
+    def inner(name: str) -> str:
+        return name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
+
+    def under(module: str, names: set[str]) -> bool:
+        return any(n.startswith(module + ".") for n in names)
+
+    all_stored, unplaced = {inner(n) for n in stored}, {inner(n) for n in unexpected}
+    out = []
+    for name in missing:
+        if has_base and not name.startswith(prefix + "."):
+            out.append(name)
+            continue
+        module = inner(name).rpartition(".")[0]
+        while module and not under(module, all_stored):
+            module = module.rpartition(".")[0]
+        if not module or not under(module, unplaced):
+            out.append(name)
+    return out
 
 
 def _tied_names(model: nn.Module) -> set[str]:
@@ -116,7 +137,7 @@ def choose_hf_class(transformers: Any, ident: str, config: Any, model_class: str
         choices = [transformers.AutoModel] if sentence or named is None else [named, transformers.AutoModel]
     else:
         cls = getattr(transformers, model_class, None)
-        if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+        if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
             raise SourceError(
                 f"--model-class {model_class} is not a transformers model class: give auto, base or a class such as BertModel"
             )
@@ -125,16 +146,20 @@ def choose_hf_class(transformers: Any, ident: str, config: Any, model_class: str
     if stored is None:
         return choices[0]
     first_missing: list[str] = []
+    what = ""
     for i, cls in enumerate(choices):
         model = _meta_model(transformers, cls, config)
         missing, unexpected = _fit(model, stored)
-        missing = _outside_base(model, missing)
+        missing = _truly_missing(model, missing, unexpected, stored)
         if not missing and not (i > 0 and unexpected):  # the base model as a fallback must take every tensor
             return cls
         first_missing = first_missing or missing or unexpected
-    what = getattr(choices[0], "__name__", str(choices[0]))
+        what = what or type(model).__name__
     shown = ", ".join(first_missing[:4]) + (f" and {len(first_missing) - 4} more" if len(first_missing) > 4 else "")
+    fix = _FIX if model_class == AUTO else (
+        "give --model-class auto, or --model-class CLASS naming a class whose weights the files hold"
+    )  # fmt: skip
     raise SourceError(
         f"{ident}: {what} needs weights the files do not hold ({shown}); building it would prune their random "
-        f"initialisation: {_FIX}"
+        f"initialisation: {fix}"
     )

@@ -129,11 +129,17 @@ def _source_file(spec: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def source_ref(spec: str, arch: str | None = None) -> SourceRef:
-    """A :class:`SourceRef` for ``spec`` with the sha256 of its source file."""
+def source_ref(spec: str, arch: str | None = None, model_class: str = "auto") -> SourceRef:
+    """A :class:`SourceRef` for ``spec`` with the sha256 of its source file (and an ``hf:`` source's
+    ``--model-class`` when it is not ``auto``)."""
     spec = normalize_spec(spec)
     file = _source_file(spec)
-    return SourceRef(spec=spec, sha256=sha256_file(file) if file else None, arch=normalize_spec(arch) if arch else None)
+    return SourceRef(
+        spec=spec,
+        sha256=sha256_file(file) if file else None,
+        arch=normalize_spec(arch) if arch else None,
+        model_class=model_class if model_class != "auto" and spec.startswith("hf:") else None,
+    )
 
 
 def _from_py(spec: str) -> nn.Module:
@@ -514,7 +520,10 @@ def _source_only(active: bool) -> Iterator[None]:
 
 def _rebuild(ref: SourceRef, arch: str | None, trust: bool) -> nn.Module:
     """The architecture of a checkpoint: from the user's ``--arch`` (built as any source they name),
-    else from the recorded source, which runs code only with ``--trust`` or the trust store."""
+    else from the recorded source, which runs code only with ``--trust`` or the trust store.
+
+    An ``hf:`` architecture is built as the transformers class prune's ``--model-class`` chose
+    (recorded in the source), so the tensors find the names they were saved under."""
     if arch:
         spec, may, recorded = arch, trust, False
     else:
@@ -522,7 +531,7 @@ def _rebuild(ref: SourceRef, arch: str | None, trust: bool) -> nn.Module:
         may, recorded = _recorded_trust(spec, trust), True
     try:
         with _source_only(recorded and may and not trust and _dotted_py(spec)):
-            model, _ = build_model(spec, trust=may, pretrained=False)
+            model, _ = build_model(spec, trust=may, pretrained=False, model_class=ref.model_class or "auto")
     except TrustRequiredError:
         if recorded:
             raise _refusal(repr(spec)) from None
@@ -558,17 +567,21 @@ def load_source_model(ref: SourceRef, *, arch: str | None = None, trust: bool = 
         recorded = f"{ref.spec!r} with --arch {ref.arch!r}" if not arch else repr(ref.spec)
         try:
             with _source_only(not arch and arch_trust and not trust and _dotted_py(ref.arch)):
-                return _load_model(ref.spec, build, _recorded_trust(ref.spec, trust), arch_trust)
+                return _load_model(ref.spec, build, _recorded_trust(ref.spec, trust), arch_trust, _class_of(ref))
         except TrustRequiredError:
             raise _refusal(recorded) from None
     if arch:
-        return load_model(arch, trust=trust)
+        return load_model(arch, trust=trust, model_class=_class_of(ref))
     may = _recorded_trust(ref.spec, trust)
     try:
         with _source_only(may and not trust and _dotted_py(ref.spec)):
-            return load_model(ref.spec, trust=may)
+            return load_model(ref.spec, trust=may, model_class=_class_of(ref))
     except TrustRequiredError:
         raise _refusal(repr(ref.spec)) from None
+
+
+def _class_of(ref: SourceRef) -> str:
+    return ref.model_class or "auto"
 
 
 def model_from_checkpoint(
@@ -587,9 +600,26 @@ def model_from_checkpoint(
     state = dict(ckpt.tensors)
     if weights == "dense":
         state.update(ckpt.dense)
+    state = _under_base_names(model, state)
     _fill_tied(model, state)
     load_weights(model, state, f"the checkpoint's tensors ({ckpt.meta.source.spec})")
     return eval_mode(model)
+
+
+def _under_base_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` under a transformers base model's own names when it was saved by a class with a head.
+
+    A sharded directory pruned with ``--model-class base`` (or a base ``CLASS``) keeps its files' names
+    (``bert.encoder...``, ``classifier.weight``); the base model is built without the ``bert.`` prefix
+    and has no head, as ``from_pretrained`` would load it.
+    """
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    dotted = prefix + "."
+    if not prefix or any(k.startswith(dotted) for k in model.state_dict()):
+        return state
+    if not any(k.startswith(dotted) for k in state):
+        return state
+    return {k[len(dotted) :]: v for k, v in state.items() if k.startswith(dotted)}
 
 
 def _fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -714,7 +744,7 @@ def _load_model(spec: str, arch: str | None, trust: bool, arch_trust: bool, mode
             ref = SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path), arch=normalize_spec(arch))
             return LoadedModel(eval_mode(model), ref, "state_dict", name, path, None, guess_input_spec(model))
     model, built = build_model(normalize_spec(spec), trust=trust, model_class=model_class)
-    ref = source_ref(spec)
+    ref = source_ref(spec, model_class=model_class if built == "hf" else "auto")
     input_spec = traced_input_spec(path) if built == "torchscript" and path is not None else None
     return LoadedModel(eval_mode(model), ref, built, name, path, None, input_spec or guess_input_spec(model))
 

@@ -88,3 +88,46 @@ def test_a_class_whose_weights_are_missing_is_exit_2(head_named_folder: Path) ->
         assert "cls.predictions" in line and "--model-class" in line
     assert invoke("prune", f"hf:{head_named_folder}", "--model-class", "NoSuchClass").exit_code == 2
     assert invoke("prune", f"hf:{head_named_folder}", "--model-class", "base", "-o", "b.safetensors").exit_code == 0
+
+
+@pytest.fixture()
+def classifier_folder(workdir: Path) -> Path:
+    """A tiny BERT sequence classifier saved with save_pretrained: ``bert.*`` (pooler included) and a head."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = workdir / "classifier"
+    transformers.BertForSequenceClassification(cfg).save_pretrained(folder)
+    return folder
+
+
+_SHAPE = "input_ids:1x16:int64,attention_mask:1x16:int64"
+
+
+@pytest.mark.parametrize("out", ["base.safetensors", "base-dir"])
+def test_the_chosen_class_is_recorded_and_rebuilt_by_export(classifier_folder: Path, out: str) -> None:
+    pruned = invoke("prune", f"hf:{classifier_folder}", "--model-class", "base", "-o", out, "--json")
+    assert pruned.exit_code == 0, pruned.output
+    assert not any("classifier" in layer["name"] for layer in json.loads(pruned.stdout)["layers"])
+    exported = invoke("export", out, "--onnx", "-o", "base.onnx", "--input-shape", _SHAPE, "--json")
+    assert exported.exit_code == 0, exported.output
+    assert invoke("inspect", "base.onnx", "--strict").exit_code == 0
+
+
+def test_a_base_model_part_the_files_never_held_is_exit_2(workdir: Path) -> None:
+    """A masked-LM folder holds no pooler: ``--model-class base`` (BertModel, pooler included) would prune a random one."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(cfg).save_pretrained(workdir / "mlm")
+    result = invoke("prune", "hf:mlm", "--model-class", "base", "-o", "out.safetensors")
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert "BertModel" in line and "pooler.dense.weight" in line and "--model-class auto" in line
+    assert not Path("out.safetensors").exists()
+    assert invoke("prune", "hf:mlm", "-o", "auto.safetensors").exit_code == 0  # auto builds BertForMaskedLM
