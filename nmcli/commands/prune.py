@@ -137,17 +137,9 @@ def run_prune(
         input_spec=input_spec,
         start=loaded.checkpoint,
         inplace=True,  # the model was loaded here and is not used again
-        history_args={
-            "model": model_spec,
-            "pattern": str(nm),
-            "method": method,
-            "include": list(include),
-            "exclude": list(exclude),
-            "arch": arch,
-            "keep_dense": keep_dense,
-            **({"model_class": model_class} if model_class != "auto" else {}),
-            **(_calibration_args(calibration) if calibration is not None else {}),
-        },
+        history_args=_history_args(
+            model_spec, nm, method, include, exclude, keep_dense, model_class, calibration, arch
+        ),
         progress=progress,
     )
     if not result.checkpoint.masks:
@@ -223,19 +215,24 @@ def _run_prune_directory(
         keep_dense=keep_dense,
         input_spec=str(input_spec) if input_spec else None,
         skeleton=skeleton,
-        history_args={
-            "model": model_spec,
-            "pattern": str(nm),
-            "method": method,
-            "include": list(include),
-            "exclude": list(exclude),
-            "keep_dense": keep_dense,
-            **({"model_class": model_class} if model_class != "auto" else {}),
-            **(_calibration_args(calibration) if calibration is not None else {}),
-        },
+        history_args=_history_args(model_spec, nm, method, include, exclude, keep_dense, model_class, calibration),
         force=force,
         progress=progress,
     )
+
+
+def _history_args(
+    model_spec: str, nm: Pattern, method: str, include: Sequence[str], exclude: Sequence[str], keep_dense: bool,
+    model_class: str, calibration: CalibrationConfig | None, arch: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The options a prune records in the checkpoint's history."""
+    args: dict[str, Any] = {
+        "model": model_spec, "pattern": str(nm), "method": method, "include": list(include), "exclude": list(exclude),
+        "arch": arch, "keep_dense": keep_dense,
+    }  # fmt: skip
+    if model_class != "auto":
+        args["model_class"] = model_class
+    return {**args, **(_calibration_args(calibration) if calibration is not None else {})}
 
 
 def _calibration_args(cfg: CalibrationConfig) -> dict[str, Any]:
