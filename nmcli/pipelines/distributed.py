@@ -27,6 +27,7 @@ from nmcli.algorithms.srste import SparseTraining
 from nmcli.errors import InputError, Interrupted
 from nmcli.models.layers import LayerCandidate
 from nmcli.pipelines.blocks import find_blocks
+from nmcli.pipelines.dcp_read import load_dcp, names_code
 
 SHARD_MODES = ("ddp", "fsdp")
 
@@ -204,7 +205,6 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     Raises:
         InputError: ``path`` is missing or unreadable (run again without --resume).
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     if not path.is_dir():
@@ -213,8 +213,13 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
         )
     model_state, optim_state = get_state_dict(model, optimizer)
     try:
-        dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+        load_dcp({"model": model_state, "optim": optim_state}, path)
     except Exception as exc:
+        if getattr(exc, "names_code", False) or names_code(exc):
+            raise InputError(
+                f"--resume: {path} names code to run, not only training state: nmcli never runs a file's code; "
+                "run again without --resume"
+            ) from exc
         raise InputError(
             f"--resume: {path} is not readable sharded training state ({exc}): run again without --resume"
         ) from exc
