@@ -333,6 +333,13 @@ class CountColumn(ProgressColumn):
         return Text(f"{int(task.completed)}/{int(task.total)}" if task.total else "")
 
 
+def plain_progress(description: str) -> PlainProgress | None:
+    """:class:`PlainProgress` lines on stderr when it is not a terminal (a log), else None; None with ``--quiet``."""
+    if sys.stderr.isatty() or _progress_mode() == "off":
+        return None
+    return PlainProgress(description, lambda line: stderr.print(line, markup=False, highlight=False))
+
+
 @contextmanager
 def progress_bar(description: str, enabled: bool) -> Iterator[Callable[..., None]]:
     """Progress on stderr; yields ``update(done, total, label="")``. On a terminal (``enabled``, see
@@ -340,10 +347,7 @@ def progress_bar(description: str, enabled: bool) -> Iterator[Callable[..., None
     model); off a terminal plain :class:`PlainProgress` lines; nothing with ``--quiet`` or when
     ``enabled`` is off on a terminal (``--json``)."""
     if not enabled:
-        if sys.stderr.isatty() or _progress_mode() == "off":
-            yield lambda *a, **k: None
-        else:
-            yield PlainProgress(description, lambda line: stderr.print(line, markup=False, highlight=False))
+        yield plain_progress(description) or (lambda *a, **k: None)
         return
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

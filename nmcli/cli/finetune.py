@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from nmcli.cli.app import emit_json, esc, guarded, show_progress, stderr
+from nmcli.cli.app import emit_json, esc, guarded, plain_progress, show_progress, stderr
 from nmcli.cli.options import DATA_SPECS, ForceOption, JsonOption, TrustOption, number_option
 
 if TYPE_CHECKING:
@@ -233,12 +233,17 @@ def command(
 
 
 class _reporter:
-    """Progress bar on a terminal and/or ``--log-every`` lines on stderr; yields the step callback."""
+    """Progress bar on a terminal and/or ``--log-every`` lines on stderr; yields the step callback.
+
+    Off a terminal without ``--log-every``, plain lines (:func:`plain_progress`: at least every 10 s
+    with the step, the loss and the elapsed time), so that a CI log shows the run is alive.
+    """
 
     def __init__(self, bar: bool, log_every: int) -> None:
         self.bar, self.log_every = bar, log_every
         self._progress: Any = None
         self._task: Any = None
+        self._plain = plain_progress("finetune") if not (bar or log_every) else None
 
     def __enter__(self) -> Callable[[StepInfo], None]:
         if self.bar:
@@ -267,6 +272,8 @@ class _reporter:
                 lr=f"{info.lr:.2e}",
                 rate=f"{info.steps_per_second:.2f}",
             )
+        if self._plain is not None:
+            self._plain(info.step, info.total, f"steps, loss {info.loss:.4f}, {info.steps_per_second:.2f} steps/s")
         if self.log_every and (info.step % self.log_every == 0 or info.step == info.total):
             eta = (info.total - info.step) / info.steps_per_second if info.steps_per_second else 0.0
             line = (

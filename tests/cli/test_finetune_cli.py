@@ -96,3 +96,21 @@ def test_ctrl_c_saves_a_resumable_checkpoint(setup: tuple[Path, Path], tmp_path:
     resumed = runner.invoke(app, ["finetune", str(pruned), "--data", f"tensors:{data}", "--steps", str(done + 2),
                                   "--batch-size", "8", "--device", "cpu", "-o", str(out), "--resume", "--json"])  # fmt: skip
     assert resumed.exit_code == 2 and "--steps" in resumed.stderr
+
+
+def test_off_a_terminal_plain_progress_lines_show_the_run_is_alive(
+    setup: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NMCLI_PROGRESS", "auto")
+    pruned, data = setup
+    out = str(tmp_path / "ft.safetensors")
+    result = runner.invoke(app, ["finetune", str(pruned), "--data", f"tensors:{data}", "--steps", "3",
+                                 "--batch-size", "8", "-o", out, "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("finetune: ")]
+    assert lines[0].startswith("finetune: 1/3 steps, loss ") and lines[-1].startswith("finetune: 3/3 steps, loss ")
+    assert all(line.endswith(")") for line in lines)
+    json.loads(result.stdout)  # stdout stays the JSON object
+    quiet = runner.invoke(app, ["-q", "finetune", str(pruned), "--data", f"tensors:{data}", "--steps", "1",
+                                "--batch-size", "8", "-o", out, "--force"])  # fmt: skip
+    assert quiet.exit_code == 0 and "finetune: " not in quiet.stderr
