@@ -13,7 +13,7 @@ from typing import Any
 from nmcli.errors import (
     InputError,
 )
-from nmcli.formats.open import Form, classify, load_checkpoint
+from nmcli.formats.open import Form, classify
 from nmcli.formats.safetensors import sha256_file
 from nmcli.formats.trainstate import load_trainstate, trainstate_path
 from nmcli.io import check_output_path
@@ -35,6 +35,7 @@ from nmcli.pipelines.training import (
     setup_session,
     train_loop,
 )
+from nmcli.pipelines.trainstart import open_start
 
 
 def _partial_of(candidate: Path, input_sha: str) -> bool:
@@ -121,12 +122,12 @@ def run_finetune(
     resume_from = _resume_source(out, ckpt_path, force) if resume else None
     check_output_path(out, force=force or resume_from is not None, inputs=[] if resume_from else [ckpt_path])
     _require_checkpoint(os.fspath(checkpoint))
-    start = load_checkpoint(ckpt_path)
+    start, stored = open_start(ckpt_path, shard=cfg.shard)  # fsdp under torchrun: metadata and masks only
     if not start.masks:
         raise InputError(f"{ckpt_path} has no pruned layers: prune it first (nmcli prune)")
     dist = init_distributed("cuda" if cfg.device.startswith("cuda") else "cpu")
     try:
-        session = setup_session(start, ckpt_path, out, resume_from, cfg, dist, arch, trust)
+        session = setup_session(start, ckpt_path, out, resume_from, cfg, dist, arch, trust, stored)
         if "before" not in session.evals:
             before = evaluate_session(session)
             if before is not None:
