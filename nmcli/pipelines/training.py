@@ -46,6 +46,7 @@ from nmcli.pipelines.distributed import (
 )
 from nmcli.pipelines.materialize import StoredCheckpoint, materialize
 from nmcli.pipelines.sad import compare_masks
+from nmcli.pipelines.shardedout import drain, is_directory_output, tied_aliases, write_directory
 from nmcli.pipelines.trainstart import RESUME_KEYS, Start, load_start, load_teacher, meta_start, meta_teacher
 
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-4}
@@ -679,13 +680,20 @@ def save_progress(session: Session, *, final: bool) -> None:
         after = evaluate_session(session)
         if after is not None:
             session.evals["after"] = after
-    tensors = sparse.state_dict(masks, keep=main)
-    dense = sparse.dense_weights(keep=main) if not (final and cfg.no_dense) else {}
+    if is_directory_output(session.ckpt_path, session.out):
+        _write_directory(session, final, masks, recalibrate)  # streamed: gather, write, free
+    else:
+        tensors = sparse.state_dict(masks, keep=main)
+        dense = sparse.dense_weights(keep=main) if not (final and cfg.no_dense) else {}
+        if main:
+            meta = _output_meta(session, final, masks, recalibrate)
+            result = Checkpoint(tensors=tensors, masks=masks, meta=meta, dense=dense)
+            same = session.out.resolve() == session.ckpt_path.resolve()
+            save_checkpoint(result, session.out, force=True, inputs=[] if same else [session.ckpt_path])
     if session.fsdp and not final:
         save_sharded(sharded_state_path(session.out), session.model, session.optimizer)
     if not main:
         return
-    _write_output(session, final, masks, tensors, dense, recalibrate)
     sidecar = trainstate_path(session.out)
     if final:
         sidecar.unlink(missing_ok=True)
@@ -695,10 +703,24 @@ def save_progress(session: Session, *, final: bool) -> None:
     save_trainstate(sidecar, _trainstate(session, train_buffers))
 
 
-def _write_output(
-    session: Session, final: bool, masks: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
-    dense: dict[str, torch.Tensor], recalibrate: bool,
-) -> None:  # fmt: skip
+def _write_directory(session: Session, final: bool, masks: dict[str, torch.Tensor], recalibrate: bool) -> None:
+    """Stream the model into a sharded checkpoint directory in the input's layout: every rank drains the
+    gathers (one tensor at a time), rank 0 writes each tensor and drops it."""
+    keep = session.dist.main
+    state = session.sparse.iter_state(masks, keep=keep)
+    dense = session.sparse.iter_dense(keep=keep) if not (final and session.cfg.no_dense) else iter(())
+    if not keep:
+        drain(state, dense)
+        return
+    same = session.out.resolve() == session.ckpt_path.resolve()
+    meta = _output_meta(session, final, masks, recalibrate)
+    skip = tied_aliases(session.model)
+    inputs = [] if same else [session.ckpt_path]
+    write_directory(session.out, session.ckpt_path, state, dense, masks, meta, skip=skip, inputs=inputs)
+
+
+def _output_meta(session: Session, final: bool, masks: dict[str, torch.Tensor], recalibrate: bool) -> CheckpointMeta:
+    """The output's metadata: the input's, with this run's history record (a partial one unless ``final``)."""
     cfg = session.cfg
     loss = session.losses[-1] if session.losses else None
     sad = compare_masks(session.start.start_masks, masks)
@@ -710,9 +732,7 @@ def _write_output(
     if not final:
         metrics.update({"partial": True, "total_steps": session.data.total})
     history = [*session.start.history, history_record("finetune", session.history_args, metrics)]
-    result = Checkpoint(tensors=tensors, masks=masks, meta=replace(session.record_base, history=history), dense=dense)
-    same = session.out.resolve() == session.ckpt_path.resolve()
-    save_checkpoint(result, session.out, force=True, inputs=[] if same else [session.ckpt_path])
+    return replace(session.record_base, history=history)
 
 
 def _trainstate(session: Session, train_buffers: dict[str, torch.Tensor]) -> dict[str, Any]:
