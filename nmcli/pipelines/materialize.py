@@ -215,9 +215,9 @@ def fill_from_files(
     for name, buffer in model.named_buffers(remove_duplicate=False):
         module_name, _, attr = name.rpartition(".")
         if attr == "mask" and ".parametrizations." in f".{module_name}":
-            param = stored_name(module_name.rpartition(".")[0] + ".original")
-            if param in masks:
-                buffer.copy_(masks[param].to(buffer.device, torch.bool))
+            owner = stored_name(module_name.rpartition(".")[0] + ".original")
+            if owner in masks:
+                buffer.copy_(masks[owner].to(buffer.device, torch.bool))
                 continue
         keys = [k for k in _candidates(name, prefix, dense=False) if k in rows]
         with torch.no_grad():

@@ -39,7 +39,10 @@ def pruned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_stored_name_strips_parametrize() -> None:
-    assert stored_name("model.layers.0.mlp.up_proj.parametrizations.weight.original") == "model.layers.0.mlp.up_proj.weight"
+    assert (
+        stored_name("model.layers.0.mlp.up_proj.parametrizations.weight.original")
+        == "model.layers.0.mlp.up_proj.weight"
+    )
     assert stored_name("parametrizations.weight.original") == "weight"
     assert stored_name("model.norm.weight") == "model.norm.weight"
 
