@@ -72,3 +72,47 @@ def test_meta_materialization_fills_everything_like_the_eager_model(pruned: dict
             continue
         assert torch.equal(value, reference[stored_name(name)]), name
     assert {stored_name(n) for n in state if not n.endswith(".mask")} == set(reference)
+
+
+def _sharded_worker(rank: int, store: str, path: str, results: str) -> None:
+    import torch.distributed as dist
+
+    from nmcli.pipelines.distributed import shard_model
+    from nmcli.pipelines.materialize import materialize
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        stored = read_stored(path)
+        assert stored is not None
+        model = meta_model(stored.header.meta, arch=None, trust=False)
+        sparse = SparseTraining(model, stored.header.meta.layers, stored.header.masks, refine_in_backward=False)
+        shard_model(model, sparse, None, bf16=False, checkpointing=False)
+        materialize(model, TensorRows(Path(path)), stored.header.masks, torch.device("cpu"), path)
+        dense, state = sparse.dense_weights(keep=rank == 0), sparse.state_dict(keep=rank == 0)
+        dist.barrier()
+        torch.save({"dense": dense, "state": state, "masks": sparse.masks()}, f"{results}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_read_their_own_rows_into_fsdp_shards(pruned: dict[str, Path], tmp_path: Path) -> None:
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    path = pruned["folder"]
+    with tempfile.NamedTemporaryFile(dir=tmp_path, delete=False) as store:
+        pass
+    mp.spawn(_sharded_worker, args=(store.name, str(path), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"{r}.pt") for r in range(2))
+    ckpt = load_checkpoint(path)
+    assert rank1["state"] == {} and set(rank0["state"]) == set(ckpt.tensors)
+    for name, value in ckpt.tensors.items():
+        assert torch.equal(rank0["state"][name], value), name
+    for name, value in ckpt.dense.items():
+        assert torch.equal(rank0["dense"][name], value), name
+        assert torch.equal(rank0["masks"][name], ckpt.masks[name]) and torch.equal(
+            rank1["masks"][name], ckpt.masks[name]
+        )
