@@ -246,7 +246,19 @@ def materialize(
     device: torch.device,
     what: str,
 ) -> None:
-    """``to_empty`` a (sharded) meta model on ``device`` and fill it from the files (:func:`fill_from_files`)."""
+    """``to_empty`` a (sharded) meta model on ``device`` and fill it from the files (:func:`fill_from_files`).
+
+    Tied parameters (a head sharing the embedding) stay one parameter: ``to_empty`` alone would untie them.
+    """
     computed = {name: b.detach().clone() for name, b in real_buffers(model).items()}
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((module, attr))
     model.to_empty(device=device)
+    for group in holders.values():  # to_empty gives each holder of a tied parameter its own copy: tie them again
+        primary = group[0][0]._parameters[group[0][1]]
+        for module, attr in group[1:]:
+            module._parameters[attr] = primary
     fill_from_files(model, rows, computed, masks, what)

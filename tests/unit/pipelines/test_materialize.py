@@ -116,3 +116,24 @@ def test_two_ranks_read_their_own_rows_into_fsdp_shards(pruned: dict[str, Path],
         assert torch.equal(rank0["masks"][name], ckpt.masks[name]) and torch.equal(
             rank1["masks"][name], ckpt.masks[name]
         )
+
+
+def test_tied_head_stays_tied_after_materialization(tmp_path: Path) -> None:
+    from nmcli.pipelines.materialize import materialize
+
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied")
+    path = tmp_path / "tied-2of4"
+    run_prune(f"hf:{tmp_path / 'tied'}", pattern="2:4", input_shape=_SHAPE, output=path)
+    stored = read_stored(path)
+    assert stored is not None
+    model = meta_model(stored.header.meta, arch=None, trust=False)
+    SparseTraining(model, stored.header.meta.layers, stored.header.masks)
+    materialize(model, TensorRows(path), stored.header.masks, torch.device("cpu"), str(path))
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # to_empty alone unties them
+    eager = model_from_checkpoint(load_checkpoint(path), weights="dense")
+    assert torch.equal(model.lm_head.weight, eager.lm_head.weight)
