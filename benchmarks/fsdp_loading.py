@@ -72,7 +72,7 @@ def _prepare(args: argparse.Namespace, root: Path) -> Path:
     return pruned
 
 
-def _load(mode: str, path: Path) -> tuple[torch.nn.Module, Any, Any]:
+def _load(mode: str, path: Path) -> tuple[torch.nn.Module, Any, Any, Any]:
     from nmcli.algorithms.srste import SparseTraining
     from nmcli.formats.open import load_checkpoint
     from nmcli.models.sources import model_from_checkpoint
@@ -84,15 +84,15 @@ def _load(mode: str, path: Path) -> tuple[torch.nn.Module, Any, Any]:
     header = stored.header
     if mode == "meta":
         model = meta_model(header.meta, arch=None, trust=False)
-        sparse = SparseTraining(model, header.meta.layers, header.masks, refine_in_backward=False)
+        sparse = SparseTraining(model, header.meta.layers, stored.masks, refine_in_backward=False)
         shard_model(model, sparse, None, bf16=False, checkpointing=False)
-        materialize(model, TensorRows(path), header.masks, torch.device("cpu"), str(path))
-        return model, sparse, header
+        materialize(model, TensorRows(path), stored.masks, torch.device("cpu"), str(path))
+        return model, sparse, header, stored.masks
     ckpt = load_checkpoint(path)  # what finetune holds for the run on the eager path
     model = model_from_checkpoint(ckpt, weights="dense")
     sparse = SparseTraining(model, ckpt.meta.layers, ckpt.masks, refine_in_backward=False)
     shard_model(model, sparse, None, bf16=False, checkpointing=False)
-    return model, sparse, ckpt
+    return model, sparse, ckpt, ckpt.masks
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -108,9 +108,8 @@ def worker(args: argparse.Namespace) -> None:
     path = Path(args.path)
     report: dict[str, Any] = {"rank": rank, "load": args.load}
     before = _reset_peak()
-    model, sparse, held = _load(args.load, path)
+    model, sparse, held, masks = _load(args.load, path)
     report.update(base_gib=before, load_peak_gib=_status("VmHWM"), after_load_gib=_status("VmRSS"))
-    masks = held.masks
     for mode in ("stream", "whole"):
         dist.barrier()
         start = _reset_peak()

@@ -137,7 +137,7 @@ def run_finetune(
         check_output_path(out, force=force or resume_from is not None, inputs=[] if resume_from else [ckpt_path])
     _require_checkpoint(os.fspath(checkpoint))
     start, stored = open_start(ckpt_path, shard=cfg.shard)  # fsdp under torchrun: metadata and masks only
-    if not start.masks:
+    if not start.meta.layers:
         raise InputError(f"{ckpt_path} has no pruned layers: prune it first (nmcli prune)")
     dist = init_distributed("cuda" if cfg.device.startswith("cuda") else "cpu")
     try:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,23 +31,51 @@ from nmcli.formats.open import open_checkpoint
 from nmcli.formats.sharded import ShardedModel, is_sharded_checkpoint, sidecar_path
 from nmcli.models.skeleton import parameters_on_meta
 from nmcli.models.sources import eval_mode, rebuild_architecture
+from nmcli.nm.bits import pack_mask, unpack_mask
+
+
+class PackedMasks(Mapping[str, torch.Tensor]):
+    """Boolean masks kept bit-packed (1 bit per weight), each unpacked when it is read.
+
+    The meta path's starting masks: held for the whole run (SAD against the start at the end), they
+    would otherwise cost every rank 1 byte per pruned weight on top of the SR-STE mask buffers.
+    """
+
+    def __init__(self, packed: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self._packed = dict(packed)
+        self._shapes = dict(shapes)
+
+    @classmethod
+    def pack(cls, masks: Mapping[str, torch.Tensor]) -> PackedMasks:
+        """The packed form of boolean ``masks``."""
+        return cls({k: pack_mask(v).numpy() for k, v in masks.items()}, {k: tuple(v.shape) for k, v in masks.items()})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return unpack_mask(self._packed[name], self._shapes[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
 
 
 @dataclass
 class StoredCheckpoint:
-    """What the meta path reads of a checkpoint up front: its metadata and masks, not its tensors.
+    """What the meta path reads of a checkpoint up front: its metadata and packed masks, not its tensors.
 
-    ``header`` is a :class:`Checkpoint` with the masks and metadata and no tensors, for the code that
-    reads those (history, layers, starting masks); the tensors stay in the files at ``path``.
+    ``header`` is a :class:`Checkpoint` with the metadata and no tensors or masks, for the code that
+    reads those (history, layers); the masks are ``masks``, the tensors stay in the files at ``path``.
     """
 
     path: Path
     header: Checkpoint
+    masks: PackedMasks
     dense_names: set[str] = field(default_factory=set)
 
 
 def read_stored(path: str | os.PathLike[str]) -> StoredCheckpoint | None:
-    """The metadata, masks and dense-weight names of an nmcli checkpoint; None when it is compressed.
+    """The metadata, packed masks and dense-weight names of an nmcli checkpoint; None when it is compressed.
 
     Raises:
         CheckpointError: unreadable, a plain state dict, or masks that do not fit their layer entries.
@@ -61,11 +90,14 @@ def read_stored(path: str | os.PathLike[str]) -> StoredCheckpoint | None:
         if missing:
             raise CheckpointError(f"{path}: layer {missing[0]} has no stored mask: re-create the checkpoint")
         try:
-            masks = {e.param: reader.mask(e.param) for e in meta.layers}
+            packed = {e.param: reader.packed_mask_array(e.param).copy() for e in meta.layers}
+            masks = PackedMasks(packed, {e.param: e.shape for e in meta.layers})
+            for entry in meta.layers:
+                masks[entry.param]  # unpacked once: a mask of the wrong size is refused here
         except Exception as exc:
             raise CheckpointError(f"{path}: a mask could not be read ({exc}): re-create the checkpoint") from exc
-        header = Checkpoint(tensors={}, masks=masks, meta=meta, dense={})
-        return StoredCheckpoint(Path(path), header, set(reader.dense_names))
+        header = Checkpoint(tensors={}, masks={}, meta=meta, dense={})
+        return StoredCheckpoint(Path(path), header, masks, set(reader.dense_names))
 
 
 def meta_model(meta: CheckpointMeta, *, arch: str | None, trust: bool) -> nn.Module:

@@ -22,7 +22,7 @@ from nmcli.formats.open import load_checkpoint
 from nmcli.formats.trainstate import load_trainstate, trainstate_path
 from nmcli.models.batchnorm import restore_buffers
 from nmcli.models.sources import eval_mode, load_model, load_source_model, model_from_checkpoint
-from nmcli.pipelines.materialize import StoredCheckpoint, TensorRows, meta_model, read_stored
+from nmcli.pipelines.materialize import PackedMasks, StoredCheckpoint, TensorRows, meta_model, read_stored
 
 # Options that must not change between a run and its --resume.
 RESUME_KEYS = (
@@ -144,16 +144,17 @@ def meta_start(
     if resume_from is None:
         model = meta_model(start.meta, arch=arch, trust=trust)
         rows = TensorRows(stored.path)
-        return Start(model, start.masks, start.masks, list(start.meta.history), 0, start, None, rows, stored)
+        return Start(model, stored.masks, stored.masks, list(start.meta.history), 0, start, None, rows, stored)
     state = resume_state(resume_from, options)
     partial = read_stored(resume_from)
     if partial is None:
         raise InputError(f"--resume: {resume_from} is compressed, not a partial checkpoint: run again without --resume")
     model = meta_model(partial.header.meta, arch=arch, trust=trust)
     teacher = stored if resume_from == out else partial
+    masks, start_masks = PackedMasks.pack(state.pop("masks")), PackedMasks.pack(state.pop("start_masks"))
     return Start(
-        model, state["masks"], state["start_masks"], list(state["history"]), int(state["step"]), teacher.header,
-        state, TensorRows(resume_from), teacher,
+        model, masks, start_masks, list(state["history"]), int(state["step"]), teacher.header, state,
+        TensorRows(resume_from), teacher,
     )  # fmt: skip
 
 

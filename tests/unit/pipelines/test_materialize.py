@@ -55,20 +55,20 @@ def test_meta_materialization_fills_everything_like_the_eager_model(pruned: dict
     eager = model_from_checkpoint(load_checkpoint(path), weights="dense")
     model = meta_model(stored.header.meta, arch=None, trust=False)
     assert all(p.device.type == "meta" for p in model.parameters())
-    SparseTraining(model, stored.header.meta.layers, stored.header.masks, refine_in_backward=False)
+    SparseTraining(model, stored.header.meta.layers, stored.masks, refine_in_backward=False)
     computed = {name: b.detach().clone() for name, b in real_buffers(model).items()}
     assert any(name.endswith("inv_freq") for name in computed)  # computed by the constructor, not in the files
     model.to_empty(device=torch.device("cpu"))
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:  # poison: anything left unfilled shows
             tensor.fill_(float("nan") if tensor.is_floating_point() else 1)
-    fill_from_files(model, TensorRows(path), computed, stored.header.masks, str(path))
+    fill_from_files(model, TensorRows(path), computed, stored.masks, str(path))
     state = dict(model.named_parameters()) | dict(model.named_buffers())
     reference = dict(eager.named_parameters()) | dict(eager.named_buffers())
     for name, value in state.items():
         if ".parametrizations." in name and name.endswith(".mask"):
             param = stored_name(name.rsplit(".", 2)[0] + ".original")
-            assert torch.equal(value, stored.header.masks[param]), name
+            assert torch.equal(value, stored.masks[param]), name
             continue
         assert torch.equal(value, reference[stored_name(name)]), name
     assert {stored_name(n) for n in state if not n.endswith(".mask")} == set(reference)
@@ -85,9 +85,9 @@ def _sharded_worker(rank: int, store: str, path: str, results: str) -> None:
         stored = read_stored(path)
         assert stored is not None
         model = meta_model(stored.header.meta, arch=None, trust=False)
-        sparse = SparseTraining(model, stored.header.meta.layers, stored.header.masks, refine_in_backward=False)
+        sparse = SparseTraining(model, stored.header.meta.layers, stored.masks, refine_in_backward=False)
         shard_model(model, sparse, None, bf16=False, checkpointing=False)
-        materialize(model, TensorRows(Path(path)), stored.header.masks, torch.device("cpu"), path)
+        materialize(model, TensorRows(Path(path)), stored.masks, torch.device("cpu"), path)
         dense, state = sparse.dense_weights(keep=rank == 0), sparse.state_dict(keep=rank == 0)
         dist.barrier()
         torch.save({"dense": dense, "state": state, "masks": sparse.masks()}, f"{results}/{rank}.pt")
@@ -132,8 +132,8 @@ def test_tied_head_stays_tied_after_materialization(tmp_path: Path) -> None:
     stored = read_stored(path)
     assert stored is not None
     model = meta_model(stored.header.meta, arch=None, trust=False)
-    SparseTraining(model, stored.header.meta.layers, stored.header.masks)
-    materialize(model, TensorRows(path), stored.header.masks, torch.device("cpu"), str(path))
+    SparseTraining(model, stored.header.meta.layers, stored.masks)
+    materialize(model, TensorRows(path), stored.masks, torch.device("cpu"), str(path))
     assert model.lm_head.weight is model.model.embed_tokens.weight  # to_empty alone unties them
     eager = model_from_checkpoint(load_checkpoint(path), weights="dense")
     assert torch.equal(model.lm_head.weight, eager.lm_head.weight)
