@@ -226,12 +226,17 @@ class SparseTraining:
         Args:
             keep: False on the ranks that only take part in gathering sharded weights (returns {}).
         """
-        out: dict[str, torch.Tensor] = {}
+        return dict(self.iter_dense(keep))
+
+    def iter_dense(self, keep: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """The dense weights one at a time (a sharded one gathered when reached), for writers that stream.
+
+        Every rank must drain it (the gathers are collectives); ranks with ``keep=False`` get nothing.
+        """
         for sp in self.params:
             full = _full(sp.dense.detach())
             if keep:
-                out[sp.param] = full.cpu().clone()
-        return out
+                yield sp.param, full.cpu().clone()
 
     def state_dict(self, masks: Mapping[str, torch.Tensor] | None = None, keep: bool = True) -> dict[str, torch.Tensor]:
         """The model's state dict under its own names, with effective weights ``M ⊙ W`` (CPU).
@@ -242,9 +247,20 @@ class SparseTraining:
             masks: the masks to apply; by default the ones in use.
             keep: False on the ranks that only take part in gathering sharded tensors (returns {}).
         """
+        out = dict(self.iter_state(masks, keep))
+        rank = {name: i for i, name in enumerate(self._order)}
+        return dict(sorted(out.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+    def iter_state(
+        self, masks: Mapping[str, torch.Tensor] | None = None, keep: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """:meth:`state_dict` one tensor at a time, in the model's ``state_dict`` order (a sharded tensor
+        gathered when reached), so a writer that streams never holds the whole model.
+
+        Every rank must drain it (the gathers are collectives); ranks with ``keep=False`` get nothing.
+        """
         renames = {f"{_prefix(sp)}parametrizations.{sp.attr}.original": sp.param for sp in self.params}
         use = masks if masks is not None else self.masks()
-        out: dict[str, torch.Tensor] = {}
         for name, value in self.model.state_dict().items():
             target = renames.get(name, name)
             value = _full(value.detach())
@@ -253,9 +269,7 @@ class SparseTraining:
             value = value.cpu()
             if target in use:
                 value = apply_mask(value, use[target].to(torch.bool))
-            out[target] = value.clone()
-        rank = {name: i for i, name in enumerate(self._order)}
-        return dict(sorted(out.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+            yield target, value.clone()
 
     def remove(self) -> None:
         """Remove the parametrizations: each module holds its dense weight as a plain parameter again."""

@@ -13,8 +13,9 @@ from typing import Any
 from nmcli.errors import (
     InputError,
 )
-from nmcli.formats.open import Form, classify, load_checkpoint
+from nmcli.formats.open import Form, classify
 from nmcli.formats.safetensors import sha256_file
+from nmcli.formats.sharded import check_output_directory, is_sharded_checkpoint
 from nmcli.formats.trainstate import load_trainstate, trainstate_path
 from nmcli.io import check_output_path
 from nmcli.models.batchnorm import has_batchnorm
@@ -23,6 +24,7 @@ from nmcli.models.sources import (
     default_output_path,
 )
 from nmcli.pipelines.sad import compare_masks
+from nmcli.pipelines.shardedout import is_directory_output
 from nmcli.pipelines.training import (
     EvalCallback,
     FinetuneConfig,
@@ -35,12 +37,13 @@ from nmcli.pipelines.training import (
     setup_session,
     train_loop,
 )
+from nmcli.pipelines.trainstart import open_start
 
 
 def _partial_of(candidate: Path, input_sha: str) -> bool:
     """Whether ``candidate`` is a partial checkpoint (with its sidecar) of a run on the input with ``input_sha``."""
     sidecar = trainstate_path(candidate)
-    if not (candidate.is_file() and sidecar.is_file()):
+    if not ((candidate.is_file() or is_sharded_checkpoint(candidate)) and sidecar.is_file()):
         return False
     with contextlib.suppress(InputError):
         state = load_trainstate(sidecar)
@@ -69,6 +72,13 @@ def _resume_source(out: Path, ckpt_path: Path, force: bool) -> Path | None:
     )
 
 
+def _default_output(ckpt_path: Path) -> Path:
+    """``X-ft.safetensors`` beside an nmcli/1 file; the directory ``X-ft`` beside a sharded checkpoint directory."""
+    if is_sharded_checkpoint(ckpt_path):
+        return default_output_path(str(ckpt_path), "ft", suffix="")
+    return default_output_path(str(ckpt_path), "ft")
+
+
 def finetune_config(options: Mapping[str, Any]) -> FinetuneConfig:
     """The :class:`FinetuneConfig` of a command line's options: one option per field, by name (others ignored).
 
@@ -93,9 +103,11 @@ def run_finetune(
     """``nmcli finetune``: train the checkpoint's sparse model with SR-STE and write the result.
 
     Args:
-        checkpoint: the nmcli/1 checkpoint to start from.
+        checkpoint: the nmcli/1 checkpoint (file, or sharded checkpoint directory) to start from.
         config: the run's options.
-        output: the output checkpoint (default ``<checkpoint>-ft.safetensors`` beside it).
+        output: the output checkpoint (default ``<checkpoint>-ft.safetensors`` beside it; for a sharded
+            directory input, the sharded directory ``<checkpoint>-ft`` in its layout unless ``output``
+            names a ``.safetensors`` file).
         force: overwrite an existing output (with ``resume``: one that is not a partial checkpoint of this run).
         arch: architecture source overriding the checkpoint's.
         trust: allow unpickling a pickled-module source.
@@ -115,18 +127,21 @@ def run_finetune(
     if cfg.eval_data:
         check_data_spec(cfg.eval_data, "--eval-data")
     ckpt_path = Path(checkpoint)
-    out = Path(output) if output else default_output_path(str(ckpt_path), "ft")
+    out = Path(output) if output else _default_output(ckpt_path)
     if out.resolve() == ckpt_path.resolve() and not resume:
         raise InputError(f"output {out} is also the input: choose another -o")
     resume_from = _resume_source(out, ckpt_path, force) if resume else None
-    check_output_path(out, force=force or resume_from is not None, inputs=[] if resume_from else [ckpt_path])
+    if is_directory_output(ckpt_path, out):  # a sharded input gives a sharded output in its layout
+        check_output_directory(out, force=force or resume_from is not None, inputs=[] if resume_from else [ckpt_path])
+    else:
+        check_output_path(out, force=force or resume_from is not None, inputs=[] if resume_from else [ckpt_path])
     _require_checkpoint(os.fspath(checkpoint))
-    start = load_checkpoint(ckpt_path)
-    if not start.masks:
+    start, stored = open_start(ckpt_path, shard=cfg.shard)  # fsdp under torchrun: metadata and masks only
+    if not start.meta.layers:
         raise InputError(f"{ckpt_path} has no pruned layers: prune it first (nmcli prune)")
     dist = init_distributed("cuda" if cfg.device.startswith("cuda") else "cpu")
     try:
-        session = setup_session(start, ckpt_path, out, resume_from, cfg, dist, arch, trust)
+        session = setup_session(start, ckpt_path, out, resume_from, cfg, dist, arch, trust, stored)
         if "before" not in session.evals:
             before = evaluate_session(session)
             if before is not None:

@@ -550,6 +550,13 @@ def _rebuild(ref: SourceRef, arch: str | None, trust: bool) -> nn.Module:
     return model
 
 
+def rebuild_architecture(ref: SourceRef, *, arch: str | None = None, trust: bool = False) -> nn.Module:
+    """A checkpoint's architecture without its weights: ``arch`` when given, else the recorded source
+    (whose code runs only with ``trust`` or the trust store). Under
+    :func:`~nmcli.models.skeleton.parameters_on_meta` its parameters are on the meta device."""
+    return _rebuild(ref, arch, trust)
+
+
 def load_source_model(ref: SourceRef, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
     """The model a checkpoint was pruned from, with the source's own (dense) weights.
 

@@ -7,7 +7,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,24 +22,17 @@ from nmcli.device import resolve_device
 from nmcli.errors import (
     DataError,
     InputError,
-    NmcliError,
     SourceError,
-    TrustRequiredError,
 )
 from nmcli.formats.checkpoint import Checkpoint, CheckpointMeta, history_record, save_checkpoint
-from nmcli.formats.open import load_checkpoint
 from nmcli.formats.safetensors import sha256_file
-from nmcli.formats.trainstate import TRAINSTATE_FORMAT, load_trainstate, save_trainstate, trainstate_path
+from nmcli.formats.trainstate import TRAINSTATE_FORMAT, save_trainstate, trainstate_path
 from nmcli.inputs import FLOAT_PRECISIONS, parse_input_spec
 from nmcli.models.batchnorm import batchnorm_buffers, has_batchnorm, recalibrate_batchnorm, restore_buffers
 from nmcli.models.data import Batch, TrainData, batches_of, check_batch_fits, load_data, split_data
 from nmcli.models.evaluation import evaluate
 from nmcli.models.sources import (
-    eval_mode,
     fixed_graph_kind,
-    load_model,
-    load_source_model,
-    model_from_checkpoint,
 )
 from nmcli.pipelines.distributed import (
     SHARD_MODES,
@@ -51,15 +44,13 @@ from nmcli.pipelines.distributed import (
     shard_model,
     sharded_state_path,
 )
+from nmcli.pipelines.materialize import StoredCheckpoint, materialize
 from nmcli.pipelines.sad import compare_masks
+from nmcli.pipelines.shardedout import drain, is_directory_output, tied_aliases, write_directory
+from nmcli.pipelines.trainstart import RESUME_KEYS, Start, load_start, load_teacher, meta_start, meta_teacher
 
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-4}
 BN_MODES = ("train", "freeze")
-# Options that must not change between a run and its --resume.
-_RESUME_KEYS = (
-    "data", "batch_size", "grad_accum", "optimizer", "schedule", "ste", "mask_interval", "seed", "bn", "eval_split",
-    "shard",
-)  # fmt: skip
 
 
 @dataclass
@@ -287,45 +278,6 @@ def _micro_batches(data: TrainData, cfg: FinetuneConfig, dist: _Dist, start: int
             raise DataError(f"--data {data.spec} produced no batches")
 
 
-def load_teacher(spec: str, ckpt: Checkpoint, *, arch: str | None = None, trust: bool = False) -> nn.Module | None:
-    """The teacher for ``--teacher auto|none|MODEL``.
-
-    ``auto`` is the dense model the checkpoint came from: its stored dense weights when it has them
-    and was never fine-tuned, else its source rebuilt with the source's own weights.
-    """
-    if spec == "none":
-        return None
-    if spec != "auto":
-        return _frozen(load_model(spec, trust=trust).model)
-    finetuned = any(record.get("command") == "finetune" for record in ckpt.meta.history)
-    if ckpt.dense and not finetuned:
-        return _frozen(model_from_checkpoint(ckpt, arch=arch, trust=trust, weights="dense"))
-    ref = ckpt.meta.source
-    try:
-        loaded = load_source_model(ref, arch=arch, trust=trust)
-    except TrustRequiredError:
-        raise  # the recorded source is code: the refusal names the flag to add
-    except NmcliError as exc:
-        if ckpt.dense:
-            return _frozen(model_from_checkpoint(ckpt, arch=arch, trust=trust, weights="dense"))
-        raise SourceError(
-            f"--teacher auto cannot rebuild the dense model from {ref.spec} ({exc}); "
-            "pass --teacher MODEL, or --teacher none to train on targets alone"
-        ) from exc
-    if loaded.checkpoint is not None:
-        raise SourceError(
-            f"--teacher auto: the source {ref.spec} is itself a sparse checkpoint: pass --teacher MODEL or none"
-        )
-    return _frozen(loaded.model)
-
-
-def _frozen(model: nn.Module) -> nn.Module:
-    model = eval_mode(model)  # a torch.export teacher refuses eval(): it runs as exported
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     """SGD (with ``momentum``) or AdamW; weight decay only on weights of two or more dimensions."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -362,42 +314,6 @@ def _history_args(checkpoint: str, cfg: FinetuneConfig, arch: str | None) -> dic
     args = {k: v for k, v in asdict(cfg).items()}
     args.update({"checkpoint": checkpoint, "arch": arch, "lr": cfg.effective_lr})
     return args
-
-
-@dataclass
-class _Start:
-    """Where training starts: the model with its dense weights, masks, history and step."""
-
-    model: nn.Module
-    masks: Mapping[str, torch.Tensor]
-    start_masks: Mapping[str, torch.Tensor]
-    history: list[dict[str, Any]]
-    step: int
-    teacher_ckpt: Checkpoint
-    state: dict[str, Any] | None = None
-
-
-def _load_start(
-    start: Checkpoint, resume_from: Path | None, out: Path, cfg: FinetuneConfig, arch: str | None, trust: bool
-) -> _Start:
-    if resume_from is None:
-        model = model_from_checkpoint(start, arch=arch, trust=trust, weights="dense")
-        return _Start(model, start.masks, start.masks, list(start.meta.history), 0, start)
-    state = load_trainstate(trainstate_path(resume_from))
-    changed = [k for k in _RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]
-    if changed:
-        raise InputError(
-            f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ(s) from the "
-            "interrupted run: use the same options to resume"
-        )
-    partial = load_checkpoint(resume_from)
-    model = model_from_checkpoint(partial, arch=arch, trust=trust, weights="dense")
-    if state.get("train_buffers"):
-        restore_buffers(model, state["train_buffers"])  # the statistics before the save's re-estimation
-    teacher_ckpt = start if resume_from == out else partial
-    return _Start(
-        model, state["masks"], state["start_masks"], list(state["history"]), int(state["step"]), teacher_ckpt, state
-    )
 
 
 @dataclass
@@ -509,7 +425,7 @@ class Session:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler | None
     autocast: Any
-    start: _Start
+    start: Start
     record_base: CheckpointMeta
     history_args: dict[str, Any]
     out: Path
@@ -541,8 +457,13 @@ def _check_trainable(model: nn.Module, ckpt: Checkpoint, arch: str | None) -> No
 
 def setup_session(
     start_ckpt: Checkpoint, ckpt_path: Path, out: Path, resume_from: Path | None, cfg: FinetuneConfig,
-    dist: _Dist, arch: str | None, trust: bool,
+    dist: _Dist, arch: str | None, trust: bool, stored: StoredCheckpoint | None = None,
 ) -> Session:  # fmt: skip
+    """Everything a run needs before its first step.
+
+    ``stored`` (``--shard fsdp`` under torchrun: :func:`~nmcli.pipelines.trainstart.open_start`) takes the
+    meta path: the model is built on the meta device, sharded, and each rank fills only its own shards.
+    """
     device = torch.device(resolve_device(cfg.device, current=dist.local_rank))  # cuda: this process's GPU
     if cfg.batch_size % dist.world:
         raise InputError(
@@ -550,7 +471,11 @@ def setup_session(
         )
     autocast_dtype, use_scaler = _precision(cfg, device)
     fsdp = cfg.shard == "fsdp" and dist.world > 1
-    begin = _load_start(start_ckpt, resume_from, out, cfg, arch, trust)
+    options = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    if stored is not None and fsdp:
+        begin = meta_start(stored, resume_from, out, options, arch, trust)
+    else:
+        begin = load_start(start_ckpt, resume_from, out, options, arch, trust)
     _check_trainable(begin.model, start_ckpt, arch)
     data = _load_data(cfg, start_ckpt, begin.model, arch)
     if begin.state is not None and int(begin.state["total_steps"]) != data.total:
@@ -558,30 +483,22 @@ def setup_session(
             f"--resume: the interrupted run had {begin.state['total_steps']} steps, this one {data.total}: "
             "use the same --steps/--epochs"
         )
-    teacher = load_teacher(cfg.teacher, begin.teacher_ckpt, arch=arch, trust=trust)
-    torch.manual_seed(cfg.seed)
-    sparse = SparseTraining(
-        begin.model, start_ckpt.meta.layers, begin.masks, lambda_w=cfg.effective_lambda,
-        mask_interval=cfg.mask_interval, refine_in_backward=False, step=begin.step,
-    )  # fmt: skip
-    model = begin.model.to(device)
-    if teacher is not None:
-        teacher.to(device)
     autocast = (
         (lambda: torch.autocast(device.type, dtype=autocast_dtype))
         if autocast_dtype is not None
         else contextlib.nullcontext
     )
     probe = next(_micro_batches(data.train, cfg, dist, begin.step * cfg.grad_accum)).to(device)
-    _check_fits(model, teacher, probe, data, cfg, autocast)
+    model, sparse, teacher = _prepare_models(begin, start_ckpt, cfg, device, fsdp, arch, trust)
+    if begin.rows is None:
+        _check_fits(model, teacher, probe, data, cfg, autocast)
     if fsdp:  # bf16: FSDP2's mixed precision (fp32 master weights) replaces autocast
-        if has_batchnorm(model):
-            raise InputError(
-                "--shard fsdp: the model has BatchNorm, whose statistics FSDP does not gather: use --shard ddp"
-            )
-        shard_model(model, sparse, teacher, bf16=autocast_dtype is not None, checkpointing=cfg.activation_checkpointing)
+        _shard(model, sparse, teacher, begin, cfg, autocast_dtype is not None, device)
         autocast = contextlib.nullcontext
     optimizer, scheduler, scaler = _optimizer_parts(model, cfg, data.total, device, use_scaler, begin, out, fsdp)
+    if begin.rows is not None:  # the meta path's models exist only now; FSDP2's lazy initialisation (in the
+        # first forward) must come after the optimizer is built, or the optimizer steps on stale parameters
+        _check_fits(model, teacher, probe, data, cfg, autocast)
     trained: nn.Module = model
     if dist.world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
@@ -599,8 +516,44 @@ def setup_session(
     return session
 
 
+def _prepare_models(
+    begin: Start, start_ckpt: Checkpoint, cfg: FinetuneConfig, device: torch.device, fsdp: bool, arch: str | None,
+    trust: bool,
+) -> tuple[nn.Module, SparseTraining, nn.Module | None]:  # fmt: skip
+    """The student under SR-STE and the teacher, on ``device`` (meta-path skeletons stay on the meta device)."""
+    if begin.rows is not None:
+        teacher, begin.teacher_rows = meta_teacher(cfg.teacher, begin, arch=arch, trust=trust)
+    else:
+        teacher = load_teacher(cfg.teacher, begin.teacher_ckpt, arch=arch, trust=trust)
+    torch.manual_seed(cfg.seed)
+    sparse = SparseTraining(
+        begin.model, start_ckpt.meta.layers, begin.masks, lambda_w=cfg.effective_lambda,
+        mask_interval=cfg.mask_interval, refine_in_backward=False, step=begin.step,
+    )  # fmt: skip
+    model = begin.model if begin.rows is not None else begin.model.to(device)
+    if teacher is not None and begin.teacher_rows is None:
+        teacher.to(device)
+    return model, sparse, teacher
+
+
+def _shard(
+    model: nn.Module, sparse: SparseTraining, teacher: nn.Module | None, begin: Start, cfg: FinetuneConfig,
+    bf16: bool, device: torch.device,
+) -> None:  # fmt: skip
+    """``fully_shard`` the student and teacher; on the meta path, then give each rank its shards from the files."""
+    if has_batchnorm(model):
+        raise InputError(
+            "--shard fsdp: the model has BatchNorm, whose statistics FSDP does not gather: use --shard ddp"
+        )
+    shard_model(model, sparse, teacher, bf16=bf16, checkpointing=cfg.activation_checkpointing)
+    if begin.rows is not None:
+        materialize(model, begin.rows, begin.masks, device, str(begin.rows.path))
+    if teacher is not None and begin.teacher_rows is not None:
+        materialize(teacher, begin.teacher_rows, {}, device, f"the teacher ({begin.teacher_rows.path})")
+
+
 def _optimizer_parts(
-    model: nn.Module, cfg: FinetuneConfig, total: int, device: torch.device, use_scaler: bool, begin: _Start,
+    model: nn.Module, cfg: FinetuneConfig, total: int, device: torch.device, use_scaler: bool, begin: Start,
     out: Path, fsdp: bool,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, torch.amp.GradScaler | None]:  # fmt: skip
     """The optimizer, schedule and loss scaler, with their state restored when resuming."""
@@ -727,13 +680,20 @@ def save_progress(session: Session, *, final: bool) -> None:
         after = evaluate_session(session)
         if after is not None:
             session.evals["after"] = after
-    tensors = sparse.state_dict(masks, keep=main)
-    dense = sparse.dense_weights(keep=main) if not (final and cfg.no_dense) else {}
+    if is_directory_output(session.ckpt_path, session.out):
+        _write_directory(session, final, masks, recalibrate)  # streamed: gather, write, free
+    else:
+        tensors = sparse.state_dict(masks, keep=main)
+        dense = sparse.dense_weights(keep=main) if not (final and cfg.no_dense) else {}
+        if main:
+            meta = _output_meta(session, final, masks, recalibrate)
+            result = Checkpoint(tensors=tensors, masks=masks, meta=meta, dense=dense)
+            same = session.out.resolve() == session.ckpt_path.resolve()
+            save_checkpoint(result, session.out, force=True, inputs=[] if same else [session.ckpt_path])
     if session.fsdp and not final:
         save_sharded(sharded_state_path(session.out), session.model, session.optimizer)
     if not main:
         return
-    _write_output(session, final, masks, tensors, dense, recalibrate)
     sidecar = trainstate_path(session.out)
     if final:
         sidecar.unlink(missing_ok=True)
@@ -743,10 +703,24 @@ def save_progress(session: Session, *, final: bool) -> None:
     save_trainstate(sidecar, _trainstate(session, train_buffers))
 
 
-def _write_output(
-    session: Session, final: bool, masks: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
-    dense: dict[str, torch.Tensor], recalibrate: bool,
-) -> None:  # fmt: skip
+def _write_directory(session: Session, final: bool, masks: dict[str, torch.Tensor], recalibrate: bool) -> None:
+    """Stream the model into a sharded checkpoint directory in the input's layout: every rank drains the
+    gathers (one tensor at a time), rank 0 writes each tensor and drops it."""
+    keep = session.dist.main
+    state = session.sparse.iter_state(masks, keep=keep)
+    dense = session.sparse.iter_dense(keep=keep) if not (final and session.cfg.no_dense) else iter(())
+    if not keep:
+        drain(state, dense)
+        return
+    same = session.out.resolve() == session.ckpt_path.resolve()
+    meta = _output_meta(session, final, masks, recalibrate)
+    skip = tied_aliases(session.model)
+    inputs = [] if same else [session.ckpt_path]
+    write_directory(session.out, session.ckpt_path, state, dense, masks, meta, skip=skip, inputs=inputs)
+
+
+def _output_meta(session: Session, final: bool, masks: dict[str, torch.Tensor], recalibrate: bool) -> CheckpointMeta:
+    """The output's metadata: the input's, with this run's history record (a partial one unless ``final``)."""
     cfg = session.cfg
     loss = session.losses[-1] if session.losses else None
     sad = compare_masks(session.start.start_masks, masks)
@@ -758,9 +732,7 @@ def _write_output(
     if not final:
         metrics.update({"partial": True, "total_steps": session.data.total})
     history = [*session.start.history, history_record("finetune", session.history_args, metrics)]
-    result = Checkpoint(tensors=tensors, masks=masks, meta=replace(session.record_base, history=history), dense=dense)
-    same = session.out.resolve() == session.ckpt_path.resolve()
-    save_checkpoint(result, session.out, force=True, inputs=[] if same else [session.ckpt_path])
+    return replace(session.record_base, history=history)
 
 
 def _trainstate(session: Session, train_buffers: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -775,7 +747,7 @@ def _trainstate(session: Session, train_buffers: dict[str, torch.Tensor]) -> dic
         "start_masks": {k: v.cpu() for k, v in session.start.start_masks.items()},
         "history": session.start.history,
         "rng": torch.get_rng_state(),
-        "config": {k: getattr(session.cfg, k) for k in _RESUME_KEYS},
+        "config": {k: getattr(session.cfg, k) for k in RESUME_KEYS},
         "input": str(session.ckpt_path),
         "input_sha256": session.input_sha,
         "train_buffers": {k: v.cpu() for k, v in train_buffers.items()},
