@@ -4,7 +4,9 @@ FSDP2 shards every block and the root; the result equals the same run on 1 proce
 global batch (masks identical, weights within 1e-5, SGD: AdamW's normalised steps amplify the
 reduction-order noise of any data-parallel run, DDP included); Ctrl-C to the torchrun group stops
 every rank at one step boundary and ``--resume`` continues bit-identically; the stored dense weights
-round-trip into a second run.
+round-trip into a second run. On a sharded checkpoint directory (HF shards + sidecar) each rank
+reads only its own rows onto a meta-device skeleton and rank 0 streams a sharded directory out in
+the input's layout, equal to the 1-process run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from safetensors.torch import save_file
 
 from nmcli.commands.prune import run_prune
 from nmcli.formats.open import load_checkpoint
+from nmcli.formats.sharded import INDEX, SIDECAR, is_sharded_checkpoint
 from nmcli.nm.masks import apply_mask
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (hf extra)")
@@ -82,6 +85,7 @@ def _run(cmd: list[str]) -> dict[str, Any]:
 def _assert_same(a_path: Path, b_path: Path, atol: float) -> None:
     a, b = load_checkpoint(a_path), load_checkpoint(b_path)
     assert set(a.masks) == set(b.masks) and a.masks
+    assert set(a.tensors) == set(b.tensors)
     for name in a.masks:
         assert torch.equal(a.masks[name], b.masks[name]), name
         torch.testing.assert_close(a.dense[name], b.dense[name], rtol=0, atol=atol, msg=name)
@@ -145,3 +149,48 @@ def test_fsdp_bf16_checkpointing_with_a_sharded_teacher_keeps_fp32_master_weight
     assert summary["steps"] == 2 and {"before", "after"} <= set(summary["eval"])  # evaluated on the sharded model
     tuned = load_checkpoint(out)
     assert all(tensor.dtype == torch.float32 for tensor in tuned.dense.values())
+
+
+def _pruned_folder(root: Path) -> Path:
+    """A tiny Llama saved in 30 KB shards, pruned 2:4 to a sharded checkpoint directory (with dense weights)."""
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "llama", max_shard_size="30KB")
+    pruned = root / "llama-2of4"
+    run_prune(f"hf:{root / 'llama'}", pattern="2:4", input_shape=_SHAPE, keep_dense=True, output=pruned)
+    assert is_sharded_checkpoint(pruned) and (pruned / INDEX).is_file()
+    return pruned
+
+
+def test_fsdp_sharded_directory_in_and_out_equals_one_process(tmp_path: Path) -> None:
+    pruned, data = _pruned_folder(tmp_path), _data(tmp_path)
+    fsdp_out, single_out = tmp_path / "fsdp", tmp_path / "single"
+    fsdp = _run([*_TORCHRUN, *_args(pruned, data, 3), "--shard", "fsdp", "-o", str(fsdp_out)])
+    single = _run([sys.executable, "-m", "nmcli", *_args(pruned, data, 3), "-o", str(single_out)])
+    assert fsdp["final_loss"] == pytest.approx(single["final_loss"], rel=1e-5)
+    assert fsdp["sad_vs_start"] == single["sad_vs_start"] > 0
+    for out in (fsdp_out, single_out):  # the input's layout: same shard files, index, config, sidecar
+        assert is_sharded_checkpoint(out)
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in pruned.iterdir())
+    assert (fsdp_out / INDEX).read_text() == (pruned / INDEX).read_text()
+    _assert_same(fsdp_out, single_out, atol=1e-5)
+    assert load_checkpoint(fsdp_out).dense
+    assert not (tmp_path / "fsdp.dcp").exists() and (fsdp_out / SIDECAR).is_file()
+    history = load_checkpoint(fsdp_out).meta.history
+    assert [record["command"] for record in history] == ["prune", "finetune"]
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_directory_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    pruned, data = _pruned_folder(tmp_path), _data(tmp_path)
+    args = [*_args(pruned, data, 30), "--shard", "fsdp"]
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    _interrupted([*_TORCHRUN, *args, "--log-every", "1", "-o", str(resumed)], after_step=3)
+    assert is_sharded_checkpoint(resumed) and (tmp_path / "resumed.dcp").is_dir()
+    assert (tmp_path / "resumed.trainstate.pt").is_file()
+    _run([*_TORCHRUN, *args, "--resume", "-o", str(resumed)])
+    _run([*_TORCHRUN, *args, "-o", str(straight)])
+    _assert_same(resumed, straight, atol=0.0)
