@@ -257,8 +257,9 @@ def _quiet_quantizer() -> Iterator[None]:
 
 @contextmanager
 def _calibrator_errors(method: str) -> Iterator[None]:
-    """A calibrator that fails on the data (onnxruntime's histograms refuse infinite values, such as
-    an attention mask's ``finfo.min`` path) is exit 2 with the method to use instead."""
+    """A calibrator that fails on the data (onnxruntime's histograms refuse infinite values; only the
+    tensors that get Q/DQ are calibrated, so an attention mask's ``finfo.min`` path no longer reaches
+    them, but a quantized input that overflows still would) is exit 2 with the method to use instead."""
     try:
         yield
     except ValueError as exc:
