@@ -378,15 +378,19 @@ def quantize_onnx(
         force: overwrite an existing output.
         inputs: input files that must not be overwritten.
 
+    For int8 the float graph is first smoothed (:func:`nmcli.export.smooth.smooth_model`); the
+    agreement check compares against the unsmoothed float file.
+
     Raises:
         InputError: a precision or method nmcli does not quantize to.
+        BackendUnavailableError: an onnxruntime whose ``quantize_static`` takes no calibration cache.
         CheckFailedError: a pruned layer's quantized weight is not N:M (nothing is written).
     """
     import inspect
     import tempfile
 
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static, save_tensors_data
+    from onnxruntime.quantization import quantize_static, save_tensors_data
 
     if precision not in QUANT_PRECISIONS or method not in CALIB_METHODS:
         raise InputError(f"cannot quantize to {precision} with --calib-method {method}")
@@ -397,19 +401,11 @@ def quantize_onnx(
         )
     source = onnx.load(str(float_path))
     quantize, exclude = quantization_plan(source)
-    qtype = QuantType.QInt8 if precision == "int8" else QuantType.QFLOAT8E4M3FN
-    extra = {
-        "ActivationSymmetric": True,
-        "WeightSymmetric": True,
-        "QuantizeBias": False,
-        "AddQDQPairToWeight": False,
-        "DedicatedQDQPair": False,
-        "OpTypesToExcludeOutputQuantization": [*_WEIGHTED, "Add"],  # inputs only: see quantized_inputs
-    }
     out_path = Path(out)
     with tempfile.TemporaryDirectory(prefix=".nmcli-qdq-", dir=out_path.parent) as stage:
         prepared, staged, ranges = Path(stage) / "float.onnx", Path(stage) / "qdq.onnx", Path(stage) / "ranges.json"
-        model = onnx.load(str(float_path))
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
         smoothing = smooth_model(model, quantize, calibration) if precision == "int8" else []
         onnx.save_model(model, str(prepared))
         with _quiet_quantizer(), _calibrator_errors(method):
@@ -417,21 +413,7 @@ def quantize_onnx(
             save_tensors_data(
                 calibrate_ranges(prepared, tensors, calibration, method=method, precision=precision), ranges
             )
-            quantize_static(
-                str(prepared),
-                str(staged),
-                None,
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=[*_WEIGHTED, "Add"],
-                nodes_to_exclude=exclude,
-                per_channel=precision == "int8",
-                reduce_range=False,
-                activation_type=qtype,
-                weight_type=qtype,
-                calibrate_method=_calibration_method(method, precision),
-                extra_options=extra,
-                calibration_cache_path=str(ranges),
-            )
+            _run_quantizer(prepared, staged, ranges, exclude, precision=precision, method=method)
         model = onnx.load(str(staged))
         layers = check_quantized_layers(model, pruned, patterns or {})
         _carry_metadata(source, model, layers, pruned, patterns or {}, precision, method)
@@ -448,6 +430,38 @@ def quantize_onnx(
         with atomic_output(out_path, force=force, inputs=inputs) as tmp:
             onnx.save_model(model, str(tmp))
     return result
+
+
+def _run_quantizer(
+    prepared: Path, staged: Path, ranges: Path, exclude: Sequence[str], *, precision: str, method: str
+) -> None:
+    """onnxruntime's ``quantize_static`` on ``prepared`` with the calibrated ``ranges`` (its cache file)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    qtype = QuantType.QInt8 if precision == "int8" else QuantType.QFLOAT8E4M3FN
+    extra = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "QuantizeBias": False,
+        "AddQDQPairToWeight": False,
+        "DedicatedQDQPair": False,
+        "OpTypesToExcludeOutputQuantization": [*_WEIGHTED, "Add"],  # inputs only: see quantized_inputs
+    }
+    quantize_static(
+        str(prepared),
+        str(staged),
+        None,
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=[*_WEIGHTED, "Add"],
+        nodes_to_exclude=list(exclude),
+        per_channel=precision == "int8",
+        reduce_range=False,
+        activation_type=qtype,
+        weight_type=qtype,
+        calibrate_method=_calibration_method(method, precision),
+        extra_options=extra,
+        calibration_cache_path=str(ranges),
+    )
 
 
 def _smoothing_notes(smoothing: Sequence[Smoothing]) -> list[str]:
