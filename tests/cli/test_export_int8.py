@@ -92,6 +92,13 @@ def test_int8_export_keeps_2of4_in_int8_weights_and_agrees_with_float(mlp: tuple
         assert inits[layer["initializer"]].data_type == onnx.TensorProto.INT8
     zero_points = [onnx.numpy_helper.to_array(i) for n, i in inits.items() if n.endswith("zero_point")]
     assert zero_points and all((z == 0).all() for z in zero_points)  # symmetric, as TensorRT wants
+    # GEMM inputs only: no quantizer on a Gemm/MatMul's raw output (before its bias and activation)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    quantized = [producers.get(n.input[0]) for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert not [p.name for p in quantized if p is not None and p.op_type in ("Gemm", "MatMul", "Conv")]
+    smoothing = quant["smoothing"]
+    assert smoothing and quant["smoothed_inputs"] == sum(item["alpha"] is not None for item in smoothing)
+    assert all(item["smoothed_int8_error"] <= item["int8_error"] for item in smoothing)
     assert runner.invoke(app, ["inspect", str(out), "--strict"]).exit_code == 0
 
 

@@ -87,3 +87,59 @@ def test_compare_outputs_reports_agreement_or_why_it_was_skipped() -> None:
     assert check.examples == 6 and check.cosine is not None and abs(check.cosine - 1) < 1e-6
     assert check.top1 == 1.0
     assert "cosine" in check.summary() and QuantCheck(skipped="x").summary().startswith("numerical check skipped")
+
+
+def _masked_attention_graph() -> onnx.ModelProto:
+    """x -> MatMul(w) -> +bias -> scores; scores + (1 - mask) * finfo.min -> Softmax: a BERT-like mask path."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(np.ones(8, np.float32), "bias")
+    one = numpy_helper.from_array(np.array(1.0, np.float32), "one")
+    lowest = numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "lowest")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+        helper.make_node("Add", ["h", "bias"], ["hb"], name="bias_add"),
+        helper.make_node("Sub", ["one", "mask"], ["inv"], name="invert"),
+        helper.make_node("Mul", ["inv", "lowest"], ["ext"], name="extend"),
+        helper.make_node("Add", ["hb", "ext"], ["masked"], name="mask_add"),
+        helper.make_node("Softmax", ["masked"], ["y"], name="softmax", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["b", 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+        [w, bias, one, lowest],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _masked_feeds(n: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    mask = np.ones((1, 8), np.float32)
+    mask[0, 6:] = 0.0  # padding: the extended mask holds finfo.min there
+    return [{"x": rng.standard_normal((1, 8)).astype(np.float32), "mask": mask} for _ in range(n)]
+
+
+def test_only_the_quantized_inputs_are_calibrated_so_histograms_survive_a_mask_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nmcli.export.quantize import calibrate_ranges, quantize_onnx, quantized_inputs
+
+    model = _masked_attention_graph()
+    path = tmp_path / "float.onnx"
+    onnx.save_model(model, str(path))
+    quantize, _ = quantization_plan(model)
+    assert quantize == ["proj"] and quantized_inputs(model, quantize) == {"x"}
+    for method in ("max", "percentile", "entropy"):
+        ranges = calibrate_ranges(path, {"x"}, _masked_feeds(8), method=method, precision="int8")
+        assert set(ranges.keys()) == {"x"}
+        result = quantize_onnx(
+            path, tmp_path / f"{method}.onnx", _masked_feeds(16), _masked_feeds(4), precision="int8", method=method
+        )
+        qdq = onnx.load(str(tmp_path / f"{method}.onnx"))
+        quantized = [n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"]
+        # the GEMM's input only: no Q/DQ on its raw output (before the bias), none on the mask path
+        assert quantized and all(name.startswith("x") for name in quantized), quantized
+        assert result.check.cosine is not None and result.check.cosine > 0.99
