@@ -13,7 +13,7 @@ from torch import nn
 from nmcli.algorithms.config import CalibrationConfig, LayerOutcome
 from nmcli.algorithms.solve import solve_layer
 from nmcli.algorithms.statistics import Collector
-from nmcli.algorithms.threads import torch_threads
+from nmcli.algorithms.threads import ThreadPace
 from nmcli.errors import DataError, InputError
 from nmcli.memory import map_large_allocations, trim_heap
 from nmcli.models.batchnorm import has_batchnorm, model_call_kwargs, recalibrate_batchnorm
@@ -208,9 +208,11 @@ class _Pruner:
         self.model, self.pattern, self.method, self.cfg = model, pattern, method, cfg
         self.total, self.progress = total, progress
         self.result = OneShotResult()
+        self.pace = ThreadPace(cfg.device)
 
     def stage(self, label: str) -> None:
-        """Report the start of a block or stage (``label``) through the progress callback."""
+        """Start a block or stage (``label``): re-choose the thread count and report it through the progress callback."""
+        self.pace.adjust()
         if self.progress is not None:
             self.progress(len(self.result.outcomes), self.total, label)
 
@@ -268,9 +270,8 @@ def prune_calibrated(
         map_large_allocations()
     moved = [b.to(device) for b in batches]
     pruner = _Pruner(model, pattern, method, cfg, len(layers), progress)
-    # one CPU thread: the same activations, statistics and solves, to the bit, whatever the thread count
     try:
-        with torch.no_grad(), torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+        with torch.no_grad():
             blocks = find_blocks(model, layers)
             if moved:  # streamed blocks are on the meta device: run only as far as the first one
                 streamed = blocks is not None and block_io is not None
@@ -308,6 +309,7 @@ def prune_calibrated(
                 recalibrate_batchnorm(model, moved)
                 pruner.result.bn_recalibrated = True
     finally:
+        pruner.pace.close()
         if block_io is None:
             model.to("cpu")
         model.train(was_training)
@@ -410,19 +412,35 @@ def _prune_in_module(
     pruner: _Pruner,
     done: set[str],
 ) -> None:
-    """Prune the ``layers`` inside ``module`` group by group, running only ``module`` on its captured ``inputs``."""
-    for group in _sequential_groups(model, module, layers, inputs[0]):
+    """Prune the ``layers`` inside ``module`` group by group, running only ``module`` on its captured ``inputs``.
+
+    Each group's pass stops where the next group's first layer is called (when no layer of the group
+    runs after that point): the rest of the block cannot change the group's statistics, and skipping
+    it halves the forward work of a transformer block.
+    """
+    modules = dict(model.named_modules())
+    for group, stop in _sequential_groups(model, module, layers, inputs[0]):
         collector = Collector(model, group)
+        handle = modules[stop].register_forward_pre_hook(_stop_forward) if stop is not None else None
         try:
             for inp in inputs:
                 collector.token_mask = inp.token_mask
-                module(*inp.args, **inp.kwargs)
+                try:
+                    module(*inp.args, **inp.kwargs)
+                except _StopForward:
+                    pass
         finally:
             collector.remove()
+            if handle is not None:
+                handle.remove()
         pruner.prune(group, collector)
         done.update(cand.param for cand in group)
         del collector
         trim_heap()
+
+
+def _stop_forward(*_: Any) -> None:
+    raise _StopForward
 
 
 def _block_slot(
@@ -447,21 +465,25 @@ def _block_slot(
 
 def _sequential_groups(
     model: nn.Module, block: nn.Module, layers: Sequence[LayerCandidate], sample: _BlockInput
-) -> list[list[LayerCandidate]]:
+) -> list[tuple[list[LayerCandidate], str | None]]:
     """The block's layers in the order they run, grouped by shared input (q, k and v read the same tensor).
 
     Each group is pruned before the next one collects its statistics, so the attention output
     projection sees the pruned q/k/v and the MLP's down projection the pruned up projection
-    (SparseGPT's "true sequential" order). Layers that never run form a last group.
+    (SparseGPT's "true sequential" order). Layers that never run form a last group. Each group
+    comes with the module whose call ends its statistics (the next group's first layer), or None
+    when a layer of the group also runs after that call (a shared layer called twice) or none follows.
     """
     modules = dict(model.named_modules())
     seen: list[tuple[str, Any]] = []
+    calls: list[str] = []
     handles = []
     for module_name in dict.fromkeys(cand.module for cand in layers):
 
         def hook(mod: nn.Module, args: tuple[Any, ...], name: str = module_name) -> None:
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             key = x  # the tensor itself, held: an address freed and reused would group unrelated inputs
+            calls.append(name)
             if all(name != done for done, _ in seen):
                 seen.append((name, key))
 
@@ -471,18 +493,23 @@ def _sequential_groups(
     finally:
         for handle in handles:
             handle.remove()
-    groups: list[list[LayerCandidate]] = []
+    grouped: list[list[str]] = []
     keys: list[Any] = []
     for module_name, key in seen:
-        members = [cand for cand in layers if cand.module == module_name]
         if key is not None and keys and keys[-1] is key:
-            groups[-1].extend(members)
+            grouped[-1].append(module_name)
         else:
-            groups.append(members)
+            grouped.append([module_name])
             keys.append(key)
-    ran = {module_name for module_name, _ in seen}
+    groups: list[tuple[list[LayerCandidate], str | None]] = []
+    for index, names in enumerate(grouped):
+        stop = grouped[index + 1][0] if index + 1 < len(grouped) else None
+        if stop is not None and any(name in names for name in calls[calls.index(stop) :]):
+            stop = None
+        groups.append(([cand for name in names for cand in layers if cand.module == name], stop))
+    ran = set(calls)
     rest = [cand for cand in layers if cand.module not in ran]
-    return [*groups, rest] if rest else groups
+    return [*groups, (rest, None)] if rest else groups
 
 
 def _prune_stages(
