@@ -280,7 +280,7 @@ def prune_calibrated(
                     model, moved[0], f"--calib {cfg.spec}", extra=model_call_kwargs(model), stop_before=first
                 )
             done: set[str] = set()
-            outputs: list[Any] | None = [] if block_io is not None else None
+            outputs: list[Any] | None = [] if block_io is not None or _replayable(model, blocks, layers) else None
             slot = _block_slot(model, blocks[1], moved, block_io) if blocks is not None and moved else None
             if blocks is not None and slot is not None:
                 _prune_blocks(model, blocks[1], layers, moved, pruner, done, slot, block_io, outputs)
@@ -300,7 +300,7 @@ def prune_calibrated(
                     "skips across them or calls them out of order)"
                 )
             rest = [cand for cand in layers if cand.param not in done]
-            if rest and block_io is not None and blocks is not None and outputs is not None:
+            if rest and blocks is not None and outputs is not None and (outputs or block_io is not None):
                 with _replaying(model, blocks[0], outputs, moved):
                     _prune_stages(model, rest, moved, pruner, done, cfg, capture=False)
             elif rest:
@@ -314,6 +314,25 @@ def prune_calibrated(
             model.to("cpu")
         model.train(was_training)
     return pruner.result
+
+
+def _replayable(model: nn.Module, blocks: tuple[str, list[str]] | None, layers: Sequence[LayerCandidate]) -> bool:
+    """Whether the layers outside the blocks can be pruned with the blocks replaying their last outputs.
+
+    True when every such layer is defined after the blocks (a pooler, a head: they run after them) and
+    the model has no BatchNorm (whose re-estimation must run the blocks): then one pass per stage costs
+    the layers outside the blocks only, instead of a forward of the whole model, with the same inputs.
+    """
+    if blocks is None or has_batchnorm(model):
+        return False
+    names = [name for name, _ in model.named_modules()]
+    last_block = names.index(blocks[1][-1])
+    position = {name: index for index, name in enumerate(names)}
+    return all(
+        position.get(cand.module, -1) > last_block and not _inside(cand.module, blocks[0])
+        for cand in layers
+        if not any(_inside(cand.module, block) for block in blocks[1])
+    )
 
 
 class _Replay(nn.Module):

