@@ -13,7 +13,9 @@ printed as recorded constants (they are not run here).
 ``--bert-base`` also times a random-init BERT-base-size encoder (12 x 768, 85M prunable weights,
 MiniLM's tokenizer) to show how the costs scale; its cosine means nothing (random weights).
 
-    python benchmarks/calibrated_speed.py [--rounds 2] [--calib-samples 128] [--bert-base]
+``--baseline CHECKOUT`` runs another nmcli checkout's prunes in the same rounds (before/after).
+
+    python benchmarks/calibrated_speed.py [--rounds 2] [--calib-samples 128] [--bert-base] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -60,45 +62,44 @@ def _load() -> str:
     return f"load {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} cores"
 
 
-def _prune(spec: str, method: str, calib: Path, samples: int, out: Path) -> tuple[float, float]:
-    """``nmcli prune`` in a fresh process: its wall seconds and the CPU seconds it used."""
+def _prune(spec: str, method: str, calib: Path, samples: int, out: Path, tree: Path) -> tuple[float, float]:
+    """``nmcli prune`` of the checkout ``tree`` in a fresh process: its wall seconds and the CPU seconds it used."""
     args = [sys.executable, "-m", "nmcli", "prune", spec, "-p", "2:4", "--method", method, "-o", str(out), "--force"]
     if method != "magnitude":
         args += ["--calib", f"text:{calib}", "--calib-samples", str(samples)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = time.perf_counter()
-    subprocess.run(args, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    subprocess.run(args, check=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True)
     wall = time.perf_counter() - wall
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 def _rounds(name: str, spec: str, work: Path, calib: Path, args: argparse.Namespace, score: object) -> None:
-    """``args.rounds`` rounds of the three methods on ``spec``: one line per prune, then the medians."""
-    walls: dict[str, list[float]] = {m: [] for m in METHODS}
-    ratios: dict[str, list[float]] = {m: [] for m in METHODS}
+    """``args.rounds`` rounds of the three methods on ``spec`` (and of ``--baseline``): one line per prune, then medians."""
+    trees = [("", ROOT)] + ([("baseline ", Path(args.baseline))] if args.baseline else [])
+    runs = [(label + method, method, tree) for label, tree in trees for method in METHODS]
+    walls: dict[str, list[float]] = {key: [] for key, _, _ in runs}
+    ratios: dict[str, list[float]] = {key: [] for key, _, _ in runs}
     cosines: dict[str, float] = {}
     for round_ in range(args.rounds):
-        for method in METHODS:
-            out = work / f"{name}-{method}.safetensors"
-            wall, cpu = _prune(spec, method, calib, args.calib_samples, out)
-            walls[method].append(wall)
-            ratios[method].append(wall / walls["magnitude"][-1])
-            if method not in cosines and callable(score):
-                cosines[method] = score(load_model(str(out)).model.eval())
-            cosine = f"cosine {cosines[method]:.4f}" if method in cosines else ""
+        for key, method, tree in runs:
+            out = work / f"{name}-{key}.safetensors".replace(" ", "-")
+            wall, cpu = _prune(spec, method, calib, args.calib_samples, out, tree)
+            walls[key].append(wall)
+            ratios[key].append(wall / walls[key.replace(method, "magnitude")][-1])
+            if key not in cosines and callable(score):
+                cosines[key] = score(load_model(str(out)).model.eval())
+            cosine = f"cosine {cosines[key]:.4f}" if key in cosines else ""
             print(
-                f"{name} round {round_ + 1} {method:9s} wall {wall:6.1f} s  cpu {cpu:6.1f} s  "
-                f"x{ratios[method][-1]:.2f} magnitude  {cosine}  [{_load()}]",
+                f"{name} round {round_ + 1} {key:18s} wall {wall:6.1f} s  cpu {cpu:6.1f} s  "
+                f"x{ratios[key][-1]:.2f} magnitude  {cosine}  [{_load()}]",
                 flush=True,
             )
     print(f"\n| {name} 2:4 | median wall | median ratio to magnitude | held-out cosine |\n|---|---|---|---|")
-    for method in METHODS:
-        cosine = f"{cosines[method]:.4f}" if method in cosines else "-"
-        print(
-            f"| {method} | {statistics.median(walls[method]):.1f} s | "
-            f"{statistics.median(ratios[method]):.2f}x | {cosine} |"
-        )
+    for key, _, _ in runs:
+        cosine = f"{cosines[key]:.4f}" if key in cosines else "-"
+        print(f"| {key} | {statistics.median(walls[key]):.1f} s | {statistics.median(ratios[key]):.2f}x | {cosine} |")
     print()
 
 
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--bert-base", action="store_true", help="also time a random-init BERT-base-size encoder")
+    parser.add_argument("--baseline", metavar="CHECKOUT", help="also run another nmcli checkout (e.g. a main worktree)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {_load()}\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
