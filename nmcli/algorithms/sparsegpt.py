@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from nmcli.algorithms.config import CalibrationConfig, Solved
-from nmcli.algorithms.threads import serial
 from nmcli.errors import InputError
 from nmcli.nm.masks import nm_mask
 from nmcli.nm.pattern import Pattern
@@ -92,16 +91,6 @@ def _refit_rows(weight: torch.Tensor, system: torch.Tensor, mask: torch.Tensor, 
     w = weight * keep
     if iterations <= 0:
         return w
-    if weight.shape[0] == 1:  # a sum over one row's many columns is split by thread: one row runs on one
-        with serial(weight.device):
-            return _conjugate_gradients(weight, system, keep, w, iterations)
-    return _conjugate_gradients(weight, system, keep, w, iterations)
-
-
-def _conjugate_gradients(
-    weight: torch.Tensor, system: torch.Tensor, keep: torch.Tensor, w: torch.Tensor, iterations: int
-) -> torch.Tensor:
-    """:func:`_refit_rows`' iterations from ``w``: each row's sums on one thread, whatever the thread count."""
     residual = (weight @ system).mul_(keep)
     residual.sub_((w @ system).mul_(keep))
     direction = residual.clone()
@@ -132,26 +121,25 @@ def _dampened_inverse_cholesky(
     ``gram`` back, e.g. from a file), ``gram`` itself is that working copy: it is consumed, and
     ``reload`` feeds any retry with more damping.
     """
-    with serial(gram.device):  # LAPACK's factorizations give other bits on other thread counts
-        diag = gram.diagonal()
-        dead = diag <= 0
-        alive_mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
-        factor = damp if damp > 0 else 0.0
-        info = torch.zeros((), dtype=torch.int32, device=gram.device)
-        for attempt in range(8):
-            fresh = reload if reload is not None else lambda: gram.to(torch.float64).clone()
-            h = gram if reload is not None and attempt == 0 else fresh()
-            h[dead, dead] = alive_mean
-            mean_diag = float(h.diagonal().mean())
-            h.diagonal().add_(factor * mean_diag)
-            torch.linalg.cholesky_ex(h, out=(h, info))
+    diag = gram.diagonal()
+    dead = diag <= 0
+    alive_mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
+    factor = damp if damp > 0 else 0.0
+    info = torch.zeros((), dtype=torch.int32, device=gram.device)
+    for attempt in range(8):
+        fresh = reload if reload is not None else lambda: gram.to(torch.float64).clone()
+        h = gram if reload is not None and attempt == 0 else fresh()
+        h[dead, dead] = alive_mean
+        mean_diag = float(h.diagonal().mean())
+        h.diagonal().add_(factor * mean_diag)
+        torch.linalg.cholesky_ex(h, out=(h, info))
+        if int(info) == 0:
+            torch.cholesky_inverse(h, out=h)
+            torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
             if int(info) == 0:
-                torch.cholesky_inverse(h, out=h)
-                torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
-                if int(info) == 0:
-                    return h
-            del h
-            factor = max(factor * 10, 1e-6)
+                return h
+        del h
+        factor = max(factor * 10, 1e-6)
     raise InputError(
         "the calibration inputs give a Hessian that stays singular even with heavy damping: "
         "use more --calib-samples or a larger --damp"
@@ -162,13 +150,7 @@ def error_terms(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -
     """``(||(W - W~) X||^2, ||W X||^2)`` on the calibration inputs, from their Gram matrix ``X^T X`` (matrices ``[rows, cols]``)."""
     d = dense.to(torch.float64)
     delta = d - pruned.to(torch.float64)
-    return _total((delta @ gram).mul_(delta)), _total((d @ gram).mul_(d))
-
-
-def _total(values: torch.Tensor) -> float:
-    """The sum of ``values`` on one CPU thread: torch splits a sum to one number by thread."""
-    with serial(values.device):
-        return float(values.sum())
+    return float(((delta @ gram) * delta).sum()), float(((d @ gram) * d).sum())
 
 
 def solve_sparsegpt(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig) -> Solved:
@@ -218,8 +200,7 @@ def solve_sparsegpt(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cf
     del solved
     diagonal = gram.diagonal()
     undamped = diagonal.clone()
-    with serial(gram.device):
-        damping = cfg.damp * float(undamped.mean())
+    damping = cfg.damp * float(undamped.mean())
     for (rows, dense), mask in zip(row_chunks(part, _REFIT_COPIES), _resliced(masks, part, _REFIT_COPIES), strict=True):
         diagonal.add_(damping)
         try:
