@@ -16,7 +16,9 @@ DEFAULT_CALIB_SAMPLES = 128
 DEFAULT_DAMP = 0.01
 DEFAULT_BLOCK_SIZE = 128
 CALIB_BATCH_SIZE = 16
-DEFAULT_REFIT_ITERATIONS = 50
+# Conjugate-gradient steps of the kept-weight refit: on MiniLM 2:4, 10 steps hold out as well as 50
+# (embedding cosine 0.887-0.889 against 0.885) at a fifth of the cost (issue 24).
+DEFAULT_REFIT_ITERATIONS = 10
 # Layer kinds whose inputs the hooks can collect; others (3-D expert stacks) fall back to magnitude.
 CALIBRATED_KINDS = frozenset({LINEAR, CONV, HF_CONV1D, MHA})
 

@@ -1,0 +1,80 @@
+"""Block-by-block calibration stops each group's pass early only when that cannot change its statistics,
+and the layers after the blocks see what the whole pruned model would feed them (issue 24)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nmcli.algorithms.config import CalibrationConfig
+from nmcli.formats.checkpoint import SourceRef
+from nmcli.models.data import Batch
+from nmcli.nm.masks import nm_mask
+from nmcli.nm.pattern import parse_pattern
+from nmcli.pipelines.blocks import PATH_BLOCKS
+from nmcli.pipelines.inmemory import prune_model
+
+P24 = parse_pattern("2:4")
+
+
+class _Reuse(nn.Module):
+    """``fc1`` runs before and after ``fc2``: its statistics need the whole pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8, bias=False)
+        self.fc2 = nn.Linear(8, 8, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc1(self.fc2(self.fc1(x)))
+
+
+class _Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_Reuse(), _Reuse()])
+        self.head = nn.Linear(8, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _wanda(weight: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """Wanda's mask by hand: |W| times the L2 norm of each input column over every call's inputs."""
+    norms = sum(x.double().pow(2).sum(0) for x in inputs)
+    assert isinstance(norms, torch.Tensor)
+    return nm_mask(weight.double().abs() * norms.sqrt().unsqueeze(0), P24, 1)
+
+
+def test_a_layer_called_again_after_the_next_group_keeps_all_its_inputs() -> None:
+    torch.manual_seed(0)
+    model = _Stack().eval()
+    x = torch.randn(64, 8) * torch.tensor([10.0, 0.1] * 4)  # column norms that fc2's outputs do not share
+    block = model.blocks[0]
+    with torch.no_grad():
+        second = block.fc2(block.fc1(x))
+    expected = _wanda(block.fc1.weight, x, second)
+    assert not torch.equal(expected, _wanda(block.fc1.weight, x))  # the second call's inputs decide the mask
+    result = prune_model(
+        model, P24, source=SourceRef("py:x:y"), method="wanda", calibration=CalibrationConfig(spec="tensors:x"),
+        batches=[Batch((x[:32],)), Batch((x[32:],))],
+    )  # fmt: skip
+    assert result.calibration_path == PATH_BLOCKS
+    assert torch.equal(result.checkpoint.masks["blocks.0.fc1.weight"], expected)
+
+
+def test_the_head_after_the_blocks_sees_the_pruned_blocks_outputs() -> None:
+    torch.manual_seed(1)
+    model = _Stack().eval()
+    x = torch.randn(64, 8)
+    result = prune_model(
+        model, P24, source=SourceRef("py:x:y"), method="wanda", calibration=CalibrationConfig(spec="tensors:x"),
+        batches=[Batch((x[:32],)), Batch((x[32:],))],
+    )  # fmt: skip
+    pruned = _Stack().eval()
+    pruned.load_state_dict(result.checkpoint.tensors)
+    with torch.no_grad():
+        hidden = pruned.blocks[1](pruned.blocks[0](x))
+    assert torch.equal(result.checkpoint.masks["head.weight"], _wanda(model.head.weight, hidden))
