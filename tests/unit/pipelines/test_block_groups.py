@@ -3,12 +3,16 @@ and the layers after the blocks see what the whole pruned model would feed them 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from nmcli.algorithms.config import CalibrationConfig
+from nmcli.algorithms.solve import solve_layer
+from nmcli.algorithms.statistics import Segment
 from nmcli.formats.checkpoint import SourceRef
 from nmcli.models.data import Batch
+from nmcli.models.layers import LINEAR, LayerCandidate
 from nmcli.nm.masks import nm_mask
 from nmcli.nm.pattern import parse_pattern
 from nmcli.pipelines.blocks import PATH_BLOCKS
@@ -48,17 +52,32 @@ def _wanda(weight: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
     return nm_mask(weight.double().abs() * norms.sqrt().unsqueeze(0), P24, 1)
 
 
-def test_a_layer_called_again_after_the_next_group_keeps_all_its_inputs() -> None:
+def _sparsegpt(weight: torch.Tensor, *calls: torch.Tensor) -> torch.Tensor:
+    """SparseGPT's mask from the Gram matrix of ``calls`` (added in the order the pipeline sees them)."""
+    segment = Segment(slice(None))
+    for x in calls:
+        segment.add(x)
+    cand = LayerCandidate("blocks.0.fc1", "blocks.0.fc1.weight", LINEAR, tuple(weight.shape), 1, True, "")
+    return solve_layer(weight.detach(), cand, [segment], P24, "sparsegpt", CalibrationConfig(spec="tensors:x")).mask
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_layer_called_again_after_the_next_group_keeps_all_its_inputs(method: str) -> None:
+    """Wanda collects the whole dense block in one pass; SparseGPT's group pass for fc1 must not stop at fc2."""
     torch.manual_seed(0)
     model = _Stack().eval()
     x = torch.randn(64, 8) * torch.tensor([10.0, 0.1] * 4)  # column norms that fc2's outputs do not share
     block = model.blocks[0]
     with torch.no_grad():
         second = block.fc2(block.fc1(x))
-    expected = _wanda(block.fc1.weight, x, second)
-    assert not torch.equal(expected, _wanda(block.fc1.weight, x))  # the second call's inputs decide the mask
+    if method == "wanda":
+        expected = _wanda(block.fc1.weight, x, second)
+        assert not torch.equal(expected, _wanda(block.fc1.weight, x))  # the second call's inputs decide the mask
+    else:
+        expected = _sparsegpt(block.fc1.weight, x[:32], second[:32], x[32:], second[32:])
+        assert not torch.equal(expected, _sparsegpt(block.fc1.weight, x[:32], x[32:]))
     result = prune_model(
-        model, P24, source=SourceRef("py:x:y"), method="wanda", calibration=CalibrationConfig(spec="tensors:x"),
+        model, P24, source=SourceRef("py:x:y"), method=method, calibration=CalibrationConfig(spec="tensors:x"),
         batches=[Batch((x[:32],)), Batch((x[32:],))],
     )  # fmt: skip
     assert result.calibration_path == PATH_BLOCKS
