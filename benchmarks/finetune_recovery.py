@@ -41,7 +41,7 @@ def _setup(work: Path, name: str, factory: str, images: bool, pattern: str) -> t
     save_file({"inputs": x_train, "targets": y_train}, str(train))
     save_file({"inputs": x_test, "targets": y_test}, str(test))
     pruned = work / f"{name}-pruned.safetensors"
-    arch = f"py:{ROOT / 'tests' / 'models.py'}:{factory}"
+    arch = f"py:{ROOT / 'fixtures' / 'models.py'}:{factory}"
     run_prune(str(weights), arch=arch, pattern=pattern, keep_dense=True, output=pruned, force=True)
     return pruned, f"tensors:{train}", f"tensors:{test}", dense
 

@@ -81,7 +81,7 @@ def digits_mlp(work: Path, samples: int) -> list[tuple[str, ...]]:
     save_file({"inputs": x_train[:samples].contiguous()}, str(calib))
     rows = [("digits MLP", "dense", "-", f"acc {100 * accuracy(model, x_test, y_test):.2f}", "")]
     print(*rows[-1], sep=" | ", flush=True)
-    arch = f"py:{ROOT / 'tests' / 'models.py'}:tiny_mlp"
+    arch = f"py:{ROOT / 'fixtures' / 'models.py'}:tiny_mlp"
     for pattern in ("2:4", "1:4"):
         for method in METHODS:
             cfg = CalibrationConfig(spec=f"tensors:{calib}", samples=samples) if method != "magnitude" else None
@@ -106,7 +106,7 @@ def digits_cnn(work: Path, samples: int) -> list[tuple[str, ...]]:
     save_file({"inputs": images_train[:samples].contiguous()}, str(calib))
     rows = [("digits BN-CNN", "dense", "-", f"acc {100 * accuracy(model, images_test, y_test):.2f}", "")]
     print(*rows[-1], sep=" | ", flush=True)
-    arch = f"py:{ROOT / 'tests' / 'models.py'}:digits_bn_cnn"
+    arch = f"py:{ROOT / 'fixtures' / 'models.py'}:digits_bn_cnn"
     for method in METHODS:
         for recal in (False, True):
             cfg = CalibrationConfig(spec=f"tensors:{calib}", samples=samples, bn_recalibrate=recal)
