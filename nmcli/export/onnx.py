@@ -254,55 +254,41 @@ def _dynamic_axes(
     return axes
 
 
-def _torchscript_export(
-    wrapper: nn.Module,
-    args: tuple[torch.Tensor, ...],
-    path: Path,
-    names: list[str],
-    outputs: list[str],
-    axes: Any,
-    opset: int,
-) -> None:
+def _torchscript_export(traced: _Traced, path: Path, opset: int) -> None:
+    wrapper = traced.wrapper
     if fixed_graph_kind(wrapper) == "TorchScript":
         # The TorchScript exporter refuses a Python module that calls a loaded ScriptModule ("not
         # part of the active trace"), but exports a ScriptModule: trace the wrapper into one first
         # (the wrapped TorchScript code is kept as scripted, its shapes stay symbolic).
-        wrapper = torch.jit.trace(wrapper, args, check_trace=False)
+        wrapper = torch.jit.trace(wrapper, traced.args, check_trace=False)
     torch.onnx.export(
         wrapper,
-        args,
+        traced.args,
         str(path),
         dynamo=False,
-        input_names=names,
-        output_names=outputs,
-        dynamic_axes=axes or None,
+        input_names=traced.names,
+        output_names=traced.outputs,
+        dynamic_axes=traced.axes or None,
         opset_version=opset,
         do_constant_folding=True,
     )
 
 
-def _dynamo_export(
-    wrapper: nn.Module,
-    args: tuple[torch.Tensor, ...],
-    path: Path,
-    names: list[str],
-    outputs: list[str],
-    axes: Any,
-    opset: int,
-) -> None:
+def _dynamo_export(traced: _Traced, path: Path, opset: int) -> None:
     from torch.export import Dim
 
     shapes = None
-    if axes:
+    if traced.axes:
         dims = {"batch": Dim("batch", min=1, max=4096), "sequence": Dim("sequence", min=2, max=65536)}
-        shapes = (tuple({int(a): dims[n] for a, n in axes.get(name, {}).items()} or None for name in names),)
+        axes = traced.axes
+        shapes = (tuple({int(a): dims[n] for a, n in axes.get(name, {}).items()} or None for name in traced.names),)
     torch.onnx.export(
-        wrapper,
-        args,
+        traced.wrapper,
+        traced.args,
         str(path),
         dynamo=True,
-        input_names=names,
-        output_names=outputs,
+        input_names=traced.names,
+        output_names=traced.outputs,
         dynamic_shapes=shapes,
         opset_version=opset,
         external_data=False,
@@ -625,7 +611,7 @@ def _run_exporters(
             with warnings.catch_warnings(), _captured_stdout(captured):
                 warnings.simplefilter("ignore")
                 with _quiet_logs(), exportable_experts(traced.exported), torch.no_grad():
-                    run(traced.wrapper, traced.args, staged, traced.names, traced.outputs, traced.axes, use_opset)
+                    run(traced, staged, use_opset)
         except Exception as exc:  # any exporter failure: try the next one, report all (not the disk)
             code = write_errno_in(exc, staged)
             if code is not None:  # the disk, not the exporter: no other exporter can do better

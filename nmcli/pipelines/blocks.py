@@ -549,7 +549,7 @@ def _prune_stages(
     A stage the model calls once per pass has its inputs captured by running the model up to it
     (``capture``), and only the stage then runs, group by group; any other stage takes one pass of
     the whole model. Should a pass of the partly pruned model fail, the remaining layers get their
-    statistics from one forward of the model as it is (:func:`_prune_dense`).
+    statistics from one forward of the model as it is (:func:`_say_dense` records it).
     """
     order, calls = _execution_order(model, find_stages(model, layers), batches[0])
     extra = model_call_kwargs(model)
@@ -568,7 +568,10 @@ def _prune_stages(
             else:
                 _prune_on_passes(model, in_stage, batches, pruner, done, extra)
         except (RuntimeError, TypeError, ValueError) as exc:
-            _prune_dense(model, [c for c in layers if c.param not in done], batches, pruner, done, extra, exc)
+            rest = [c for c in layers if c.param not in done]
+            pruner.stage("all layers, one forward")
+            _prune_on_passes(model, rest, batches, pruner, done, extra)
+            _say_dense(pruner, len(rest), exc)
             return
         ran += 1
         del inputs
@@ -602,21 +605,11 @@ def _prune_on_passes(
     done.update(cand.param for cand in layers)
 
 
-def _prune_dense(
-    model: nn.Module,
-    layers: Sequence[LayerCandidate],
-    batches: Sequence[Batch],
-    pruner: _Pruner,
-    done: set[str],
-    extra: dict[str, Any],
-    cause: Exception,
-) -> None:
-    """The last resort: every remaining layer's statistics from one forward, no error propagation."""
-    pruner.stage("all layers, one forward")
-    _prune_on_passes(model, layers, batches, pruner, done, extra)
+def _say_dense(pruner: _Pruner, count: int, cause: Exception) -> None:
+    """Record the last resort: ``count`` layers took their statistics from one forward, no error propagation."""
     pruner.result.path = PATH_DENSE
     pruner.result.notes.append(
-        f"{pruner.method}: a pass of the partly pruned model failed ({type(cause).__name__}), so {len(layers)} "
+        f"{pruner.method}: a pass of the partly pruned model failed ({type(cause).__name__}), so {count} "
         "layer(s) took their statistics from one forward of the model, without error propagation"
     )
 
