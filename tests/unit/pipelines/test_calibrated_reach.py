@@ -15,7 +15,7 @@ from nmcli.algorithms.config import CalibrationConfig
 from nmcli.formats.checkpoint import SourceRef
 from nmcli.models.data import Batch
 from nmcli.nm.pattern import parse_pattern
-from nmcli.pipelines.blocks import PATH_BLOCKS, PATH_STAGES
+from nmcli.pipelines.blocks import PATH_BLOCKS, PATH_DENSE, PATH_STAGES
 from nmcli.pipelines.inmemory import PruneResult, prune_model
 
 pytest.importorskip("sklearn")
@@ -84,3 +84,43 @@ def test_blocks_with_a_cross_block_skip_are_pruned_as_stages() -> None:
         assert len([layer for layer in result.layers if layer.status == "pruned"]) == 10
         assert score >= scores["magnitude"][0] - 0.02
     assert scores["sparsegpt"][0] > scores["magnitude"][0]
+
+
+class _OnlyInsideItsParent(nn.Module):
+    """A stage that runs only when its parent arms it: run on its own captured inputs, it raises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16, bias=False)
+        self.armed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.armed:
+            raise ValueError("called outside its parent")
+        return torch.relu(self.fc(x))
+
+
+class _Guarded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _OnlyInsideItsParent()
+        self.head = nn.Linear(16, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inner.armed = True
+        try:
+            hidden = self.inner(x)
+        finally:
+            self.inner.armed = False
+        return self.head(hidden)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_stage_that_fails_alone_falls_back_to_one_forward_and_says_so(method: str) -> None:
+    torch.manual_seed(0)
+    model = _Guarded().eval()
+    x = torch.randn(128, 16)
+    result = _prune(model, method, x)
+    assert result.calibration_path == PATH_DENSE
+    assert set(result.checkpoint.masks) == {"inner.fc.weight", "head.weight"}
+    assert any("without error propagation" in note and "ValueError" in note for note in result.notes)
