@@ -279,6 +279,11 @@ class OutputShards:
         fh.write(data)
         self._pending.discard(name)
 
+    @property
+    def pending(self) -> list[str]:
+        """The tensors not written yet, in name order."""
+        return sorted(self._pending)
+
     def close(self) -> None:
         for fh in self._handles.values():
             fh.close()

@@ -607,7 +607,7 @@ def model_from_checkpoint(
     state = dict(ckpt.tensors)
     if weights == "dense":
         state.update(ckpt.dense)
-    state = _under_base_names(model, state)
+    state = _without_transient_buffers(model, _under_base_names(model, state))
     _fill_tied(model, state)
     load_weights(model, state, f"the checkpoint's tensors ({ckpt.meta.source.spec})")
     return eval_mode(model)
@@ -627,6 +627,14 @@ def _under_base_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
     if not any(k.startswith(dotted) for k in state):
         return state
     return {k[len(dotted) :]: v for k, v in state.items() if k.startswith(dotted)}
+
+
+def _without_transient_buffers(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the model's non-persistent buffers, which older files store and today's class
+    computes itself (BERT's ``embeddings.position_ids``: ``from_pretrained`` ignores it the same way)."""
+    persistent = set(model.state_dict())
+    transient = {name for name, _ in model.named_buffers() if name not in persistent}
+    return {k: v for k, v in state.items() if k not in transient} if transient & set(state) else state
 
 
 def _fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -30,6 +30,7 @@ from nmcli.formats.sharded import (
     SIDECAR,
     OutputShards,
     ShardedModel,
+    ShardReader,
     SidecarWriter,
     atomic_directory,
     copy_side_files,
@@ -101,6 +102,7 @@ def write_directory(
                     one = CheckpointMeta(source=SourceRef(spec=""), layers=[meta.layer(name)])
                     raise_problems(name, validate_checkpoint({name: value}, {name: pack_mask(masks[name])}, {}, one))
                 shards.put(name, value)
+            _copy_unowned(layout, shards)
             shards.finish()
             for entry in meta.layers:
                 sidecar.add(MASK_PREFIX + entry.param, pack_mask(masks[entry.param]))
@@ -112,6 +114,21 @@ def write_directory(
             shards.close()
             sidecar.close()
     return out
+
+
+def _copy_unowned(layout: ShardedModel, shards: OutputShards) -> None:
+    """Copy, as they are, the stored tensors the model does not keep (an older file's non-persistent
+    ``embeddings.position_ids``): the state streamed every tensor the model owns, so what is left is
+    not the model's to change."""
+    pending = shards.pending
+    if not pending:
+        return
+    reader = ShardReader(layout)
+    try:
+        for name in pending:
+            shards.put(name, reader.tensor(name))
+    finally:
+        reader.close()
 
 
 def _in_layout(

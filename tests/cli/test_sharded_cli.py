@@ -91,3 +91,35 @@ def test_export_loads_it_whole(pruned: Path, tmp_path: Path) -> None:
     )
     assert code == 0, err
     assert json.loads(out)["verified"] is True
+
+
+def test_a_buffer_older_files_store_is_kept_and_never_blocks_export_or_finetune(tmp_path: Path) -> None:
+    """Files saved by older transformers hold BERT's ``embeddings.position_ids``, which today's class
+    computes itself (a non-persistent buffer): a sharded checkpoint of them exports, fine-tunes into a
+    directory, and keeps the stored tensor as it was (the real MiniLM folder is such a one)."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path / "bert"
+    transformers.BertModel(cfg).save_pretrained(folder)
+    stored = load_file(str(folder / "model.safetensors"))
+    stored["embeddings.position_ids"] = torch.arange(16).unsqueeze(0)
+    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    shape = "input_ids:1x16:int64,attention_mask:1x16:int64"
+    code, _, err = run("prune", f"hf:{folder}", "-o", str(tmp_path / "pruned"), "--input-shape", shape)
+    assert code == 0, err
+    code, _, err = run("export", str(tmp_path / "pruned"), "--onnx", "-o", str(tmp_path / "m.onnx"))
+    assert code == 0, err
+    save_file({"input_ids": torch.randint(0, 64, (8, 16)), "attention_mask": torch.ones(8, 16).long()},
+              str(tmp_path / "ids.safetensors"))  # fmt: skip
+    code, _, err = run("finetune", str(tmp_path / "pruned"), "--data", f"tensors:{tmp_path / 'ids.safetensors'}",
+                       "--steps", "1", "--batch-size", "4", "--teacher", "auto", "--eval-split", "0")  # fmt: skip
+    assert code == 0, err
+    tuned = tmp_path / "pruned-ft"
+    assert torch.equal(load_file(str(tuned / "model.safetensors"))["embeddings.position_ids"], torch.arange(16)[None])
+    assert run("inspect", str(tuned), "--strict")[0] == 0
