@@ -669,6 +669,7 @@ def graph_feeds(batches: Sequence[Any], spec: InputSpec, *, dynamic_batch: bool,
             feeds += [{k: v[i : i + 1] for k, v in arrays.items()} for i in range(next(iter(arrays.values())).shape[0])]
             continue
         size = spec.batch_size
+        arrays = {name: _to_fixed(arrays[name], tensor.shape) for tensor, name in zip(spec.tensors, names, strict=True)}
         for start in range(0, next(iter(arrays.values())).shape[0] - size + 1, size):
             part = {k: np.ascontiguousarray(v[start : start + size]) for k, v in arrays.items()}
             for tensor, name in zip(spec.tensors, names, strict=True):
@@ -681,6 +682,18 @@ def graph_feeds(batches: Sequence[Any], spec: InputSpec, *, dynamic_batch: bool,
     if not feeds:
         raise InputError(f"{what} holds fewer examples than one batch of {spec.batch_size}: give more data")
     return _padded(feeds) if dynamic_batch else feeds
+
+
+def _to_fixed(array: Any, shape: Sequence[int]) -> Any:
+    """Integer inputs (token ids, attention masks) zero-padded or cut to a fixed-shape graph's
+    sequence length: text batches come padded to their own longest line, and a zero attention mask
+    leaves the padded positions out. Float inputs are left as they are (their shape must fit)."""
+    import numpy as np
+
+    if array.dtype.kind not in "iub" or array.ndim != len(shape) or tuple(array.shape[1:]) == tuple(shape[1:]):
+        return array
+    cut = array[(slice(None), *(slice(0, d) for d in shape[1:]))]
+    return np.pad(cut, [(0, 0), *((0, d - c) for d, c in zip(shape[1:], cut.shape[1:], strict=True))])
 
 
 def _padded(feeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
