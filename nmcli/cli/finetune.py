@@ -151,7 +151,11 @@ FinetuneArchOption = Annotated[
 ]
 OutputOption = Annotated[
     str | None,
-    typer.Option("-o", "--output", help="Output checkpoint (default: CHECKPOINT-ft.safetensors beside it)."),
+    typer.Option(
+        "-o",
+        "--output",
+        help="Output checkpoint (default: CHECKPOINT-ft.safetensors beside it; a sharded checkpoint directory DIR: the directory DIR-ft).",
+    ),
 ]
 
 
