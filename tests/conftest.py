@@ -39,6 +39,18 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def save_tiny_bert(folder: Path, class_name: str = "BertModel") -> Path:
+    """A seeded tiny BERT (2 layers, hidden 32, 16 positions) of transformers class ``class_name``, saved to ``folder``."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    getattr(transformers, class_name)(cfg).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture()
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A temporary current directory."""

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner, Result
 
 from nmcli.cli.app import app
-from tests.conftest import py_source
+from tests.conftest import py_source, save_tiny_bert
 
 runner = CliRunner()
 
@@ -93,15 +93,7 @@ def test_a_class_whose_weights_are_missing_is_exit_2(head_named_folder: Path) ->
 @pytest.fixture()
 def classifier_folder(workdir: Path) -> Path:
     """A tiny BERT sequence classifier saved with save_pretrained: ``bert.*`` (pooler included) and a head."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=16,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    folder = workdir / "classifier"
-    transformers.BertForSequenceClassification(cfg).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(workdir / "classifier", "BertForSequenceClassification")
 
 
 _SHAPE = "input_ids:1x16:int64,attention_mask:1x16:int64"

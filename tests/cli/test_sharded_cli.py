@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from nmcli.cli.app import app
 from nmcli.formats.open import load_checkpoint
 from nmcli.formats.sharded import INDEX, SIDECAR
+from tests.conftest import save_tiny_bert
 
 transformers = pytest.importorskip("transformers")
 
@@ -97,16 +98,9 @@ def test_a_buffer_older_files_store_is_kept_and_never_blocks_export_or_finetune(
     """Files saved by older transformers hold BERT's ``embeddings.position_ids``, which today's class
     computes itself (a non-persistent buffer): a sharded checkpoint of them exports, fine-tunes into a
     directory, and keeps the stored tensor as it was (the real MiniLM folder is such a one)."""
-    transformers = pytest.importorskip("transformers")
     from safetensors.torch import load_file, save_file
 
-    cfg = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=16,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    folder = tmp_path / "bert"
-    transformers.BertModel(cfg).save_pretrained(folder)
+    folder = save_tiny_bert(tmp_path / "bert")
     stored = load_file(str(folder / "model.safetensors"))
     stored["embeddings.position_ids"] = torch.arange(16).unsqueeze(0)
     save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
