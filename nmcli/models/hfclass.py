@@ -139,7 +139,7 @@ def choose_hf_class(transformers: Any, ident: str, config: Any, model_class: str
         cls = getattr(transformers, model_class, None)
         if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
             raise SourceError(
-                f"--model-class {model_class} is not a transformers model class: give auto, base or a class such as BertModel"
+                f"--model-class {model_class!r} is not a transformers model class: give auto, base or a class such as BertModel"
             )
         choices = [cls]
     stored = stored_keys(ident)

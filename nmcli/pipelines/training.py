@@ -478,6 +478,11 @@ def setup_session(
         begin = load_start(start_ckpt, resume_from, out, options, arch, trust)
     _check_trainable(begin.model, start_ckpt, arch)
     data = _load_data(cfg, start_ckpt, begin.model, arch)
+    if cfg.shard == "fsdp" and dist.world == 1:
+        data.notes.append(
+            "--shard fsdp shards over the processes of torchrun; this is one process, so the model ran whole "
+            "(torchrun --nproc_per_node N -m nmcli finetune ... --shard fsdp)"
+        )
     if begin.state is not None and int(begin.state["total_steps"]) != data.total:
         raise InputError(
             f"--resume: the interrupted run had {begin.state['total_steps']} steps, this one {data.total}: "

@@ -114,3 +114,12 @@ def test_off_a_terminal_plain_progress_lines_show_the_run_is_alive(
     quiet = runner.invoke(app, ["-q", "finetune", str(pruned), "--data", f"tensors:{data}", "--steps", "1",
                                 "--batch-size", "8", "-o", out, "--force"])  # fmt: skip
     assert quiet.exit_code == 0 and "finetune: " not in quiet.stderr
+
+
+def test_shard_fsdp_in_one_process_says_it_ran_whole(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    pruned, data = setup
+    out = str(tmp_path / "ft.safetensors")
+    result = runner.invoke(app, ["finetune", str(pruned), "--data", f"tensors:{data}", "--steps", "1",
+                                 "--batch-size", "8", "--shard", "fsdp", "-o", out, "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert any("--shard fsdp" in note and "torchrun" in note for note in json.loads(result.stdout)["notes"])
