@@ -102,10 +102,9 @@ def test_int8_export_keeps_2of4_in_int8_weights_and_agrees_with_float(mlp: tuple
     assert runner.invoke(app, ["inspect", str(out), "--strict"]).exit_code == 0
 
 
-def test_int8_of_a_dense_model_fails_inspect_strict(mlp: tuple[Path, Path], tmp_path: Path) -> None:
-    _, data = mlp
-    out = tmp_path / "dense-int8.onnx"
-    code, payload, _ = _export(
+def _dense_int8(data: Path, out: Path) -> tuple[int, dict, str]:  # type: ignore[type-arg]
+    """The int8 export of the unpruned tiny MLP (a dense baseline)."""
+    return _export(
         py_source("tiny_mlp"),
         "--input-shape",
         "1x64",
@@ -116,6 +115,12 @@ def test_int8_of_a_dense_model_fails_inspect_strict(mlp: tuple[Path, Path], tmp_
         "-o",
         str(out),
     )
+
+
+def test_int8_of_a_dense_model_fails_inspect_strict(mlp: tuple[Path, Path], tmp_path: Path) -> None:
+    _, data = mlp
+    out = tmp_path / "dense-int8.onnx"
+    code, payload, _ = _dense_int8(data, out)
     assert code == 0, payload
     assert runner.invoke(app, ["inspect", str(out), "--strict"]).exit_code == 1
 
@@ -169,17 +174,7 @@ def test_bench_runs_the_int8_onnx_dense_vs_sparse(mlp: tuple[Path, Path], tmp_pa
     ckpt, data = mlp
     sparse, dense = tmp_path / "sparse-int8.onnx", tmp_path / "dense-int8.onnx"
     assert _export(str(ckpt), "--precision", "int8", "--calib", f"tensors:{data}", "-o", str(sparse))[0] == 0
-    code, _, _ = _export(
-        py_source("tiny_mlp"),
-        "--input-shape",
-        "1x64",
-        "--precision",
-        "int8",
-        "--calib",
-        f"tensors:{data}",
-        "-o",
-        str(dense),
-    )
+    code, _, _ = _dense_int8(data, dense)
     assert code == 0
     result = runner.invoke(
         app, ["bench", str(sparse), "--vs", str(dense), "--backend", "onnxruntime", "--batch-size", "1",
