@@ -699,13 +699,11 @@ def _to_fixed(array: Any, shape: Sequence[int]) -> Any:
 def _padded(feeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Integer inputs (token ids, masks) zero-padded to one shape: text batches are padded to their own
     longest line, and onnxruntime's histogram calibrators stack every example of a tensor."""
-    import numpy as np
-
     for name in feeds[0]:
         shapes = {f[name].shape for f in feeds}
-        if len(shapes) == 1 or feeds[0][name].dtype.kind not in "iub":
+        if len(shapes) == 1:
             continue
         target = tuple(max(dims) for dims in zip(*shapes, strict=True))
         for f in feeds:
-            f[name] = np.pad(f[name], [(0, t - d) for t, d in zip(target, f[name].shape, strict=True)])
+            f[name] = _to_fixed(f[name], target)
     return feeds
