@@ -404,4 +404,22 @@ def main() -> None:
     # depend on memory alignment, so the same command gives the same masks run to run (DESIGN.md 3b)
     os.environ.setdefault("MKL_CBWR", "AUTO")
     install_signal_handlers()
-    app(prog_name="nmcli")
+    if int(os.environ.get("WORLD_SIZE", "1") or "1") <= 1:
+        app(prog_name="nmcli")
+        return
+    # A torchrun worker ends without interpreter finalization: gloo's worker threads may still be
+    # freeing a finished collective's work, and taking the GIL while Python tears down aborts the
+    # process ("terminate called without an active exception"). The command has written its output
+    # (atomically) and its exit code is known; only the streams need flushing.
+    try:
+        app(prog_name="nmcli")
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

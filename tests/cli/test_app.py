@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,17 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert "Traceback" in result.stderr and "does not exist" in result.stderr
     quiet = runner.invoke(app, ["prune", str(tmp_path) + "/missing.pt"])
     assert quiet.exit_code == 2 and "Traceback" not in quiet.stderr
+
+
+def test_a_torchrun_worker_exits_with_the_commands_code_and_its_words(tmp_path: Path) -> None:
+    """Under torchrun (WORLD_SIZE > 1) nmcli ends without interpreter finalization: the exit code,
+    stdout and stderr must be those of the command."""
+    env = {**os.environ, "WORLD_SIZE": "2", "NMCLI_PROGRESS": "off"}
+    bad = subprocess.run([sys.executable, "-m", "nmcli", "inspect", str(tmp_path / "nope.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: {tmp_path / 'nope.safetensors'} does not exist")
+    good = subprocess.run([sys.executable, "-m", "nmcli", "--version"], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    assert good.returncode == 0 and good.stdout.strip()
