@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from nmcli.errors import InputError
 from nmcli.models.layers import CONV, HF_CONV1D, LINEAR, MHA
 from nmcli.nm.pattern import Pattern
+
+if TYPE_CHECKING:
+    from nmcli.algorithms.parallel import Workers
 
 DEFAULT_CALIB_SAMPLES = 128
 DEFAULT_DAMP = 0.01
@@ -72,4 +76,4 @@ class LayerOutcome:
 # What a solver yields for each slice of rows: (rows, keep-mask, new weights float64, and the slice's
 # ``error_terms``: ||(W - W~) X||^2 and ||W X||^2).
 Solved = Iterator[tuple[slice, torch.Tensor, torch.Tensor, float, float]]
-Solver = Callable[[torch.Tensor, torch.Tensor, Pattern, "CalibrationConfig"], Solved]
+Solver = Callable[[torch.Tensor, torch.Tensor, Pattern, "CalibrationConfig", "Workers"], Solved]

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from nmcli.algorithms.config import CALIBRATED_KINDS, CalibrationConfig, LayerOutcome, Solved, Solver
-from nmcli.algorithms.sparsegpt import error_terms, row_chunks, solve_sparsegpt
+from nmcli.algorithms.parallel import SERIAL, Workers
+from nmcli.algorithms.sparsegpt import error_terms, row_slices, rows_float64, solve_sparsegpt
 from nmcli.algorithms.statistics import Segment, from_matrix, to_matrix
 from nmcli.models.layers import LayerCandidate
 from nmcli.nm.masks import nm_mask
@@ -25,18 +26,28 @@ def _masked(part: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, part, torch.zeros((), dtype=part.dtype, device=part.device))
 
 
-def _solve_magnitude(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig) -> Solved:
-    for rows, dense in row_chunks(part):
+def _solve_magnitude(
+    part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig, workers: Workers = SERIAL
+) -> Solved:
+    def task(rows: slice) -> tuple[slice, torch.Tensor, torch.Tensor, float, float]:
+        dense = rows_float64(part, rows)
         mask = nm_mask(dense, pattern, 1)
         new = _masked(dense, mask)
-        yield rows, mask, new, *error_terms(dense, new, gram)
+        return rows, mask, new, *error_terms(dense, new, gram)
+
+    return workers.map(task, row_slices(part))
 
 
-def _solve_wanda(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig) -> Solved:
-    for rows, dense in row_chunks(part):
+def _solve_wanda(
+    part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig, workers: Workers = SERIAL
+) -> Solved:
+    def task(rows: slice) -> tuple[slice, torch.Tensor, torch.Tensor, float, float]:
+        dense = rows_float64(part, rows)
         mask = wanda_mask(dense, gram, pattern)
         new = _masked(dense, mask)
-        yield rows, mask, new, *error_terms(dense, new, gram)
+        return rows, mask, new, *error_terms(dense, new, gram)
+
+    return workers.map(task, row_slices(part))
 
 
 # The one registry of pruning methods: each solves one weight matrix ``[rows, cols]`` (columns in
@@ -57,8 +68,12 @@ def solve_layer(
     pattern: Pattern,
     method: str,
     cfg: CalibrationConfig,
+    workers: Workers = SERIAL,
 ) -> LayerOutcome:
-    """Prune one weight with ``method`` from its input statistics (magnitude when none reached it)."""
+    """Prune one weight with ``method`` from its input statistics (magnitude when none reached it).
+
+    Slices of the weight's rows are solved on ``workers`` (the same result with any number of them).
+    """
     if cand.kind not in CALIBRATED_KINDS:
         mask = nm_mask(weight, pattern, cand.axis)
         return LayerOutcome(mask, weight, None, f"{cand.kind} weights are pruned by magnitude (no calibrated solver)")
@@ -73,7 +88,7 @@ def solve_layer(
         seg_masks, seg_updated = masks[seg.rows], updated[seg.rows]
         # the statistics are used once: only the solver holds them, and frees them with this layer
         for rows, mask, new, seg_num, seg_den in SOLVERS[method](
-            matrix[seg.rows], seg.take(matrix.device), pattern, cfg
+            matrix[seg.rows], seg.take(matrix.device), pattern, cfg, workers
         ):
             seg_masks[rows], seg_updated[rows] = mask.cpu(), new.to(weight.dtype)
             num, den = num + seg_num, den + seg_den

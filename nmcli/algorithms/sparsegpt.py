@@ -2,37 +2,48 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 
 import torch
 
 from nmcli.algorithms.config import CalibrationConfig, Solved
+from nmcli.algorithms.parallel import SERIAL, Workers
 from nmcli.errors import InputError
-from nmcli.nm.masks import nm_mask
+from nmcli.nm.masks import TopNSelector
 from nmcli.nm.pattern import Pattern
 
 # Rows of one weight matrix solved at a time: every solver treats rows independently, so bounding
 # the rows bounds the float64 working copies (weights, OBS updates, CG vectors) to about this many
 # bytes each, whatever the layer's size (a 32000 x 2048 lm_head would need 0.5 GB per copy).
+# Slices are also the tasks that run side by side (:mod:`nmcli.algorithms.parallel`): their size depends on
+# the matrix alone, never on the number of workers, so the results do not either.
 ROW_CHUNK_BYTES = 64 << 20
+# Rows per task: the column sweep costs the same Python steps for any number of rows (bigger slices),
+# the refit is products only (small slices spread over more workers).
+TASK_ROWS = 512
+REFIT_TASK_ROWS = 128
 _REFIT_COPIES = 8  # the conjugate-gradient refit holds about 6 slice-sized tensors: slices 8x smaller
 
 
-def _row_step(cols: int, scale: int = 1) -> int:
-    """Rows per slice of a ``cols``-wide float64 matrix: ``ROW_CHUNK_BYTES / scale`` bytes, at least one row."""
-    return max(1, ROW_CHUNK_BYTES // (8 * max(cols, 1) * scale))
+def _row_step(cols: int, scale: int = 1, most: int = TASK_ROWS) -> int:
+    """Rows per slice of a ``cols``-wide float64 matrix: ``ROW_CHUNK_BYTES / scale`` bytes and at most ``most``."""
+    return max(1, min(most, ROW_CHUNK_BYTES // (8 * max(cols, 1) * scale)))
 
 
-def row_chunks(matrix: torch.Tensor, scale: int = 1) -> Iterator[tuple[slice, torch.Tensor]]:
-    """``(rows, float64 copy of those rows)`` of ``matrix`` ``[rows, cols]``, in order.
+def row_slices(matrix: torch.Tensor, scale: int = 1, most: int = TASK_ROWS) -> list[slice]:
+    """The slices of rows of ``matrix`` ``[rows, cols]`` solved one at a time (one task each), in order.
 
-    ``scale`` divides the slice size, for solvers that hold that many copies of a slice at once.
+    ``scale`` divides the slice size, for solvers that hold that many copies of a slice at once;
+    ``most`` caps its rows.
     """
     rows, cols = matrix.shape
-    step = _row_step(int(cols), scale)
-    for start in range(0, rows, step):
-        chunk = slice(start, min(start + step, rows))
-        yield chunk, matrix[chunk].to(torch.float64, copy=True)  # a copy even when float64: solvers write into it
+    step = _row_step(int(cols), scale, most)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def rows_float64(matrix: torch.Tensor, rows: slice) -> torch.Tensor:
+    """A float64 copy of ``matrix[rows]`` (a copy even when float64: solvers write into it)."""
+    return matrix[rows].to(torch.float64, copy=True)
 
 
 def _sparsegpt_rows(
@@ -42,9 +53,10 @@ def _sparsegpt_rows(
 
     Columns are processed left to right in blocks of ``block_size`` (rounded down to a multiple of
     M). At the first column of every group of M, each row keeps the N columns with the largest
-    ``w^2 / [H^-1]_jj^2`` (ties: lower index); every pruned or kept column's error is then spread
-    over the remaining columns with ``inverse_upper``, the upper Cholesky factor of the dampened
-    inverse Hessian (the OBS update).
+    ``w^2 / [H^-1]_jj^2`` (ties: lower index); every pruned column's error is then spread over the
+    remaining columns with ``inverse_upper``, the upper Cholesky factor of the dampened inverse
+    Hessian (the OBS update). Kept columns carry no error of their own, so a group's errors follow
+    from M small triangular steps, and reach the rest of the block in one product per group.
 
     Returns:
         ``(mask, w)``: the boolean keep-mask and ``w`` itself (float64), updated in place, zero where pruned.
@@ -53,46 +65,61 @@ def _sparsegpt_rows(
     m = pattern.m
     block = max(m, (block_size // m) * m)
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+    select = TopNSelector(pattern, w.dtype, w.device, rows)
+    pruned_scale = torch.empty(rows, m, dtype=w.dtype, device=w.device)
+    score = torch.empty(rows, m, dtype=w.dtype, device=w.device)
+    keep = torch.empty(rows, m, dtype=torch.bool, device=w.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
+        w1 = w[:, i1:i2]
         hinv1 = inverse_upper[i1:i2, i1:i2]
-        hdiag = hinv1.diagonal()
-        for i in range(i2 - i1):
-            if i % m == 0:
-                score = w1[:, i : i + m].pow(2) / hdiag[i : i + m].pow(2).unsqueeze(0)
-                mask[:, i1 + i : i1 + i + m] = nm_mask(score, pattern, 1)
-            col = w1[:, i]
-            q = torch.where(mask[:, i1 + i], col, torch.zeros((), dtype=col.dtype, device=col.device))
-            q1[:, i] = q
-            err = (col - q) / hdiag[i]
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, i1:i2] = q1
+        diag = hinv1.diagonal()
+        err1 = torch.empty(rows, i2 - i1, dtype=w.dtype, device=w.device)
+        for j in range(0, i2 - i1, m):
+            group, errors, u = w1[:, j : j + m], err1[:, j : j + m], hinv1[j : j + m, j : j + m]
+            d = diag[j : j + m]
+            torch.div(group.square(), d.square(), out=score)
+            select(score, out=keep)
+            mask[:, i1 + j : i1 + j + m] = keep
+            # error of column t: (w_t - q_t) / d_t, nonzero only where pruned; w_t updated by the errors before it
+            torch.logical_not(keep, out=keep)
+            torch.div(keep.to(w.dtype), d, out=pruned_scale)
+            torch.mul(group[:, 0], pruned_scale[:, 0], out=errors[:, 0])
+            for t in range(1, m):
+                torch.mul(
+                    torch.addmv(group[:, t], errors[:, :t], u[:t, t], alpha=-1), pruned_scale[:, t], out=errors[:, t]
+                )
+            group.addmm_(errors, u.triu(1), alpha=-1).masked_fill_(keep, 0)
+            if j + m < i2 - i1:
+                w1[:, j + m :].addmm_(errors, hinv1[j : j + m, j + m :], alpha=-1)
         if i2 < cols:
             w[:, i2:].addmm_(err1, inverse_upper[i1:i2, i2:], alpha=-1)
     return mask, w
 
 
-def _refit_rows(weight: torch.Tensor, system: torch.Tensor, mask: torch.Tensor, iterations: int) -> torch.Tensor:
+def _refit_rows(
+    weight: torch.Tensor, gram: torch.Tensor, damping: float, mask: torch.Tensor, iterations: int
+) -> torch.Tensor:
     """The kept weights of rows ``weight`` (float64) that minimize SparseGPT's damped objective for ``mask``.
 
-    The objective is ``||W X - W~ X||^2 + d ||W - W~||^2`` (``H = X^T X``, ``d = damp * mean(diag H)``,
-    the damping SparseGPT's inverse Hessian uses): each row ``r`` solves
-    ``(H + d I)_KK w_K = ((H + d I) w_r)_K`` on its kept columns ``K``, given ``system = H + d I``. The
-    conjugate-gradient iterations on the masked system run for all the rows together as one
-    ``[rows, cols] @ [cols, cols]`` product; SparseGPT's greedy OBS update only approximates this
-    optimum, column by column. Starts from ``weight`` masked and runs ``iterations`` steps (fewer when
-    every row has converged).
+    The objective is ``||W X - W~ X||^2 + d ||W - W~||^2`` (``H = X^T X`` is ``gram``, ``d`` is
+    ``damping``, the damping SparseGPT's inverse Hessian uses): each row ``r`` solves
+    ``(H + d I)_KK w_K = ((H + d I) w_r)_K`` on its kept columns ``K``. The conjugate-gradient
+    iterations on the masked system run for all the rows together as one ``[rows, cols] @ [cols, cols]``
+    product (``gram`` is only read: slices of rows run side by side); SparseGPT's greedy OBS update only
+    approximates this optimum, column by column. Starts from ``weight`` masked and runs ``iterations``
+    steps (fewer when every row has converged).
     """
     keep = mask.to(weight.dtype)
     w = weight * keep
+
+    def system(x: torch.Tensor) -> torch.Tensor:
+        return (x @ gram).add_(x, alpha=damping)
+
     if iterations <= 0:
         return w
-    residual = (weight @ system).mul_(keep)
-    residual.sub_((w @ system).mul_(keep))
+    residual = system(weight).mul_(keep)
+    residual.sub_(system(w).mul_(keep))
     direction = residual.clone()
     norm = (residual * residual).sum(1, keepdim=True)
     stop = float(norm.max()) * 1e-20
@@ -100,7 +127,7 @@ def _refit_rows(weight: torch.Tensor, system: torch.Tensor, mask: torch.Tensor, 
     for _ in range(iterations):  # in place: w, residual, direction, product and one temporary
         if float(norm.max()) <= stop:
             break
-        product = (direction @ system).mul_(keep)
+        product = system(direction).mul_(keep)
         alpha = norm / (direction * product).sum(1, keepdim=True).clamp_min(tiny)
         w.add_(alpha * direction)
         residual.sub_(product.mul_(alpha))
@@ -153,29 +180,35 @@ def error_terms(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -
     return float(((delta @ gram) * delta).sum()), float(((d @ gram) * d).sum())
 
 
-def solve_sparsegpt(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig) -> Solved:
+def solve_sparsegpt(
+    part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig, workers: Workers = SERIAL
+) -> Solved:
     """SparseGPT N:M on ``part`` ``[rows, cols]`` with input Gram matrix ``gram`` (``X^T X``), a slice of rows at a time.
 
     The masks and OBS-updated weights of :func:`_sparsegpt_rows` (``cfg.damp``, ``cfg.block_size``);
     inputs that never fire (zero Hessian diagonal) get the mean diagonal, so their weights are judged
     by magnitude rather than zeroed. With ``cfg.refit_iterations`` the kept weights are then refit on
-    the damped objective (:func:`_refit_rows`). Runs in float64. ``gram`` may be overwritten (the
-    block runner hands each layer's statistics over once); each slice's errors are measured on the
-    undamped Gram matrix.
+    the damped objective (:func:`_refit_rows`). Runs in float64, the slices of rows on ``workers``
+    (fixed slices: the same bits with any number of workers). ``gram`` may be overwritten (the block
+    runner hands each layer's statistics over once); each slice's errors are measured on the undamped
+    Gram matrix.
 
     Two passes over the rows so that the inverse Hessian's factor and the damped system are never
-    held together: the masks first, the factor freed, then the refit with ``gram``'s diagonal damped
-    in place for each slice of rows and restored before the slice is yielded. A large ``gram``
-    (``SPILL_BYTES``) waits in a temporary file during the first pass and is itself factorized in
-    place (a 1.1B Llama's down projection: 254 MB each), so only one of the two is ever in memory.
+    held together: the masks first, the factor freed, then the refit on ``gram`` and its damping. A large ``gram`` (``SPILL_BYTES``) waits in a temporary file during the first pass and
+    is itself factorized in place (a 1.1B Llama's down projection: 254 MB each), so only one of the
+    two is ever in memory.
     """
     refit = cfg.refit_iterations > 0
     big = gram.device.type == "cpu" and gram.numel() * gram.element_size() >= SPILL_BYTES
     if not refit and not big:  # one pass, streamed: each slice is yielded as soon as it is solved
         inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp)
-        for rows, dense in row_chunks(part):
+
+        def sweep(rows: slice) -> tuple[slice, torch.Tensor, torch.Tensor, float, float]:
+            dense = rows_float64(part, rows)
             mask, new = _sparsegpt_rows(dense.clone(), inverse_upper, pattern, cfg.block_size)
-            yield rows, mask, new, *error_terms(dense, new, gram)
+            return rows, mask, new, *error_terms(dense, new, gram)
+
+        yield from workers.map(sweep, row_slices(part))
         return
     # Without refit the updated rows wait (float64) until the Gram matrix is back; with it, only the masks.
     if big:
@@ -183,42 +216,47 @@ def solve_sparsegpt(part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cf
         try:
             inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp, reload=spilled.load)
             del gram
-            solved = _solve_all_rows(part, inverse_upper, pattern, cfg.block_size, keep_weights=not refit)
+            solved = _solve_all_rows(part, inverse_upper, pattern, cfg.block_size, workers, keep_weights=not refit)
             del inverse_upper
             gram = spilled.load()
         finally:
             spilled.close()
     else:
         inverse_upper = _dampened_inverse_cholesky(gram, cfg.damp)
-        solved = _solve_all_rows(part, inverse_upper, pattern, cfg.block_size, keep_weights=False)
+        solved = _solve_all_rows(part, inverse_upper, pattern, cfg.block_size, workers, keep_weights=False)
         del inverse_upper
     if not refit:
         for rows, mask, new in solved:
             yield rows, mask, new, *error_terms(part[rows], new, gram)
         return
-    masks = [mask for _, mask, _ in solved]
+    whole = torch.cat([mask for _, mask, _ in solved])
     del solved
-    diagonal = gram.diagonal()
-    undamped = diagonal.clone()
-    damping = cfg.damp * float(undamped.mean())
-    for (rows, dense), mask in zip(row_chunks(part, _REFIT_COPIES), _resliced(masks, part, _REFIT_COPIES), strict=True):
-        diagonal.add_(damping)
-        try:
-            new = _refit_rows(dense, gram, mask, cfg.refit_iterations)
-        finally:
-            diagonal.copy_(undamped)
-        yield rows, mask, new, *error_terms(dense, new, gram)
+    damping = cfg.damp * float(gram.diagonal().mean())
+
+    def refit_slice(rows: slice) -> tuple[slice, torch.Tensor, torch.Tensor, float, float]:
+        dense, mask = rows_float64(part, rows), whole[rows]
+        new = _refit_rows(dense, gram, damping, mask, cfg.refit_iterations)
+        return rows, mask, new, *error_terms(dense, new, gram)
+
+    yield from workers.map(refit_slice, row_slices(part, _REFIT_COPIES, REFIT_TASK_ROWS))
 
 
 def _solve_all_rows(
-    part: torch.Tensor, inverse_upper: torch.Tensor, pattern: Pattern, block_size: int, *, keep_weights: bool
+    part: torch.Tensor,
+    inverse_upper: torch.Tensor,
+    pattern: Pattern,
+    block_size: int,
+    workers: Workers,
+    *,
+    keep_weights: bool,
 ) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
     """:func:`_sparsegpt_rows` of every slice of ``part``: ``(rows, mask, updated)``, ``updated`` empty unless ``keep_weights``."""
-    solved = []
-    for rows, dense in row_chunks(part):
-        mask, new = _sparsegpt_rows(dense, inverse_upper, pattern, block_size)
-        solved.append((rows, mask, new if keep_weights else new.new_empty(0)))
-    return solved
+
+    def sweep(rows: slice) -> tuple[slice, torch.Tensor, torch.Tensor]:
+        mask, new = _sparsegpt_rows(rows_float64(part, rows), inverse_upper, pattern, block_size)
+        return rows, mask, new if keep_weights else new.new_empty(0)
+
+    return list(workers.map(sweep, row_slices(part)))
 
 
 SPILL_BYTES = 64 << 20  # Gram matrices this large wait in a temporary file during the SparseGPT pass
@@ -248,12 +286,3 @@ class _Spilled:
 
     def close(self) -> None:
         self.file.close()
-
-
-def _resliced(masks: Sequence[torch.Tensor], part: torch.Tensor, scale: int) -> Iterator[torch.Tensor]:
-    """The row masks of ``row_chunks(part)`` (concatenated) cut again as ``row_chunks(part, scale)`` cuts rows."""
-    whole = torch.cat(list(masks)) if masks else torch.zeros(part.shape, dtype=torch.bool)
-    rows, cols = part.shape
-    step = _row_step(int(cols), scale)
-    for start in range(0, rows, step):
-        yield whole[start : start + step]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from nmcli.algorithms.config import CalibrationConfig, LayerOutcome
+from nmcli.algorithms.parallel import Workers, default_workers
 from nmcli.algorithms.solve import solve_layer
 from nmcli.algorithms.statistics import Collector
 from nmcli.algorithms.threads import torch_threads
@@ -149,12 +151,6 @@ def _inside(module_name: str, block: str) -> bool:
     return block == "" or module_name == block or module_name.startswith(block + ".")
 
 
-def _run(model: nn.Module, batch: Batch, collector: Collector | None, extra: dict[str, Any]) -> Any:
-    if collector is not None:
-        collector.token_mask = batch.kwargs.get("attention_mask")
-    return model(*batch.args, **batch.kwargs, **extra)
-
-
 class _StopForward(Exception):
     """Raised by the capture hook once the first block's inputs are recorded."""
 
@@ -204,9 +200,10 @@ class _Pruner:
         cfg: CalibrationConfig,
         total: int,
         progress: ProgressCallback | None,
+        workers: Workers,
     ) -> None:
         self.model, self.pattern, self.method, self.cfg = model, pattern, method, cfg
-        self.total, self.progress = total, progress
+        self.total, self.progress, self.workers = total, progress, workers
         self.result = OneShotResult()
 
     def stage(self, label: str) -> None:
@@ -218,7 +215,13 @@ class _Pruner:
         for cand in layers:
             param = self.model.get_parameter(cand.param)  # looked up now: a BlockIO replaces a block's parameters
             outcome = solve_layer(
-                param.detach(), cand, collector.segments.get(cand.param, []), self.pattern, self.method, self.cfg
+                param.detach(),
+                cand,
+                collector.segments.get(cand.param, []),
+                self.pattern,
+                self.method,
+                self.cfg,
+                self.workers,
             )
             with torch.no_grad():
                 param.copy_(torch.where(outcome.mask.to(param.device), outcome.weight.to(param.device), 0))
@@ -267,10 +270,13 @@ def prune_calibrated(
     if block_io is not None:  # the streamed prune's memory is the point of streaming
         map_large_allocations()
     moved = [b.to(device) for b in batches]
-    pruner = _Pruner(model, pattern, method, cfg, len(layers), progress)
-    # one CPU thread: the same activations, statistics and solves, to the bit, whatever the thread count
+    # On the CPU, torch runs one intra-op thread and the work is split into tasks fixed by the problem
+    # (batches, row slices) on a pool of workers: the same bits whatever the thread count.
+    cpu = device.type == "cpu"
+    workers = Workers(default_workers(torch.get_num_threads()) if cpu else 1)
+    pruner = _Pruner(model, pattern, method, cfg, len(layers), progress, workers)
     try:
-        with torch.no_grad(), torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+        with torch.no_grad(), torch_threads(1 if cpu else torch.get_num_threads()), workers:
             blocks = find_blocks(model, layers)
             if moved:  # streamed blocks are on the meta device: run only as far as the first one
                 streamed = blocks is not None and block_io is not None
@@ -339,10 +345,10 @@ class _Replay(nn.Module):
     def __init__(self, outputs: Sequence[Any]) -> None:
         super().__init__()
         self.outputs = outputs
-        self.index = 0
+        self.local = threading.local()  # the batch each thread runs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.outputs[self.index]
+        return self.outputs[self.local.index]
 
 
 def _first_tensor(args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
@@ -368,7 +374,7 @@ def _replaying(model: nn.Module, list_name: str, outputs: Sequence[Any], batches
         matches = [i for i, f in enumerate(firsts) if f is first]
         if not matches:
             raise InputError("a pass of the model on inputs other than the calibration batches (a bug)")
-        replay.index = matches[0]
+        replay.local.index = matches[0]
 
     for i in range(len(container)):
         container[i] = replay
@@ -404,17 +410,33 @@ def _prune_blocks(
         if block_io is not None:
             block_io.load(name)
         pruner.stage(f"block {index + 1}/{len(block_names)} {name}")
-        _prune_in_module(model, block, [cand for cand in layers if _inside(cand.module, name)], inputs, pruner, done)
-        next_inputs = []
-        for inp in inputs:
-            out = block(*inp.args, **inp.kwargs)
+        frozen = _prune_in_module(
+            model, block, [cand for cand in layers if _inside(cand.module, name)], inputs, pruner, done
+        )
+
+        def run(
+            i: int,
+            block: nn.Module = block,
+            name: str = name,
+            frozen: _Frozen = frozen,
+            inputs: Sequence[_BlockInput] = inputs,
+        ) -> Any:
+            inp = inputs[i]
+            with frozen.batch(i, recording=False):
+                out = block(*inp.args, **inp.kwargs)
             hidden = primary_output(out)
             if hidden is None:
                 raise InputError(f"block {name} returned no tensor on a calibration batch: report this model to nmcli")
-            next_inputs.append(_next_input(inp, hidden, slot))
-            if outputs is not None and name == block_names[-1]:
-                outputs.append(out)
-            del out
+            return _next_input(inp, hidden, slot), out
+
+        next_inputs = []
+        with frozen.replaying():
+            for next_input, out in pruner.workers.map(run, range(len(inputs))):
+                next_inputs.append(next_input)
+                if outputs is not None and name == block_names[-1]:
+                    outputs.append(out)
+                del out
+        frozen.clear()
         if block_io is not None:
             block_io.done(name, pruner.result.outcomes)
         inputs = next_inputs
@@ -428,41 +450,193 @@ def _prune_in_module(
     inputs: Sequence[_BlockInput],
     pruner: _Pruner,
     done: set[str],
-) -> None:
+) -> _Frozen:
     """Prune the ``layers`` inside ``module`` group by group, running only ``module`` on its captured ``inputs``.
 
-    Each group's pass stops where the next group's first layer is called (when no layer of the group
-    runs after that point): the rest of the block cannot change the group's statistics (a BERT block:
-    24 Linear calls per batch instead of 30). Wanda collects every layer of the block in one pass of
-    the dense block, as its reference implementation does (Sun et al. 2023): its score needs only
-    input norms, and one pass costs a quarter of the group passes.
+    Each group's pass ends at the group's own call when its layers are Linears reading one input (q, k
+    and v), else where the next group's first layer is called (when no layer of the group runs after
+    that point): the rest of the module cannot change the group's statistics. Sub-modules that finished
+    before a group was called keep their outputs for the later passes (:class:`_Frozen`), so each part
+    of a block runs about once in all. Wanda collects every layer of the block in one pass of the dense
+    block, as its reference implementation does (Sun et al. 2023): its score needs only input norms.
+    The batches of a pass run on the pruner's workers, their statistics added in batch order.
+
+    Returns:
+        The outputs the last pass kept, for the pass that produces the module's pruned outputs.
     """
+    if pruner.method == "wanda":
+        groups: list[_Group] = [_Group(list(layers), None, False)]
+        once: set[str] = set()
+    else:
+        groups, once = _sequential_groups(model, module, layers, inputs[0])
+    frozen = _Frozen(module, once)
+    try:
+        for group in groups:
+            _prune_group(model, module, group, inputs, pruner, done, frozen)
+    except BaseException:
+        frozen.clear()
+        raise
+    return frozen
+
+
+def _prune_group(
+    model: nn.Module,
+    module: nn.Module,
+    group: _Group,
+    inputs: Sequence[_BlockInput],
+    pruner: _Pruner,
+    done: set[str],
+    frozen: _Frozen,
+) -> None:
+    """One group's statistics pass over ``module`` (the batches on the pruner's workers), then its solve."""
     modules = dict(model.named_modules())
-    groups = (
-        [(list(layers), None)] if pruner.method == "wanda" else _sequential_groups(model, module, layers, inputs[0])
-    )
-    for group, stop in groups:
-        collector = Collector(model, group)
-        handle = modules[stop].register_forward_pre_hook(_stop_forward) if stop is not None else None
-        try:
-            for inp in inputs:
-                collector.token_mask = inp.token_mask
-                try:
-                    module(*inp.args, **inp.kwargs)
-                except _StopForward:
-                    pass
-        finally:
-            collector.remove()
-            if handle is not None:
-                handle.remove()
-        pruner.prune(group, collector)
-        done.update(cand.param for cand in group)
-        del collector
-        trim_heap()
+    collector = Collector(model, group.layers, shared=group.shared)
+    starts = [modules[name] for name in dict.fromkeys(cand.module for cand in group.layers)]
+    marks = [m.register_forward_pre_hook(frozen.stop_recording) for m in starts]
+    # after the collector's and the marks' pre-hooks: a shared group's pass ends at its own first call
+    stop = group.layers[0].module if group.shared else group.stop
+    handle = modules[stop].register_forward_pre_hook(_stop_forward) if stop is not None else None
+
+    def run(i: int, collector: Collector = collector) -> list[Any]:
+        inp = inputs[i]
+        collector.begin(inp.token_mask)
+        with frozen.batch(i, recording=True):
+            try:
+                module(*inp.args, **inp.kwargs)
+            except _StopForward:
+                pass
+        return collector.end()
+
+    try:
+        with frozen.replaying():
+            for additions in pruner.workers.map(run, range(len(inputs))):
+                collector.commit(additions)
+    finally:
+        collector.remove()
+        for mark in marks:
+            mark.remove()
+        if handle is not None:
+            handle.remove()
+    frozen.end_pass()
+    pruner.prune(group.layers, collector)
+    done.update(cand.param for cand in group.layers)
+    del collector
+    trim_heap()
 
 
 def _stop_forward(*_: Any) -> None:
     raise _StopForward
+
+
+# Outputs kept by :class:`_Frozen` for one block, at most (beyond that, modules run again).
+FROZEN_BYTES = 512 << 20
+
+
+class _Frozen:
+    """Outputs of a block's sub-modules that the rest of its calibration can no longer change.
+
+    A sub-module whose call finished before the group being calibrated was first called does not
+    depend on that group (nor on any later one): once the group is pruned, every later pass of the
+    block would compute the same output from the same inputs, to the bit. So each pass keeps the
+    outputs of the outermost such sub-modules (a copy per batch, up to ``FROZEN_BYTES``), and the
+    later passes return them instead of running the sub-module again. Only sub-modules called once
+    per pass (``once``) whose output is a tensor or a tuple of tensors are kept.
+    """
+
+    def __init__(self, block: nn.Module, once: set[str]) -> None:
+        self.modules = {name: m for name, m in block.named_modules() if name in once and "forward" not in m.__dict__}
+        self.kept: dict[str, dict[int, Any]] = {}
+        self.fresh: dict[str, dict[int, Any]] = {}
+        self.size = 0
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._handles = [m.register_forward_hook(self._keep(name)) for name, m in self.modules.items()]
+
+    @contextlib.contextmanager
+    def batch(self, index: int, *, recording: bool) -> Iterator[None]:
+        """Run one batch's pass in this thread: kept outputs of batch ``index`` replay, new ones are kept while ``recording``."""
+        self._local.index, self._local.recording = index, recording
+        try:
+            yield
+        finally:
+            self._local.recording = False
+
+    def stop_recording(self, *_: Any) -> None:
+        """A pre-hook on the group's layers: what finishes after this call depends on the group."""
+        self._local.recording = False
+
+    def _keep(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not getattr(self._local, "recording", False):
+                return
+            index = self._local.index
+            if index in self.kept.get(name, {}):  # replayed
+                return
+            copy = _copied(output)
+            if copy is None:
+                return
+            size = _bytes(copy)
+            with self._lock:
+                if self.size + size > FROZEN_BYTES:
+                    return
+                inner = [n for n in self.fresh if n.startswith(name + ".") and index in self.fresh[n]]
+                for n in inner:  # the outer module's output replaces its children's
+                    self.size -= _bytes(self.fresh[n].pop(index))
+                self.fresh.setdefault(name, {})[index] = copy
+                self.size += size
+
+        return hook
+
+    def end_pass(self) -> None:
+        """Keep what this pass recorded for the later passes; drop kept outputs now inside a kept module."""
+        for name, per_batch in self.fresh.items():
+            self.kept.setdefault(name, {}).update(per_batch)
+        self.fresh = {}
+        for name in list(self.kept):
+            if any(name.startswith(outer + ".") for outer in self.kept if outer != name):
+                self.size -= sum(_bytes(v) for v in self.kept.pop(name).values())
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """The kept modules' ``forward`` returns a copy of their kept output of the batch being run."""
+        replaced = []
+        for name, per_batch in self.kept.items():
+            module = self.modules[name]
+            original = module.forward
+
+            def forward(
+                *args: Any, per_batch: dict[int, Any] = per_batch, original: Any = original, **kwargs: Any
+            ) -> Any:
+                kept = per_batch.get(getattr(self._local, "index", -1))
+                return original(*args, **kwargs) if kept is None else _copied(kept)
+
+            module.forward = forward
+            replaced.append(module)
+        try:
+            yield
+        finally:
+            for module in replaced:
+                del module.forward
+
+    def clear(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.kept, self.fresh, self.size = {}, {}, 0
+
+
+def _copied(output: Any) -> Any:
+    """A copy of a module's output when it is a tensor or a tuple of tensors and Nones, else None."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().clone()
+    if type(output) is tuple and all(o is None or isinstance(o, torch.Tensor) for o in output):
+        return tuple(None if o is None else o.detach().clone() for o in output)
+    return None
+
+
+def _bytes(output: Any) -> int:
+    parts = output if isinstance(output, tuple) else (output,)
+    return sum(o.numel() * o.element_size() for o in parts if isinstance(o, torch.Tensor))
 
 
 def _block_slot(
@@ -485,9 +659,18 @@ def _block_slot(
     return slot if isinstance(get_slot(first[0].args, first[0].kwargs, slot), torch.Tensor) else None
 
 
+@dataclass
+class _Group:
+    """Layers pruned together: their statistics come from one pass (see :func:`_sequential_groups`)."""
+
+    layers: list[LayerCandidate]
+    stop: str | None  # the module whose call ends the pass, None: the whole module runs
+    shared: bool  # Linears reading one input: collected once, the pass ends at the first one's call
+
+
 def _sequential_groups(
     model: nn.Module, block: nn.Module, layers: Sequence[LayerCandidate], sample: _BlockInput
-) -> list[tuple[list[LayerCandidate], str | None]]:
+) -> tuple[list[_Group], set[str]]:
     """The block's layers in the order they run, grouped by shared input (q, k and v read the same tensor).
 
     Each group is pruned before the next one collects its statistics, so the attention output
@@ -495,6 +678,9 @@ def _sequential_groups(
     (SparseGPT's "true sequential" order). Layers that never run form a last group. Each group
     comes with the module whose call ends its statistics (the next group's first layer), or None
     when a layer of the group also runs after that call (a shared layer called twice) or none follows.
+
+    Returns:
+        The groups, and the names (relative to ``block``) of the sub-modules called once on ``sample``.
     """
     modules = dict(model.named_modules())
     seen: list[tuple[str, Any]] = []
@@ -510,6 +696,14 @@ def _sequential_groups(
                 seen.append((name, key))
 
         handles.append(modules[module_name].register_forward_pre_hook(hook))
+    counts: dict[str, int] = {}
+    for name, sub in block.named_modules():
+        if name:
+
+            def count(mod: nn.Module, args: Any, name: str = name) -> None:
+                counts[name] = counts.get(name, 0) + 1
+
+            handles.append(sub.register_forward_pre_hook(count))
     try:
         block(*sample.args, **sample.kwargs)
     finally:
@@ -523,15 +717,18 @@ def _sequential_groups(
         else:
             grouped.append([module_name])
             keys.append(key)
-    groups: list[tuple[list[LayerCandidate], str | None]] = []
+    groups: list[_Group] = []
     for index, names in enumerate(grouped):
         stop = grouped[index + 1][0] if index + 1 < len(grouped) else None
         if stop is not None and any(name in names for name in calls[calls.index(stop) :]):
             stop = None
-        groups.append(([cand for name in names for cand in layers if cand.module == name], stop))
+        members = [cand for name in names for cand in layers if cand.module == name]
+        shared = Collector.can_share(members) and all(calls.count(name) == 1 for name in names)
+        groups.append(_Group(members, stop, shared))
     ran = set(calls)
     rest = [cand for cand in layers if cand.module not in ran]
-    return [*groups, (rest, None)] if rest else groups
+    once = {name for name, n in counts.items() if n == 1}
+    return ([*groups, _Group(rest, None, False)] if rest else groups), once
 
 
 def _prune_stages(
@@ -564,7 +761,7 @@ def _prune_stages(
         inputs = _capture_block_inputs(model, module, batches) if capture and stage and calls.get(stage) == 1 else []
         try:
             if inputs and len(inputs) == len(batches):
-                _prune_in_module(model, module, in_stage, inputs, pruner, done)
+                _prune_in_module(model, module, in_stage, inputs, pruner, done).clear()
             else:
                 _prune_on_passes(model, in_stage, batches, pruner, done, extra)
         except (RuntimeError, TypeError, ValueError) as exc:
@@ -596,9 +793,15 @@ def _prune_on_passes(
     extra: dict[str, Any],
 ) -> None:
     collector = Collector(model, layers)
+
+    def run(i: int) -> list[Any]:
+        collector.begin(batches[i].kwargs.get("attention_mask"))
+        model(*batches[i].args, **batches[i].kwargs, **extra)
+        return collector.end()
+
     try:
-        for batch in batches:
-            _run(model, batch, collector, extra)
+        for additions in pruner.workers.map(run, range(len(batches))):
+            collector.commit(additions)
     finally:
         collector.remove()
     pruner.prune(layers, collector)

@@ -25,9 +25,9 @@ def trained_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     return folder, calib
 
 
-def _prune(exe: str, folder: Path, calib: Path, out: Path, threads: int) -> dict[str, torch.Tensor]:
+def _prune(exe: str, folder: Path, calib: Path, out: Path, threads: int, method: str) -> dict[str, torch.Tensor]:
     """``nmcli prune`` in a fresh process (MKL starts as the console script starts it) on ``threads`` threads."""
-    args = [exe, "prune", f"hf:{folder}", "--method", "sparsegpt", "--calib", f"tensors:{calib}", "-o", str(out)]
+    args = [exe, "prune", f"hf:{folder}", "--method", method, "--calib", f"tensors:{calib}", "-o", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env["SOURCE_DATE_EPOCH"] = "1765000000"  # the history's time: reproducible outputs
     env.pop("MKL_CBWR", None)
@@ -42,16 +42,16 @@ def _prune(exe: str, folder: Path, calib: Path, out: Path, threads: int) -> dict
     return {**{f"mask:{k}": v for k, v in masks.items()}, **{k: stored[k] for k in masks}}
 
 
-@pytest.mark.parametrize("method", ["sparsegpt"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
 def test_threads_and_output_forms_give_the_same_masks_and_weights(
     trained_llama: tuple[Path, Path], tmp_path: Path, method: str, nmcli_exe: str
 ) -> None:
     folder, calib = trained_llama
     runs = {
-        "file, 1 thread": _prune(nmcli_exe, folder, calib, tmp_path / "one.safetensors", 1),
-        "file, 2 threads": _prune(nmcli_exe, folder, calib, tmp_path / "two.safetensors", 2),
-        "directory, 2 threads": _prune(nmcli_exe, folder, calib, tmp_path / "dir", 2),
-        "file, 2 threads again": _prune(nmcli_exe, folder, calib, tmp_path / "again.safetensors", 2),
+        "file, 1 thread": _prune(nmcli_exe, folder, calib, tmp_path / "one.safetensors", 1, method),
+        "file, 2 threads": _prune(nmcli_exe, folder, calib, tmp_path / "two.safetensors", 2, method),
+        "directory, 2 threads": _prune(nmcli_exe, folder, calib, tmp_path / "dir", 2, method),
+        "file, 2 threads again": _prune(nmcli_exe, folder, calib, tmp_path / "again.safetensors", 2, method),
     }
     # the same command twice writes the same bytes (SOURCE_DATE_EPOCH fixes the history's time)
     assert (tmp_path / "two.safetensors").read_bytes() == (tmp_path / "again.safetensors").read_bytes()

@@ -207,7 +207,8 @@ def test_solve_layer_runs_sparsegpt_on_the_layer_matrix(kind: str) -> None:
     ratio = _output_error(ref_weight, to_matrix(weight, kind), gram) / _output_error(
         to_matrix(weight, kind), torch.zeros_like(to_matrix(weight, kind)), gram
     )
-    assert outcome.recon_error == pytest.approx(ratio, rel=1e-9)
+    # each batch's Gram matrix is float32 (summed in float64): ~1e-7 relative to the float64 reference
+    assert outcome.recon_error == pytest.approx(ratio, rel=1e-6)
     assert is_compliant(outcome.weight, P24, 1)
 
 
