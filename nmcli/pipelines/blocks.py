@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,6 +23,7 @@ from nmcli.models.data import Batch, check_batch_fits, load_data
 from nmcli.models.layers import LayerCandidate
 from nmcli.nm.pattern import Pattern
 from nmcli.pipelines.chaining import Slot, chain_slot, get_slot, observe_calls, primary_output, set_slot
+from nmcli.pipelines.frozen import FrozenOutputs
 from nmcli.progress import ProgressCallback
 
 # How a calibrated prune traversed the model (``PruneResult.calibration_path``, ``--json``).
@@ -418,7 +419,7 @@ def _prune_blocks(
             i: int,
             block: nn.Module = block,
             name: str = name,
-            frozen: _Frozen = frozen,
+            frozen: FrozenOutputs = frozen,
             inputs: Sequence[_BlockInput] = inputs,
         ) -> Any:
             inp = inputs[i]
@@ -450,13 +451,13 @@ def _prune_in_module(
     inputs: Sequence[_BlockInput],
     pruner: _Pruner,
     done: set[str],
-) -> _Frozen:
+) -> FrozenOutputs:
     """Prune the ``layers`` inside ``module`` group by group, running only ``module`` on its captured ``inputs``.
 
     Each group's pass ends at the group's own call when its layers are Linears reading one input (q, k
     and v), else where the next group's first layer is called (when no layer of the group runs after
     that point): the rest of the module cannot change the group's statistics. Sub-modules that finished
-    before a group was called keep their outputs for the later passes (:class:`_Frozen`), so each part
+    before a group was called keep their outputs for the later passes (:class:`FrozenOutputs`), so each part
     of a block runs about once in all. Wanda collects every layer of the block in one pass of the dense
     block, as its reference implementation does (Sun et al. 2023): its score needs only input norms.
     The batches of a pass run on the pruner's workers, their statistics added in batch order.
@@ -469,7 +470,7 @@ def _prune_in_module(
         once: set[str] = set()
     else:
         groups, once = _sequential_groups(model, module, layers, inputs[0])
-    frozen = _Frozen(module, once)
+    frozen = FrozenOutputs(module, once)
     try:
         for group in groups:
             _prune_group(model, module, group, inputs, pruner, done, frozen)
@@ -486,7 +487,7 @@ def _prune_group(
     inputs: Sequence[_BlockInput],
     pruner: _Pruner,
     done: set[str],
-    frozen: _Frozen,
+    frozen: FrozenOutputs,
 ) -> None:
     """One group's statistics pass over ``module`` (the batches on the pruner's workers), then its solve."""
     modules = dict(model.named_modules())
@@ -526,117 +527,6 @@ def _prune_group(
 
 def _stop_forward(*_: Any) -> None:
     raise _StopForward
-
-
-# Outputs kept by :class:`_Frozen` for one block, at most (beyond that, modules run again).
-FROZEN_BYTES = 512 << 20
-
-
-class _Frozen:
-    """Outputs of a block's sub-modules that the rest of its calibration can no longer change.
-
-    A sub-module whose call finished before the group being calibrated was first called does not
-    depend on that group (nor on any later one): once the group is pruned, every later pass of the
-    block would compute the same output from the same inputs, to the bit. So each pass keeps the
-    outputs of the outermost such sub-modules (a copy per batch, up to ``FROZEN_BYTES``), and the
-    later passes return them instead of running the sub-module again. Only sub-modules called once
-    per pass (``once``) whose output is a tensor or a tuple of tensors are kept.
-    """
-
-    def __init__(self, block: nn.Module, once: set[str]) -> None:
-        self.modules = {name: m for name, m in block.named_modules() if name in once and "forward" not in m.__dict__}
-        self.kept: dict[str, dict[int, Any]] = {}
-        self.fresh: dict[str, dict[int, Any]] = {}
-        self.size = 0
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._handles = [m.register_forward_hook(self._keep(name)) for name, m in self.modules.items()]
-
-    @contextlib.contextmanager
-    def batch(self, index: int, *, recording: bool) -> Iterator[None]:
-        """Run one batch's pass in this thread: kept outputs of batch ``index`` replay, new ones are kept while ``recording``."""
-        self._local.index, self._local.recording = index, recording
-        try:
-            yield
-        finally:
-            self._local.recording = False
-
-    def stop_recording(self, *_: Any) -> None:
-        """A pre-hook on the group's layers: what finishes after this call depends on the group."""
-        self._local.recording = False
-
-    def _keep(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not getattr(self._local, "recording", False):
-                return
-            index = self._local.index
-            if index in self.kept.get(name, {}):  # replayed
-                return
-            copy = _copied(output)
-            if copy is None:
-                return
-            size = _bytes(copy)
-            with self._lock:
-                if self.size + size > FROZEN_BYTES:
-                    return
-                inner = [n for n in self.fresh if n.startswith(name + ".") and index in self.fresh[n]]
-                for n in inner:  # the outer module's output replaces its children's
-                    self.size -= _bytes(self.fresh[n].pop(index))
-                self.fresh.setdefault(name, {})[index] = copy
-                self.size += size
-
-        return hook
-
-    def end_pass(self) -> None:
-        """Keep what this pass recorded for the later passes; drop kept outputs now inside a kept module."""
-        for name, per_batch in self.fresh.items():
-            self.kept.setdefault(name, {}).update(per_batch)
-        self.fresh = {}
-        for name in list(self.kept):
-            if any(name.startswith(outer + ".") for outer in self.kept if outer != name):
-                self.size -= sum(_bytes(v) for v in self.kept.pop(name).values())
-
-    @contextlib.contextmanager
-    def replaying(self) -> Iterator[None]:
-        """The kept modules' ``forward`` returns a copy of their kept output of the batch being run."""
-        replaced = []
-        for name, per_batch in self.kept.items():
-            module = self.modules[name]
-            original = module.forward
-
-            def forward(
-                *args: Any, per_batch: dict[int, Any] = per_batch, original: Any = original, **kwargs: Any
-            ) -> Any:
-                kept = per_batch.get(getattr(self._local, "index", -1))
-                return original(*args, **kwargs) if kept is None else _copied(kept)
-
-            module.forward = forward
-            replaced.append(module)
-        try:
-            yield
-        finally:
-            for module in replaced:
-                del module.forward
-
-    def clear(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.kept, self.fresh, self.size = {}, {}, 0
-
-
-def _copied(output: Any) -> Any:
-    """A copy of a module's output when it is a tensor or a tuple of tensors and Nones, else None."""
-    if isinstance(output, torch.Tensor):
-        return output.detach().clone()
-    if type(output) is tuple and all(o is None or isinstance(o, torch.Tensor) for o in output):
-        return tuple(None if o is None else o.detach().clone() for o in output)
-    return None
-
-
-def _bytes(output: Any) -> int:
-    parts = output if isinstance(output, tuple) else (output,)
-    return sum(o.numel() * o.element_size() for o in parts if isinstance(o, torch.Tensor))
 
 
 def _block_slot(

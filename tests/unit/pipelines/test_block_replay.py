@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import nmcli.pipelines.blocks as blocks
+import nmcli.pipelines.frozen as frozen
 from nmcli.algorithms.config import CalibrationConfig
 from nmcli.formats.checkpoint import SourceRef
 from nmcli.models.data import Batch
@@ -87,7 +88,7 @@ def test_workers_and_replay_give_the_bits_of_one_thread_running_everything(
     monkeypatch.setattr(blocks, "default_workers", lambda threads: 3)
     fast = _prune(model, batches, method)
     monkeypatch.setattr(blocks, "default_workers", lambda threads: 1)
-    monkeypatch.setattr(blocks, "FROZEN_BYTES", 0)  # nothing kept: every pass runs the whole prefix
+    monkeypatch.setattr(frozen, "FROZEN_BYTES", 0)  # nothing kept: every pass runs the whole prefix
     slow = _prune(model, batches, method)
     assert len(fast) == 2 * 13  # 12 Linears in the blocks and the pooler
     assert not _same(fast, slow)
@@ -99,7 +100,7 @@ def test_a_module_called_twice_is_run_again_not_replayed(monkeypatch: pytest.Mon
     x = torch.randn(4, 10, 8)
     batches = [Batch((x[:2],)), Batch((x[2:],))]
     kept = _prune(model, batches)
-    monkeypatch.setattr(blocks, "FROZEN_BYTES", 0)
+    monkeypatch.setattr(frozen, "FROZEN_BYTES", 0)
     assert not _same(kept, _prune(model, batches))
 
 
