@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -39,12 +40,13 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def save_tiny_bert(folder: Path, class_name: str = "BertModel") -> Path:
-    """A seeded tiny BERT (2 layers, hidden 32, 16 positions) of transformers class ``class_name``, saved to ``folder``."""
+def save_tiny_bert(folder: Path, class_name: str = "BertModel", **config: Any) -> Path:
+    """A seeded tiny BERT (2 layers, hidden 32, 16 positions) of transformers class ``class_name``, saved to
+    ``folder``; ``config`` overrides ``BertConfig`` fields (``hidden_dropout_prob=0.0``)."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=16,
+        max_position_embeddings=16, **config,
     )  # fmt: skip
     torch.manual_seed(0)
     getattr(transformers, class_name)(cfg).save_pretrained(folder)

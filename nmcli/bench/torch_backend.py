@@ -297,7 +297,7 @@ def plan(request: PlanRequest) -> BenchPlan:
     dev = resolve_device(request.device)
     prec = request.precision or ("fp16" if dev.startswith("cuda") else "fp32")
     dtype = DTYPES[prec]
-    loaded = load_model(target, arch=arch, trust=trust)
+    loaded = load_model(target, arch=arch, trust=trust, model_class=request.model_class)
     spec = _input_spec(request.input_shape, loaded.input_spec, target)
     sizes = list(request.batch_sizes) if request.batch_sizes else [spec.batch_size]
     vocab = _vocab_size(loaded.model)
@@ -310,7 +310,7 @@ def plan(request: PlanRequest) -> BenchPlan:
         return BenchPlan("torch", dev, prec, str(spec), [variant], sizes, notes, info)
     ckpt = loaded.checkpoint
     sparse_model = loaded.model
-    dense_model, how = _dense_model(loaded, arch=arch, trust=trust)
+    dense_model, how = _dense_model(loaded, arch=arch, trust=trust, model_class=request.model_class)
     info["dense_weights"] = how
     if how.startswith("unavailable"):
         notes.append(
@@ -335,16 +335,16 @@ def plan(request: PlanRequest) -> BenchPlan:
     return BenchPlan("torch", dev, prec, str(spec), [dense, sparse], sizes, notes, info)
 
 
-def _dense_model(loaded: Any, *, arch: str | None, trust: bool) -> tuple[nn.Module, str]:
+def _dense_model(loaded: Any, *, arch: str | None, trust: bool, model_class: str) -> tuple[nn.Module, str]:
     """The original dense model of a checkpoint, and where its weights came from."""
 
     ckpt = loaded.checkpoint
     if ckpt.dense:
-        model = model_from_checkpoint(ckpt, arch=arch, trust=trust, weights="dense")
+        model = model_from_checkpoint(ckpt, arch=arch, trust=trust, weights="dense", model_class=model_class)
         return model, "stored in the checkpoint"
     ref = ckpt.meta.source
     try:
-        source = load_source_model(ref, arch=arch, trust=trust)
+        source = load_source_model(ref, arch=arch, trust=trust, model_class=model_class)
     except NmcliError as exc:
         return copy_model(loaded.model), f"unavailable (rebuilding {ref.spec} failed: {exc})"
     want = {k: tuple(v.shape) for k, v in loaded.model.state_dict().items()}

@@ -33,6 +33,7 @@ class PlanRequest:
         compile: ``--compile``.
         arch: ``--arch``.
         trust: ``--trust``.
+        model_class: ``--model-class`` (the torch backend's ``hf:`` sources).
     """
 
     target: str
@@ -44,6 +45,7 @@ class PlanRequest:
     compile: bool = False
     arch: str | None = None
     trust: bool = False
+    model_class: str = "auto"
 
 
 class Variant:

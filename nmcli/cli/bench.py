@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from nmcli.cli.app import emit_json, guarded, progress_bar, show_progress, stderr
-from nmcli.cli.options import ArchOption, InputShapeOption, JsonOption, TrustOption
+from nmcli.cli.options import ArchOption, InputShapeOption, JsonOption, ModelClassOption, TrustOption
 
 if TYPE_CHECKING:
     from nmcli.bench.types import BenchReport
@@ -57,6 +57,7 @@ def command(
     min_time: MinTimeOption = None,
     compile: CompileOption = False,
     arch: ArchOption = None,
+    model_class: ModelClassOption = "auto",
     trust: TrustOption = False,
     output: OutputOption = None,
     force: ForceOutputOption = False,
@@ -90,6 +91,7 @@ def command(
             compile=compile,
             arch=arch,
             trust=trust,
+            model_class=model_class,
             output=output,
             force=force,
             progress=update,

@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from nmcli.cli.app import emit_json, esc, guarded, progress_bar, show_progress, stderr
-from nmcli.cli.options import ArchOption, InputShapeOption, JsonOption, TrustOption, number_option
+from nmcli.cli.options import (
+    ArchOption,
+    InputShapeOption,
+    JsonOption,
+    ModelClassOption,
+    TrustOption,
+    number_option,
+)
 
 if TYPE_CHECKING:
     from nmcli.commands.export import ExportResult
@@ -106,6 +113,7 @@ def command(
     output: OutputOption = None,
     force: ForceOutputsOption = False,
     arch: ArchOption = None,
+    model_class: ModelClassOption = "auto",
     trust: TrustOption = False,
     fmt: FormatOption = "onnx",
     json_output: JsonOption = False,
@@ -124,7 +132,8 @@ def command(
     if fmt != "onnx":  # issue 23: the weights alone (export_plain), apart from the ONNX/TensorRT path
         _export_plain(checkpoint, fmt, output=output, force=force, arch=arch, json_output=json_output,
                       others={"--onnx": onnx, "--trt": trt, "--compress": compress, "--dynamic-batch": dynamic_batch,
-                              "--input-shape": input_shape is not None, "--precision": precision != "fp32"})  # fmt: skip
+                              "--input-shape": input_shape is not None, "--precision": precision != "fp32",
+                              "--model-class": model_class != "auto"})  # fmt: skip
         return
     if calib is not None:
         from nmcli.models.data import check_data_spec
@@ -154,6 +163,7 @@ def command(
             calib=calib,
             calib_samples=calib_samples,
             calib_method=calib_method,
+            model_class=model_class,
         )
     if json_output:
         emit_json(result.to_json())

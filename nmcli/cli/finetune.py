@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from nmcli.cli.app import emit_json, esc, guarded, plain_progress, show_progress, stderr
-from nmcli.cli.options import DATA_SPECS, ForceOption, JsonOption, TrustOption, number_option
+from nmcli.cli.options import DATA_SPECS, ForceOption, JsonOption, ModelClassOption, TrustOption, number_option
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -196,6 +196,7 @@ def command(
     eval_split: EvalSplitOption = 0.05,
     eval_every: EvalEveryOption = 0,
     arch: FinetuneArchOption = None,
+    model_class: ModelClassOption = "auto",
     trust: TrustOption = False,
     output: OutputOption = None,
     force: ForceOption = False,
@@ -226,6 +227,7 @@ def command(
             resume=resume,
             on_step=on_step,
             on_eval=_eval_line,
+            model_class=model_class,
         )
     if result.output is None:  # a non-zero rank under torchrun: rank 0 reports
         return

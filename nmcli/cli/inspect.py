@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from nmcli.cli.app import emit_json, esc, guarded, stderr
-from nmcli.cli.options import ArchOption, JsonOption, TrustOption
+from nmcli.cli.options import ArchOption, JsonOption, ModelClassOption, TrustOption
 
 if TYPE_CHECKING:
     from nmcli.commands.inspect import InspectReport
@@ -57,6 +57,7 @@ def command(
     target: TargetArgument,
     pattern: PatternOption = None,
     arch: ArchOption = None,
+    model_class: ModelClassOption = "auto",
     trust: TrustOption = False,
     strict: StrictOption = False,
     masks_only: MasksOnlyOption = False,
@@ -76,7 +77,9 @@ def command(
     from nmcli.trust import remember_command_line
 
     remember_command_line([target, arch], trust=trust)  # the user's own code: later rebuilds may run it
-    report = run_inspect(target, pattern=pattern, arch=arch, trust=trust, rebuild=rebuild, masks_only=masks_only)
+    report = run_inspect(
+        target, pattern=pattern, arch=arch, trust=trust, rebuild=rebuild, masks_only=masks_only, model_class=model_class
+    )
     if not report.eligible:
         report.notes.append(
             f"nothing to check: {target} has no layer eligible for {report.pattern} "

@@ -107,8 +107,10 @@ ModelClassOption = Annotated[
     str,
     typer.Option(
         "--model-class",
-        help="Transformers class of an hf: source: auto (config's class when the files hold its weights, "
-        "else the base model), base (AutoModel) or a class name such as BertModel.",
+        help="Transformers class of the hf: sources the command builds (model, --arch, --teacher): auto "
+        "(config's class when the files hold its weights, else the base model), base (AutoModel) or a class "
+        "name such as BertModel. A checkpoint is rebuilt with the class it records: another one is an error, "
+        "unless given with --arch hf:DIR.",
     ),
 ]
 InputShapeOption = Annotated[

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from nmcli.cli.app import emit_json, guarded, progress_bar, show_progress, stderr
-from nmcli.cli.options import JsonOption, TrustOption, number_option
+from nmcli.cli.options import JsonOption, ModelClassOption, TrustOption, number_option
 
 if TYPE_CHECKING:
     from nmcli.algorithms.sad import SadResult
@@ -68,6 +68,7 @@ def command(
     inputs: InputsArgument,
     pattern: PatternOption = None,
     arch: SadArchOption = None,
+    model_class: ModelClassOption = "auto",
     key: KeyOption = None,
     trust: TrustOption = False,
     fail_above: FailAboveOption = None,
@@ -98,7 +99,9 @@ def command(
         require_matplotlib()
         check_output_path(plot, force=force, inputs=inputs, option="--plot")
     with progress_bar("comparing masks", show_progress(json_output)) as update:
-        report = sad_report(inputs, pattern=parsed, arch=arch, trust=trust, key=key, progress=update)
+        report = sad_report(
+            inputs, pattern=parsed, arch=arch, trust=trust, key=key, progress=update, model_class=model_class
+        )
     if plot:
         plot_report(report, plot, force=force, inputs=inputs)
     if json_output:

@@ -132,6 +132,7 @@ def make_plan(
     compile: bool = False,
     arch: str | None = None,
     trust: bool = False,
+    model_class: str = "auto",
 ) -> BenchPlan:
     """Resolve the backend and build its plan (loads models, checks the device)."""
 
@@ -144,6 +145,11 @@ def make_plan(
         raise InputError(f"--vs {vs} is not the same kind of file as {target}: compare two {chosen} targets")
     if compile and not _BY_NAME[chosen].compile:
         raise InputError(f"--compile applies to the torch backend only, not {chosen}")
+    if model_class != "auto" and _BY_NAME[chosen].forms:  # ONNX files and engines: no model is built
+        raise InputError(
+            f"--model-class applies to the torch backend only (a checkpoint or model source), not {chosen}: "
+            "drop --model-class"
+        )
     request = PlanRequest(
         target,
         vs=vs,
@@ -154,6 +160,7 @@ def make_plan(
         compile=compile,
         arch=arch,
         trust=trust,
+        model_class=model_class,
     )
     plan: BenchPlan = backend_module(chosen).plan(request)
     return plan
@@ -174,6 +181,7 @@ def run_bench(
     compile: bool = False,
     arch: str | None = None,
     trust: bool = False,
+    model_class: str = "auto",
     output: str | os.PathLike[str] | None = None,
     force: bool = False,
     progress: ProgressCallback | None = None,
@@ -204,6 +212,7 @@ def run_bench(
         compile=compile,
         arch=arch,
         trust=trust,
+        model_class=model_class,
     )
     settings = {
         "warmup": warmup,

@@ -263,6 +263,7 @@ def run_export(
     calib: str | None = None,
     calib_samples: int = DEFAULT_QUANT_SAMPLES,
     calib_method: str = "max",
+    model_class: str = "auto",
 ) -> ExportResult:
     """``nmcli export``: see the module docstring. Errors that end the command after its results
     (verification mismatch, missing tensorrt) are left to :meth:`ExportResult.raise_for_status`.
@@ -270,7 +271,7 @@ def run_export(
     ``arch`` overrides the checkpoint's recorded source (the user's own ``--arch``); ``trust``
     (``--trust``) lets a recorded ``py:`` or pickled source run (DESIGN.md section 7).
     ``precision`` ``int8``/``fp8`` writes a Q/DQ ONNX calibrated on ``calib`` (``calib_samples``
-    examples, ``calib_method``; see :mod:`nmcli.export.quantize`).
+    examples, ``calib_method``; see :mod:`nmcli.export.quantize`). ``model_class``: see :mod:`nmcli.models.hfclass`.
 
     Raises:
         InputError: bad options or input.
@@ -302,6 +303,8 @@ def run_export(
     paths = export_paths(
         checkpoint, onnx=onnx, trt=trt, compress=compress, output=output, precision=precision, kind=kind
     )
+    if model_class != "auto" and paths.onnx is None:
+        raise InputError(f"--model-class {model_class!r}: --compress alone builds no model: drop --model-class")
     local_input = kind.path if kind.path is not None else Path(checkpoint)
     _check_outputs(paths, kind, local_input, force)
     result = ExportResult(paths, precision, sparse)
@@ -317,7 +320,7 @@ def run_export(
         job = _export_quantized(
             kind, paths.onnx, result, calib=calib, samples=calib_samples, method=calib_method,
             spec_override=spec_override, dynamic_batch=dynamic_batch, opset=opset, exporter=exporter,
-            force=force, arch=arch, trust=trust,
+            force=force, arch=arch, trust=trust, model_class=model_class,
         )  # fmt: skip
         if paths.engine is not None:
             _engine(job, paths.onnx, paths.engine, result, step, workspace_mb=workspace_mb, force=force)
@@ -325,7 +328,7 @@ def run_export(
         return result
     job = _export_onnx(
         kind, paths.onnx, result, dtype=dtype, spec_override=spec_override, dynamic_batch=dynamic_batch,
-        opset=opset, exporter=exporter, force=force, verify=verify, arch=arch, trust=trust,
+        opset=opset, exporter=exporter, force=force, verify=verify, arch=arch, trust=trust, model_class=model_class,
     )  # fmt: skip
     if verify:
         step("verifying in onnxruntime")
@@ -400,6 +403,7 @@ def _export_onnx(
     arch: str | None,
     trust: bool,
     loaded: LoadedModel | None = None,
+    model_class: str = "auto",
 ) -> _OnnxJob:
     """Rebuild the model (unless ``loaded``), export it to ``out`` with its pruned layers located in the graph; notes and
     warnings go to ``result``.
@@ -411,7 +415,7 @@ def _export_onnx(
 
     checkpoint = kind.spec
     local_input = kind.path if kind.path is not None else Path(checkpoint)
-    loaded = loaded or _load_for_export(checkpoint, arch, trust)
+    loaded = loaded or _load_for_export(checkpoint, arch, trust, model_class)
     spec = spec_override or loaded.input_spec
     if spec is None:
         raise InputError(
@@ -535,7 +539,7 @@ def trtexec_variants(command: str) -> Sequence[str]:
     return [command, " ".join(strongly)]
 
 
-def _load_for_export(checkpoint: str, arch: str | None, trust: bool) -> LoadedModel:
+def _load_for_export(checkpoint: str, arch: str | None, trust: bool, model_class: str) -> LoadedModel:
     """:func:`nmcli.models.sources.load_model`; a checkpoint with no architecture to rebuild (pruned
     with ``--infer-layers``) is told both ways out: ``--arch``, or the plain weights with ``--format plain``.
 
@@ -545,7 +549,7 @@ def _load_for_export(checkpoint: str, arch: str | None, trust: bool) -> LoadedMo
     from nmcli.models.sources import load_model
 
     try:
-        return load_model(checkpoint, arch=arch, trust=trust)
+        return load_model(checkpoint, arch=arch, trust=trust, model_class=model_class)
     except NoArchitectureError as exc:
         if arch:
             raise
@@ -580,6 +584,7 @@ def _export_quantized(
     force: bool,
     arch: str | None,
     trust: bool,
+    model_class: str,
 ) -> _OnnxJob:
     """``--precision int8|fp8``: read and check the calibration data, export the float32 ONNX to a
     staging folder, and quantize it to ``out`` (Q/DQ, sparse weights checked, agreement measured).
@@ -598,7 +603,7 @@ def _export_quantized(
     from nmcli.models.sources import load_model
     from nmcli.pipelines.blocks import calibration_batches
 
-    loaded = load_model(kind.spec, arch=arch, trust=trust)
+    loaded = load_model(kind.spec, arch=arch, trust=trust, model_class=model_class)
     spec = spec_override or loaded.input_spec
     if spec is None:
         raise InputError(f"{kind.spec} stores no input shape: pass --input-shape, e.g. 1x3x224x224")

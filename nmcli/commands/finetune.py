@@ -20,6 +20,7 @@ from nmcli.formats.trainstate import load_trainstate, trainstate_path
 from nmcli.io import check_output_path
 from nmcli.models.batchnorm import has_batchnorm
 from nmcli.models.data import check_data_spec
+from nmcli.models.hfclass import check_recorded_class
 from nmcli.models.sources import (
     default_output_path,
 )
@@ -99,6 +100,7 @@ def run_finetune(
     resume: bool = False,
     on_step: StepCallback | None = None,
     on_eval: EvalCallback | None = None,
+    model_class: str = "auto",
 ) -> FinetuneResult:
     """``nmcli finetune``: train the checkpoint's sparse model with SR-STE and write the result.
 
@@ -115,9 +117,12 @@ def run_finetune(
         on_step: called on rank 0 after every optimizer step; raising KeyboardInterrupt in it
             stops the run at that step, like Ctrl-C does.
         on_eval: called on rank 0 with ``(step, metrics)`` after every ``eval_every`` evaluation.
+        model_class: ``--model-class``: the transformers class of an ``hf:`` ``arch`` or ``--teacher``;
+            without ``arch`` the checkpoint is rebuilt with the class it records, which this may only repeat.
 
     Raises:
-        InputError, DataError, CheckpointError, SourceError: bad options, data, or files (exit 2).
+        InputError, DataError, CheckpointError, SourceError: bad options, data, or files (exit 2); a
+            ``model_class`` that contradicts the checkpoint's recorded class without ``arch``.
         BackendUnavailableError: a missing device or optional package (exit 3).
     """
     started = time.perf_counter()
@@ -139,9 +144,11 @@ def run_finetune(
     start, stored = open_start(ckpt_path, shard=cfg.shard)  # fsdp under torchrun: metadata and masks only
     if not start.meta.layers:
         raise InputError(f"{ckpt_path} has no pruned layers: prune it first (nmcli prune)")
+    if not arch:
+        check_recorded_class(str(ckpt_path), start.meta.source, model_class)
     dist = init_distributed("cuda" if cfg.device.startswith("cuda") else "cpu")
     try:
-        session = setup_session(start, ckpt_path, out, resume_from, cfg, dist, arch, trust, stored)
+        session = setup_session(start, ckpt_path, out, resume_from, cfg, dist, arch, trust, stored, model_class)
         if "before" not in session.evals:
             before = evaluate_session(session)
             if before is not None:

@@ -40,8 +40,10 @@ from nmcli.formats.checkpoint import Checkpoint, CheckpointMeta, CheckpointReade
 from nmcli.formats.checksum import MISMATCH, TAMPERED, Integrity
 from nmcli.formats.open import Form, InputKind, classify, load_checkpoint, open_checkpoint
 from nmcli.formats.sharded_checkpoint import ShardedCheckpointReader
+from nmcli.models.hfclass import AUTO, check_recorded_class, not_an_hf_source
 from nmcli.models.inferred import infer_state_dict_layers, is_bare_state_dict
 from nmcli.models.layers import LayerCandidate, find_layers, tensorrt_reason
+from nmcli.models.statenames import StoredNames
 from nmcli.nm.bits import TensorBits, bits_compliance, packed_mask_stats
 from nmcli.nm.pattern import TENSOR_CORE_PATTERN, Pattern, parse_pattern
 
@@ -214,24 +216,27 @@ def inspect_checkpoint(
     """Inspect a checkpoint's weights: eligible are the layers it records as pruned.
 
     With ``model`` (the rebuilt architecture), the layers a prune left dense are listed too, with
-    their reasons; without it only the pruned layers are.
+    their reasons; without it only the pruned layers are. Layers are named as the checkpoint stores
+    them (a base model's layers in files saved with a head: :mod:`nmcli.models.statenames`).
     """
     entries = {e.param: e for e in ckpt.meta.layers}
     candidates: list[LayerCandidate] = find_layers(model, pattern) if model is not None else []
+    names = StoredNames.of(model, ckpt.tensors) if model is not None else StoredNames()
     layers: list[LayerInspection] = []
     seen: set[str] = set()
     for cand in candidates:
-        if cand.param not in ckpt.tensors:
+        param = names.stored(cand.param)
+        if param not in ckpt.tensors:
             continue
-        seen.add(cand.param)
-        values = ckpt.tensors[cand.param]
-        entry = entries.get(cand.param)
+        seen.add(param)
+        values = ckpt.tensors[param]
+        entry = entries.get(param)
         if entry is None:
             reason = cand.reason or "left dense in this checkpoint (not pruned)"
-            layers.append(_measure(cand.param, values, cand.axis, cand.kind, False, reason, pattern))
+            layers.append(_measure(param, values, cand.axis, cand.kind, False, reason, pattern))
             continue
         reason = _size_reason(entry.shape, entry.axis, pattern)
-        layers.append(_measure(cand.param, values, entry.axis, cand.kind, not reason, reason, pattern))
+        layers.append(_measure(param, values, entry.axis, cand.kind, not reason, reason, pattern))
     for param, entry in entries.items():
         if param in seen:
             continue
@@ -409,6 +414,7 @@ def run_inspect(
     trust: bool = False,
     rebuild: bool = False,
     masks_only: bool = False,
+    model_class: str = AUTO,
 ) -> InspectReport:
     """``nmcli inspect``: inspect a checkpoint, any model source, or an ``.onnx`` file.
 
@@ -423,23 +429,41 @@ def run_inspect(
         trust: allow unpickling a pickled ``nn.Module``.
         rebuild: rebuild a checkpoint's model from its source.
         masks_only: a sharded checkpoint is measured on its masks only (its weights not read).
+        model_class: ``--model-class``: the class of an ``hf:`` target or ``arch``; a checkpoint records
+            its own, which this may only repeat (without ``arch``).
 
     Raises:
-        InputError: a bad pattern, a missing, empty or unreadable target (and the source errors of
+        InputError: a bad pattern, a missing, empty or unreadable target, a ``model_class`` that
+            contradicts a checkpoint or that no ``hf:`` source takes (and the source errors of
             :func:`nmcli.models.sources.load_model`).
         BackendUnavailableError: the package behind the source is missing.
     """
     nm = parse_pattern(pattern) if pattern is not None else None
     kind = classify(target)
+    if model_class != AUTO:
+        _check_model_class(kind, arch, model_class)
     if kind.form is Form.SHARDED_CHECKPOINT and kind.path is not None and not (rebuild or arch):
         return inspect_sharded(kind.path, nm, target=target, masks_only=masks_only)
-    report = _run_inspect(kind, nm, arch=arch, trust=trust, rebuild=rebuild)
+    report = _run_inspect(kind, nm, arch=arch, trust=trust, rebuild=rebuild, model_class=model_class)
     if masks_only:
         report.notes.append("--masks-only applies to sharded checkpoint directories only: it changed nothing here")
     return report
 
 
-def _run_inspect(kind: InputKind, nm: Pattern | None, *, arch: str | None, trust: bool, rebuild: bool) -> InspectReport:
+def _check_model_class(kind: InputKind, arch: str | None, model_class: str) -> None:
+    """Refuse ``--model-class`` before anything is read, without torch: a checkpoint (without ``arch``)
+    whose recorded class it contradicts, or a target that is neither one nor ``hf:`` with no ``hf:`` arch."""
+    if kind.is_checkpoint and kind.path is not None and not arch:
+        with open_checkpoint(kind, numpy=True) as reader:
+            if reader.meta is not None:
+                check_recorded_class(kind.spec, reader.meta.source, model_class)
+    elif not kind.is_checkpoint and kind.prefix != "hf:" and not (arch or "").startswith("hf:"):
+        raise not_an_hf_source(kind.spec, model_class)
+
+
+def _run_inspect(
+    kind: InputKind, nm: Pattern | None, *, arch: str | None, trust: bool, rebuild: bool, model_class: str = AUTO
+) -> InspectReport:
     target, path = kind.spec, kind.path
     if kind.named is Form.ONNX:
         if kind.is_directory:
@@ -460,7 +484,9 @@ def _run_inspect(kind: InputKind, nm: Pattern | None, *, arch: str | None, trust
         assert meta is not None  # an nmcli file, by its header
         if not (rebuild or arch):  # a CI gate on checkpoints reads the file only, without torch
             return inspect_checkpoint_file(path, nm, target=target)
-        report = _run_checkpoint(path, meta, nm, arch=arch, trust=trust, rebuild=rebuild, target=target)
+        report = _run_checkpoint(
+            path, meta, nm, arch=arch, trust=trust, rebuild=rebuild, target=target, model_class=model_class
+        )
         report.integrity = file_integrity(path)
         return report
 
@@ -475,7 +501,7 @@ def _run_inspect(kind: InputKind, nm: Pattern | None, *, arch: str | None, trust
         return InspectReport(target, "inferred", nm, layers, inferred.notes)
     from nmcli.models.sources import load_model
 
-    loaded = load_model(target, arch=arch, trust=trust)
+    loaded = load_model(target, arch=arch, trust=trust, model_class=model_class)
     nm = nm or (loaded.checkpoint.meta.pattern if loaded.checkpoint else None) or TENSOR_CORE_PATTERN
     if loaded.checkpoint is not None:
         report = inspect_checkpoint(loaded.checkpoint, nm, model=loaded.model, target=target)
@@ -494,6 +520,7 @@ def _run_checkpoint(
     trust: bool,
     rebuild: bool = False,
     target: str = "",
+    model_class: str = AUTO,
 ) -> InspectReport:
     """Inspect the checkpoint file ``path`` loaded whole, rebuilt with ``rebuild`` or ``arch``; ``target`` names it."""
     from nmcli.models.sources import model_from_checkpoint
@@ -506,7 +533,7 @@ def _run_checkpoint(
     if not (rebuild or arch):
         return inspect_checkpoint(ckpt, nm, target=target)
     try:
-        model = model_from_checkpoint(ckpt, arch=arch, trust=trust)
+        model = model_from_checkpoint(ckpt, arch=arch, trust=trust, model_class=model_class)
     except TrustRequiredError:
         raise  # --rebuild of a recorded py:/pickled source: the refusal names --trust and --arch
     except (SourceError, BackendUnavailableError) as exc:

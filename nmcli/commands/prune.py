@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from nmcli.algorithms.config import DEFAULT_REFIT_ITERATIONS, CalibrationConfig
 from nmcli.device import resolve_device
 from nmcli.errors import InputError
-from nmcli.formats.checkpoint import SourceRef, save_checkpoint
+from nmcli.formats.checkpoint import Checkpoint, SourceRef, save_checkpoint
 from nmcli.formats.open import Form, InputKind, classify
 from nmcli.formats.safetensors import sha256_file
 from nmcli.formats.sharded import check_output_directory
 from nmcli.inputs import InputSpec, parse_input_spec
 from nmcli.io import check_output_path
 from nmcli.models.data import check_data_spec
+from nmcli.models.hfclass import not_an_hf_source
 from nmcli.models.inferred import infer_state_dict_layers, is_layer_weight
 from nmcli.models.skeleton import build_skeleton
 from nmcli.models.sources import (
@@ -26,6 +28,7 @@ from nmcli.models.sources import (
     normalize_spec,
     source_ref,
 )
+from nmcli.models.statenames import StoredNames
 from nmcli.nm.pattern import Pattern, parse_pattern
 from nmcli.pipelines.blocks import calibration_batches
 from nmcli.pipelines.inmemory import PruneResult, check_method, prune_model, prune_state_dict
@@ -114,6 +117,8 @@ def run_prune(
             raise InputError("--infer-layers and --arch exclude each other: --arch gives the real layers")
         if method != "magnitude" or calibration is not None:
             raise InputError(f"--infer-layers prunes by magnitude only: {method} with --calib needs the model (--arch)")
+        if model_class != "auto":
+            raise not_an_hf_source(model_spec, model_class)
     check_output_path(out, force=force, inputs=[local_input])
     if infer_layers:
         return _prune_inferred(kind, nm, out, include, exclude, keep_dense, trust, force, progress)
@@ -135,7 +140,7 @@ def run_prune(
         exclude=exclude,
         keep_dense=keep_dense,
         input_spec=input_spec,
-        start=loaded.checkpoint,
+        start=_start_of(loaded),
         inplace=True,  # the model was loaded here and is not used again
         history_args=_history_args(
             model_spec, nm, method, include, exclude, keep_dense, model_class, calibration, arch
@@ -150,6 +155,15 @@ def run_prune(
     save_checkpoint(result.checkpoint, out, force=force, inputs=[local_input])
     result.output = out
     return result
+
+
+def _start_of(loaded: LoadedModel) -> Checkpoint | None:
+    """The checkpoint the model was read from, its dense weights under the model's names (a base model
+    rebuilt from files saved with a head stores them under ``bert.*``: :mod:`nmcli.models.statenames`)."""
+    ckpt = loaded.checkpoint
+    if ckpt is None or not ckpt.dense:
+        return ckpt
+    return replace(ckpt, dense=StoredNames.of(loaded.model, ckpt.tensors).model_state(ckpt.dense))
 
 
 def _streamed(kind: InputKind, output: str | Path | None) -> bool:

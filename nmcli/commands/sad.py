@@ -12,7 +12,7 @@ from nmcli.errors import (
     BackendUnavailableError,
     InputError,
 )
-from nmcli.formats.open import prefix_of
+from nmcli.formats.open import classify, prefix_of
 from nmcli.io import atomic_output
 from nmcli.nm.pattern import Pattern
 from nmcli.pipelines.sad import (
@@ -40,25 +40,34 @@ def sad_report(
     trust: bool = False,
     key: str | None = None,
     progress: ProgressCallback | None = None,
+    model_class: str = "auto",
 ) -> SadReport:
     """SAD between two or more inputs (checkpoints, training checkpoints or model sources; see :func:`open_input`).
 
     Inputs with stored masks use them. The others get masks from the N:M rule, with ``pattern``
     or, without it, the pattern :func:`choose_pattern` picks for all of them together; their
     layers come from ``arch``, from the model itself, or are inferred from the tensors.
+    ``model_class`` (``--model-class``) is the class of the ``hf:`` inputs and of an ``hf:`` ``arch``.
 
     Raises:
-        InputError: fewer than two inputs; SourceError/CheckpointError for inputs that cannot be read.
+        InputError: fewer than two inputs; a ``model_class`` that no ``hf:`` input, ``hf:`` ``arch`` or
+            checkpoint takes. SourceError/CheckpointError for inputs that cannot be read.
         MismatchError: inputs that differ in parameter names, shapes or layer patterns.
     """
     if len(specs) < 2:
         raise InputError("sad needs at least two inputs: nmcli sad A B [C ...]")
+    takers = [s for s in specs if s.startswith("hf:") or classify(s).is_checkpoint]
+    if model_class != "auto" and not takers and not (arch or "").startswith("hf:"):
+        raise InputError(
+            f"--model-class {model_class!r} picks the transformers class of an hf: source, and no input "
+            "(nor --arch) is one: drop --model-class"
+        )
     consecutive, vs_first = report_pairs(len(specs))
     unique = list(dict.fromkeys(consecutive + vs_first))
     with contextlib.ExitStack() as stack:
         opened: list[StoredMasks | WeightInput] = []
         for spec in specs:
-            item = open_input(spec, arch=arch, trust=trust, key=key)
+            item = open_input(spec, arch=arch, trust=trust, key=key, model_class=model_class)
             stack.callback(item.close)
             opened.append(item)
         check_pairs(opened, unique, shape_mismatches)  # before any weight or mask is read

@@ -10,20 +10,28 @@ would initialise the missing head randomly and nmcli would prune and save it. ``
 - ``base``: ``AutoModel``; ``CLASS``: that transformers class. Either must find all its weights.
 
 Folders without safetensors weights (and hub ids not yet downloaded) are not checked.
+
+The flag picks the class of the ``hf:`` sources a command builds (MODEL, ``--arch``, ``--teacher``).
+An nmcli checkpoint records the class it was pruned as and is rebuilt with it: the flag may repeat
+that class, and one that contradicts it is exit 2 (:func:`check_recorded_class`), as an ``--arch``
+whose tensors do not fit is; given with ``--arch hf:DIR`` it is the class of that folder, which
+overrides the recorded source. Given where no ``hf:`` source takes it, it is exit 2
+(:func:`not_an_hf_source`). Torch-free at import: checks on checkpoints need no torch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from nmcli.errors import SourceError
+from nmcli.formats.checkpoint import SourceRef
 from nmcli.formats.safetensors import read_header
 from nmcli.formats.sharded import weight_files
 from nmcli.nm.codec import INDICES_PREFIX, VALUES_PREFIX
+
+if TYPE_CHECKING:
+    from torch import nn
 
 AUTO, BASE = "auto", "base"
 _FIX = "give --model-class base, or --model-class CLASS naming a class whose weights the files hold"
@@ -44,6 +52,8 @@ def stored_keys(ident: str) -> set[str] | None:
 
 
 def _meta_model(transformers: Any, cls: Any, config: Any) -> nn.Module:
+    import torch
+
     with torch.device("meta"):
         if cls is transformers.AutoModel:
             return transformers.AutoModel.from_config(config, trust_remote_code=False)
@@ -88,6 +98,8 @@ def _truly_missing(model: nn.Module, missing: list[str], unexpected: list[str], 
     nothing stored below the root (a base model's pooler that a masked-LM folder never held) would be
     random.
     """
+    from torch import nn
+
     prefix = str(getattr(model, "base_model_prefix", "") or "")
     has_base = bool(prefix) and isinstance(getattr(model, prefix, None), nn.Module)
 
@@ -162,4 +174,37 @@ def choose_hf_class(transformers: Any, ident: str, config: Any, model_class: str
     raise SourceError(
         f"{ident}: {what} needs weights the files do not hold ({shown}); building it would prune their random "
         f"initialisation: {fix}"
+    )
+
+
+def not_an_hf_source(spec: str, model_class: str) -> SourceError:
+    """The refusal of a ``--model-class`` given for ``spec``, which is not an ``hf:`` source."""
+    return SourceError(
+        f"--model-class {model_class!r} picks the transformers class of an hf: source, and {spec} is not one: "
+        "drop --model-class"
+    )
+
+
+def check_recorded_class(what: str, source: SourceRef, model_class: str, *, arch_hint: bool = True) -> None:
+    """Refuse a ``--model-class`` that contradicts the class the checkpoint ``what`` records (``source``).
+
+    ``auto`` (the default) and the recorded class itself pass; the checkpoint is rebuilt as it records.
+    ``arch_hint``: the command takes ``--arch`` (then name it as the way to build another class).
+
+    Raises:
+        SourceError: any other class (exit 2), naming the recorded one.
+    """
+    recorded = source.model_class or AUTO
+    if model_class in (AUTO, recorded):
+        return
+    built_from = source.arch or source.spec
+    if not built_from.startswith("hf:"):
+        raise SourceError(
+            f"--model-class {model_class!r} picks the transformers class of an hf: source, and {what} was pruned "
+            f"from {built_from}, which is not one: drop --model-class"
+        )
+    hint = f", or give it with --arch hf:DIR to rebuild from that folder as {model_class!r}" if arch_hint else ""
+    raise SourceError(
+        f"--model-class {model_class!r} contradicts {what}, which records the class it was pruned as "
+        f"(--model-class {recorded}) and is rebuilt as that: drop --model-class{hint}"
     )

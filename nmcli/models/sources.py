@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import pickle
-import socket
 import sys
 import warnings
 import zipfile
@@ -49,8 +47,10 @@ from nmcli.formats.torchfiles import (
     traced_inputs,
 )
 from nmcli.inputs import InputSpec, parse_input_spec
-from nmcli.models.hfclass import choose_hf_class
+from nmcli.models.hfclass import AUTO, check_recorded_class, choose_hf_class, not_an_hf_source
+from nmcli.models.hub import check_hub_id
 from nmcli.models.layers import first_linear_input
+from nmcli.models.statenames import state_for_model
 from nmcli.usercode import import_factory, torch_quiet, user_code
 
 _EMPTY = "empty model source: give a file (.safetensors, .pt, .pth, .pt2) or an hf:, torchvision:, timm:, py: source"
@@ -161,46 +161,6 @@ def _a(noun: str) -> str:
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub endpoint answers a TCP connection within ``timeout`` seconds."""
-    from urllib.parse import urlparse
-
-    try:
-        from huggingface_hub import constants
-
-        endpoint = urlparse(constants.ENDPOINT)
-    except Exception:  # noqa: BLE001 - no hub client: let transformers report it
-        return True
-    host = endpoint.hostname or ""
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _check_hub_id(spec: str, ident: str) -> None:
-    """Fail fast, in one line, for a hub id that is neither local, cached, nor reachable.
-
-    Offline, transformers retries the hub for half a minute before failing.
-    """
-    if Path(ident).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
-        return
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        if isinstance(try_to_load_from_cache(ident, "config.json"), str):
-            return
-    except Exception:  # noqa: BLE001 - a malformed id: transformers gives the better message
-        return
-    if not _hub_reachable():
-        raise SourceError(
-            f"{spec}: no local directory {ident!r}, not in the Hugging Face cache, and the hub cannot be reached: "
-            "give a local directory (hf:./path, saved with save_pretrained) or go online"
-        )
-
-
 def _from_hf(spec: str, pretrained: bool = True, model_class: str = "auto") -> nn.Module:
     try:
         import transformers
@@ -211,7 +171,7 @@ def _from_hf(spec: str, pretrained: bool = True, model_class: str = "auto") -> n
     transformers.utils.logging.disable_progress_bar()
     if not ident:
         raise SourceError("hf: needs a model id or a local directory, e.g. hf:./my-model")
-    _check_hub_id(spec, ident)
+    check_hub_id(spec, ident)
     if Path(ident).is_dir():  # transformers follows the indexes' file names: each is checked first
         check_hf_directory(Path(ident))
     try:
@@ -340,7 +300,7 @@ def build_model(
     """Build the model that ``spec`` names, with its own weights: ``(module, kind)``.
 
     ``model_class`` (``--model-class``) picks the transformers class of an ``hf:`` source
-    (:mod:`nmcli.models.hfclass`).
+    (:mod:`nmcli.models.hfclass`); given for any other source it is refused (exit 2).
 
     Plain state dicts are not models: they raise :class:`SourceError` asking for ``--arch``.
     ``pretrained=False`` skips weight downloads where the source allows (hf, torchvision), for
@@ -349,6 +309,8 @@ def build_model(
     kind = classify(spec)
     if kind.form is Form.EMPTY:
         raise SourceError(_EMPTY)
+    if model_class != AUTO and kind.prefix != "hf:":
+        raise not_an_hf_source(spec, model_class)
     if kind.prefix == "py:":
         return _from_py(spec), "py"
     if kind.prefix == "hf:":
@@ -518,12 +480,14 @@ def _source_only(active: bool) -> Iterator[None]:
             sys.pycache_prefix, sys.dont_write_bytecode = saved
 
 
-def _rebuild(ref: SourceRef, arch: str | None, trust: bool) -> nn.Module:
+def _rebuild(ref: SourceRef, arch: str | None, trust: bool, model_class: str = AUTO) -> nn.Module:
     """The architecture of a checkpoint: from the user's ``--arch`` (built as any source they name),
     else from the recorded source, which runs code only with ``--trust`` or the trust store.
 
     An ``hf:`` architecture is built as the transformers class prune's ``--model-class`` chose
-    (recorded in the source), so the tensors find the names they were saved under."""
+    (recorded in the source), so the tensors find the names they were saved under; ``model_class``
+    is the user's ``--model-class`` (:func:`_class_for`)."""
+    cls = _class_for(ref, arch, model_class)
     if arch:
         spec, may, recorded = arch, trust, False
     else:
@@ -531,7 +495,7 @@ def _rebuild(ref: SourceRef, arch: str | None, trust: bool) -> nn.Module:
         may, recorded = _recorded_trust(spec, trust), True
     try:
         with _source_only(recorded and may and not trust and _dotted_py(spec)):
-            model, _ = build_model(spec, trust=may, pretrained=False, model_class=ref.model_class or "auto")
+            model, _ = build_model(spec, trust=may, pretrained=False, model_class=cls)
     except TrustRequiredError:
         if recorded:
             raise _refusal(repr(spec)) from None
@@ -550,51 +514,77 @@ def _rebuild(ref: SourceRef, arch: str | None, trust: bool) -> nn.Module:
     return model
 
 
-def rebuild_architecture(ref: SourceRef, *, arch: str | None = None, trust: bool = False) -> nn.Module:
+def rebuild_architecture(
+    ref: SourceRef, *, arch: str | None = None, trust: bool = False, model_class: str = AUTO
+) -> nn.Module:
     """A checkpoint's architecture without its weights: ``arch`` when given, else the recorded source
-    (whose code runs only with ``trust`` or the trust store). Under
-    :func:`~nmcli.models.skeleton.parameters_on_meta` its parameters are on the meta device."""
-    return _rebuild(ref, arch, trust)
+    (whose code runs only with ``trust`` or the trust store); ``model_class`` as in :func:`_class_for`.
+    Under :func:`~nmcli.models.skeleton.parameters_on_meta` its parameters are on the meta device."""
+    return _rebuild(ref, arch, trust, model_class)
 
 
-def load_source_model(ref: SourceRef, *, arch: str | None = None, trust: bool = False) -> LoadedModel:
+def _class_for(ref: SourceRef, arch: str | None, model_class: str) -> str:
+    """The ``--model-class`` to build a checkpoint's architecture with.
+
+    With the user's ``arch``: their ``model_class`` (``auto``: the recorded class when ``arch`` is an
+    ``hf:`` folder too), as ``--arch`` overrides the recorded source. Without it: the recorded class,
+    which ``model_class`` may only repeat.
+
+    Raises:
+        SourceError: ``model_class`` contradicts the recorded class (:func:`~nmcli.models.hfclass.check_recorded_class`).
+    """
+    if arch:
+        if model_class != AUTO:
+            return model_class
+        return (ref.model_class or AUTO) if arch.startswith("hf:") else AUTO
+    check_recorded_class("the checkpoint", ref, model_class)
+    return ref.model_class or AUTO
+
+
+def load_source_model(
+    ref: SourceRef, *, arch: str | None = None, trust: bool = False, model_class: str = AUTO
+) -> LoadedModel:
     """The model a checkpoint was pruned from, with the source's own (dense) weights.
 
     A plain state-dict source is loaded into its recorded ``--arch`` (``arch`` overrides it);
     any other source is loaded as it is, or from ``arch`` when the source moved. ``ref`` is what a
     checkpoint records, so its code runs only with ``trust`` or while the trust store holds its
-    files' current sha256 (:func:`_recorded_trust`); ``arch`` is the user's own.
+    files' current sha256 (:func:`_recorded_trust`); ``arch`` and ``model_class`` are the user's own
+    (:func:`_class_for`).
 
     Raises:
         TrustRequiredError: the recorded source is code and neither ``trust`` nor the store allows it.
     """
+    cls = _class_for(ref, arch, model_class)
     if ref.arch:
         build = arch or ref.arch
         arch_trust = trust if arch else _recorded_trust(ref.arch, trust)
         recorded = f"{ref.spec!r} with --arch {ref.arch!r}" if not arch else repr(ref.spec)
         try:
             with _source_only(not arch and arch_trust and not trust and _dotted_py(ref.arch)):
-                return _load_model(ref.spec, build, _recorded_trust(ref.spec, trust), arch_trust, _class_of(ref))
+                return _load_model(ref.spec, build, _recorded_trust(ref.spec, trust), arch_trust, cls)
         except TrustRequiredError:
             raise _refusal(recorded) from None
     if arch:
-        return load_model(arch, trust=trust, model_class=_class_of(ref))
+        return load_model(arch, trust=trust, model_class=cls)
     may = _recorded_trust(ref.spec, trust)
     try:
         with _source_only(may and not trust and _dotted_py(ref.spec)):
-            return load_model(ref.spec, trust=may, model_class=_class_of(ref))
+            return load_model(ref.spec, trust=may, model_class=cls)
     except TrustRequiredError:
         raise _refusal(repr(ref.spec)) from None
 
 
-def _class_of(ref: SourceRef) -> str:
-    return ref.model_class or "auto"
-
-
 def model_from_checkpoint(
-    ckpt: Checkpoint, *, arch: str | None = None, trust: bool = False, weights: str = "effective"
+    ckpt: Checkpoint,
+    *,
+    arch: str | None = None,
+    trust: bool = False,
+    weights: str = "effective",
+    model_class: str = AUTO,
 ) -> nn.Module:
-    """Rebuild the checkpoint's architecture and load its tensors.
+    """Rebuild the checkpoint's architecture and load its tensors (under the model's names:
+    :func:`~nmcli.models.statenames.state_for_model`).
 
     Args:
         ckpt: the checkpoint.
@@ -602,53 +592,14 @@ def model_from_checkpoint(
         trust: allow unpickling a pickled-module source.
         weights: ``effective`` (the sparse model) or ``dense`` (the stored dense weights where the
             checkpoint has them, effective elsewhere).
+        model_class: the user's ``--model-class`` (:func:`_class_for`).
     """
-    model = _rebuild(ckpt.meta.source, arch, trust)
+    model = _rebuild(ckpt.meta.source, arch, trust, model_class)
     state = dict(ckpt.tensors)
     if weights == "dense":
         state.update(ckpt.dense)
-    state = _without_transient_buffers(model, _under_base_names(model, state))
-    _fill_tied(model, state)
-    load_weights(model, state, f"the checkpoint's tensors ({ckpt.meta.source.spec})")
+    load_weights(model, state_for_model(model, state), f"the checkpoint's tensors ({ckpt.meta.source.spec})")
     return eval_mode(model)
-
-
-def _under_base_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` under a transformers base model's own names when it was saved by a class with a head.
-
-    A sharded directory pruned with ``--model-class base`` (or a base ``CLASS``) keeps its files' names
-    (``bert.encoder...``, ``classifier.weight``); the base model is built without the ``bert.`` prefix
-    and has no head, as ``from_pretrained`` would load it.
-    """
-    prefix = str(getattr(model, "base_model_prefix", "") or "")
-    dotted = prefix + "."
-    if not prefix or any(k.startswith(dotted) for k in model.state_dict()):
-        return state
-    if not any(k.startswith(dotted) for k in state):
-        return state
-    return {k[len(dotted) :]: v for k, v in state.items() if k.startswith(dotted)}
-
-
-def _without_transient_buffers(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` without the model's non-persistent buffers, which older files store and today's class
-    computes itself (BERT's ``embeddings.position_ids``: ``from_pretrained`` ignores it the same way)."""
-    persistent = set(model.state_dict())
-    transient = {name for name, _ in model.named_buffers() if name not in persistent}
-    return {k: v for k, v in state.items() if k not in transient} if transient & set(state) else state
-
-
-def _fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give every name of a shared (tied) parameter the tensor that ``state`` stores under one of them.
-
-    Hugging Face directories store a tied LM head once (``save_pretrained`` drops the alias).
-    """
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    for names in groups.values():
-        stored = [name for name in names if name in state]
-        for name in names if stored else ():
-            state.setdefault(name, state[stored[0]])
 
 
 def _short_name(spec: str) -> str:
@@ -723,9 +674,10 @@ def load_model(spec: str, *, arch: str | None = None, trust: bool = False, model
     return _load_model(spec, arch, trust, trust, model_class)
 
 
-def _load_model(spec: str, arch: str | None, trust: bool, arch_trust: bool, model_class: str = "auto") -> LoadedModel:
+def _load_model(spec: str, arch: str | None, trust: bool, arch_trust: bool, model_class: str = AUTO) -> LoadedModel:
     """:func:`load_model`, with ``trust`` for unpickling ``spec`` and ``arch_trust`` for building ``arch``
-    (and for a checkpoint's recorded source when there is no ``arch``)."""
+    (and for a checkpoint's recorded source when there is no ``arch``). ``model_class`` is the class of an
+    ``hf:`` ``spec`` or ``arch``; a checkpoint without ``arch`` is rebuilt as it records, which it may only repeat."""
     kind = classify(spec)
     if kind.form is Form.EMPTY:
         raise SourceError(_EMPTY)
@@ -733,11 +685,15 @@ def _load_model(spec: str, arch: str | None, trust: bool, arch_trust: bool, mode
     if path is not None and (kind.is_checkpoint or kind.form is Form.STATE_DICT):
         with open_checkpoint(kind) as reader:
             if reader.is_nmcli:
+                if not arch and reader.meta is not None:  # before anything is loaded
+                    check_recorded_class(spec, reader.meta.source, model_class)
                 ckpt = reader.load()  # a sharded directory is loaded whole: it must fit in memory
                 if kind.form is Form.SHARDED_CHECKPOINT:  # rebuilt from its own config.json
-                    model = model_from_checkpoint(ckpt, arch=arch or f"hf:{path.resolve()}", trust=arch_trust)
+                    own = arch or f"hf:{path.resolve()}"
+                    model = model_from_checkpoint(ckpt, arch=own, trust=arch_trust, model_class=model_class)
                 else:
-                    model = model_from_checkpoint(ckpt, arch=arch, trust=arch_trust if arch else trust)
+                    may = arch_trust if arch else trust
+                    model = model_from_checkpoint(ckpt, arch=arch, trust=may, model_class=model_class)
                 input_spec = parse_input_spec(ckpt.meta.input_spec) if ckpt.meta.input_spec else guess_input_spec(model)
                 return LoadedModel(model, ckpt.meta.source, "checkpoint", name, path, ckpt, input_spec)
             if not arch:
@@ -749,19 +705,26 @@ def _load_model(spec: str, arch: str | None, trust: bool, arch_trust: bool, mode
                 raise
             except Exception as exc:  # a file whose data section cannot be read
                 raise SourceError(f"{spec} could not be read ({exc}): it may be truncated or corrupt") from exc
-        ref = SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path), arch=normalize_spec(arch))
+        ref = _state_dict_ref(spec, path, arch, model_class)
         return LoadedModel(eval_mode(model), ref, "state_dict", name, path, None, guess_input_spec(model))
     if path is not None and kind.form is Form.TORCH_FILE and arch:
         loaded_kind, obj = _read_torch_file(path, trust)
         if loaded_kind == "state_dict":
-            model, _ = build_model(normalize_spec(arch), trust=arch_trust, pretrained=False)
+            model, _ = build_model(normalize_spec(arch), trust=arch_trust, pretrained=False, model_class=model_class)
             load_weights(model, obj, spec)
-            ref = SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path), arch=normalize_spec(arch))
+            ref = _state_dict_ref(spec, path, arch, model_class)
             return LoadedModel(eval_mode(model), ref, "state_dict", name, path, None, guess_input_spec(model))
     model, built = build_model(normalize_spec(spec), trust=trust, model_class=model_class)
     ref = source_ref(spec, model_class=model_class if built == "hf" else "auto")
     input_spec = traced_input_spec(path) if built == "torchscript" and path is not None else None
     return LoadedModel(eval_mode(model), ref, built, name, path, None, input_spec or guess_input_spec(model))
+
+
+def _state_dict_ref(spec: str, path: Path, arch: str, model_class: str) -> SourceRef:
+    """The source of a plain state dict loaded into ``arch`` (with the class of an ``hf:`` one)."""
+    arch = normalize_spec(arch)
+    cls = model_class if model_class != AUTO and arch.startswith("hf:") else None
+    return SourceRef(spec=normalize_spec(spec), sha256=sha256_file(path), arch=arch, model_class=cls)
 
 
 def traced_input_spec(path: Path) -> InputSpec | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,12 @@ class PackedMasks(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._packed)
+
+    def renamed(self, rename: Callable[[str], str]) -> PackedMasks:
+        """The same masks, still packed, under the names ``rename`` gives."""
+        return PackedMasks(
+            {rename(k): v for k, v in self._packed.items()}, {rename(k): v for k, v in self._shapes.items()}
+        )
 
 
 @dataclass
@@ -100,10 +106,11 @@ def read_stored(path: str | os.PathLike[str]) -> StoredCheckpoint | None:
         return StoredCheckpoint(Path(path), header, masks, set(reader.dense_names))
 
 
-def meta_model(meta: CheckpointMeta, *, arch: str | None, trust: bool) -> nn.Module:
-    """The checkpoint's architecture with every parameter on the meta device (buffers real), eval mode."""
+def meta_model(meta: CheckpointMeta, *, arch: str | None, trust: bool, model_class: str = "auto") -> nn.Module:
+    """The checkpoint's architecture with every parameter on the meta device (buffers real), eval mode
+    (``model_class``: the user's ``--model-class``, see :func:`~nmcli.models.sources.rebuild_architecture`)."""
     with parameters_on_meta():
-        model = rebuild_architecture(meta.source, arch=arch, trust=trust)
+        model = rebuild_architecture(meta.source, arch=arch, trust=trust, model_class=model_class)
     return eval_mode(model)
 
 
@@ -131,6 +138,10 @@ class TensorRows:
 
     def __contains__(self, key: str) -> bool:
         return key in self._files
+
+    def __iter__(self) -> Iterator[str]:
+        """The stored names (state-dict tensors, and dense weights under ``__nmcli__/dense/``)."""
+        return iter(self._files)
 
     def shape(self, key: str) -> tuple[int, ...]:
         from safetensors import safe_open

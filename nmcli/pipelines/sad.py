@@ -26,6 +26,7 @@ from nmcli.formats.torchfiles import (
     load_training_state,
     safetensors_floating,
 )
+from nmcli.models.hfclass import AUTO, check_recorded_class
 from nmcli.models.inferred import INFERRED, infer_layers, tied_to_embeddings, zero_pattern
 from nmcli.models.layers import LayerCandidate, find_layers
 from nmcli.nm.bits import pack_mask, packed_popcount, packed_size, packed_xor_count
@@ -307,20 +308,26 @@ class WeightInput:
         return out
 
 
-def _arch_model(arch: str, trust: bool) -> torch.nn.Module:
+def _arch_model(arch: str, trust: bool, model_class: str = AUTO) -> torch.nn.Module:
     """Build ``--arch`` for its layer structure only: on the meta device when it allows (no weights)."""
     import torch
 
     from nmcli.models.sources import build_model, normalize_spec
 
     spec = normalize_spec(arch)
+    cls = _class_for(spec, model_class)
     try:
         with torch.device("meta"):
-            model, _ = build_model(spec, trust=trust, pretrained=False)
+            model, _ = build_model(spec, trust=trust, pretrained=False, model_class=cls)
         return model
     except Exception:  # noqa: BLE001 - some factories cannot build on meta; the plain build reports real errors
-        model, _ = build_model(spec, trust=trust, pretrained=False)
+        model, _ = build_model(spec, trust=trust, pretrained=False, model_class=cls)
         return model
+
+
+def _class_for(spec: str, model_class: str) -> str:
+    """``--model-class`` for ``spec`` among several inputs: an ``hf:`` source's class; ``auto`` for the others."""
+    return model_class if spec.startswith("hf:") else AUTO
 
 
 def _state_candidates(
@@ -330,12 +337,13 @@ def _state_candidates(
     arch: str | None,
     trust: bool,
     tied: Sequence[str] = (),
+    model_class: str = AUTO,
 ) -> tuple[Callable[[Pattern], list[LayerCandidate]], str]:
     """How a bare state dict's layers are chosen: by ``--arch`` (checked to fit), else inferred."""
     if not arch:
         entries = [(name, shape, floating[name]) for name, shape in shapes.items()]
         return (lambda p: infer_layers(entries, p, tied=tied)), LAYERS_FROM_INFERRED
-    model = _arch_model(arch, trust)
+    model = _arch_model(arch, trust, model_class)
 
     def by_arch(pattern: Pattern) -> list[LayerCandidate]:
         candidates = find_layers(model, pattern)
@@ -363,7 +371,7 @@ def _model_input(spec: str, model: torch.nn.Module) -> WeightInput:
 
 
 def open_input(
-    spec: str, *, arch: str | None = None, trust: bool = False, key: str | None = None
+    spec: str, *, arch: str | None = None, trust: bool = False, key: str | None = None, model_class: str = AUTO
 ) -> StoredMasks | WeightInput:
     """One input: an nmcli/1 checkpoint's stored masks, or the weights of anything else.
 
@@ -375,14 +383,19 @@ def open_input(
             (:func:`nmcli.models.inferred.infer_layers`).
         trust: allow unpickling a pickled ``nn.Module`` (or a checkpoint that holds other objects).
         key: the entry of a training checkpoint that holds the weights (``ema``).
+        model_class: ``--model-class``: the class of an ``hf:`` ``spec`` or ``arch`` (other sources build
+            as they are); a checkpoint, never rebuilt here, may only repeat the class it records.
 
     Raises:
-        SourceError/TrustRequiredError/CheckpointError: inputs that cannot be read.
+        SourceError/TrustRequiredError/CheckpointError: inputs that cannot be read, or a ``model_class``
+            that contradicts a checkpoint's.
     """
     kind = classify(spec)
     if kind.is_checkpoint:  # the stored masks, read with numpy: torch is not even imported
         reader = open_checkpoint(kind, numpy=True)
         try:
+            if reader.meta is not None:
+                check_recorded_class(spec, reader.meta.source, model_class, arch_hint=False)
             return StoredMasks(reader, spec)
         except BaseException:
             reader.close()
@@ -399,7 +412,7 @@ def open_input(
             try:
                 shapes = {name: state_reader.shape(name) for name in state_reader.state_names}
                 floating = safetensors_floating(path)
-                candidates, layers_from = _state_candidates(spec, shapes, floating, arch, trust)
+                candidates, layers_from = _state_candidates(spec, shapes, floating, arch, trust, (), model_class)
                 return WeightInput(spec, shapes, state_reader.tensor, candidates, layers_from, state_reader.close)
             except BaseException:
                 state_reader.close()
@@ -411,13 +424,13 @@ def open_input(
             shapes = {k: tuple(v.shape) for k, v in state.tensors.items()}
             floating = {k: v.is_floating_point() for k, v in state.tensors.items()}
             tied = tied_to_embeddings(state.tensors)
-            candidates, layers_from = _state_candidates(spec, shapes, floating, arch, trust, tied)
+            candidates, layers_from = _state_candidates(spec, shapes, floating, arch, trust, tied, model_class)
             return WeightInput(
                 spec, shapes, state.tensors.__getitem__, candidates, layers_from, detail=state.describe()
             )
     from nmcli.models.sources import load_model  # torch: only for a model source
 
-    return _model_input(spec, load_model(spec, arch=arch, trust=trust).model)
+    return _model_input(spec, load_model(spec, arch=arch, trust=trust, model_class=_class_for(spec, model_class)).model)
 
 
 @dataclass(frozen=True)

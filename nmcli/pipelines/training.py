@@ -310,9 +310,11 @@ def _precision(cfg: FinetuneConfig, device: torch.device) -> tuple[torch.dtype |
     return torch.bfloat16, False
 
 
-def _history_args(checkpoint: str, cfg: FinetuneConfig, arch: str | None) -> dict[str, Any]:
+def _history_args(checkpoint: str, cfg: FinetuneConfig, arch: str | None, model_class: str) -> dict[str, Any]:
     args = {k: v for k, v in asdict(cfg).items()}
     args.update({"checkpoint": checkpoint, "arch": arch, "lr": cfg.effective_lr})
+    if model_class != "auto":
+        args["model_class"] = model_class
     return args
 
 
@@ -457,12 +459,13 @@ def _check_trainable(model: nn.Module, ckpt: Checkpoint, arch: str | None) -> No
 
 def setup_session(
     start_ckpt: Checkpoint, ckpt_path: Path, out: Path, resume_from: Path | None, cfg: FinetuneConfig,
-    dist: _Dist, arch: str | None, trust: bool, stored: StoredCheckpoint | None = None,
+    dist: _Dist, arch: str | None, trust: bool, stored: StoredCheckpoint | None = None, model_class: str = "auto",
 ) -> Session:  # fmt: skip
     """Everything a run needs before its first step.
 
     ``stored`` (``--shard fsdp`` under torchrun: :func:`~nmcli.pipelines.trainstart.open_start`) takes the
     meta path: the model is built on the meta device, sharded, and each rank fills only its own shards.
+    ``model_class`` (``--model-class``) is the class of an ``hf:`` ``arch`` or ``--teacher``.
     """
     device = torch.device(resolve_device(cfg.device, current=dist.local_rank))  # cuda: this process's GPU
     if cfg.batch_size % dist.world:
@@ -473,9 +476,9 @@ def setup_session(
     fsdp = cfg.shard == "fsdp" and dist.world > 1
     options = {k: getattr(cfg, k) for k in RESUME_KEYS}
     if stored is not None and fsdp:
-        begin = meta_start(stored, resume_from, out, options, arch, trust)
+        begin = meta_start(stored, resume_from, out, options, arch, trust, model_class)
     else:
-        begin = load_start(start_ckpt, resume_from, out, options, arch, trust)
+        begin = load_start(start_ckpt, resume_from, out, options, arch, trust, model_class)
     _check_trainable(begin.model, start_ckpt, arch)
     data = _load_data(cfg, start_ckpt, begin.model, arch)
     if cfg.shard == "fsdp" and dist.world == 1:
@@ -494,7 +497,7 @@ def setup_session(
         else contextlib.nullcontext
     )
     probe = next(_micro_batches(data.train, cfg, dist, begin.step * cfg.grad_accum)).to(device)
-    model, sparse, teacher = _prepare_models(begin, start_ckpt, cfg, device, fsdp, arch, trust)
+    model, sparse, teacher = _prepare_models(begin, start_ckpt, cfg, device, fsdp, arch, trust, model_class)
     if begin.rows is None:
         _check_fits(model, teacher, probe, data, cfg, autocast)
     if fsdp:  # bf16: FSDP2's mixed precision (fp32 master weights) replaces autocast
@@ -513,7 +516,8 @@ def setup_session(
     record_base = CheckpointMeta(meta.source, meta.pattern, meta.layers, meta.input_spec, begin.history, meta.method)
     session = Session(
         cfg, dist, device, model, trained, sparse, teacher, data, optimizer, scheduler, scaler, autocast, begin,
-        record_base, _history_args(str(ckpt_path), cfg, arch), out, ckpt_path, sha256_file(ckpt_path), begin.step,
+        record_base, _history_args(str(ckpt_path), cfg, arch, model_class), out, ckpt_path, sha256_file(ckpt_path),
+        begin.step,
     )  # fmt: skip
     session.fsdp = fsdp
     if begin.state is not None:
@@ -523,16 +527,16 @@ def setup_session(
 
 def _prepare_models(
     begin: Start, start_ckpt: Checkpoint, cfg: FinetuneConfig, device: torch.device, fsdp: bool, arch: str | None,
-    trust: bool,
+    trust: bool, model_class: str,
 ) -> tuple[nn.Module, SparseTraining, nn.Module | None]:  # fmt: skip
     """The student under SR-STE and the teacher, on ``device`` (meta-path skeletons stay on the meta device)."""
     if begin.rows is not None:
-        teacher, begin.teacher_rows = meta_teacher(cfg.teacher, begin, arch=arch, trust=trust)
+        teacher, begin.teacher_rows = meta_teacher(cfg.teacher, begin, arch=arch, trust=trust, model_class=model_class)
     else:
-        teacher = load_teacher(cfg.teacher, begin.teacher_ckpt, arch=arch, trust=trust)
+        teacher = load_teacher(cfg.teacher, begin.teacher_ckpt, arch=arch, trust=trust, model_class=model_class)
     torch.manual_seed(cfg.seed)
     sparse = SparseTraining(
-        begin.model, start_ckpt.meta.layers, begin.masks, lambda_w=cfg.effective_lambda,
+        begin.model, begin.names.model_layers(start_ckpt.meta.layers), begin.masks, lambda_w=cfg.effective_lambda,
         mask_interval=cfg.mask_interval, refine_in_backward=False, step=begin.step,
     )  # fmt: skip
     model = begin.model if begin.rows is not None else begin.model.to(device)
@@ -687,12 +691,13 @@ def save_progress(session: Session, *, final: bool) -> None:
             session.evals["after"] = after
     if is_directory_output(session.ckpt_path, session.out):
         _write_directory(session, final, masks, recalibrate)  # streamed: gather, write, free
-    else:
-        tensors = sparse.state_dict(masks, keep=main)
-        dense = sparse.dense_weights(keep=main) if not (final and cfg.no_dense) else {}
+    else:  # under the checkpoint's names (session.start.names), as the input has them
+        names = session.start.names
+        tensors = names.stored_state(sparse.state_dict(masks, keep=main))
+        dense = names.stored_state(sparse.dense_weights(keep=main)) if not (final and cfg.no_dense) else {}
         if main:
             meta = _output_meta(session, final, masks, recalibrate)
-            result = Checkpoint(tensors=tensors, masks=masks, meta=meta, dense=dense)
+            result = Checkpoint(tensors=tensors, masks=names.stored_state(masks), meta=meta, dense=dense)
             same = session.out.resolve() == session.ckpt_path.resolve()
             save_checkpoint(result, session.out, force=True, inputs=[] if same else [session.ckpt_path])
     if session.fsdp and not final:
@@ -709,19 +714,20 @@ def save_progress(session: Session, *, final: bool) -> None:
 
 
 def _write_directory(session: Session, final: bool, masks: dict[str, torch.Tensor], recalibrate: bool) -> None:
-    """Stream the model into a sharded checkpoint directory in the input's layout: every rank drains the
-    gathers (one tensor at a time), rank 0 writes each tensor and drops it."""
-    keep = session.dist.main
-    state = session.sparse.iter_state(masks, keep=keep)
-    dense = session.sparse.iter_dense(keep=keep) if not (final and session.cfg.no_dense) else iter(())
+    """Stream the model into a sharded checkpoint directory in the input's layout, under its names: every
+    rank drains the gathers (one tensor at a time), rank 0 writes each tensor and drops it."""
+    keep, names = session.dist.main, session.start.names
+    state = names.stored_items(session.sparse.iter_state(masks, keep=keep))
+    dense = iter(()) if final and session.cfg.no_dense else names.stored_items(session.sparse.iter_dense(keep=keep))
     if not keep:
         drain(state, dense)
         return
     same = session.out.resolve() == session.ckpt_path.resolve()
     meta = _output_meta(session, final, masks, recalibrate)
-    skip = tied_aliases(session.model)
+    skip = {names.stored(alias) for alias in tied_aliases(session.model)}
     inputs = [] if same else [session.ckpt_path]
-    write_directory(session.out, session.ckpt_path, state, dense, masks, meta, skip=skip, inputs=inputs)
+    stored = names.stored_state(masks)
+    write_directory(session.out, session.ckpt_path, state, dense, stored, meta, skip=skip, inputs=inputs)
 
 
 def _output_meta(session: Session, final: bool, masks: dict[str, torch.Tensor], recalibrate: bool) -> CheckpointMeta:
