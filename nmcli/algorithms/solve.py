@@ -8,7 +8,7 @@ import torch
 
 from nmcli.algorithms.config import CALIBRATED_KINDS, CalibrationConfig, LayerOutcome, Solved, Solver
 from nmcli.algorithms.parallel import SERIAL, Workers
-from nmcli.algorithms.sparsegpt import error_terms, row_slices, rows_float64, solve_sparsegpt
+from nmcli.algorithms.sparsegpt import SOLVE_DTYPE, error_terms, row_slices, solve_rows, solve_sparsegpt
 from nmcli.algorithms.statistics import Segment, from_matrix, to_matrix
 from nmcli.models.layers import LayerCandidate
 from nmcli.nm.masks import nm_mask
@@ -29,8 +29,10 @@ def _masked(part: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _solve_magnitude(
     part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig, workers: Workers = SERIAL
 ) -> Solved:
+    gram = gram.to(SOLVE_DTYPE)
+
     def task(rows: slice) -> tuple[slice, torch.Tensor, torch.Tensor, float, float]:
-        dense = rows_float64(part, rows)
+        dense = solve_rows(part, rows)
         mask = nm_mask(dense, pattern, 1)
         new = _masked(dense, mask)
         return rows, mask, new, *error_terms(dense, new, gram)
@@ -41,8 +43,10 @@ def _solve_magnitude(
 def _solve_wanda(
     part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig, workers: Workers = SERIAL
 ) -> Solved:
+    gram = gram.to(SOLVE_DTYPE)
+
     def task(rows: slice) -> tuple[slice, torch.Tensor, torch.Tensor, float, float]:
-        dense = rows_float64(part, rows)
+        dense = solve_rows(part, rows)
         mask = wanda_mask(dense, gram, pattern)
         new = _masked(dense, mask)
         return rows, mask, new, *error_terms(dense, new, gram)

@@ -106,6 +106,8 @@ MEMORY = ("in-memory", "spilled", "spilled-sliced")
 
 @pytest.fixture(params=MEMORY)
 def memory(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    # the algorithm checked exactly against the float64 reference; the float32 default is checked below
+    monkeypatch.setattr(sparsegpt_module, "SOLVE_DTYPE", torch.float64)
     if request.param != "in-memory":
         monkeypatch.setattr(sparsegpt_module, "SPILL_BYTES", 0)
     if request.param == "spilled-sliced":
@@ -132,6 +134,27 @@ def test_sparsegpt_equals_the_reference_algorithm(
     # the OBS update beats plain masking of the same mask
     plain = torch.where(mask, weight, torch.zeros(()))
     assert num < _output_error(weight, plain, gram)
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "block", "pattern"), [(16, 32, 8, P24), (8, 64, 128, Pattern(1, 4)), (6, 48, 16, Pattern(4, 8))]
+)
+@pytest.mark.parametrize("refit", [0, 10])
+def test_the_float32_default_keeps_the_reference_masks(
+    rows: int, cols: int, block: int, pattern: Pattern, refit: int
+) -> None:
+    """What ``prune`` runs (float32 products, float64 sums): the reference's masks, its weights to float32
+    precision, the refit's within the same."""
+    assert sparsegpt_module.SOLVE_DTYPE == torch.float32
+    weight, gram = _random_problem(rows, cols, 200)
+    cfg = CalibrationConfig(spec="", damp=0.01, block_size=block, refit_iterations=refit)
+    mask, updated, num, _ = _sparsegpt(weight, gram, pattern, cfg)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sparsegpt_module, "SOLVE_DTYPE", torch.float64)
+        exact_mask, exact, exact_num, _ = _sparsegpt(weight, gram, pattern, cfg)
+    assert torch.equal(mask, exact_mask)
+    torch.testing.assert_close(updated, exact, atol=1e-4, rtol=1e-4)
+    assert num == pytest.approx(exact_num, rel=1e-4)
 
 
 def test_refit_reaches_the_least_squares_optimum_per_row(memory: str) -> None:
@@ -364,6 +387,7 @@ def test_linear_kind_constant_is_identity_view() -> None:
 
 @pytest.mark.parametrize("refit", [0, 50])
 def test_row_slices_change_nothing_and_leave_the_inputs_alone(monkeypatch: pytest.MonkeyPatch, refit: int) -> None:
+    monkeypatch.setattr(sparsegpt_module, "SOLVE_DTYPE", torch.float64)
     weight, gram = _random_problem(12, 32, 200, seed=3)
     weight_before, gram_before = weight.clone(), gram.clone()
     cfg = CalibrationConfig(spec="", refit_iterations=refit)
