@@ -145,7 +145,7 @@ def test_the_float32_default_keeps_the_reference_masks(
 ) -> None:
     """What ``prune`` runs (float32 products, float64 sums): the reference's masks, its weights to float32
     precision, the refit's within the same."""
-    assert sparsegpt_module.SOLVE_DTYPE == torch.float32
+    assert sparsegpt_module.SOLVE_DTYPE is torch.float32
     weight, gram = _random_problem(rows, cols, 200)
     cfg = CalibrationConfig(spec="", damp=0.01, block_size=block, refit_iterations=refit)
     mask, updated, num, _ = _sparsegpt(weight, gram, pattern, cfg)
