@@ -128,7 +128,7 @@ def run_prune(
     if calibration is not None:
         source = loaded.source.arch or loaded.source.spec
         shape = input_spec.tensors[0].shape if input_spec is not None else None
-        batches = calibration_batches(calibration, source_spec=source, input_shape=shape)
+        batches = calibration_batches(calibration, source_spec=source, input_shape=shape, by_length=True)
     result = prune_model(
         loaded.model,
         nm,
@@ -214,7 +214,7 @@ def _run_prune_directory(
     batches = None
     if calibration is not None:
         shape = input_spec.tensors[0].shape if input_spec is not None else None
-        batches = calibration_batches(calibration, source_spec=source.spec, input_shape=shape)
+        batches = calibration_batches(calibration, source_spec=source.spec, input_shape=shape, by_length=True)
     return prune_directory(
         model_spec,
         folder,

@@ -62,8 +62,14 @@ def calibration_batches(
     *,
     source_spec: str,
     input_shape: Sequence[int] | None,
+    by_length: bool = False,
 ) -> list[Batch]:
     """The first ``cfg.samples`` examples of a seeded shuffle of ``cfg.spec``, in batches (targets dropped).
+
+    With ``by_length``, examples with an attention mask are batched in order of their token count
+    (ties in shuffle order): a batch is padded to its longest example, so random batches of
+    sentences run about twice the tokens they hold (MiniLM's calibration set: 6128 positions for
+    3066 tokens). The statistics are sums over the real tokens, so only the time changes.
 
     Raises:
         DataError: the spec is unreadable or holds no examples.
@@ -79,6 +85,8 @@ def calibration_batches(
             raise DataError(f"--calib {cfg.spec} holds no examples")
         generator = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(n, generator=generator)[: cfg.samples].tolist()
+        if by_length:
+            order = _by_length(data, order)
         for start in range(0, len(order), cfg.batch_size):
             batches.append(_without_targets(data.take(order[start : start + cfg.batch_size])))
         return batches
@@ -95,6 +103,17 @@ def calibration_batches(
     if not batches:
         raise DataError(f"--calib {cfg.spec} produced no batches")
     return batches
+
+
+def _by_length(data: Any, order: list[int]) -> list[int]:
+    """``order`` sorted by each example's token count (its attention mask), ties kept in order; as is without masks."""
+    lengths = []
+    for index in order:
+        mask = data.take([index]).kwargs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor):
+            return order
+        lengths.append(int(mask.sum()))
+    return [index for _, _, index in sorted(zip(lengths, range(len(order)), order, strict=True))]
 
 
 def _without_targets(batch: Batch) -> Batch:
