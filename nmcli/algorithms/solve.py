@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,39 +26,34 @@ def _masked(part: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, part, torch.zeros((), dtype=part.dtype, device=part.device))
 
 
-def _solve_magnitude(
-    part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig, workers: Workers = SERIAL
-) -> Solved:
-    gram = gram.to(SOLVE_DTYPE)
-
-    def task(rows: slice) -> tuple[slice, torch.Tensor, torch.Tensor, float, float]:
-        dense = solve_rows(part, rows)
-        mask = nm_mask(dense, pattern, 1)
-        new = _masked(dense, mask)
-        return rows, mask, new, *error_terms(dense, new, gram)
-
-    return workers.map(task, row_slices(part))
+def _magnitude_mask(weight: torch.Tensor, gram: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    return nm_mask(weight, pattern, 1)
 
 
-def _solve_wanda(
-    part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig, workers: Workers = SERIAL
-) -> Solved:
-    gram = gram.to(SOLVE_DTYPE)
+def _mask_only(choose: Callable[[torch.Tensor, torch.Tensor, Pattern], torch.Tensor]) -> Solver:
+    """A solver that keeps the weights ``choose(weights, gram, pattern)`` masks, unchanged (magnitude, Wanda)."""
 
-    def task(rows: slice) -> tuple[slice, torch.Tensor, torch.Tensor, float, float]:
-        dense = solve_rows(part, rows)
-        mask = wanda_mask(dense, gram, pattern)
-        new = _masked(dense, mask)
-        return rows, mask, new, *error_terms(dense, new, gram)
+    def solve(
+        part: torch.Tensor, gram: torch.Tensor, pattern: Pattern, cfg: CalibrationConfig, workers: Workers = SERIAL
+    ) -> Solved:
+        gram = gram.to(SOLVE_DTYPE)
 
-    return workers.map(task, row_slices(part))
+        def task(rows: slice) -> tuple[slice, torch.Tensor, torch.Tensor, float, float]:
+            dense = solve_rows(part, rows)
+            mask = choose(dense, gram, pattern)
+            new = _masked(dense, mask)
+            return rows, mask, new, *error_terms(dense, new, gram)
+
+        return workers.map(task, row_slices(part))
+
+    return solve
 
 
 # The one registry of pruning methods: each solves one weight matrix ``[rows, cols]`` (columns in
 # N:M groups) from its inputs' Gram matrix, a slice of rows at a time (:data:`Solved`).
 SOLVERS: dict[str, Solver] = {
-    "magnitude": _solve_magnitude,
-    "wanda": _solve_wanda,
+    "magnitude": _mask_only(_magnitude_mask),
+    "wanda": _mask_only(wanda_mask),
     "sparsegpt": solve_sparsegpt,
 }
 # Methods that need calibration data.
