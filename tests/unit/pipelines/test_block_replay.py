@@ -125,3 +125,61 @@ def test_replayed_outputs_are_kept_once_per_outer_module() -> None:
         "intermediate.dense": 2 * len(batches) + probes,
         "output.dense": 2 * len(batches) + probes,
     }
+
+
+def _family(name: str) -> tuple[nn.Module, list[Batch]]:
+    t = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    small = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    models = {
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**small, num_attention_heads=4, num_key_value_heads=2)),
+        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4)),
+        "mixtral": lambda: t.MixtralForCausalLM(
+            t.MixtralConfig(**small, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+        ),
+        "t5-encoder": lambda: t.T5EncoderModel(
+            t.T5Config(vocab_size=128, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16)
+        ),
+        "vit": lambda: t.ViTModel(
+            t.ViTConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=8,
+            )
+        ),
+    }
+    model = models[name]().eval()
+    g = torch.Generator().manual_seed(1)
+    if name == "vit":
+        return model, [Batch((), {"pixel_values": torch.randn(3, 3, 32, 32, generator=g)}) for _ in range(3)]
+    batches = []
+    for _ in range(3):
+        mask = torch.ones(3, 12, dtype=torch.long)
+        mask[1, 8:] = 0
+        batches.append(Batch((), {"input_ids": torch.randint(3, 128, (3, 12), generator=g), "attention_mask": mask}))
+    return model, batches
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral", "t5-encoder", "vit"])
+def test_other_architectures_get_the_same_bits_with_workers_and_replay(
+    monkeypatch: pytest.MonkeyPatch, family: str
+) -> None:
+    """GQA and rotary attention, Conv1D, MoE experts, blocks that do not chain (T5: stages), a vision encoder."""
+    model, batches = _family(family)
+
+    def pruned(workers: int, kept: int) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr(blocks, "default_workers", lambda threads: workers)
+        monkeypatch.setattr(frozen, "FROZEN_BYTES", kept)
+        result = prune_model(
+            copy.deepcopy(model), P24, source=SourceRef("py:x:y"), method="sparsegpt",
+            calibration=CalibrationConfig(spec="tensors:x"), batches=batches,
+        )  # fmt: skip
+        masks = {f"mask:{k}": v for k, v in result.checkpoint.masks.items()}
+        return {**masks, **{k: result.checkpoint.tensors[k] for k in result.checkpoint.masks}}
+
+    fast, slow = pruned(3, 512 << 20), pruned(1, 0)
+    assert len(fast) >= 2 * 8
+    assert not _same(fast, slow)
