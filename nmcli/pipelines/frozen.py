@@ -26,11 +26,16 @@ class FrozenOutputs:
     block would compute the same output from the same inputs, to the bit. So each pass keeps the
     outputs of the outermost such sub-modules (a copy per batch, up to ``FROZEN_BYTES``), and the
     later passes return them instead of running the sub-module again. Only sub-modules called once
-    per pass (``once``) whose output is a tensor or a tuple of tensors are kept.
+    per pass (``once``) whose output is a tensor or a tuple of tensors are kept; in-place modules
+    (``inplace=True``: a ReLU that overwrites its input) always run, as the caller may read that input.
     """
 
     def __init__(self, block: nn.Module, once: set[str]) -> None:
-        self.modules = {name: m for name, m in block.named_modules() if name in once and "forward" not in m.__dict__}
+        self.modules = {
+            name: m
+            for name, m in block.named_modules()
+            if name in once and "forward" not in m.__dict__ and not getattr(m, "inplace", False)
+        }
         self.kept: dict[str, dict[int, Any]] = {}
         self.fresh: dict[str, dict[int, Any]] = {}
         self.size = 0
