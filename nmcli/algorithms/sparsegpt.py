@@ -203,13 +203,14 @@ def solve_sparsegpt(
     inputs that never fire (zero Hessian diagonal) get the mean diagonal, so their weights are judged
     by magnitude rather than zeroed. With ``cfg.refit_iterations`` the kept weights are then refit on
     the damped objective (:func:`_refit_rows`). Runs in ``SOLVE_DTYPE``, the slices of rows on ``workers``
-    (fixed slices: the same bits with any number of workers). ``gram`` may be overwritten (the block
-    runner hands each layer's statistics over once); each slice's errors are measured on the undamped
-    Gram matrix.
+    (fixed slices: the same bits with any number of workers). ``gram`` is the solver's to consume (the
+    block runner hands each layer's statistics over once); each slice's errors are measured on the
+    undamped Gram matrix.
 
     Two passes over the rows so that the inverse Hessian's factor and the damped system are never
-    held together: the masks first, the factor freed, then the refit on ``gram`` and its damping. A large ``gram`` (``SPILL_BYTES``) waits in a temporary file during the first pass and
-    is itself factorized in place (a 1.1B Llama's down projection: 254 MB each), so only one of the
+    held together: the masks first, the factor freed, then the refit on ``gram`` and its damping. A
+    large ``gram`` (``SPILL_BYTES``) waits in a temporary file during the first pass and is itself
+    factorized in place (a 1.1B Llama's down projection: 127 MB each in float32), so only one of the
     two is ever in memory.
     """
     gram = gram.to(SOLVE_DTYPE)

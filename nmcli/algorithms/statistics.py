@@ -126,11 +126,11 @@ Addition = tuple[Segment, torch.Tensor, int]
 class Collector:
     """Forward pre-hooks that accumulate the input statistics of a set of layers.
 
-    A calibration pass over several batches at once (:class:`nmcli.algorithms.parallel.Workers`)
-    brackets each batch with :meth:`begin` and :meth:`end` in the thread that runs it: the hooks then
-    only compute that batch's Gram matrices, and :meth:`commit` adds them, batch after batch in order,
-    so the sums do not depend on which batch finished first. Outside ``begin``/``end`` the hooks add at
-    once. Layers reading the very same input tensor in a call (q, k and v) share one computation.
+    Each batch of a pass (several may run at once on :class:`nmcli.algorithms.parallel.Workers`) is
+    bracketed by :meth:`begin` and :meth:`end` in the thread that runs it: the hooks only compute that
+    batch's Gram matrices, and :meth:`commit` adds them, batch after batch in order, so the sums do not
+    depend on which batch finished first. Layers reading the very same input tensor in a call (q, k
+    and v) share one computation.
 
     With ``shared`` (every layer is a Linear reading the same input, as :func:`_sequential_groups`
     groups them), only the first layer is hooked and all of them read one :class:`Segment`: the pass
@@ -173,15 +173,6 @@ class Collector:
             and len({cand.module for cand in layers}) == len(layers)
         )
 
-    @property
-    def token_mask(self) -> torch.Tensor | None:
-        """The attention mask of the batch this thread runs (padded positions are left out of the statistics)."""
-        return getattr(self._local, "token_mask", None)
-
-    @token_mask.setter
-    def token_mask(self, mask: torch.Tensor | None) -> None:
-        self._local.token_mask = mask
-
     def begin(self, token_mask: torch.Tensor | None) -> None:
         """Start one batch in this thread: its statistics wait for :meth:`end`."""
         self._local.token_mask = token_mask
@@ -212,15 +203,11 @@ class Collector:
                 return
             partial, count = gram_partial(flat), int(flat.shape[0])
             self._local.last = (x, tag, partial, count)  # x held: a freed address reused would match
-        pending = getattr(self._local, "pending", None)
-        if pending is None:
-            segment.add_partial(partial, count)
-        else:
-            pending.append((segment, partial, count))
+        self._local.pending.append((segment, partial, count))
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Drop padded positions (attention mask 0) from token inputs ``[B, T, ...]``."""
-        mask = self.token_mask
+        """Drop padded positions (attention mask 0 in this thread's batch) from token inputs ``[B, T, ...]``."""
+        mask = self._local.token_mask
         if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             return x[mask.to(torch.bool)]
         return x
@@ -269,8 +256,7 @@ class Collector:
                     keep = ~(mask if batch_first else mask.t())
                     if tuple(keep.shape) != tuple(x.shape[:2]):
                         keep = None
-                rows: torch.Tensor = x if keep is None else x[keep]
-                self._add(segment, x, ("attention", keep is not None), functools.partial(_same, rows))
+                self._add(segment, x, ("attention", keep is not None), functools.partial(_kept_rows, x, keep))
 
         self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
 
@@ -280,5 +266,5 @@ class Collector:
         self._handles.clear()
 
 
-def _same(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
+def _kept_rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return x if keep is None else x[keep]

@@ -450,13 +450,15 @@ def _prune_blocks(
             return _next_input(inp, hidden, slot), out
 
         next_inputs = []
-        with frozen.replaying():
-            for next_input, out in pruner.workers.map(run, range(len(inputs))):
-                next_inputs.append(next_input)
-                if outputs is not None and name == block_names[-1]:
-                    outputs.append(out)
-                del out
-        frozen.clear()
+        try:
+            with frozen.replaying():
+                for next_input, out in pruner.workers.map(run, range(len(inputs))):
+                    next_inputs.append(next_input)
+                    if outputs is not None and name == block_names[-1]:
+                        outputs.append(out)
+                    del out
+        finally:
+            frozen.clear()  # its hooks leave the model
         if block_io is not None:
             block_io.done(name, pruner.result.outcomes)
         inputs = next_inputs
