@@ -150,9 +150,7 @@ def choose_hf_class(transformers: Any, ident: str, config: Any, model_class: str
     else:
         cls = getattr(transformers, model_class, None)
         if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
-            raise SourceError(
-                f"--model-class {model_class!r} is not a transformers model class: give auto, base or a class such as BertModel"
-            )
+            raise not_a_class(model_class)
         choices = [cls]
     stored = stored_keys(ident)
     if stored is None:
@@ -177,6 +175,13 @@ def choose_hf_class(transformers: Any, ident: str, config: Any, model_class: str
     )
 
 
+def not_a_class(model_class: str) -> SourceError:
+    """The refusal of a ``--model-class`` value that names no transformers model class."""
+    return SourceError(
+        f"--model-class {model_class!r} is not a transformers model class: give auto, base or a class such as BertModel"
+    )
+
+
 def not_an_hf_source(spec: str, model_class: str) -> SourceError:
     """The refusal of a ``--model-class`` given for ``spec``, which is not an ``hf:`` source."""
     return SourceError(
@@ -197,6 +202,8 @@ def check_recorded_class(what: str, source: SourceRef, model_class: str, *, arch
     recorded = source.model_class or AUTO
     if model_class in (AUTO, recorded):
         return
+    if not model_class.strip():  # not a class at all: say so before comparing it with the recorded one
+        raise not_a_class(model_class)
     built_from = source.arch or source.spec
     if not built_from.startswith("hf:"):
         raise SourceError(
