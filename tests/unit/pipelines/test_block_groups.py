@@ -12,7 +12,7 @@ from nmcli.algorithms.solve import solve_layer
 from nmcli.algorithms.statistics import Segment
 from nmcli.formats.checkpoint import SourceRef
 from nmcli.models.data import Batch
-from nmcli.models.layers import LINEAR, LayerCandidate
+from nmcli.models.layers import LINEAR, MHA, LayerCandidate
 from nmcli.nm.masks import nm_mask
 from nmcli.nm.pattern import parse_pattern
 from nmcli.pipelines.blocks import PATH_BLOCKS
@@ -97,3 +97,41 @@ def test_the_head_after_the_blocks_sees_the_pruned_blocks_outputs() -> None:
     with torch.no_grad():
         hidden = pruned.blocks[1](pruned.blocks[0](x))
     assert torch.equal(result.checkpoint.masks["head.weight"], _wanda(model.head.weight, hidden))
+
+
+class _Attention(nn.Module):
+    """``nn.MultiheadAttention`` with a key padding mask: its in-projection's q rows see every token,
+    its k and v rows only the unpadded ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, bias=False)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+
+
+def test_attention_in_projection_rows_take_their_own_inputs() -> None:
+    torch.manual_seed(2)
+    model = _Attention().eval()
+    x = torch.randn(2, 6, 8) * torch.tensor([5.0, 0.2] * 4)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 3:] = True
+    x[1, 3:] *= 40  # padded positions that would dominate the key/value statistics if counted
+    result = prune_model(
+        model, P24, source=SourceRef("py:x:y"), method="sparsegpt", include=["attn"],
+        calibration=CalibrationConfig(spec="tensors:x"), batches=[Batch((x, pad))],
+    )  # fmt: skip
+    weight = model.attn.in_proj_weight.detach()
+    segments = [Segment(slice(0, 8)), Segment(slice(8, 16)), Segment(slice(16, 24))]
+    segments[0].add(x.reshape(-1, 8))
+    for segment in segments[1:]:
+        segment.add(x[~pad])
+    cand = LayerCandidate("attn", "attn.in_proj_weight", MHA, tuple(weight.shape), 1, True, "")
+    expected = solve_layer(weight, cand, segments, P24, "sparsegpt", CalibrationConfig(spec="tensors:x")).mask
+    assert torch.equal(result.checkpoint.masks["attn.in_proj_weight"], expected)
+    segments = [Segment(slice(0, 8)), Segment(slice(8, 16)), Segment(slice(16, 24))]
+    for segment in segments:
+        segment.add(x.reshape(-1, 8))
+    counted = solve_layer(weight, cand, segments, P24, "sparsegpt", CalibrationConfig(spec="tensors:x")).mask
+    assert not torch.equal(counted, expected)  # the padded positions would have changed the k/v masks
